@@ -1,0 +1,1 @@
+"""labctl clients: the session library, the command line, the TUI and the GUI."""

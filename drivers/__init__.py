@@ -1,0 +1,1 @@
+"""labctl instrument drivers: pyvisa drivers, transports and simulations."""

@@ -1,0 +1,1 @@
+"""labctl process database: the protocol-, hardware- and storage-free core."""

@@ -1,0 +1,579 @@
+"""The site file: one YAML document that describes a whole labctl site.
+
+Theory of operation: the YAML is composed (so every key keeps its line and column),
+converted to Python data with the safe loader, and validated into frozen pydantic models
+that forbid unknown keys. Cross-references (a PV's resource, a derived PV's inputs, a
+role named by a user) are checked after the per-field validation. Every problem found
+becomes one line ``site.yaml:14:7 instruments[0].pvs[2].unit: expected a string, got 12``
+and all of them are raised together in one :class:`~ioc.errors.ConfigError`.
+
+Layers above read these models; nothing here touches an instrument or a socket.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ioc.errors import ConfigError
+from ioc.types import PVType
+
+PV_NAME = re.compile(r"^[A-Za-z0-9_\-\[\]<>;]+(:[A-Za-z0-9_\-\[\]<>;]+)*$")
+IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+PASSWORD_HASH = re.compile(r"^scrypt\$\d+\$\d+\$\d+\$[0-9a-f]{32}\$[0-9a-f]{64}$")
+
+#: Roles every site has unless it redefines them.
+DEFAULT_ROLES: dict[str, dict[str, Any]] = {
+    "viewer": {"description": "reads everything, writes nothing"},
+    "operator": {"description": "writes the apparatus, acknowledges alarms", "write": ["*"], "acknowledge": True},
+    "expert": {
+        "description": "an operator who may also shelve alarms and reset interlocks",
+        "write": ["*"],
+        "acknowledge": True,
+        "shelve": True,
+    },
+    "admin": {
+        "description": "an expert who may also break locks and cancel anyone's jobs",
+        "write": ["*"],
+        "acknowledge": True,
+        "shelve": True,
+        "admin": True,
+    },
+}
+
+
+class Model(BaseModel):
+    """Base of all config models: frozen, unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Name = Annotated[str, Field(pattern=IDENT.pattern, description="an identifier")]
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+class AlarmConfig(Model):
+    """Alarm limits of a numeric PV, EPICS-style, with hysteresis."""
+
+    lolo: float | None = None
+    """Below this: MAJOR/LOLO."""
+    low: float | None = None
+    """Below this: MINOR/LOW."""
+    high: float | None = None
+    """Above this: MINOR/HIGH."""
+    hihi: float | None = None
+    """Above this: MAJOR/HIHI."""
+    hysteresis: float = Field(0.0, ge=0)
+    """An alarm clears only when the value is back inside its limit by this much."""
+    delay_s: float = Field(0.0, ge=0)
+    """A limit must be exceeded for this long before the alarm is raised."""
+    latch: bool = False
+    """The alarm stays until acknowledged, even after the value recovers."""
+    guidance: str = ""
+    """Text for the operator: what this alarm means and what to do."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AlarmConfig:
+        limits = [(k, getattr(self, k)) for k in ("lolo", "low", "high", "hihi")]
+        given = [(k, v) for k, v in limits if v is not None]
+        for (k1, v1), (k2, v2) in zip(given, given[1:]):
+            if v1 > v2:
+                raise ValueError(f"alarm limits must be ordered lolo <= low <= high <= hihi, but {k1}={v1} > {k2}={v2}")
+        return self
+
+
+class DeadbandConfig(Model):
+    """Deadbands: a change smaller than these is not posted to monitors / the archive."""
+
+    monitor: float = Field(0.0, ge=0)
+    """Monitor deadband (EPICS MDEL): 0 posts every change."""
+    archive: float = Field(0.0, ge=0)
+    """Archive deadband (EPICS ADEL): 0 archives every change."""
+
+
+class PVConfig(Model):
+    """One process variable: name, explicit type, metadata, and where its value comes from."""
+
+    name: str = Field(pattern=PV_NAME.pattern)
+    """EPICS-style name: colon-separated, upper case by convention (``CRYO:MXC:TEMP``)."""
+    type: PVType
+    """float64 | int | bool | enum | string | float64[] -- never inferred from a value."""
+    description: str = ""
+    unit: str = ""
+    precision: int = Field(3, ge=0, le=17)
+    display: tuple[float, float] | None = None
+    """Display range [low, high] (EPICS LOPR/HOPR)."""
+    drive: tuple[float, float] | None = None
+    """Drive limits [low, high]: writes outside are refused (EPICS DRVL/DRVH)."""
+    alarm: AlarmConfig | None = None
+    deadband: DeadbandConfig = DeadbandConfig()
+    writable: bool = False
+    resource: str | None = None
+    """The resource this PV belongs to (defaults to its instrument's resource)."""
+    states: tuple[str, ...] = ()
+    """Enum state strings, index 0 first (enum PVs only)."""
+    length: int | None = Field(None, gt=0)
+    """Exact length of a float64[] PV, or the longest string a string PV takes."""
+    allow_nan: bool = False
+    """Accept NaN in writes (float64 / float64[] only)."""
+    initial: Any = None
+    """Initial value of a soft PV (one with no instrument and no expression)."""
+    scan_s: PositiveSeconds | None = None
+    """Scan period of an instrument PV (defaults to the instrument's)."""
+    channel: str | None = None
+    """Driver channel this PV reads and writes (driver-specific; defaults to the PV name)."""
+    read: str | None = None
+    """Generic SCPI driver: the query that reads this PV."""
+    write: str | None = None
+    """Generic SCPI driver: the command that writes it; ``{value}`` is replaced."""
+    parse: str | None = None
+    """Generic SCPI driver: how to turn the reply into a value (see drivers.scpi)."""
+    expr: str | None = None
+    """Derived PV: an expression over ``inputs`` (see ioc.expr); makes the PV read-only."""
+    inputs: dict[str, str] = {}
+    """Derived PV: expression variable -> PV name."""
+
+    @field_validator("states")
+    @classmethod
+    def _states_unique(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(v)) != len(v):
+            raise ValueError("enum states must be unique")
+        if any(len(s) > 25 for s in v):
+            raise ValueError("enum state strings are at most 25 characters (the Channel Access limit)")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PVConfig:
+        t = self.type
+        numeric = t in (PVType.FLOAT64, PVType.INT, PVType.FLOAT64_ARRAY)
+        if t is PVType.ENUM and not self.states:
+            raise ValueError("an enum PV needs 'states'")
+        if t is not PVType.ENUM and self.states:
+            raise ValueError(f"'states' is only for enum PVs, not {t.value}")
+        if self.alarm is not None and not numeric:
+            raise ValueError(f"alarm limits need a numeric PV, not {t.value}")
+        if self.drive is not None and not numeric:
+            raise ValueError(f"drive limits need a numeric PV, not {t.value}")
+        for key in ("drive", "display"):
+            lim = getattr(self, key)
+            if lim is not None and (not all(math.isfinite(x) for x in lim) or lim[0] > lim[1]):
+                raise ValueError(f"{key} must be [low, high] with low <= high, got {list(lim)}")
+        if self.allow_nan and t not in (PVType.FLOAT64, PVType.FLOAT64_ARRAY):
+            raise ValueError("allow_nan is only for float64 and float64[] PVs")
+        if self.length is not None and t not in (PVType.STRING, PVType.FLOAT64_ARRAY):
+            raise ValueError("length is only for string and float64[] PVs")
+        if self.expr is not None:
+            if self.writable:
+                raise ValueError("a derived PV (with 'expr') cannot be writable")
+            if not self.inputs:
+                raise ValueError("a derived PV needs 'inputs' (expression variable -> PV name)")
+        elif self.inputs:
+            raise ValueError("'inputs' is only for derived PVs (with 'expr')")
+        return self
+
+    @property
+    def derived(self) -> bool:
+        """True for a PV computed from other PVs."""
+        return self.expr is not None
+
+
+class InstrumentConfig(Model):
+    """An instrument: its driver, how to reach it, and the PVs it serves."""
+
+    name: Name
+    driver: str
+    """Driver name, e.g. lakeshore336, lakeshore372, keithley2400, tpg, scpi."""
+    description: str = ""
+    resource: str | None = None
+    """VISA resource string (``TCPIP::10.0.0.5::7777::SOCKET``, ``GPIB0::12::INSTR``...)."""
+    visa_library: str | None = None
+    """pyvisa library: ``@py``, ``@ivi``, or ``@sim`` for pyvisa-sim (the driver's shipped definition)."""
+    sim_file: str | None = None
+    """pyvisa-sim definition file to use instead of the driver's own (with ``visa_library: '@sim'``)."""
+    simulation: str | None = None
+    """Name of an entry under ``simulations``: the instrument talks to that plant instead of VISA."""
+    scan_s: PositiveSeconds = 1.0
+    """Default scan period of its PVs."""
+    timeout_s: PositiveSeconds = 2.0
+    """How long one instrument call may take before the instrument counts as not answering."""
+    reconnect_min_s: PositiveSeconds = 0.5
+    """First wait before reconnecting a lost instrument; doubles on each failure..."""
+    reconnect_max_s: PositiveSeconds = 30.0
+    """...up to this."""
+    lock_resource: str | None = None
+    """The resource its PVs belong to unless a PV says otherwise (defaults to the instrument name)."""
+    options: dict[str, Any] = {}
+    """Driver-specific options (see each driver's documentation)."""
+    pvs: tuple[PVConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _source(self) -> InstrumentConfig:
+        if self.simulation is None and self.resource is None:
+            raise ValueError("an instrument needs either 'resource' (VISA) or 'simulation'")
+        if self.simulation is not None and (self.resource is not None or self.visa_library is not None):
+            raise ValueError("'simulation' excludes 'resource' and 'visa_library'")
+        for pv in self.pvs:
+            if pv.derived:
+                raise ValueError(f"PV {pv.name}: derived PVs go under the top-level 'pvs', not an instrument")
+        return self
+
+    @property
+    def default_resource(self) -> str:
+        """The resource of a PV of this instrument that names none."""
+        return self.lock_resource or self.name
+
+
+class SimulationConfig(Model):
+    """A simulated plant that simulated instruments talk to."""
+
+    model: Literal["cryostat"]
+    options: dict[str, Any] = {}
+
+
+class ResourceConfig(Model):
+    """A named group of PVs that is locked and written as one."""
+
+    name: Name
+    description: str = ""
+    lockable: bool = True
+    """Only the lock holder may write the PVs of a lockable resource."""
+    max_lease_s: PositiveSeconds = 3600.0
+    """The longest lease one request may take."""
+
+
+class RoleConfig(Model):
+    """What a role may do."""
+
+    description: str = ""
+    write: tuple[str, ...] = ()
+    """Resource names or glob patterns this role may write (``*`` for all)."""
+    acknowledge: bool = False
+    """May acknowledge alarms."""
+    shelve: bool = False
+    """May shelve alarms and reset interlocks."""
+    admin: bool = False
+    """May break locks, cancel anyone's jobs, and do everything else."""
+
+    def may_write(self, resource: str) -> bool:
+        """Whether this role grants writing PVs of ``resource``."""
+        return self.admin or any(fnmatch.fnmatchcase(resource, pat) for pat in self.write)
+
+
+class UserConfig(Model):
+    """A user account. Passwords are stored only as salted hashes (``labctl passwd``)."""
+
+    name: Name
+    roles: tuple[str, ...] = ("viewer",)
+    password_hash: str | None = Field(None, pattern=PASSWORD_HASH.pattern)
+    """``scrypt$N$r$p$salt$hash`` as printed by ``labctl passwd``."""
+    certificate: str | None = None
+    """Path of the user's X.509 certificate (PEM or DER) for certificate login."""
+    description: str = ""
+
+
+class OpcUaConfig(Model):
+    """The OPC UA endpoint."""
+
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = Field(4840, ge=0, le=65535)
+    """TCP port; 0 picks a free one."""
+    security: tuple[Literal["None", "Basic256Sha256_Sign", "Basic256Sha256_SignAndEncrypt"], ...] = (
+        "None",
+        "Basic256Sha256_Sign",
+        "Basic256Sha256_SignAndEncrypt",
+    )
+    """Security policies offered. Drop ``None`` outside a localhost demo."""
+    anonymous: bool = True
+    """Allow anonymous (read-only) sessions."""
+
+
+class CAAccessRule(Model):
+    """Grants roles to Channel Access clients whose self-reported user and host match."""
+
+    users: tuple[str, ...] = ("*",)
+    """User group names or user names (globs allowed)."""
+    hosts: tuple[str, ...] = ("*",)
+    """Host group names or host names/addresses (globs allowed)."""
+    roles: tuple[str, ...]
+    """Roles granted to matching clients."""
+
+
+class CAAccessConfig(Model):
+    """Channel Access security, in the spirit of an EPICS ACF. No rule matched: read-only."""
+
+    user_groups: dict[str, tuple[str, ...]] = {}
+    host_groups: dict[str, tuple[str, ...]] = {}
+    rules: tuple[CAAccessRule, ...] = ()
+
+
+class CAConfig(Model):
+    """The Channel Access server. ``EPICS_CAS_*`` environment variables apply unless set here."""
+
+    enabled: bool = True
+    prefix: str = ""
+    """Prepended to every PV name on Channel Access."""
+    interfaces: tuple[str, ...] | None = None
+    """Addresses to bind (default: ``EPICS_CAS_INTF_ADDR_LIST`` or all)."""
+    port: int | None = Field(None, ge=0, le=65535)
+    """TCP/UDP server port (default: ``EPICS_CAS_SERVER_PORT`` or 5064)."""
+    beacon_port: int | None = Field(None, ge=0, le=65535)
+    """Beacon port (default: ``EPICS_CAS_BEACON_PORT`` or 5065)."""
+    access: CAAccessConfig = CAAccessConfig()
+
+
+class HistorianConfig(Model):
+    """Where and how samples are archived."""
+
+    enabled: bool = True
+    url: str = "sqlite:///{state_dir}/history.sqlite"
+    """SQLAlchemy URL: ``sqlite:///...`` or ``postgresql+psycopg://...``; ``{state_dir}`` is replaced."""
+    batch_size: int = Field(5000, gt=0)
+    batch_age_s: PositiveSeconds = 0.5
+    spool_max_mb: float = Field(512.0, gt=0)
+    retention_days: float | None = Field(None, gt=0)
+
+
+class ServerConfig(Model):
+    """Process-level settings."""
+
+    state_dir: str = "./var"
+    """Where the server keeps its state (history, spool, certificates), relative to the working directory."""
+    opcua: OpcUaConfig = OpcUaConfig()
+    ca: CAConfig = CAConfig()
+
+
+class TableConfig(Model):
+    """A calibration table for ``interp(x, 'table')``: points sorted by x."""
+
+    points: tuple[tuple[float, float], ...] = ()
+    file: str | None = None
+    """CSV file of x,y rows (relative to the site file) instead of ``points``."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TableConfig:
+        if bool(self.points) == bool(self.file):
+            raise ValueError("a table needs exactly one of 'points' or 'file'")
+        return self
+
+
+class SiteConfig(Model):
+    """The whole site."""
+
+    site: Name
+    """Site name: the OPC UA namespace is ``urn:labctl:<site>``."""
+    description: str = ""
+    server: ServerConfig = ServerConfig()
+    historian: HistorianConfig = HistorianConfig()
+    roles: dict[str, RoleConfig] = {}
+    """Roles beyond (or redefining) viewer, operator, expert, admin."""
+    users: tuple[UserConfig, ...] = ()
+    resources: tuple[ResourceConfig, ...] = ()
+    tables: dict[str, TableConfig] = {}
+    simulations: dict[str, SimulationConfig] = {}
+    instruments: tuple[InstrumentConfig, ...] = ()
+    pvs: tuple[PVConfig, ...] = ()
+    """PVs of no instrument: derived PVs (``expr``) and soft PVs (memory, with ``initial``)."""
+
+    # ---- derived views -------------------------------------------------------------
+
+    @property
+    def all_roles(self) -> dict[str, RoleConfig]:
+        """Default roles overlaid with the site's own."""
+        merged = {k: RoleConfig(**v) for k, v in DEFAULT_ROLES.items()}
+        merged.update(self.roles)
+        return merged
+
+    def iter_pvs(self) -> Iterator[tuple[InstrumentConfig | None, PVConfig]]:
+        """Every PV with its instrument (None for soft and derived PVs)."""
+        for inst in self.instruments:
+            for pv in inst.pvs:
+                yield inst, pv
+        for pv in self.pvs:
+            yield None, pv
+
+    def resource_of(self, inst: InstrumentConfig | None, pv: PVConfig) -> str:
+        """The resource a PV belongs to."""
+        if pv.resource:
+            return pv.resource
+        return inst.default_resource if inst is not None else "soft"
+
+    def state_path(self) -> Path:
+        """The state directory."""
+        return Path(self.server.state_dir)
+
+    # ---- cross-reference checks ----------------------------------------------------
+
+    def cross_check(self) -> list[tuple[tuple[Any, ...], str]]:
+        """Problems that span several keys, as (key path, message)."""
+        problems: list[tuple[tuple[Any, ...], str]] = []
+        declared = {r.name for r in self.resources}
+        implicit = {inst.default_resource for inst in self.instruments} | {"soft"}
+        seen: dict[str, tuple[Any, ...]] = {}
+        names = [i.name for i in self.instruments]
+        for i, name in enumerate(names):
+            if names.index(name) != i:
+                problems.append((("instruments", i, "name"), f"duplicate instrument name {name!r}"))
+        rnames = [r.name for r in self.resources]
+        for i, name in enumerate(rnames):
+            if rnames.index(name) != i:
+                problems.append((("resources", i, "name"), f"duplicate resource name {name!r}"))
+        for ii, inst in enumerate(self.instruments):
+            if inst.simulation is not None and inst.simulation not in self.simulations:
+                problems.append(
+                    (("instruments", ii, "simulation"), f"unknown simulation {inst.simulation!r}; declared: {sorted(self.simulations)}")
+                )
+            for pi, pv in enumerate(inst.pvs):
+                self._check_pv(pv, ("instruments", ii, "pvs", pi), seen, declared | implicit, problems)
+        for pi, pv in enumerate(self.pvs):
+            path = ("pvs", pi)
+            self._check_pv(pv, path, seen, declared | implicit, problems)
+            if pv.expr is None and pv.writable is False and pv.initial is None:
+                problems.append((path, "a soft PV needs 'initial' or 'writable: true' (or 'expr' for a derived PV)"))
+        for pi, pv in enumerate(self.pvs):
+            for var, src in pv.inputs.items():
+                if not IDENT.match(var) or "-" in var:
+                    problems.append((("pvs", pi, "inputs", var), f"{var!r} is not a valid expression variable name"))
+                if src not in seen:
+                    problems.append((("pvs", pi, "inputs", var), f"unknown PV {src!r}"))
+        roles = self.all_roles
+        unames = [u.name for u in self.users]
+        for ui, user in enumerate(self.users):
+            if unames.index(user.name) != ui:
+                problems.append((("users", ui, "name"), f"duplicate user name {user.name!r}"))
+            for r in user.roles:
+                if r not in roles:
+                    problems.append((("users", ui, "roles"), f"unknown role {r!r}; defined: {sorted(roles)}"))
+        for ri, rule in enumerate(self.server.ca.access.rules):
+            for r in rule.roles:
+                if r not in roles:
+                    problems.append(
+                        (("server", "ca", "access", "rules", ri, "roles"), f"unknown role {r!r}; defined: {sorted(roles)}")
+                    )
+        return problems
+
+    def _check_pv(self, pv, path, seen, resources, problems) -> None:
+        if pv.name in seen:
+            problems.append((path + ("name",), f"duplicate PV name {pv.name!r} (also at {_dotted(seen[pv.name])})"))
+        else:
+            seen[pv.name] = path
+        if pv.resource is not None and pv.resource not in resources:
+            problems.append((path + ("resource",), f"unknown resource {pv.resource!r}; declared: {sorted(resources)}"))
+
+
+# ---- loading ------------------------------------------------------------------------
+
+
+def _dotted(path: tuple[Any, ...]) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _positions(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], tuple[int, int]]) -> None:
+    out[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            k = key.value
+            out[path + (k,)] = (key.start_mark.line + 1, key.start_mark.column + 1)
+            _positions(value, path + (k,), out)
+            out[path + (k,)] = (key.start_mark.line + 1, key.start_mark.column + 1)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _positions(item, path + (i,), out)
+
+
+def _locate(path: tuple[Any, ...], positions: Mapping[tuple[Any, ...], tuple[int, int]]) -> str:
+    p = tuple(path)
+    while p not in positions and p:
+        p = p[:-1]
+    if p in positions:
+        line, col = positions[p]
+        return f":{line}:{col}"
+    return ""
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    kind = err["type"]
+    got = err.get("input")
+    if kind == "extra_forbidden":
+        return "unknown key (not part of the site file schema)"
+    if kind == "missing":
+        return "required key is missing"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if kind in ("enum", "literal_error"):
+        return f"{msg}, got {got!r}"
+    if got is not None and not isinstance(got, (dict, list)) and kind not in ("value_error", "assertion_error"):
+        return f"{msg[0].lower() + msg[1:]}, got {got!r}"
+    return msg[0].lower() + msg[1:]
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    # pydantic inserts union member tags (e.g. 'tuple[float, float]') into loc; drop them.
+    return tuple(p for p in loc if isinstance(p, int) or not any(c in str(p) for c in "[]|"))
+
+
+class SiteLoader(yaml.SafeLoader):
+    """The safe loader with YAML 1.2 booleans: only true/false, so ``states: [OFF, ON]`` stays text."""
+
+
+SiteLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+SiteLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def parse_site(text: str, source: str = "<site>") -> SiteConfig:
+    """Validate the YAML text of a site file; raise ConfigError listing every problem."""
+    try:
+        node = yaml.compose(text, Loader=SiteLoader)
+        data = yaml.load(text, Loader=SiteLoader)  # noqa: S506 -- SiteLoader is a SafeLoader
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise ConfigError(source, [f"{source}{where} not valid YAML: {e.problem or e}"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(source, [f"{source}: not valid YAML: {e}"]) from None
+    positions: dict[tuple[Any, ...], tuple[int, int]] = {}
+    if node is not None:
+        _positions(node, (), positions)
+    if not isinstance(data, dict):
+        raise ConfigError(source, [f"{source}: expected a mapping of site keys at the top level, got {type(data).__name__}"])
+    try:
+        site = SiteConfig.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = _clean_loc(err["loc"])
+            lines.append(f"{source}{_locate(loc, positions)} {_dotted(loc)}: {_describe(err)}")
+        raise ConfigError(source, sorted(set(lines), key=lines.index)) from None
+    problems = site.cross_check()
+    if problems:
+        raise ConfigError(source, [f"{source}{_locate(p, positions)} {_dotted(p)}: {m}" for p, m in problems])
+    return site
+
+
+def load_site(path: str | Path) -> SiteConfig:
+    """Read and validate a site file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(str(p), [f"{p}: cannot read the site file: {e.strerror or e}"]) from None
+    return parse_site(text, str(p))

@@ -1,0 +1,411 @@
+"""The process database: every PV of a site, its current reading, and the write path.
+
+Theory of operation. One asyncio loop owns the database. Values enter through
+:meth:`Database.post` (from instrument scans, driver pushes, soft writes and derived
+PVs); ``post`` stamps the alarm state (limits with hysteresis and delay, or the
+severity the caller gives, e.g. INVALID/COMM for a lost instrument), decides the event
+bits from the deadbands, stores the reading, and hands the update to subscribers:
+callbacks inline, monitors through their bounded latest-value buffers. Derived PVs that
+depend on the PV are then recomputed. Nothing in ``post`` awaits, so a slow consumer can
+never hold up a scan.
+
+Writes from every protocol go through :meth:`Database.write`, which runs the checks in
+one order: the PV is writable -> the identity's roles allow its resource -> the
+identity holds the resource's lock -> the value has the PV's type and is within the
+drive limits -> no interlock forbids it -> the driver writes -> the read-back is posted
+-> the write is audited. Each refusal is a :class:`~ioc.errors.WriteRefused` subclass,
+audited with its reason before it is raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ioc.access import AuditRecord, InterlockCheck, LockCheck, NoInterlocks, NoLocks, RolePolicy
+from ioc.driver import Driver
+from ioc.errors import DriverError, LabctlError, NotWritable, UnknownPV, WriteRefused, WrongType
+from ioc.expr import EvaluationError, Expression, Table
+from ioc.pv import AlarmEvaluator, Deadbands, PVInfo, canonical, coerce
+from ioc.scan import InstrumentLink
+from ioc.subscription import Callback, Monitor
+from ioc.types import EventMask, Identity, PVType, Reading, Severity, Status, Update
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Record:
+    info: PVInfo
+    reading: Reading
+    alarm: AlarmEvaluator
+    deadbands: Deadbands
+    expression: Expression | None = None
+    dependents: list[_Record] = field(default_factory=list)
+
+
+class Database:
+    """All PVs of a site. Create it, :meth:`attach` drivers, then ``await start()``."""
+
+    def __init__(
+        self,
+        pvs: Iterable[PVInfo],
+        *,
+        policy: RolePolicy,
+        tables: Mapping[str, Table] | None = None,
+        clock: Callable[[], float] = time.time,
+        locks: LockCheck | None = None,
+        interlocks: InterlockCheck | None = None,
+    ) -> None:
+        self.policy = policy
+        self.locks: LockCheck = locks or NoLocks()
+        self.interlocks: InterlockCheck = interlocks or NoInterlocks()
+        self.clock = clock
+        self._records: dict[str, _Record] = {}
+        self._links: dict[str, InstrumentLink] = {}
+        self._callbacks: list[Callback] = []
+        self._monitors: list[Monitor] = []
+        self._audit_sinks: list[Callable[[AuditRecord], None]] = []
+        self._started = False
+        now = clock()
+        for info in pvs:
+            if info.name in self._records:
+                raise LabctlError(f"duplicate PV name {info.name!r}")
+            self._records[info.name] = _Record(
+                info, info.undefined(now), AlarmEvaluator(info.alarm), Deadbands(info.monitor_deadband, info.archive_deadband)
+            )
+        self._link_derived(tables or {})
+        for rec in self._records.values():
+            if rec.info.instrument is None and rec.info.expr is None and rec.info.initial is not None:
+                self.post(rec.info.name, coerce(_unlimited(rec.info), rec.info.initial), now)
+        for rec in self._records.values():
+            if rec.expression is not None:
+                self._recompute(rec)
+
+    def _link_derived(self, tables: Mapping[str, Table]) -> None:
+        for rec in self._records.values():
+            info = rec.info
+            if info.expr is None:
+                continue
+            for var, src in info.inputs:
+                if src not in self._records:
+                    raise LabctlError(f"{info.name}: input {var} names unknown PV {src!r}")
+                self._records[src].dependents.append(rec)
+            rec.expression = Expression(info.expr, [v for v, _ in info.inputs], tables)
+        # refuse cycles: a derived PV may not (indirectly) depend on itself
+        state: dict[str, int] = {}
+
+        def visit(rec: _Record, path: list[str]) -> None:
+            mark = state.get(rec.info.name)
+            if mark == 1:
+                raise LabctlError(f"derived PVs form a cycle: {' -> '.join([*path, rec.info.name])}")
+            if mark == 2:
+                return
+            state[rec.info.name] = 1
+            for dep in rec.dependents:
+                visit(dep, [*path, rec.info.name])
+            state[rec.info.name] = 2
+
+        for rec in self._records.values():
+            visit(rec, [])
+
+    # ---- queries ------------------------------------------------------------------------
+
+    def names(self, pattern: str | None = None) -> list[str]:
+        """PV names in declaration order, optionally filtered by a glob pattern."""
+        if pattern is None:
+            return list(self._records)
+        return [n for n in self._records if fnmatch.fnmatchcase(n, pattern)]
+
+    def infos(self) -> list[PVInfo]:
+        """Every PV's description, in declaration order."""
+        return [r.info for r in self._records.values()]
+
+    def info(self, name: str) -> PVInfo:
+        """The description of one PV (raises UnknownPV)."""
+        return self._record(name).info
+
+    def read(self, name: str) -> Reading:
+        """The current reading of one PV (raises UnknownPV)."""
+        return self._record(name).reading
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def _record(self, name: str) -> _Record:
+        try:
+            return self._records[name]
+        except KeyError:
+            raise UnknownPV(name) from None
+
+    def link(self, instrument: str) -> InstrumentLink:
+        """The link supervising an instrument."""
+        return self._links[instrument]
+
+    @property
+    def links(self) -> Mapping[str, InstrumentLink]:
+        """Every instrument link by instrument name."""
+        return self._links
+
+    # ---- subscriptions ------------------------------------------------------------------
+
+    def subscribe(
+        self, fn: Callable[[Update], None], *, names: Collection[str] | None = None, mask: EventMask = EventMask.ALL
+    ) -> Callback:
+        """Call ``fn(update)`` inline for every matching update; undo with :meth:`unsubscribe`."""
+        cb = Callback(fn, mask, frozenset(names) if names is not None else None)
+        self._check_names(names)
+        self._callbacks.append(cb)
+        return cb
+
+    def unsubscribe(self, cb: Callback) -> None:
+        """Remove a callback subscriber."""
+        cb.closed = True
+        if cb in self._callbacks:
+            self._callbacks.remove(cb)
+
+    def monitor(
+        self, names: Collection[str] | None = None, *, mask: EventMask = EventMask.VALUE | EventMask.ALARM, initial: bool = True
+    ) -> Monitor:
+        """An async iterator of updates (latest per PV kept); ``initial`` queues the current readings first."""
+        self._check_names(names)
+        mon = Monitor(names, mask, self._monitors.remove)
+        self._monitors.append(mon)
+        if initial:
+            for name in names if names is not None else self._records:
+                mon.deliver(Update(name, self._records[name].reading, EventMask.ALL))
+        return mon
+
+    def _check_names(self, names: Collection[str] | None) -> None:
+        for n in names or ():
+            if n not in self._records:
+                raise UnknownPV(n)
+
+    # ---- updates ------------------------------------------------------------------------
+
+    def post(
+        self,
+        name: str,
+        value: Any,
+        timestamp: float | None = None,
+        severity: Severity | None = None,
+        status: Status | None = None,
+    ) -> Update | None:
+        """Set a PV's new value; evaluate alarms and deadbands; notify subscribers.
+
+        ``severity``/``status`` override the limit alarm (e.g. INVALID/COMM). Returns the
+        posted update, or None if the change passed no deadband and no alarm changed.
+        """
+        rec = self._record(name)
+        info = rec.info
+        ts = self.clock() if timestamp is None else timestamp
+        try:
+            value = canonical(info, value)
+        except WrongType as e:
+            log.warning("%s: bad value from its source: %s", name, e.reason)
+            return self._set(rec, Reading(rec.reading.value, ts, Severity.INVALID, Status.READ))
+        if severity is None:
+            if _is_nan(info, value):
+                severity, status = Severity.INVALID, (Status.CALC if info.expr else Status.READ)
+            else:
+                severity, status = rec.alarm.evaluate(value, ts)
+        return self._set(rec, Reading(value, ts, severity, status or Status.NO_ALARM))
+
+    def invalidate(self, names: Iterable[str], status: Status = Status.COMM, timestamp: float | None = None) -> None:
+        """Mark PVs INVALID (keeping their last value, which clients must not trust)."""
+        ts = self.clock() if timestamp is None else timestamp
+        for name in names:
+            rec = self._record(name)
+            if rec.reading.severity is Severity.INVALID and rec.reading.status is status:
+                continue
+            self._set(rec, Reading(rec.reading.value, ts, Severity.INVALID, status))
+
+    def _set(self, rec: _Record, reading: Reading) -> Update | None:
+        rec.reading = reading
+        mask = rec.deadbands.mask(reading)
+        update = None
+        if mask:
+            update = Update(rec.info.name, reading, mask)
+            for cb in list(self._callbacks):
+                if cb.wants(update):
+                    cb.deliver(update)
+            for mon in self._monitors:
+                if mon.wants(update):
+                    mon.deliver(update)
+        for dep in rec.dependents:
+            self._recompute(dep)
+        return update
+
+    def _recompute(self, rec: _Record) -> None:
+        assert rec.expression is not None
+        env: dict[str, Any] = {}
+        ts = 0.0
+        for var, src in rec.info.inputs:
+            r = self._records[src].reading
+            if not r.valid:
+                self._set(rec, Reading(rec.reading.value, max(r.timestamp, rec.reading.timestamp), Severity.INVALID, Status.LINK))
+                return
+            env[var] = r.value
+            ts = max(ts, r.timestamp)
+        try:
+            value = rec.expression.evaluate(env)
+        except EvaluationError as e:
+            log.debug("%s: %s", rec.info.name, e)
+            self._set(rec, Reading(rec.reading.value, ts, Severity.INVALID, Status.CALC))
+            return
+        self.post(rec.info.name, value, ts)
+
+    # ---- writes -------------------------------------------------------------------------
+
+    def add_audit_sink(self, sink: Callable[[AuditRecord], None]) -> None:
+        """Receive every audit record (writes here; arbiter and alarms add their own)."""
+        self._audit_sinks.append(sink)
+
+    def audit(self, record: AuditRecord) -> None:
+        """Send an audit record to every sink (and the log)."""
+        log.log(logging.INFO if record.accepted else logging.WARNING, "audit: %s", record)
+        for sink in self._audit_sinks:
+            try:
+                sink(record)
+            except Exception:  # an audit sink's bug must not fail the write it records
+                log.exception("audit sink %r failed", sink)
+
+    def check_write(self, name: str, value: Any, identity: Identity) -> Any:
+        """Run the write path's checks without writing; return the canonical value."""
+        rec = self._record(name)
+        info = rec.info
+        if not info.writable:
+            raise NotWritable(name)
+        self.policy.check_write(identity, name, info.resource)
+        self.locks.check_write(identity, name, info.resource, self.clock())
+        v = coerce(info, value)
+        self.interlocks.check_write(identity, name, info.resource, v)
+        return v
+
+    def may_write(self, name: str, identity: Identity) -> bool:
+        """Whether ``identity`` may write ``name`` now (writable, roles, lock), ignoring the value."""
+        info = self._record(name).info
+        if not info.writable or not self.policy.may_write(identity, info.resource):
+            return False
+        try:
+            self.locks.check_write(identity, name, info.resource, self.clock())
+        except WriteRefused:
+            return False
+        return True
+
+    async def write(self, name: str, value: Any, identity: Identity) -> Reading:
+        """Write a PV through the full write path; return its reading afterwards.
+
+        Raises:
+            UnknownPV: no such PV.
+            WriteRefused: a rule refused the write (subclass says which).
+            DriverError: the instrument failed to take the value.
+        """
+        rec = self._record(name)
+        info = rec.info
+        old = rec.reading.value
+        try:
+            v = self.check_write(name, value, identity)
+        except WriteRefused as e:
+            self.audit(AuditRecord.of(self.clock(), "write", identity, name, old=old, new=_plain(value), accepted=False, reason=e.reason))
+            raise
+        if info.instrument is None:
+            self.post(name, v)
+        else:
+            link = self._links.get(info.instrument)
+            try:
+                if link is None:
+                    raise DriverError(info.instrument, "instrument is not attached")
+                assert info.channel is not None
+                readback = await link.write(info.channel, v)
+                if readback is not None:
+                    self.post(name, readback)
+                else:
+                    await link.read([info.channel])
+            except DriverError as e:
+                self.audit(AuditRecord.of(self.clock(), "write", identity, name, old=old, new=v, accepted=False, reason=str(e)))
+                raise
+        self.audit(AuditRecord.of(self.clock(), "write", identity, name, old=old, new=v))
+        return rec.reading
+
+    # ---- instruments --------------------------------------------------------------------
+
+    def attach(
+        self, driver: Driver, *, timeout_s: float = 2.0, reconnect_min_s: float = 0.5, reconnect_max_s: float = 30.0
+    ) -> InstrumentLink:
+        """Bind a driver to the PVs whose ``instrument`` is its name."""
+        pvs = [r.info for r in self._records.values() if r.info.instrument == driver.name]
+        if driver.name in self._links:
+            raise LabctlError(f"instrument {driver.name!r} is attached twice")
+        known = set(driver.channels())
+        bad = [f"{p.name} -> {p.channel!r}" for p in pvs if p.channel not in known]
+        if bad:
+            raise LabctlError(f"{driver.name}: unknown channels {bad}; the driver has {sorted(known)}")
+        link = InstrumentLink(
+            driver,
+            pvs,
+            post=self._post_from_link,
+            invalidate=self.invalidate,
+            clock=self.clock,
+            timeout_s=timeout_s,
+            reconnect_min_s=reconnect_min_s,
+            reconnect_max_s=reconnect_max_s,
+        )
+        self._links[driver.name] = link
+        if self._started:
+            link.start()
+        return link
+
+    def _post_from_link(self, name: str, value: Any, ts: float) -> None:
+        self.post(name, value, ts)
+
+    async def start(self) -> None:
+        """Start every instrument link (connect and scan)."""
+        self._started = True
+        for link in self._links.values():
+            link.start()
+
+    async def stop(self) -> None:
+        """Stop scanning, close drivers, end monitors."""
+        self._started = False
+        await asyncio.gather(*(link.stop() for link in self._links.values()))
+        for mon in list(self._monitors):
+            mon.close()
+
+    # ---- summaries ----------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        """PV counts by kind and severity (for start-up logs and ``labctl check``)."""
+        out: dict[str, int] = defaultdict(int)
+        for r in self._records.values():
+            out["total"] += 1
+            kind = "derived" if r.info.expr else ("instrument" if r.info.instrument else "soft")
+            out[kind] += 1
+            out[r.reading.severity.name] += 1
+        return dict(out)
+
+
+def _is_nan(info: PVInfo, value: Any) -> bool:
+    return info.type is PVType.FLOAT64 and isinstance(value, float) and math.isnan(value) and not info.allow_nan
+
+
+def _unlimited(info: PVInfo) -> PVInfo:
+    """The same PV without drive limits (initial values need not be within them)."""
+    return replace(info, drive=None)
+
+
+def _plain(value: Any) -> Any:
+    """A value as it may be shown in an audit record (bounded size)."""
+    text = repr(value)
+    return value if len(text) <= 200 else text[:197] + "..."
+

@@ -1,0 +1,68 @@
+"""Build a :class:`~ioc.database.Database` from a validated site file (no drivers yet).
+
+The server layer attaches drivers afterwards (``ioc`` knows no driver module); this
+module only turns configuration into runtime objects: PV descriptions, calibration
+tables, the role policy.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from pathlib import Path
+
+from ioc.access import RolePolicy
+from ioc.config import SiteConfig
+from ioc.database import Database
+from ioc.errors import ConfigError, LabctlError
+from ioc.expr import ExpressionError, Table
+from ioc.pv import PVInfo
+
+
+def pv_infos(site: SiteConfig) -> list[PVInfo]:
+    """Every PV of the site as runtime descriptions, in file order."""
+    return [PVInfo.from_config(pv, inst, site.resource_of(inst, pv)) for inst, pv in site.iter_pvs()]
+
+
+def load_tables(site: SiteConfig, base_dir: Path, source: str = "site file") -> dict[str, Table]:
+    """Calibration tables, reading CSV files relative to ``base_dir``."""
+    tables: dict[str, Table] = {}
+    problems: list[str] = []
+    for name, cfg in site.tables.items():
+        try:
+            points = cfg.points or _read_csv(base_dir / cfg.file, name) if cfg.file else cfg.points
+            tables[name] = Table.from_points(name, points)
+        except (ExpressionError, OSError, ValueError) as e:
+            problems.append(f"{source} tables.{name}: {e}")
+    if problems:
+        raise ConfigError(source, problems)
+    return tables
+
+
+def _read_csv(path: Path, name: str) -> list[tuple[float, float]]:
+    points = []
+    with path.open(newline="") as f:
+        for lineno, row in enumerate(csv.reader(f), 1):
+            if not row or row[0].lstrip().startswith("#"):
+                continue
+            try:
+                points.append((float(row[0]), float(row[1])))
+            except (ValueError, IndexError):
+                if lineno == 1:
+                    continue  # a header line
+                raise ValueError(f"{path}:{lineno}: expected two numbers x,y, got {row}") from None
+    return points
+
+
+def build_database(
+    site: SiteConfig, base_dir: Path | str = ".", *, clock: Callable[[], float] | None = None, source: str = "site file"
+) -> Database:
+    """A database with every PV of ``site``; drivers are attached by the caller."""
+    tables = load_tables(site, Path(base_dir), source)
+    kwargs = {"clock": clock} if clock is not None else {}
+    try:
+        return Database(pv_infos(site), policy=RolePolicy(site.all_roles), tables=tables, **kwargs)
+    except ExpressionError as e:
+        raise ConfigError(source, [f"{source}: derived PV expression: {e}"]) from None
+    except LabctlError as e:
+        raise ConfigError(source, [f"{source}: {e}"]) from None

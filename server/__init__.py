@@ -1,0 +1,1 @@
+"""labctl server: protocol adapters, historian, authentication, wiring and the labctl command."""

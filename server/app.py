@@ -1,0 +1,177 @@
+"""Wiring: a site file becomes a running server.
+
+:class:`Server` builds the process database from the site file, attaches a driver per
+instrument, and starts the *services* (protocol adapters, historian) around it. A
+service is anything with ``async start()``, ``async stop()`` and ``endpoints()``; each
+one subscribes to the database once and does its own fan-out. Adding a protocol is one
+new service module and one line in :func:`build_services`.
+
+Overrides (ports, interfaces, historian URL, state directory) are applied to the
+validated site model before anything starts, so two servers can run side by side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from drivers.registry import create_driver, create_plant
+from ioc.config import SiteConfig, load_site
+from ioc.database import Database
+from ioc.site import build_database
+
+log = logging.getLogger("labctl")
+
+
+class Service(Protocol):
+    """A part of the server that runs beside the database (protocol adapter, historian)."""
+
+    name: str
+
+    async def start(self) -> None:
+        """Start serving; return once ready (ports bound)."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop serving and release every resource."""
+        ...
+
+    def endpoints(self) -> list[str]:
+        """Human-readable addresses this service offers (for the start-up banner)."""
+        ...
+
+
+@dataclass
+class Overrides:
+    """Command-line settings that replace the site file's."""
+
+    state_dir: str | None = None
+    historian_url: str | None = None
+    opcua_host: str | None = None
+    opcua_port: int | None = None
+    ca_interfaces: Sequence[str] | None = None
+    ca_port: int | None = None
+    ca_beacon_port: int | None = None
+    no_opcua: bool = False
+    no_ca: bool = False
+    no_historian: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def apply(self, site: SiteConfig) -> SiteConfig:
+        """A copy of ``site`` with these overrides."""
+        server = site.server
+        opcua = server.opcua.model_copy(
+            update={
+                k: v
+                for k, v in {
+                    "host": self.opcua_host,
+                    "port": self.opcua_port,
+                    "enabled": False if self.no_opcua else None,
+                }.items()
+                if v is not None
+            }
+        )
+        ca = server.ca.model_copy(
+            update={
+                k: v
+                for k, v in {
+                    "interfaces": tuple(self.ca_interfaces) if self.ca_interfaces else None,
+                    "port": self.ca_port,
+                    "beacon_port": self.ca_beacon_port,
+                    "enabled": False if self.no_ca else None,
+                }.items()
+                if v is not None
+            }
+        )
+        server = server.model_copy(
+            update={"opcua": opcua, "ca": ca, **({"state_dir": self.state_dir} if self.state_dir else {})}
+        )
+        historian = site.historian.model_copy(
+            update={
+                k: v
+                for k, v in {"url": self.historian_url, "enabled": False if self.no_historian else None}.items()
+                if v is not None
+            }
+        )
+        return site.model_copy(update={"server": server, "historian": historian})
+
+
+class Server:
+    """A labctl server: database, instruments and services for one site."""
+
+    def __init__(self, site: SiteConfig, *, base_dir: Path | str = ".", source: str = "site file") -> None:
+        self.site = site
+        self.base_dir = Path(base_dir)
+        self.state_dir = Path(site.server.state_dir)
+        self.db: Database = build_database(site, self.base_dir, source=source)
+        self.plants = {name: create_plant(name, cfg, clock=self.db.clock) for name, cfg in site.simulations.items()}
+        for inst in site.instruments:
+            driver = create_driver(inst, simulations=self.plants, base_dir=self.base_dir)
+            self.db.attach(
+                driver,
+                timeout_s=inst.timeout_s,
+                reconnect_min_s=inst.reconnect_min_s,
+                reconnect_max_s=inst.reconnect_max_s,
+            )
+        self.services: list[Service] = build_services(self)
+        self._stopped = asyncio.Event()
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: Overrides | None = None) -> Server:
+        """Load, override and build."""
+        site = load_site(path)
+        if overrides is not None:
+            site = overrides.apply(site)
+        return cls(site, base_dir=Path(path).resolve().parent, source=str(path))
+
+    def service(self, name: str) -> Service:
+        """A running service by name (``opcua``, ``ca``, ``historian``)."""
+        for s in self.services:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    async def start(self) -> None:
+        """Create the state directory, start services, then the instruments."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        started: list[Service] = []
+        try:
+            for s in self.services:
+                await s.start()
+                started.append(s)
+            await self.db.start()
+        except BaseException:
+            for s in reversed(started):
+                await s.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Stop instruments, then services in reverse order."""
+        await self.db.stop()
+        for s in reversed(self.services):
+            try:
+                await s.stop()
+            except Exception:  # keep stopping the others; this is the boundary that reports bugs
+                log.exception("stopping %s failed", s.name)
+        self._stopped.set()
+
+    def endpoints(self) -> list[str]:
+        """Every endpoint of every service."""
+        return [e for s in self.services for e in s.endpoints()]
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def build_services(server: Server) -> list[Service]:
+    """The services a site asks for, in start order (storage first, then protocols)."""
+    services: list[Service] = []
+    return services
