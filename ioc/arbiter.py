@@ -1,0 +1,291 @@
+"""The arbiter's rules: resources, leases, a priority wait queue. Pure: no clock, no I/O.
+
+A lock on a resource is a **lease**: owner, priority, token, expiry. The holder renews
+it; a lease that is not renewed lapses at its expiry (a crashed client never holds a
+lock forever) and the next waiter gets it. Waiters are ordered by priority (higher
+first), then by arrival. An admin may break a lease; the holder learns of it through the
+``broken`` event. Each call takes ``now`` and returns the :class:`LeaseEvent` list it
+caused, so the async shell (a timer task calling :meth:`Arbiter.expire`, the protocol
+adapters) publishes, audits and notifies without this module knowing how.
+
+The arbiter is also the write path's lock check (:class:`ioc.access.LockCheck`): on a
+lockable resource only the holder may write, and a refusal names holder and expiry.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from ioc.config import ResourceConfig
+from ioc.errors import LabctlError, LockedBy
+from ioc.types import Identity
+
+EventKind = Literal["granted", "renewed", "released", "expired", "broken", "queued", "withdrawn"]
+
+
+class LockError(LabctlError):
+    """A lock operation was refused (unknown resource, not the holder, bad token...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A granted lock."""
+
+    resource: str
+    user: str
+    client: str
+    """Who, more precisely: an OPC UA session, a CA host, a job (``job:42``)."""
+    priority: int
+    token: str
+    granted_at: float
+    expires_at: float
+    duration_s: float
+    job: int | None = None
+
+    def remaining(self, now: float) -> float:
+        """Seconds until the lease lapses (never negative)."""
+        return max(0.0, self.expires_at - now)
+
+
+@dataclass(frozen=True, slots=True)
+class Waiter:
+    """A queued lock request."""
+
+    resource: str
+    user: str
+    client: str
+    priority: int
+    token: str
+    requested_at: float
+    duration_s: float
+    seq: int
+    job: int | None = None
+
+    def sort_key(self) -> tuple[int, int]:
+        """Higher priority first, then first come first served."""
+        return (-self.priority, self.seq)
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseEvent:
+    """Something that happened to a resource's lock."""
+
+    kind: EventKind
+    resource: str
+    user: str
+    client: str
+    token: str
+    time: float
+    expires_at: float | None = None
+    by: str = ""
+    """Who caused it, when not the owner (an admin's break)."""
+    reason: str = ""
+
+
+@dataclass
+class _ResourceState:
+    config: ResourceConfig
+    lease: Lease | None = None
+    waiters: list[Waiter] = field(default_factory=list)
+
+
+class Arbiter:
+    """Leases and wait queues for the site's resources."""
+
+    def __init__(self, resources: Iterable[ResourceConfig], *, min_lease_s: float = 1.0) -> None:
+        self._res = {r.name: _ResourceState(r) for r in resources}
+        self._seq = itertools.count()
+        self.min_lease_s = min_lease_s
+
+    # ---- queries -----------------------------------------------------------------------
+
+    @property
+    def resources(self) -> Mapping[str, ResourceConfig]:
+        """Every resource's configuration."""
+        return {k: v.config for k, v in self._res.items()}
+
+    def holder(self, resource: str) -> Lease | None:
+        """The current lease of a resource, if any."""
+        return self._state(resource).lease
+
+    def queue(self, resource: str) -> list[Waiter]:
+        """The waiters of a resource in the order they will be served."""
+        return list(self._state(resource).waiters)
+
+    def lockable(self, resource: str) -> bool:
+        """Whether writes to the resource need its lock (unknown resources are not lockable)."""
+        st = self._res.get(resource)
+        return st is not None and st.config.lockable
+
+    def lease_by_token(self, token: str) -> Lease | None:
+        """The lease with this token, wherever it is."""
+        for st in self._res.values():
+            if st.lease is not None and secrets.compare_digest(st.lease.token, token):
+                return st.lease
+        return None
+
+    def _state(self, resource: str) -> _ResourceState:
+        try:
+            return self._res[resource]
+        except KeyError:
+            raise LockError(f"unknown resource {resource!r}; resources are {sorted(self._res)}") from None
+
+    # ---- the write path's check ------------------------------------------------------------
+
+    def check_write(self, identity: Identity, pv: str, resource: str, now: float) -> None:
+        """Raise LockedBy unless ``identity`` may write ``resource`` (holds its lease, or it is not lockable)."""
+        if "system" in identity.roles or not self.lockable(resource):
+            return
+        lease = self._res[resource].lease
+        if lease is None or lease.expires_at <= now:
+            raise LockedBy(pv, resource, "", None)
+        if lease.user != identity.user:
+            raise LockedBy(pv, resource, lease.user, lease.expires_at, lease.job)
+
+    def holds(self, identity: Identity, resource: str, now: float) -> bool:
+        """Whether ``identity`` holds a live lease on ``resource``."""
+        st = self._res.get(resource)
+        return bool(st and st.lease and st.lease.user == identity.user and st.lease.expires_at > now)
+
+    # ---- commands ------------------------------------------------------------------------
+
+    def request(
+        self,
+        resource: str,
+        who: Identity,
+        now: float,
+        *,
+        duration_s: float,
+        priority: int = 0,
+        client: str = "",
+        wait: bool = True,
+        job: int | None = None,
+    ) -> tuple[Lease | Waiter, list[LeaseEvent]]:
+        """Ask for a resource's lock.
+
+        Returns the lease if granted now, else the queued waiter (``wait=True``). A holder
+        asking again renews. Raises LockError for an unknown or unlockable resource or a
+        bad duration, and LockedBy when held by someone else and ``wait`` is false.
+        """
+        st = self._state(resource)
+        if not st.config.lockable:
+            raise LockError(f"resource {resource!r} is not lockable")
+        duration = self._duration(st, duration_s)
+        events = self.expire(now)
+        lease = st.lease
+        if lease is not None and lease.user == who.user and lease.client == client:
+            renewed, ev = self._renew(st, now, duration)
+            return renewed, events + ev
+        for w in st.waiters:
+            if w.user == who.user and w.client == client:
+                return w, events
+        if lease is None and not st.waiters:
+            granted = self._grant(st, who.user, client, priority, duration, now, job)
+            return granted, [*events, self._event("granted", granted, now)]
+        if not wait:
+            holder = lease or st.waiters[0]
+            raise LockedBy("", resource, holder.user, lease.expires_at if lease else None, holder.job)
+        waiter = Waiter(resource, who.user, client, priority, _token(), now, duration, next(self._seq), job)
+        st.waiters.append(waiter)
+        st.waiters.sort(key=Waiter.sort_key)
+        events.append(LeaseEvent("queued", resource, who.user, client, waiter.token, now))
+        return waiter, events
+
+    def renew(self, resource: str, token: str, now: float, duration_s: float | None = None) -> tuple[Lease, list[LeaseEvent]]:
+        """Extend a lease by its duration (or a new one) from now. Raises LockError if not held with ``token``."""
+        st = self._state(resource)
+        events = self.expire(now)
+        lease = st.lease
+        if lease is None or not secrets.compare_digest(lease.token, token):
+            raise LockError(f"resource {resource!r}: no lease with that token (it may have lapsed or been broken)")
+        duration = self._duration(st, duration_s if duration_s is not None else lease.duration_s)
+        renewed, ev = self._renew(st, now, duration)
+        return renewed, events + ev
+
+    def release(self, resource: str, token: str, now: float) -> list[LeaseEvent]:
+        """Give up a lease, or withdraw a queued request, by token."""
+        st = self._state(resource)
+        events = self.expire(now)
+        lease = st.lease
+        if lease is not None and secrets.compare_digest(lease.token, token):
+            st.lease = None
+            events.append(self._event("released", lease, now))
+            return events + self._promote(st, now)
+        for w in st.waiters:
+            if secrets.compare_digest(w.token, token):
+                st.waiters.remove(w)
+                return [*events, LeaseEvent("withdrawn", resource, w.user, w.client, w.token, now)]
+        raise LockError(f"resource {resource!r}: no lease or request with that token")
+
+    def release_user(self, resource: str, user: str, now: float, client: str | None = None) -> list[LeaseEvent]:
+        """Release ``user``'s lease or request on a resource (protocols that carry no token, like CA)."""
+        st = self._state(resource)
+        lease = st.lease
+        if lease is not None and lease.user == user and (client is None or lease.client == client):
+            return self.release(resource, lease.token, now)
+        for w in st.waiters:
+            if w.user == user and (client is None or w.client == client):
+                return self.release(resource, w.token, now)
+        raise LockError(f"resource {resource!r}: {user} holds no lease and waits for none")
+
+    def break_lock(self, resource: str, who: Identity, now: float, reason: str = "") -> list[LeaseEvent]:
+        """Take a lease away from its holder (the caller checks who may). The next waiter gets it."""
+        st = self._state(resource)
+        events = self.expire(now)
+        lease = st.lease
+        if lease is None:
+            raise LockError(f"resource {resource!r} is not locked")
+        st.lease = None
+        events.append(self._event("broken", lease, now, by=who.user, reason=reason))
+        return events + self._promote(st, now)
+
+    def expire(self, now: float) -> list[LeaseEvent]:
+        """Free every lapsed lease and hand each to its next waiter."""
+        events: list[LeaseEvent] = []
+        for st in self._res.values():
+            lease = st.lease
+            if lease is not None and lease.expires_at <= now:
+                st.lease = None
+                events.append(self._event("expired", lease, now))
+                events += self._promote(st, now)
+        return events
+
+    def next_expiry(self) -> float | None:
+        """When the next lease lapses (for the timer task), or None."""
+        times = [st.lease.expires_at for st in self._res.values() if st.lease is not None]
+        return min(times, default=None)
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _duration(self, st: _ResourceState, duration_s: float) -> float:
+        if not duration_s > 0:
+            raise LockError(f"lease duration must be positive, got {duration_s}")
+        return min(max(duration_s, self.min_lease_s), st.config.max_lease_s)
+
+    def _grant(self, st, user, client, priority, duration, now, job) -> Lease:
+        st.lease = Lease(st.config.name, user, client, priority, _token(), now, now + duration, duration, job)
+        return st.lease
+
+    def _renew(self, st: _ResourceState, now: float, duration: float) -> tuple[Lease, list[LeaseEvent]]:
+        assert st.lease is not None
+        st.lease = replace(st.lease, expires_at=now + duration, duration_s=duration)
+        return st.lease, [self._event("renewed", st.lease, now)]
+
+    def _promote(self, st: _ResourceState, now: float) -> list[LeaseEvent]:
+        if st.lease is not None or not st.waiters:
+            return []
+        w = st.waiters.pop(0)
+        st.lease = Lease(w.resource, w.user, w.client, w.priority, w.token, now, now + w.duration_s, w.duration_s, w.job)
+        return [self._event("granted", st.lease, now)]
+
+    @staticmethod
+    def _event(kind: EventKind, lease: Lease, now: float, by: str = "", reason: str = "") -> LeaseEvent:
+        return LeaseEvent(kind, lease.resource, lease.user, lease.client, lease.token, now, lease.expires_at, by, reason)
+
+
+def _token() -> str:
+    return secrets.token_hex(16)

@@ -1,0 +1,113 @@
+"""Arbiter rules with a fake clock: leases, priority-then-arrival queue, expiry, break."""
+
+from __future__ import annotations
+
+import pytest
+
+from ioc.arbiter import Arbiter, Lease, LockError, Waiter
+from ioc.config import ResourceConfig
+from ioc.errors import LockedBy
+from ioc.types import SYSTEM, Identity
+
+
+def who(name: str, *roles: str) -> Identity:
+    return Identity(name, frozenset(roles or {"operator"}))
+
+
+ALICE, BOB, CAROL, DAN = who("alice"), who("bob"), who("carol"), who("dan")
+
+
+@pytest.fixture
+def arb():
+    return Arbiter(
+        [ResourceConfig(name="cryostat", max_lease_s=600), ResourceConfig(name="table", lockable=False)]
+    )
+
+
+def test_grant_then_queue_by_priority_then_arrival(arb):
+    lease, ev = arb.request("cryostat", ALICE, 0.0, duration_s=60)
+    assert isinstance(lease, Lease) and [e.kind for e in ev] == ["granted"]
+    b, _ = arb.request("cryostat", BOB, 1.0, duration_s=60, priority=1)
+    c, _ = arb.request("cryostat", CAROL, 2.0, duration_s=60, priority=5)
+    d, _ = arb.request("cryostat", DAN, 3.0, duration_s=60, priority=1)
+    assert all(isinstance(x, Waiter) for x in (b, c, d))
+    assert [w.user for w in arb.queue("cryostat")] == ["carol", "bob", "dan"]
+    order = []
+    t = 10.0
+    for _ in range(3):
+        ev = arb.release("cryostat", arb.holder("cryostat").token, t)
+        order.append(next(e.user for e in ev if e.kind == "granted"))
+        t += 1
+    assert order == ["carol", "bob", "dan"]
+
+
+def test_a_lease_that_is_not_renewed_lapses_and_passes_on(arb):
+    lease, _ = arb.request("cryostat", ALICE, 0.0, duration_s=30)
+    arb.request("cryostat", BOB, 1.0, duration_s=30)
+    assert arb.expire(29.9) == []
+    ev = arb.expire(30.0)
+    assert [(e.kind, e.user) for e in ev] == [("expired", "alice"), ("granted", "bob")]
+    assert arb.holder("cryostat").user == "bob"
+    assert arb.holder("cryostat").expires_at == 60.0
+    with pytest.raises(LockError, match="no lease with that token"):
+        arb.renew("cryostat", lease.token, 31.0)
+
+
+def test_renewal_extends_from_now(arb):
+    lease, _ = arb.request("cryostat", ALICE, 0.0, duration_s=30)
+    renewed, ev = arb.renew("cryostat", lease.token, 20.0)
+    assert renewed.expires_at == 50.0 and [e.kind for e in ev] == ["renewed"]
+    again, _ = arb.request("cryostat", ALICE, 25.0, duration_s=10)  # asking again renews too
+    assert again.token == lease.token and again.expires_at == 35.0
+
+
+def test_only_the_holder_writes_a_lockable_resource(arb):
+    with pytest.raises(LockedBy, match="take its lock before writing"):
+        arb.check_write(ALICE, "CRYO:HTR", "cryostat", 0.0)
+    arb.request("cryostat", ALICE, 0.0, duration_s=60)
+    arb.check_write(ALICE, "CRYO:HTR", "cryostat", 1.0)
+    with pytest.raises(LockedBy) as e:
+        arb.check_write(BOB, "CRYO:HTR", "cryostat", 1.0)
+    assert (e.value.owner, e.value.until) == ("alice", 60.0)
+    assert "locked by alice until" in str(e.value)
+    arb.check_write(BOB, "TABLE:X", "table", 1.0)  # not lockable
+    arb.check_write(SYSTEM, "CRYO:HTR", "cryostat", 1.0)  # interlocks act regardless
+    with pytest.raises(LockedBy):  # a lapsed lease no longer entitles
+        arb.check_write(ALICE, "CRYO:HTR", "cryostat", 60.0)
+
+
+def test_break_hands_over_and_names_the_breaker(arb):
+    arb.request("cryostat", ALICE, 0.0, duration_s=60)
+    arb.request("cryostat", BOB, 1.0, duration_s=60)
+    ev = arb.break_lock("cryostat", who("root", "admin"), 5.0, "alice went home")
+    assert [(e.kind, e.user, e.by) for e in ev] == [("broken", "alice", "root"), ("granted", "bob", "")]
+    assert ev[0].reason == "alice went home"
+
+
+def test_no_wait_raises_with_the_holder(arb):
+    arb.request("cryostat", ALICE, 0.0, duration_s=60)
+    with pytest.raises(LockedBy) as e:
+        arb.request("cryostat", BOB, 1.0, duration_s=60, wait=False)
+    assert e.value.owner == "alice"
+
+
+def test_withdraw_a_request_and_release_by_user(arb):
+    arb.request("cryostat", ALICE, 0.0, duration_s=60)
+    w, _ = arb.request("cryostat", BOB, 1.0, duration_s=60)
+    assert [e.kind for e in arb.release("cryostat", w.token, 2.0)] == ["withdrawn"]
+    assert arb.queue("cryostat") == []
+    assert [e.kind for e in arb.release_user("cryostat", "alice", 3.0)] == ["released"]
+    with pytest.raises(LockError, match="holds no lease"):
+        arb.release_user("cryostat", "alice", 4.0)
+
+
+def test_bad_requests(arb):
+    with pytest.raises(LockError, match="unknown resource 'magnet'"):
+        arb.request("magnet", ALICE, 0.0, duration_s=1)
+    with pytest.raises(LockError, match="not lockable"):
+        arb.request("table", ALICE, 0.0, duration_s=1)
+    with pytest.raises(LockError, match="positive"):
+        arb.request("cryostat", ALICE, 0.0, duration_s=0)
+    lease, _ = arb.request("cryostat", ALICE, 0.0, duration_s=10_000)
+    assert lease.duration_s == 600  # capped at the resource's max_lease_s
+    assert arb.next_expiry() == 600
