@@ -104,6 +104,12 @@ class Monitor:
     async def __anext__(self) -> Update:
         return await self.get()
 
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     async def __aenter__(self) -> Monitor:
         return self
 

@@ -1,0 +1,151 @@
+"""Procedures: checking a site file's procedures and a submitter's parameters.
+
+A procedure is data (see :class:`ioc.config.ProcedureConfig`): parameters, the resources
+it locks, and steps (set, ramp, wait, read, sleep, repeat, log). Values in steps are
+literals, or expressions when written ``=...`` (``value: "=sp * 1.1"``), evaluated with
+the safe expression language of :mod:`ioc.expr` over the parameters and the variables of
+enclosing ``repeat`` steps. Everything is checked when the site file loads, so a job
+never fails half-way for a typo.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ioc.config import ParamConfig, ProcedureConfig, Step
+from ioc.expr import Expression, ExpressionError
+
+
+class ParameterError(ValueError):
+    """A submitted parameter is missing, unknown, or of the wrong type."""
+
+
+def is_expression(value: Any) -> bool:
+    """Whether a step value is an expression (a string starting with ``=``)."""
+    return isinstance(value, str) and value.startswith("=")
+
+
+def compile_value(value: Any, variables: Iterable[str]) -> Expression | Any:
+    """An Expression for ``=...`` strings, else the literal itself."""
+    if is_expression(value):
+        return Expression(value[1:], list(variables))
+    return value
+
+
+def evaluate(value: Any, env: Mapping[str, Any]) -> Any:
+    """A step value for the given variables."""
+    if isinstance(value, Expression):
+        return value.evaluate(env)
+    return value
+
+
+def _placeholders(text: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(text) if name]
+
+
+def check_procedure(name: str, proc: ProcedureConfig, pv_names: set[str]) -> list[tuple[tuple[Any, ...], str]]:
+    """Problems in a procedure as (key path, message): unknown PVs, bad expressions, placeholders."""
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    base = ("procedures", name)
+    for pname, p in proc.params.items():
+        if p.default is not None:
+            try:
+                convert_param(pname, p, p.default)
+            except ParameterError as e:
+                problems.append((base + ("params", pname, "default"), str(e)))
+
+    def walk(steps: tuple[Step, ...], variables: set[str], path: tuple[Any, ...]) -> None:
+        for i, step in enumerate(steps):
+            sp = path + (i, step.kind)
+            kind = step.kind
+            try:
+                if kind in ("set", "ramp"):
+                    s = step.set or step.ramp
+                    assert s is not None
+                    if s.pv not in pv_names:
+                        problems.append((sp + ("pv",), f"unknown PV {s.pv!r}"))
+                    compile_value(s.value if kind == "set" else s.to, variables)  # type: ignore[union-attr]
+                elif kind == "wait":
+                    w = step.wait
+                    assert w is not None
+                    for var, pv in w.inputs.items():
+                        if pv not in pv_names:
+                            problems.append((sp + ("inputs", var), f"unknown PV {pv!r}"))
+                    Expression(w.until, [*variables, *w.inputs])
+                elif kind == "read":
+                    r = step.read
+                    assert r is not None
+                    for pv in r.pvs:
+                        if pv not in pv_names:
+                            problems.append((sp + ("pvs",), f"unknown PV {pv!r}"))
+                    for ph in _placeholders(r.label):
+                        if ph not in variables:
+                            problems.append((sp + ("label",), f"unknown placeholder {{{ph}}}"))
+                elif kind == "log":
+                    for ph in _placeholders(step.log or ""):
+                        if ph not in variables:
+                            problems.append((sp, f"unknown placeholder {{{ph}}}"))
+                elif kind == "repeat":
+                    r = step.repeat
+                    assert r is not None
+                    compile_value(r.values, variables)
+                    walk(r.steps, variables | {r.var}, sp + ("steps",))
+            except ExpressionError as e:
+                problems.append((sp, f"expression: {e}"))
+
+    walk(proc.steps, set(proc.params), base + ("steps",))
+    return problems
+
+
+def convert_param(name: str, p: ParamConfig, value: Any) -> Any:
+    """A submitted value converted to the parameter's type (strings from a command line parse)."""
+    t = p.type
+    try:
+        if t == "float64":
+            v: Any = float(value)
+            if not math.isfinite(v):
+                raise ValueError("not finite")
+        elif t == "int":
+            if isinstance(value, float) and value != int(value):
+                raise ValueError("not an integer")
+            v = int(value)
+        elif t == "bool":
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError("not true/false")
+                v = value.lower() in ("true", "1")
+            else:
+                v = bool(value)
+        elif t == "string":
+            v = str(value)
+        else:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            v = [float(x) for x in items]
+    except (TypeError, ValueError) as e:
+        raise ParameterError(f"parameter {name!r}: expected {t}, got {value!r} ({e})") from None
+    for x in v if isinstance(v, list) else [v]:
+        if isinstance(x, (int, float)) and not isinstance(x, bool):
+            if p.min is not None and x < p.min:
+                raise ParameterError(f"parameter {name!r}: {x} is below its minimum {p.min}")
+            if p.max is not None and x > p.max:
+                raise ParameterError(f"parameter {name!r}: {x} is above its maximum {p.max}")
+    return v
+
+
+def bind_params(proc_name: str, proc: ProcedureConfig, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The full parameter set for a job: given values converted, defaults filled, unknowns refused."""
+    unknown = sorted(set(given) - set(proc.params))
+    if unknown:
+        raise ParameterError(f"procedure {proc_name!r} has no parameter {unknown[0]!r}; it takes {sorted(proc.params)}")
+    out: dict[str, Any] = {}
+    for name, p in proc.params.items():
+        if name in given:
+            out[name] = convert_param(name, p, given[name])
+        elif p.default is not None:
+            out[name] = convert_param(name, p, p.default)
+        else:
+            raise ParameterError(f"procedure {proc_name!r} needs parameter {name!r} ({p.type})")
+    return out
