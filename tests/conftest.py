@@ -20,6 +20,8 @@ os.environ.update(
 
 import pytest  # noqa: E402
 
+pytest_plugins = ["tests.pgcluster"]
+
 
 @pytest.fixture(autouse=True)
 async def no_leaked_tasks():
