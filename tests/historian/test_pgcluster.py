@@ -12,10 +12,6 @@ import pytest
 
 from tests import pgcluster
 
-# The fixtures (pg_cluster, pg_database, timescaledb_cluster, pg_cluster_factory, ...); once
-# tests/conftest.py declares the same plugin for the whole suite, this line is redundant.
-pytest_plugins = ["tests.pgcluster"]
-
 T0 = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
 
 
