@@ -27,7 +27,8 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from ioc.errors import LabctlError
-from ioc.types import Reading, Severity, Status
+from ioc.pv import PVInfo
+from ioc.types import PVType, Reading, Severity, Status
 
 EventKind = Literal["raised", "changed", "cleared", "acknowledged", "shelved", "unshelved", "returned"]
 
@@ -241,3 +242,25 @@ class RateLimiter:
         q.append(now)
         self._all.append(now)
         return True, self.suppressed.pop(source, 0)
+
+
+#: Summary PV name -> the :meth:`AlarmTable.summary` key it shows.
+SUMMARY_PVS: dict[str, str] = {
+    **{f"ALARM:ACTIVE:{s.name}": f"active_{s.name}" for s in (Severity.MINOR, Severity.MAJOR, Severity.INVALID)},
+    **{f"ALARM:UNACKED:{s.name}": f"unacked_{s.name}" for s in (Severity.MINOR, Severity.MAJOR, Severity.INVALID)},
+    "ALARM:HIGHEST": "highest",
+}
+
+
+def summary_pv_infos() -> list[PVInfo]:
+    """Descriptions of the alarm summary PVs (read-only soft PVs the alarm service keeps)."""
+    out = []
+    for name, key in SUMMARY_PVS.items():
+        if key == "highest":
+            out.append(
+                PVInfo(name, PVType.ENUM, "alarms", "highest active alarm severity", states=tuple(s.name for s in Severity), initial=0)
+            )
+        else:
+            kind, sev = key.split("_")
+            out.append(PVInfo(name, PVType.INT, "alarms", f"{kind} {sev} alarms", initial=0))
+    return out

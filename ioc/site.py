@@ -12,16 +12,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ioc.access import RolePolicy
+from ioc.alarms import summary_pv_infos
 from ioc.config import SiteConfig
 from ioc.database import Database
 from ioc.errors import ConfigError, LabctlError
 from ioc.expr import ExpressionError, Table
+from ioc.interlocks import state_pv_info
 from ioc.pv import PVInfo
 
 
 def pv_infos(site: SiteConfig) -> list[PVInfo]:
-    """Every PV of the site as runtime descriptions, in file order."""
-    return [PVInfo.from_config(pv, inst, site.resource_of(inst, pv)) for inst, pv in site.iter_pvs()]
+    """Every PV of the site as runtime descriptions, in file order, then the server's own.
+
+    The server's own PVs are the alarm summary and one state PV per interlock.
+    """
+    infos = [PVInfo.from_config(pv, inst, site.resource_of(inst, pv)) for inst, pv in site.iter_pvs()]
+    infos += summary_pv_infos()
+    infos += [state_pv_info(ilk) for ilk in site.interlocks]
+    return infos
 
 
 def load_tables(site: SiteConfig, base_dir: Path, source: str = "site file") -> dict[str, Table]:

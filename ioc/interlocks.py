@@ -1,0 +1,327 @@
+"""Interlocks: rules over PVs that protect the apparatus on their own.
+
+Theory of operation. Each rule (:class:`ioc.config.InterlockConfig`) is a state machine
+(:class:`InterlockRule`, pure: readings and ``now`` in, transitions out)::
+
+    OK/WARN --trip holds--> PENDING --for for_s--> TRIPPED --release holds--> CLEARING
+       ^          <--trip gone--'                    ^  <--release gone--'      |
+       |                                            '----- trip again -------.  | clear_for_s
+       '----------- reset by an authorised person (manual) --- RESET_NEEDED <-'-'
+       '------------------------------------------------------ (auto) <--------'
+
+Warn / trip / resume levels with grace periods make a value hovering at a limit trip
+once and release once, not flap. While TRIPPED, CLEARING or RESET_NEEDED the rule's
+actions hold: the job queue is held, writes to the named resources are refused (for
+everyone but the server itself), and on entering TRIPPED the safe values are written.
+
+:class:`InterlockManager` is the async shell: it feeds readings of the watched PVs to
+the rules, wakes at grace-period deadlines, applies actions, publishes each rule's state
+PV (``ILK:<NAME>:STATE``), and audits every trip, release and reset. It is also the
+write path's interlock check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ioc.access import AuditRecord, RolePolicy
+from ioc.config import InterlockConfig
+from ioc.database import Database
+from ioc.errors import DriverError, Interlocked, LabctlError, WriteRefused
+from ioc.expr import EvaluationError, Expression
+from ioc.pv import PVInfo
+from ioc.types import SYSTEM, EventMask, Identity, PVType, Reading, Severity, Status, Update
+
+log = logging.getLogger(__name__)
+
+STATES = ("OK", "WARN", "PENDING", "TRIPPED", "CLEARING", "RESET_NEEDED")
+State = Literal["OK", "WARN", "PENDING", "TRIPPED", "CLEARING", "RESET_NEEDED"]
+ENGAGED: frozenset[str] = frozenset({"TRIPPED", "CLEARING", "RESET_NEEDED"})
+
+
+class InterlockError(LabctlError):
+    """An interlock operation was refused (unknown interlock, reset not allowed or too early)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A rule changed state."""
+
+    name: str
+    old: State
+    new: State
+    time: float
+    reason: str
+
+
+def state_pv(name: str) -> str:
+    """The PV that shows an interlock's state."""
+    return f"ILK:{name.upper()}:STATE"
+
+
+def state_pv_info(cfg: InterlockConfig) -> PVInfo:
+    """Description of an interlock's state PV (an enum, read-only, alarmed when engaged)."""
+    return PVInfo(
+        name=state_pv(cfg.name),
+        type=PVType.ENUM,
+        resource="interlocks",
+        description=(cfg.description or f"interlock {cfg.name}")[:40],
+        states=STATES,
+        initial=0,
+    )
+
+
+class InterlockRule:
+    """One interlock's state machine."""
+
+    def __init__(self, cfg: InterlockConfig) -> None:
+        self.cfg = cfg
+        self.state: State = "OK"
+        self.since = 0.0
+        self.reason = ""
+        if cfg.condition is not None:
+            names = list(cfg.inputs)
+            self._trip = Expression(cfg.condition, names)
+            self._warn = Expression(cfg.warn_condition, names) if cfg.warn_condition else None
+            self._clear = Expression(cfg.clear, names) if cfg.clear else None
+
+    @property
+    def engaged(self) -> bool:
+        """Whether the rule's actions are in force."""
+        return self.state in ENGAGED
+
+    def _conditions(self, readings: Mapping[str, Reading]) -> tuple[bool, bool, bool, str]:
+        """(trip, warn, release, why) for the current readings."""
+        cfg = self.cfg
+        invalid = [pv for pv, r in readings.items() if not r.valid]
+        if invalid:
+            if cfg.invalid_trips:
+                return True, True, False, f"{', '.join(invalid)} INVALID"
+            return False, False, self.engaged is False, ""
+        if cfg.pv is not None:
+            v = readings[cfg.pv].value
+            sign = 1 if cfg.direction == "above" else -1
+            beyond = lambda limit: limit is not None and sign * (v - limit) > 0  # noqa: E731
+            resume = cfg.resume if cfg.resume is not None else cfg.trip
+            release = not beyond(resume) and (cfg.resume is None or sign * (v - resume) < 0)
+            word = ">" if sign > 0 else "<"
+            return beyond(cfg.trip), beyond(cfg.warn), release, f"{cfg.pv} = {v:.4g} {word} {cfg.trip:g}"
+        env = {var: readings[pv].value for var, pv in cfg.inputs.items()}
+        try:
+            trip = bool(self._trip.evaluate(env))
+            warn = trip or bool(self._warn.evaluate(env)) if self._warn else trip
+            release = bool(self._clear.evaluate(env)) if self._clear else not trip
+        except EvaluationError as e:
+            return True, True, False, f"condition cannot be evaluated: {e}"
+        return trip, warn, release, cfg.condition or ""
+
+    def evaluate(self, readings: Mapping[str, Reading], now: float) -> list[Transition]:
+        """Advance the state machine for the current readings at ``now``."""
+        trip, warn, release, why = self._conditions(readings)
+        out: list[Transition] = []
+        for _ in range(4):  # at most a few instantaneous steps (zero grace periods)
+            new = self._next(trip, warn, release, now)
+            if new is None:
+                break
+            out.append(Transition(self.cfg.name, self.state, new, now, why))
+            self.state, self.since = new, now
+            self.reason = why if new in ("PENDING", "TRIPPED", "WARN") else self.reason
+        return out
+
+    def _next(self, trip: bool, warn: bool, release: bool, now: float) -> State | None:
+        cfg, s = self.cfg, self.state
+        idle: State = "WARN" if warn else "OK"
+        if s in ("OK", "WARN"):
+            if trip:
+                return "PENDING"
+            return idle if idle != s else None
+        if s == "PENDING":
+            if not trip:
+                return idle
+            return "TRIPPED" if now - self.since >= cfg.for_s else None
+        if s == "TRIPPED":
+            return "CLEARING" if release else None
+        if s == "CLEARING":
+            if not release:
+                return "TRIPPED"
+            if now - self.since >= cfg.clear_for_s:
+                return "RESET_NEEDED" if cfg.reset == "manual" else idle
+            return None
+        if s == "RESET_NEEDED":
+            return "TRIPPED" if trip else None
+        raise AssertionError(s)
+
+    def deadline(self) -> float | None:
+        """When the state may change with no new reading (end of a grace period)."""
+        if self.state == "PENDING":
+            return self.since + self.cfg.for_s
+        if self.state == "CLEARING":
+            return self.since + self.cfg.clear_for_s
+        return None
+
+    def reset(self, now: float) -> Transition:
+        """Release a rule waiting for a manual reset."""
+        if self.state != "RESET_NEEDED":
+            if self.engaged:
+                raise InterlockError(f"interlock {self.cfg.name!r} cannot be reset yet: its condition has not cleared ({self.state})")
+            raise InterlockError(f"interlock {self.cfg.name!r} is not tripped")
+        t = Transition(self.cfg.name, self.state, "OK", now, "reset")
+        self.state, self.since = "OK", now
+        return t
+
+
+class QueueHold:
+    """What an interlock needs of the job queue (the JobManager provides it)."""
+
+    def hold(self, source: str, reason: str) -> None:  # pragma: no cover - protocol
+        """Hold."""
+
+    def release_hold(self, source: str) -> None:  # pragma: no cover - protocol
+        """Release."""
+
+
+class InterlockManager:
+    """Runs the site's interlocks on a database."""
+
+    def __init__(
+        self,
+        db: Database,
+        rules: Iterable[InterlockConfig],
+        *,
+        policy: RolePolicy,
+        queue: QueueHold | None = None,
+    ) -> None:
+        self.db = db
+        self.policy = policy
+        self.queue = queue
+        self.rules = {cfg.name: InterlockRule(cfg) for cfg in rules}
+        self._by_pv: dict[str, list[InterlockRule]] = {}
+        for rule in self.rules.values():
+            for pv in rule.cfg.watched:
+                self._by_pv.setdefault(pv, []).append(rule)
+        self._listeners: list[Callable[[Transition], None]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._writes: set[asyncio.Task[None]] = set()
+        self._sub = None
+
+    def on_transition(self, fn: Callable[[Transition], None]) -> None:
+        """``fn(transition)`` on every state change."""
+        self._listeners.append(fn)
+
+    # ---- life cycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Watch the PVs and evaluate every rule once with the current readings."""
+        self._sub = self.db.subscribe(self._on_update, names=list(self._by_pv), mask=EventMask.VALUE | EventMask.ALARM | EventMask.LOG)
+        for rule in self.rules.values():
+            self._evaluate(rule)
+
+    async def stop(self) -> None:
+        """Stop watching; let safe-value writes in flight finish."""
+        if self._sub is not None:
+            self.db.unsubscribe(self._sub)
+            self._sub = None
+        if self._timer is not None:
+            self._timer.cancel()
+        await asyncio.gather(*self._writes, return_exceptions=True)
+
+    # ---- evaluation ------------------------------------------------------------------------------
+
+    def _on_update(self, update: Update) -> None:
+        for rule in self._by_pv.get(update.name, ()):
+            self._evaluate(rule)
+
+    def _evaluate(self, rule: InterlockRule) -> None:
+        readings = {pv: self.db.read(pv) for pv in rule.cfg.watched}
+        for t in rule.evaluate(readings, self.db.clock()):
+            self._apply(rule, t)
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        deadlines = [d for r in self.rules.values() if (d := r.deadline()) is not None]
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadlines:
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, min(deadlines) - self.db.clock())
+            self._timer = loop.call_later(delay + 1e-3, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        for rule in self.rules.values():
+            if rule.deadline() is not None:
+                self._evaluate(rule)
+        self._arm_timer()
+
+    def _apply(self, rule: InterlockRule, t: Transition) -> None:
+        cfg = rule.cfg
+        was, now_engaged = t.old in ENGAGED, t.new in ENGAGED
+        level = logging.WARNING if t.new in ("TRIPPED", "PENDING", "WARN") else logging.INFO
+        log.log(level, "interlock %s: %s -> %s (%s)", cfg.name, t.old, t.new, t.reason)
+        self.db.post(state_pv(cfg.name), STATES.index(t.new), t.time, *self._severity(t.new))
+        if t.new == "TRIPPED" and t.old != "CLEARING":  # a new trip (not a failed release)
+            self.db.audit(AuditRecord.of(t.time, "interlock.trip", SYSTEM, cfg.name, new="TRIPPED", reason=t.reason))
+            for sv in cfg.actions.set:
+                task = asyncio.get_running_loop().create_task(self._drive(cfg.name, sv.pv, sv.value))
+                self._writes.add(task)
+                task.add_done_callback(self._writes.discard)
+        if now_engaged and not was and cfg.actions.hold_queue and self.queue is not None:
+            self.queue.hold(f"interlock:{cfg.name}", t.reason)
+        if was and not now_engaged:
+            self.db.audit(AuditRecord.of(t.time, "interlock.release", SYSTEM, cfg.name, new=t.new, reason=t.reason))
+            if cfg.actions.hold_queue and self.queue is not None:
+                self.queue.release_hold(f"interlock:{cfg.name}")
+        for fn in self._listeners:
+            try:
+                fn(t)
+            except Exception:  # a listener's bug must not stop the protection
+                log.exception("interlock listener failed")
+
+    @staticmethod
+    def _severity(state: str) -> tuple[Severity, Status]:
+        if state in ENGAGED:
+            return Severity.MAJOR, Status.STATE
+        if state in ("WARN", "PENDING"):
+            return Severity.MINOR, Status.STATE
+        return Severity.NO_ALARM, Status.NO_ALARM
+
+    async def _drive(self, name: str, pv: str, value: Any) -> None:
+        try:
+            await self.db.write(pv, value, SYSTEM)
+            log.warning("interlock %s: drove %s to %r", name, pv, value)
+        except (WriteRefused, DriverError) as e:
+            log.error("interlock %s: could not drive %s to %r: %s", name, pv, value, e)
+
+    # ---- commands --------------------------------------------------------------------------------
+
+    def reset(self, name: str, who: Identity) -> Transition:
+        """Reset a rule waiting for it; needs one of the rule's reset roles (or admin)."""
+        rule = self.rules.get(name)
+        if rule is None:
+            raise InterlockError(f"no interlock {name!r}; interlocks are {sorted(self.rules)}")
+        if not (set(who.roles) & set(rule.cfg.reset_roles)) and not self.policy.can(who, "admin"):
+            self.db.audit(AuditRecord.of(self.db.clock(), "interlock.reset", who, name, accepted=False, reason="role not allowed"))
+            raise InterlockError(f"user {who.user!r} may not reset interlock {name!r} (needs one of {list(rule.cfg.reset_roles)})")
+        t = rule.reset(self.db.clock())
+        self.db.audit(AuditRecord.of(t.time, "interlock.reset", who, name, new="OK"))
+        self._apply(rule, Transition(name, "RESET_NEEDED", "OK", t.time, f"reset by {who.user}"))
+        return t
+
+    def state(self, name: str) -> State:
+        """A rule's state."""
+        return self.rules[name].state
+
+    # ---- the write path's check --------------------------------------------------------------------
+
+    def check_write(self, identity: Identity, pv: str, resource: str, value: Any) -> None:
+        """Raise Interlocked if an engaged rule refuses writes to ``resource`` (the server itself may)."""
+        if "system" in identity.roles:
+            return
+        for rule in self.rules.values():
+            if rule.engaged and resource in rule.cfg.actions.refuse_writes:
+                raise Interlocked(pv, rule.cfg.name, rule.reason)
