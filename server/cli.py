@@ -59,9 +59,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     from ioc.site import build_database
 
     site = load_site(args.site)
-    problems = [p for inst in site.instruments for p in check_instrument(inst, base_dir=args.site.resolve().parent)]
+    problems = [
+        f"{args.site} instruments[{i}].{_dotted(path)}: {message}"
+        for i, inst in enumerate(site.instruments)
+        for path, message in check_instrument(inst, simulations=site.simulations, base_dir=args.site.resolve().parent)
+    ]
     if problems:
-        raise ConfigError(str(args.site), [f"{args.site} {p}" for p in problems])
+        raise ConfigError(str(args.site), problems)
     db = build_database(site, args.site.resolve().parent, source=str(args.site))
     counts = db.counts()
     print(f"{args.site}: OK -- site {site.site!r}")
@@ -83,6 +87,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"  Channel Access: {'port %s' % (ca.port or 'from EPICS_CAS_SERVER_PORT or 5064') if ca.enabled else 'off'}")
     print(f"  historian: {site.historian.url if site.historian.enabled else 'off'}")
     return 0
+
+
+def _dotted(path: tuple) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
