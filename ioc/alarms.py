@@ -133,6 +133,9 @@ class AlarmTable:
         old = self._alarms.get(source)
         if old is None:
             return []
+        if reading.status is Status.UDF:
+            # Never defined yet (start-up): not an alarm. A lost instrument reads COMM instead.
+            reading = Reading(reading.value, reading.timestamp)
         sev, now = reading.severity, reading.timestamp
         if sev == old.current and reading.status == old.status:
             if old.value != reading.value:

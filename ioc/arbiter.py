@@ -22,7 +22,8 @@ from typing import Literal
 
 from ioc.config import ResourceConfig
 from ioc.errors import LabctlError, LockedBy
-from ioc.types import Identity
+from ioc.pv import PVInfo
+from ioc.types import Identity, PVType
 
 EventKind = Literal["granted", "renewed", "released", "expired", "broken", "queued", "withdrawn"]
 
@@ -289,3 +290,19 @@ class Arbiter:
 
 def _token() -> str:
     return secrets.token_hex(16)
+
+
+def lock_pv_names(resource: str) -> dict[str, str]:
+    """Names of a resource's lock-state PVs: owner, expiry, queue length."""
+    base = f"ARB:{resource.upper()}"
+    return {"owner": f"{base}:OWNER", "expires": f"{base}:EXPIRES", "queue": f"{base}:QUEUE"}
+
+
+def lock_pv_infos(resource: ResourceConfig) -> list[PVInfo]:
+    """Descriptions of a lockable resource's lock-state PVs (read-only, kept by the server)."""
+    names = lock_pv_names(resource.name)
+    return [
+        PVInfo(names["owner"], PVType.STRING, "arbiter", f"{resource.name} lock holder"[:40], initial=""),
+        PVInfo(names["expires"], PVType.FLOAT64, "arbiter", f"{resource.name} lock expiry (UNIX s)"[:40], unit="s", precision=0, initial=0.0),
+        PVInfo(names["queue"], PVType.INT, "arbiter", f"{resource.name} lock queue length"[:40], initial=0),
+    ]

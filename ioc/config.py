@@ -548,6 +548,41 @@ class InterlockConfig(Model):
         return [self.pv] if self.pv else list(self.inputs.values())
 
 
+class WebhookConfig(Model):
+    """POST each alarm notification as JSON to a URL."""
+
+    url: str = Field(pattern=r"^https?://")
+    min_severity: Literal["MINOR", "MAJOR", "INVALID"] = "MAJOR"
+    timeout_s: PositiveSeconds = 5.0
+
+
+class EmailConfig(Model):
+    """Send each alarm notification by e-mail (SMTP)."""
+
+    smtp_host: str
+    smtp_port: int = Field(25, gt=0, le=65535)
+    sender: str
+    to: tuple[str, ...] = Field(min_length=1)
+    starttls: bool = False
+    username: str | None = None
+    password_env: str | None = None
+    """Name of the environment variable holding the SMTP password (never the password itself)."""
+    min_severity: Literal["MINOR", "MAJOR", "INVALID"] = "MAJOR"
+
+
+class NotificationsConfig(Model):
+    """Where alarm notifications go (the log always), and how often at most."""
+
+    burst: int = Field(5, gt=0)
+    """At most this many notifications per alarm source..."""
+    window_s: PositiveSeconds = 60.0
+    """...within this window."""
+    global_burst: int = Field(50, gt=0)
+    """At most this many notifications in all per window."""
+    webhooks: tuple[WebhookConfig, ...] = ()
+    email: EmailConfig | None = None
+
+
 class SiteConfig(Model):
     """The whole site."""
 
@@ -569,6 +604,8 @@ class SiteConfig(Model):
     """Procedures users submit as jobs."""
     interlocks: tuple[InterlockConfig, ...] = ()
     """Rules that watch PVs and protect the apparatus."""
+    notifications: NotificationsConfig = NotificationsConfig()
+    """Alarm notification sinks and rate limits."""
 
     # ---- derived views -------------------------------------------------------------
 

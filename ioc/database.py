@@ -253,7 +253,9 @@ class Database:
         for var, src in rec.info.inputs:
             r = self._records[src].reading
             if not r.valid:
-                self._set(rec, Reading(rec.reading.value, max(r.timestamp, rec.reading.timestamp), Severity.INVALID, Status.LINK))
+                # An input never defined leaves the result undefined; a failed input makes it INVALID/LINK.
+                status = Status.UDF if r.status is Status.UDF else Status.LINK
+                self._set(rec, Reading(rec.reading.value, max(r.timestamp, rec.reading.timestamp), Severity.INVALID, status))
                 return
             env[var] = r.value
             ts = max(ts, r.timestamp)

@@ -109,7 +109,9 @@ class InterlockRule:
             resume = cfg.resume if cfg.resume is not None else cfg.trip
             release = not beyond(resume) and (cfg.resume is None or sign * (v - resume) < 0)
             word = ">" if sign > 0 else "<"
-            return beyond(cfg.trip), beyond(cfg.warn), release, f"{cfg.pv} = {v:.4g} {word} {cfg.trip:g}"
+            tripping = beyond(cfg.trip)
+            why = f"{cfg.pv} = {v:.4g}" + (f" {word} {cfg.trip:g}" if tripping else "")
+            return tripping, beyond(cfg.warn), release, why
         env = {var: readings[pv].value for var, pv in cfg.inputs.items()}
         try:
             trip = bool(self._trip.evaluate(env))
@@ -121,6 +123,8 @@ class InterlockRule:
 
     def evaluate(self, readings: Mapping[str, Reading], now: float) -> list[Transition]:
         """Advance the state machine for the current readings at ``now``."""
+        if any(r.status is Status.UDF for r in readings.values()):
+            return []  # not read yet (start-up): nothing to judge; a lost instrument reads COMM
         trip, warn, release, why = self._conditions(readings)
         out: list[Transition] = []
         for _ in range(4):  # at most a few instantaneous steps (zero grace periods)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ioc.access import RolePolicy
 from ioc.alarms import summary_pv_infos
+from ioc.arbiter import lock_pv_infos
 from ioc.config import SiteConfig
 from ioc.database import Database
 from ioc.errors import ConfigError, LabctlError
@@ -29,6 +30,7 @@ def pv_infos(site: SiteConfig) -> list[PVInfo]:
     infos = [PVInfo.from_config(pv, inst, site.resource_of(inst, pv)) for inst, pv in site.iter_pvs()]
     infos += summary_pv_infos()
     infos += [state_pv_info(ilk) for ilk in site.interlocks]
+    infos += [info for res in site.resources if res.lockable for info in lock_pv_infos(res)]
     return infos
 
 

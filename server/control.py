@@ -1,0 +1,288 @@
+"""The control layer of a running server: arbiter, jobs, interlocks and alarms.
+
+The rules live in ``ioc`` (:mod:`ioc.arbiter`, :mod:`ioc.jobs`, :mod:`ioc.interlocks`,
+:mod:`ioc.alarms`); this service is their async shell on one server:
+
+* the arbiter becomes the database's lock check; a timer frees lapsed leases; every lease
+  event is audited and published on the resource's lock PVs (``ARB:<RES>:OWNER``...);
+* the job manager runs submitted procedures, held by interlocks;
+* the interlock manager becomes the database's interlock check;
+* the alarm service turns severities into alarm states, keeps the summary PVs, sends
+  rate-limited notifications, and lets authorised people acknowledge and shelve.
+
+Protocol adapters reach all of it through ``server.control`` (one object, no globals).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ioc.access import AuditRecord
+from ioc.alarms import SUMMARY_PVS, Alarm, AlarmError, AlarmEvent, AlarmTable, RateLimiter
+from ioc.arbiter import Arbiter, Lease, LeaseEvent, Waiter, lock_pv_names
+from ioc.errors import PermissionDenied
+from ioc.interlocks import InterlockManager
+from ioc.jobs import JobManager
+from ioc.types import EventMask, Identity, Update
+from server.notify import Notifier
+
+if TYPE_CHECKING:
+    from server.app import Server
+
+log = logging.getLogger("labctl.control")
+
+AUDITED_LEASE_EVENTS = {"granted": "lock.grant", "renewed": "lock.renew", "released": "lock.release",
+                        "expired": "lock.expire", "broken": "lock.break", "queued": "lock.queue", "withdrawn": "lock.withdraw"}  # fmt: skip
+
+
+class AlarmService:
+    """Alarm states of a database's PVs, with acknowledge, shelving, summary PVs and notifications."""
+
+    def __init__(self, server: Server) -> None:
+        self.db = server.db
+        site = server.site
+        sources = {}
+        for info in self.db.infos():
+            if info.name in SUMMARY_PVS or info.resource == "arbiter":
+                continue
+            cfg = info.alarm
+            sources[info.name] = (bool(cfg and cfg.latch), cfg.guidance if cfg else "", info.unit)
+        self.table = AlarmTable(sources)
+        n = site.notifications
+        self.limiter = RateLimiter(n.burst, n.window_s, n.global_burst)
+        self.notifier = Notifier(n, site.site)
+        self._listeners: list[Callable[[AlarmEvent], None]] = []
+        self._sub = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.store: Any = None
+
+    def on_event(self, fn: Callable[[AlarmEvent], None]) -> None:
+        """``fn(event)`` for every alarm transition (OPC UA events, the historian)."""
+        self._listeners.append(fn)
+
+    def start(self) -> None:
+        """Take every PV's current severity and follow its changes."""
+        if self.store is not None:
+            self.table.restore(self.store.load_alarms())
+        for name in list(self.table._alarms):  # noqa: SLF001 -- the table is ours
+            self._handle(self.table.update(name, self.db.read(name)))
+        self._publish_summary()
+        self._sub = self.db.subscribe(self._on_update, mask=EventMask.ALARM)
+        self._arm_shelving()
+
+    async def stop(self) -> None:
+        """Stop following; let notifications in flight go out."""
+        if self._sub is not None:
+            self.db.unsubscribe(self._sub)
+        if self._timer is not None:
+            self._timer.cancel()
+        await self.notifier.drain()
+
+    def _on_update(self, update: Update) -> None:
+        if update.name in self.table:
+            self._handle(self.table.update(update.name, update.reading))
+
+    def _handle(self, events: list[AlarmEvent]) -> None:
+        if not events:
+            return
+        now = self.db.clock()
+        for ev in events:
+            if ev.kind in ("raised", "changed", "returned", "cleared") and not ev.alarm.shelved(now):
+                ok, suppressed = self.limiter.allow(ev.alarm.source, now)
+                if ok:
+                    self.notifier.notify(ev, suppressed)
+            if self.store is not None:
+                self.store.save_alarm(ev)
+            for fn in self._listeners:
+                try:
+                    fn(ev)
+                except Exception:  # a listener's bug must not stop alarm handling
+                    log.exception("alarm listener failed")
+        self._publish_summary()
+
+    def _publish_summary(self) -> None:
+        summary = self.table.summary(self.db.clock())
+        for pv, key in SUMMARY_PVS.items():
+            if self.db.read(pv).value != summary[key] or not self.db.read(pv).valid:
+                self.db.post(pv, summary[key])
+
+    def _arm_shelving(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        until = [a.shelved_until for a in self.table.all() if a.shelved_until is not None]
+        if until:
+            delay = max(0.0, min(until) - self.db.clock())
+            self._timer = asyncio.get_running_loop().call_later(delay + 1e-3, self._expire_shelving)
+
+    def _expire_shelving(self) -> None:
+        self._timer = None
+        self._handle(self.table.expire_shelving(self.db.clock()))
+        self._arm_shelving()
+
+    # ---- commands -----------------------------------------------------------------------------------
+
+    def acknowledge(self, source: str, who: Identity, comment: str = "") -> Alarm:
+        """Acknowledge an alarm (needs a role that may); audited either way."""
+        now = self.db.clock()
+        if not self.db.policy.can(who, "acknowledge"):
+            self.db.audit(AuditRecord.of(now, "alarm.ack", who, source, accepted=False, reason="role may not acknowledge"))
+            raise AlarmError(f"user {who.user!r} may not acknowledge alarms (roles {sorted(who.roles)})")
+        events = self.table.acknowledge(source, who.user, now, comment)
+        self.db.audit(AuditRecord.of(now, "alarm.ack", who, source, new=self.table.get(source).latched.name, reason=comment))
+        self._handle(events)
+        return self.table.get(source)
+
+    def shelve(self, source: str, who: Identity, duration_s: float, reason: str) -> Alarm:
+        """Shelve an alarm (experts); audited either way."""
+        now = self.db.clock()
+        if not self.db.policy.can(who, "shelve"):
+            self.db.audit(AuditRecord.of(now, "alarm.shelve", who, source, accepted=False, reason="role may not shelve"))
+            raise AlarmError(f"user {who.user!r} may not shelve alarms (roles {sorted(who.roles)})")
+        events = self.table.shelve(source, who.user, now, duration_s, reason)
+        self.db.audit(AuditRecord.of(now, "alarm.shelve", who, source, new=duration_s, reason=reason))
+        self._handle(events)
+        self._arm_shelving()
+        return self.table.get(source)
+
+    def unshelve(self, source: str, who: Identity) -> Alarm:
+        """End shelving early (experts)."""
+        if not self.db.policy.can(who, "shelve"):
+            raise AlarmError(f"user {who.user!r} may not unshelve alarms")
+        now = self.db.clock()
+        events = self.table.unshelve(source, who.user, now)
+        self.db.audit(AuditRecord.of(now, "alarm.unshelve", who, source))
+        self._handle(events)
+        self._arm_shelving()
+        return self.table.get(source)
+
+
+class ControlService:
+    """Arbiter, jobs, interlocks and alarms of one server."""
+
+    name = "control"
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        db = self.db = server.db
+        site = server.site
+        self.arbiter = Arbiter(site.resources)
+        self.jobs = JobManager(db, self.arbiter, site.procedures, policy=db.policy)
+        self.interlocks = InterlockManager(db, site.interlocks, policy=db.policy, queue=self.jobs)
+        self.alarms = AlarmService(server)
+        self._lease_listeners: list[Callable[[list[LeaseEvent]], None]] = []
+        self._lease_task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self.jobs.on_lease_events(self.lease_events)
+        db.locks = self.arbiter
+        db.interlocks = self.interlocks
+
+    def use_store(self, store: Any) -> None:
+        """Keep jobs and alarms in a store (the historian) so they survive a restart."""
+        self.jobs.store = store  # type: ignore[assignment]
+        self.alarms.store = store
+
+    async def start(self) -> None:
+        """Restore records, publish lock states, start watching."""
+        for job in self.jobs.restore():
+            log.warning("job %d (%s of %s): %s; marked failed", job.id, job.procedure, job.owner, job.error)
+        for res in self.arbiter.resources:
+            if self.arbiter.lockable(res):
+                self._publish_lock(res)
+        self.interlocks.start()
+        self.alarms.start()
+        self._lease_task = asyncio.create_task(self._expire_leases(), name="lease expiry")
+
+    async def stop(self) -> None:
+        """Stop jobs (they end cancelled), timers and watchers."""
+        if self._lease_task is not None:
+            self._lease_task.cancel()
+            await asyncio.gather(self._lease_task, return_exceptions=True)
+        await self.jobs.stop()
+        await self.interlocks.stop()
+        await self.alarms.stop()
+
+    def endpoints(self) -> list[str]:
+        """None: the control layer is reached through the protocols."""
+        return []
+
+    # ---- leases --------------------------------------------------------------------------------------
+
+    def on_lease_events(self, fn: Callable[[list[LeaseEvent]], None]) -> None:
+        """``fn(events)`` after every batch of lease events (protocols push access rights)."""
+        self._lease_listeners.append(fn)
+
+    def lease_events(self, events: list[LeaseEvent]) -> None:
+        """Audit, publish and fan out lease events (the arbiter is pure: callers hand them here)."""
+        if not events:
+            return
+        touched = set()
+        for ev in events:
+            action = AUDITED_LEASE_EVENTS[ev.kind]
+            who = ev.by or ev.user
+            self.db.audit(
+                AuditRecord(ev.time, action, who, "arbiter", ev.client, ev.resource, new=ev.user, reason=ev.reason or ev.kind)
+            )
+            touched.add(ev.resource)
+        for res in touched:
+            self._publish_lock(res)
+        for fn in self._lease_listeners:
+            try:
+                fn(events)
+            except Exception:  # an adapter's bug must not break the arbiter
+                log.exception("lease listener failed")
+        self.jobs.schedule()
+        self._wake.set()
+
+    def _publish_lock(self, resource: str) -> None:
+        names = lock_pv_names(resource)
+        lease = self.arbiter.holder(resource)
+        self.db.post(names["owner"], lease.user if lease else "")
+        self.db.post(names["expires"], lease.expires_at if lease else 0.0)
+        self.db.post(names["queue"], len(self.arbiter.queue(resource)))
+
+    async def _expire_leases(self) -> None:
+        while True:
+            self.lease_events(self.arbiter.expire(self.db.clock()))
+            nxt = self.arbiter.next_expiry()
+            delay = 5.0 if nxt is None else max(0.0, nxt - self.db.clock()) + 1e-3
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except TimeoutError:
+                pass
+
+    # ---- lock commands (protocols call these with the caller's identity) --------------------------------
+
+    def request_lock(
+        self, resource: str, who: Identity, *, duration_s: float, priority: int = 0, client: str = "", wait: bool = True
+    ) -> Lease | Waiter:
+        """Take (or queue for) a resource's lock."""
+        if not self.db.policy.may_write(who, resource):
+            self.db.audit(AuditRecord.of(self.db.clock(), "lock.grant", who, resource, accepted=False, reason="role may not write it"))
+            raise PermissionDenied(f"resource {resource}", who.user, resource)
+        got, events = self.arbiter.request(resource, who, self.db.clock(), duration_s=duration_s, priority=priority, client=client, wait=wait)
+        self.lease_events(events)
+        return got
+
+    def renew_lock(self, resource: str, token: str, duration_s: float | None = None) -> Lease:
+        """Renew a lease by token."""
+        lease, events = self.arbiter.renew(resource, token, self.db.clock(), duration_s)
+        self.lease_events(events)
+        return lease
+
+    def release_lock(self, resource: str, token: str | None, who: Identity, client: str | None = None) -> None:
+        """Release a lease (by token, or the caller's own when the protocol carries none)."""
+        now = self.db.clock()
+        events = self.arbiter.release(resource, token, now) if token else self.arbiter.release_user(resource, who.user, now, client)
+        self.lease_events(events)
+
+    def break_lock(self, resource: str, who: Identity, reason: str = "") -> None:
+        """Break someone's lease: admins only; audited, the holder is told through the events."""
+        if not self.db.policy.can(who, "admin"):
+            self.db.audit(AuditRecord.of(self.db.clock(), "lock.break", who, resource, accepted=False, reason="not an admin"))
+            raise PermissionDenied(f"resource {resource}", who.user, resource)
+        self.lease_events(self.arbiter.break_lock(resource, who, self.db.clock(), reason))
