@@ -83,7 +83,7 @@ class AlarmConfig(Model):
     def _ordered(self) -> AlarmConfig:
         limits = [(k, getattr(self, k)) for k in ("lolo", "low", "high", "hihi")]
         given = [(k, v) for k, v in limits if v is not None]
-        for (k1, v1), (k2, v2) in zip(given, given[1:]):
+        for (k1, v1), (k2, v2) in zip(given, given[1:], strict=False):
             if v1 > v2:
                 raise ValueError(f"alarm limits must be ordered lolo <= low <= high <= hihi, but {k1}={v1} > {k2}={v2}")
         return self

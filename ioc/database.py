@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ioc.access import AuditRecord, InterlockCheck, LockCheck, NoInterlocks, NoLocks, RolePolicy
-from ioc.driver import Driver
+from ioc.driver import Driver, readable
 from ioc.errors import DriverError, LabctlError, NotWritable, UnknownPV, WriteRefused, WrongType
 from ioc.expr import EvaluationError, Expression, Table
 from ioc.pv import AlarmEvaluator, Deadbands, PVInfo, canonical, coerce
@@ -329,11 +329,18 @@ class Database:
                 if link is None:
                     raise DriverError(info.instrument, "instrument is not attached")
                 assert info.channel is not None
-                readback = await link.write(info.channel, v)
+                try:
+                    readback = await link.write(info.channel, v)
+                except WriteRefused as e:  # the instrument's own limits: say it in the PV's terms
+                    e.pv, e.args = name, (f"{name}: write refused: {e.reason}",)
+                    self.audit(AuditRecord.of(self.clock(), "write", identity, name, old=old, new=v, accepted=False, reason=e.reason))
+                    raise
                 if readback is not None:
                     self.post(name, readback)
-                else:
+                elif readable(link.driver, info.channel):
                     await link.read([info.channel])
+                else:
+                    self.post(name, v)  # write-only: the value written is the best knowledge
             except DriverError as e:
                 self.audit(AuditRecord.of(self.clock(), "write", identity, name, old=old, new=v, accepted=False, reason=str(e)))
                 raise

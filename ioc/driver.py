@@ -56,3 +56,9 @@ class Driver(Protocol):
     def bind_push(self, push: PushCallback) -> None:
         """Receive the callback for values the instrument pushes (may ignore it)."""
         ...
+
+
+def readable(driver: Driver, channel: str) -> bool:
+    """Whether a channel can be read; a driver may define ``readable(channel)`` for write-only ones."""
+    check = getattr(driver, "readable", None)
+    return True if check is None else bool(check(channel))

@@ -80,7 +80,7 @@ class NotWritable(WriteRefused):
 
 
 def _utc(ts: float) -> str:
-    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%H:%M:%S UTC")
+    return _dt.datetime.fromtimestamp(ts, _dt.UTC).strftime("%H:%M:%S UTC")
 
 
 class LockedBy(WriteRefused):

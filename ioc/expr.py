@@ -98,7 +98,7 @@ class Table:
             raise ExpressionError(f"table {name!r} needs at least 2 points, has {len(points)}")
         xs = tuple(float(p[0]) for p in points)
         ys = tuple(float(p[1]) for p in points)
-        if any(b <= a for a, b in zip(xs, xs[1:])):
+        if any(b <= a for a, b in zip(xs, xs[1:], strict=False)):
             raise ExpressionError(f"table {name!r}: x values must be strictly increasing")
         return cls(xs, ys)
 
@@ -231,7 +231,7 @@ class Expression:
             return result
         if isinstance(node, ast.Compare):
             left = self._eval(node.left, env)
-            for op, comp in zip(node.ops, node.comparators):
+            for op, comp in zip(node.ops, node.comparators, strict=False):
                 right = self._eval(comp, env)
                 if not _CMPOPS[type(op)](left, right):
                     return False

@@ -39,7 +39,7 @@ from ioc.types import EventMask, Identity
 log = logging.getLogger(__name__)
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     """Where a job is in its life."""
 
     QUEUED = "queued"

@@ -361,5 +361,5 @@ def _passes(value: Any, last: Any, deadband: float) -> bool:
         delta = abs(a - b)
         return delta > deadband if deadband > 0 else delta != 0
     if isinstance(value, tuple) and isinstance(last, tuple) and deadband > 0 and len(value) == len(last):
-        return any(_passes(a, b, deadband) for a, b in zip(value, last))
+        return any(_passes(a, b, deadband) for a, b in zip(value, last, strict=False))
     return not values_equal(value, last)

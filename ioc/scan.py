@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ioc.driver import Driver
+from ioc.driver import Driver, readable
 from ioc.errors import DriverError, DriverFault, DriverTimeout
 from ioc.pv import PVInfo
 from ioc.types import Status
@@ -61,7 +61,7 @@ class InstrumentLink:
         groups: dict[float, list[str]] = defaultdict(list)
         for p in pvs:
             assert p.channel is not None and p.scan_s is not None
-            if p.channel not in self._by_channel:
+            if p.channel not in self._by_channel and readable(driver, p.channel):
                 groups[p.scan_s].append(p.channel)
             self._by_channel[p.channel].append(p.name)
         self._groups = dict(groups)

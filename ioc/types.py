@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-class PVType(str, enum.Enum):
+class PVType(enum.StrEnum):
     """The declared type of a process variable. Never inferred from a value."""
 
     FLOAT64 = "float64"
@@ -106,7 +106,7 @@ class Reading:
 def values_equal(a: Any, b: Any) -> bool:
     """Equality for PV values: element-wise for arrays, NaN equal to NaN."""
     if isinstance(a, tuple) and isinstance(b, tuple):
-        return len(a) == len(b) and all(values_equal(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(values_equal(x, y) for x, y in zip(a, b, strict=False))
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
     return type(a) is type(b) and a == b

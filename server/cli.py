@@ -83,8 +83,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     users = ", ".join(f"{u.name} [{'/'.join(u.roles)}]" for u in site.users)
     print(f"  users: {users or '(none)'}")
     ua, ca = site.server.opcua, site.server.ca
-    print(f"  OPC UA: {'opc.tcp://%s:%d' % (ua.host, ua.port) if ua.enabled else 'off'}")
-    print(f"  Channel Access: {'port %s' % (ca.port or 'from EPICS_CAS_SERVER_PORT or 5064') if ca.enabled else 'off'}")
+    ua_text = f"opc.tcp://{ua.host}:{ua.port}" if ua.enabled else "off"
+    ca_text = f"port {ca.port or 'from EPICS_CAS_SERVER_PORT or 5064'}" if ca.enabled else "off"
+    print(f"  OPC UA: {ua_text}")
+    print(f"  Channel Access: {ca_text}")
     print(f"  historian: {site.historian.url if site.historian.enabled else 'off'}")
     return 0
 
@@ -152,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extensions():
     """Subcommand registrars of other modules (each ``register(subparsers)``)."""
-    return []
+    from clients.cli import register as client_commands
+    from server.passwords import register as passwd_command
+
+    return [client_commands, passwd_command]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

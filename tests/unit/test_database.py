@@ -9,7 +9,16 @@ import pytest
 
 from ioc.access import AuditRecord
 from ioc.config import parse_site
-from ioc.errors import DriverFault, Interlocked, LockedBy, NotWritable, OutOfRange, PermissionDenied, UnknownPV, WrongType
+from ioc.errors import (
+    DriverFault,
+    Interlocked,
+    LockedBy,
+    NotWritable,
+    OutOfRange,
+    PermissionDenied,
+    UnknownPV,
+    WrongType,
+)
 from ioc.site import build_database
 from ioc.types import EventMask, Identity, Severity, Status
 from tests.helpers import wait_for

@@ -1,0 +1,231 @@
+"""The cryostat plant: dynamics on an injected clock, and the real drivers talking to it."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+from drivers.cryostat import ACK, ENQ, NAK, CryostatOptions, CryostatPlant, UnknownCommand
+from drivers.registry import create_driver, create_plant, fault_injector
+from ioc.config import InstrumentConfig, SimulationConfig
+from ioc.errors import ConfigError, DriverFault, DriverTimeout
+from tests.drivers.fakes import FakeClock
+
+BASE, COOLING, TAU_MXC = 0.010, 8.4e-3, 120.0
+
+
+def bridge_and_gauge(plant: CryostatPlant):
+    bridge = InstrumentConfig.model_validate({"name": "bridge", "driver": "lakeshore372", "simulation": "cryo"})
+    gauge = InstrumentConfig.model_validate({"name": "gauge", "driver": "tpg", "simulation": "cryo"})
+    sims = {"cryo": plant}
+    return create_driver(bridge, simulations=sims), create_driver(gauge, simulations=sims)
+
+
+async def connected(*drivers):
+    for d in drivers:
+        await d.connect()
+    return drivers
+
+
+def lag(target: float, start: float, elapsed: float, tau: float) -> float:
+    return target + (start - target) * math.exp(-elapsed / tau)
+
+
+def test_cold_start_is_settled(clock):
+    plant = CryostatPlant(clock=clock)
+    expected = {"50K": 42.0, "4K": 3.1, "still": 0.75, "mxc": BASE}
+    assert plant.temperatures() == expected
+    clock.advance(3600)
+    assert plant.temperatures() == expected
+    assert plant.circulating() and plant.compressor_running
+
+
+async def test_closed_loop_heater_warms_the_mixing_chamber_with_its_time_constant(clock):
+    plant = CryostatPlant(clock=clock)
+    bridge, gauge = await connected(*bridge_and_gauge(plant))
+    assert bridge.identity.startswith("LSCI,MODEL372")
+    assert await bridge.write("setpoint:0", 0.1) == 0.1
+    assert await bridge.write("heater_range:0", 5) == 5  # 3.16 mA into 120 ohm
+    # The ideal controller delivers the power that holds 0.1 K: P = k (T^2 - T_base^2).
+    power = COOLING * (0.1**2 - BASE**2)
+    assert plant.heater_power(0) == pytest.approx(power, rel=1e-12)
+    full = 3.16e-3**2 * 120.0
+    values = await bridge.read(["heater_output:0"])
+    assert values["heater_output:0"] == pytest.approx(100 * math.sqrt(power / full), rel=1e-4)
+
+    clock.advance(TAU_MXC)
+    values = await bridge.read(["temperature:6", "resistance:6"])
+    assert values["temperature:6"] == pytest.approx(lag(0.1, BASE, TAU_MXC, TAU_MXC), rel=1e-5)
+    kelvin = values["temperature:6"]
+    assert values["resistance:6"] == pytest.approx(800.0 * math.exp((1.64 / kelvin) ** 0.25), rel=1e-4)
+
+    clock.advance(9 * TAU_MXC)
+    assert (await bridge.read(["temperature:6"]))["temperature:6"] == pytest.approx(0.1, rel=1e-3)
+    # the other stages did not move
+    assert (await bridge.read(["temperature:1", "temperature:2", "temperature:5"])) == {
+        "temperature:1": 42.0,
+        "temperature:2": 3.1,
+        "temperature:5": 0.75,
+    }
+
+
+def test_open_loop_power_goes_as_the_square_of_the_output(clock):
+    plant = CryostatPlant(clock=clock)
+    for command in ("OUTMODE 0,2,6,0,0,1,0", "RANGE 0,4", "MOUT 0,50"):
+        assert plant.handle(command) is None
+    power = (1e-3) ** 2 * 120.0 * 0.25
+    assert plant.heater_power(0) == pytest.approx(power, rel=1e-12)
+    target = math.sqrt(BASE**2 + power / COOLING)
+    clock.advance(TAU_MXC)
+    assert plant.temperature("mxc") == pytest.approx(lag(target, BASE, TAU_MXC, TAU_MXC), rel=1e-12)
+    assert float(plant.handle("HTR?")) == pytest.approx(50.0)
+
+
+def test_closed_loop_saturates_when_the_range_is_too_small(clock):
+    plant = CryostatPlant(clock=clock)
+    plant.handle("SETP 0,0.5")
+    plant.handle("RANGE 0,2")  # 100 µA: at most 1.2 µW
+    assert float(plant.handle("HTR? 0")) == pytest.approx(100.0)
+    clock.advance(20 * TAU_MXC)
+    assert plant.temperature("mxc") == pytest.approx(math.sqrt(BASE**2 + 1.2e-6 / COOLING), rel=1e-6)
+
+
+def test_result_does_not_depend_on_how_often_the_plant_is_asked():
+    # Each integration step is exact for inputs held over it, so one 600 s jump and
+    # 600 one-second polls agree to rounding.
+    clocks = [FakeClock(), FakeClock()]
+    plants = [CryostatPlant(clock=c) for c in clocks]
+    for plant in plants:
+        plant.handle("SETP 0,0.05")
+        plant.handle("RANGE 0,5")
+    clocks[0].advance(600)
+    for _ in range(600):
+        clocks[1].advance(1)
+        plants[1].temperature("mxc")
+    assert plants[1].temperature("mxc") == pytest.approx(plants[0].temperature("mxc"), rel=1e-12)
+
+
+async def test_compressor_stop_warms_every_stage_and_the_vacuum_follows(clock):
+    plant = CryostatPlant(clock=clock)
+    bridge, gauge = await connected(*bridge_and_gauge(plant))
+    cold = await gauge.read(["pressure:1", "pressure:2"])
+    assert cold == {"pressure:1": pytest.approx(2e-8), "pressure:2": pytest.approx(5e-7)}
+
+    plant.stop_compressor()
+    history = []
+    for _ in range(6):
+        clock.advance(600)
+        t = await bridge.read(["temperature:1", "temperature:2", "temperature:5", "temperature:6"])
+        p = await gauge.read(["pressure:1", "pressure:2"])
+        history.append((t, p))
+    # The 50 K plate warms toward ambient with its warm-up time constant, exactly.
+    assert history[-1][0]["temperature:1"] == pytest.approx(lag(295.0, 42.0, 3600, 20000.0), rel=1e-5)
+    for (t0, p0), (t1, p1) in itertools.pairwise(history):
+        for channel in t0:
+            assert t1[channel] > t0[channel]
+        assert p1["pressure:1"] > p0["pressure:1"] and p1["pressure:2"] > p0["pressure:2"]
+    final_t, final_p = history[-1]
+    assert not plant.circulating()
+    assert final_t["temperature:6"] > 1.0 and final_t["temperature:2"] > 30.0
+    assert final_p["pressure:1"] > 1e-6
+
+    plant.start_compressor()
+    clock.advance(24 * 3600)
+    assert plant.circulating()
+    assert plant.temperature("mxc") == pytest.approx(BASE, rel=1e-3)
+    assert (await gauge.read(["pressure:1"]))["pressure:1"] == pytest.approx(2e-8, rel=1e-3)
+
+
+def test_pressure_follows_temperature_between_cold_and_warm(clock):
+    warm = CryostatPlant(CryostatOptions(start="warm", compressor_running=False), clock=clock)
+    assert warm.temperatures() == {stage: 295.0 for stage in ("50K", "4K", "still", "mxc")}
+    assert warm.pressure(1) == pytest.approx(5e-3) and warm.pressure(2) == pytest.approx(2e-4)
+    cold = CryostatPlant(clock=clock)
+    assert cold.pressure(1) == pytest.approx(2e-8) and cold.pressure(2) == pytest.approx(5e-7)
+    # a warm start with the compressor running cools down, and the pressure with it
+    cooling = CryostatPlant(CryostatOptions(start="warm"), clock=clock)
+    before = cooling.pressure(1)
+    clock.advance(3600)
+    assert cooling.temperature("4K") < 295.0 and cooling.pressure(1) < before
+
+
+async def test_forced_gauge_status_reaches_the_driver(clock):
+    plant = CryostatPlant(clock=clock)
+    _, gauge = await connected(*bridge_and_gauge(plant))
+    plant.set_gauge_status(2, 3)
+    values = await gauge.read(["pressure:1", "pressure:2", "status:2"])
+    assert math.isnan(values["pressure:2"]) and values["status:2"] == 3
+    assert values["pressure:1"] == pytest.approx(2e-8)
+    plant.set_gauge_status(2, None)
+    assert (await gauge.read(["status:2"]))["status:2"] == 0
+    with pytest.raises(ValueError):
+        plant.set_gauge_status(3, 0)
+
+
+def test_each_link_keeps_its_own_handshake(clock):
+    plant = CryostatPlant(clock=clock)
+    first, second = plant.endpoint("tpg"), plant.endpoint("tpg")
+    assert first.handle(ENQ) == NAK  # nothing asked yet
+    assert first.handle("PR1") == ACK and second.handle("PR2") == ACK
+    assert first.handle(ENQ) == "0,2.0000E-08"
+    assert second.handle(ENQ) == "0,5.0000E-07"
+    assert first.handle("WHAT") == NAK
+    with pytest.raises(ValueError, match="speaks lakeshore372, tpg, not keithley2400"):
+        plant.endpoint("keithley2400")
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        ("KRDG? 17", "no input '17'"),
+        ("KRDG?", "takes 1 argument"),
+        ("SETP 0,cold", "expected a number"),
+        ("SETP 2,0.1", "no output 2"),
+        ("RANGE 1,2", "expected an integer in \\[0, 1\\]"),
+        ("OUTMODE 0,3", "output mode 3 is not simulated"),
+        ("HTR? 1", "sample heater \\(output 0\\) only"),
+        ("FOO 1", "does not know 'FOO 1'"),
+    ],
+)
+def test_lakeshore_commands_it_refuses(clock, command, message):
+    endpoint = CryostatPlant(clock=clock).endpoint("lakeshore372")
+    with pytest.raises(UnknownCommand, match=message):
+        endpoint.handle(command)
+
+
+async def test_a_refused_command_is_a_driver_fault(clock):
+    bridge, _ = await connected(*bridge_and_gauge(CryostatPlant(clock=clock)))
+    with pytest.raises(DriverFault, match="bridge: the simulation refused 'FOO\\?'"):
+        await bridge.transport.query("FOO?")
+
+
+async def test_the_demo_can_kill_the_gauge(clock):
+    plant = CryostatPlant(clock=clock)
+    bridge, gauge = await connected(*bridge_and_gauge(plant))
+    injector = fault_injector(gauge)
+    assert injector is not None
+    injector.stop_answering(wait_s=0)
+    with pytest.raises(DriverTimeout, match="gauge: no answer to 'PR1'"):
+        await gauge.read(["pressure:1"])
+    # the bridge on the same plant is unaffected
+    assert (await bridge.read(["temperature:6"]))["temperature:6"] == BASE
+    injector.resume()
+    assert (await gauge.read(["pressure:1"]))["pressure:1"] == pytest.approx(2e-8)
+
+
+def test_create_plant_validates_options(clock):
+    plant = create_plant("cryo", SimulationConfig(model="cryostat", options={"mxc_base_k": 0.02, "tau_s": {"mxc": 60}}), clock)
+    assert plant.temperature("mxc") == 0.02 and plant.options.tau_s["mxc"] == 60.0 and plant.options.tau_s["4K"] == 1200.0
+    bad = {"colour": "blue", "mxc_base_k": -1, "start": "tepid", "tau_s": {"mk": 1}, "channels": {"20": "mxc"}}
+    with pytest.raises(ConfigError) as info:
+        create_plant("cryo", SimulationConfig(model="cryostat", options=bad), clock)
+    lines = info.value.problems
+    assert len(lines) == 5
+    assert all(line.startswith("simulations.cryo.options: ") for line in lines)
+    assert any("unknown cryostat option 'colour'" in line for line in lines)
+    assert any("'mxc_base_k': must be positive" in line for line in lines)
+    assert any("expected 'cold' or 'warm'" in line for line in lines)
+    assert any("unknown stage 'mk'" in line for line in lines)
+    assert any("channel '20'" in line for line in lines)
