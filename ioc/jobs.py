@@ -176,6 +176,8 @@ class JobManager:
         self._ids = itertools.count(1)
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._cancel_notes: dict[int, str] = {}
+        self._scheduling = False
+        self._again = False
         self._held: dict[str, str] = {}
         self._resume = asyncio.Event()
         self._resume.set()
@@ -320,7 +322,24 @@ class JobManager:
     # ---- scheduling ------------------------------------------------------------------------
 
     def schedule(self) -> None:
-        """Start every queued job whose resources can all be had now, in priority order."""
+        """Start every queued job whose resources can all be had now, in priority order.
+
+        Re-entrant calls (lease events raised while scheduling ask to schedule again)
+        are folded into one more pass of the outer call.
+        """
+        if self._scheduling:
+            self._again = True
+            return
+        self._scheduling = True
+        try:
+            self._again = True
+            while self._again:
+                self._again = False
+                self._schedule_once()
+        finally:
+            self._scheduling = False
+
+    def _schedule_once(self) -> None:
         if self._held:
             return
         now = self.db.clock()

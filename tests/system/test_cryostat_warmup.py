@@ -1,0 +1,152 @@
+"""The system monitor end to end: a simulated cryostat warms up and the server protects it.
+
+A real Server (database, Lake Shore 372 and TPG drivers on the cryostat plant, control
+layer) with fast plant time constants, so a warm-up takes about a second.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from ioc.interlocks import state_pv
+from ioc.jobs import JobState
+from ioc.types import Identity, Severity, Status
+from server.app import Overrides, Server
+from tests.helpers import wait_for
+
+SITE = """
+site: fridge
+server: {state_dir: "STATE"}
+resources: [{name: cryostat}]
+simulations:
+  cryo:
+    model: cryostat
+    options:
+      tau_s: {mxc: 0.05, still: 0.05}
+      warm_tau_s: {50K: 2.0, 4K: 2.0, still: 0.3, mxc: 0.3}
+      circulation_limit_k: 295
+instruments:
+  - name: bridge
+    driver: lakeshore372
+    simulation: cryo
+    lock_resource: cryostat
+    scan_s: 0.02
+    pvs:
+      - name: "CRYO:MXC:TEMP"
+        type: float64
+        unit: K
+        channel: "temperature:6"
+        alarm: {high: 0.05, hihi: 0.1, hysteresis: 0.002, latch: true, guidance: "check the compressor"}
+      - {name: "CRYO:STILL:HTR", type: float64, unit: "%", channel: "manual_output:2", writable: true, drive: [0, 100]}
+      - {name: "CRYO:MXC:HTR:RANGE", type: enum, channel: "heater_range:0", writable: true, states: [Off, r1, r2, r3, r4, r5, r6, r7, r8]}
+pvs:
+  - {name: "LAB:GATE", type: bool, writable: true, initial: false}
+procedures:
+  hold_cryostat:
+    resources: [cryostat]
+    steps:
+      - wait: {until: "g", inputs: {g: "LAB:GATE"}, timeout_s: 60}
+      - log: "gate open"
+      - set: {pv: "CRYO:STILL:HTR", value: 10}
+  quick:
+    resources: [cryostat]
+    steps:
+      - read: {pvs: ["CRYO:MXC:TEMP"]}
+interlocks:
+  - name: mxc_warm
+    pv: "CRYO:MXC:TEMP"
+    warn: 0.04
+    trip: 0.05
+    resume: 0.03
+    for_s: 0.3
+    reset: manual
+    actions:
+      hold_queue: true
+      set:
+        - {pv: "CRYO:MXC:HTR:RANGE", value: 0}
+        - {pv: "CRYO:STILL:HTR", value: 0}
+"""
+
+OP = Identity("olga", frozenset({"operator"}), "test")
+EXPERT = Identity("erin", frozenset({"expert"}), "test")
+VIEWER = Identity("vic", frozenset({"viewer"}), "test")
+
+
+@pytest.fixture
+async def server(tmp_path):
+    from ioc.config import parse_site
+
+    site = parse_site(SITE.replace("STATE", str(tmp_path / "var")), "fridge.yaml")
+    site = Overrides(no_opcua=True, no_ca=True, no_historian=True).apply(site)
+    srv = Server(site, base_dir=tmp_path)
+    audits = []
+    srv.db.add_audit_sink(audits.append)
+    srv.audits = audits
+    async with srv:
+        await wait_for(lambda: srv.db.read("CRYO:MXC:TEMP").valid, what="first reading")
+        yield srv
+
+
+async def test_warm_up_trips_the_interlock_and_cooling_plus_reset_resumes(server):
+    db, control, plant = server.db, server.control, server.plants["cryo"]
+    ctl = control
+    # an operator holds the cryostat with a running job; another job waits behind it
+    lease = ctl.request_lock("cryostat", OP, duration_s=60, client="console")
+    await db.write("CRYO:STILL:HTR", 20.0, OP)
+    await db.write("CRYO:MXC:HTR:RANGE", 3, OP)
+    ctl.release_lock("cryostat", lease.token, OP)
+    running = ctl.jobs.submit("hold_cryostat", {}, OP)
+    await wait_for(lambda: running.state is JobState.RUNNING)
+    queued = ctl.jobs.submit("quick", {}, OP)
+    assert queued.state is JobState.QUEUED
+
+    plant.stop_compressor()
+    # the alarm rises with the right severity...
+    await wait_for(lambda: db.read("CRYO:MXC:TEMP").status in (Status.HIGH, Status.HIHI), timeout=10, what="HIGH alarm")
+    await wait_for(lambda: db.read("CRYO:MXC:TEMP").severity is Severity.MAJOR, timeout=10, what="HIHI alarm")
+    alarm = ctl.alarms.table.get("CRYO:MXC:TEMP")
+    assert alarm.active and alarm.unacknowledged and alarm.guidance == "check the compressor"
+    assert db.read("ALARM:HIGHEST").value >= int(Severity.MAJOR)
+    # ...the interlock trips after its delay and drives the heaters to zero
+    await wait_for(lambda: ctl.interlocks.state("mxc_warm") == "TRIPPED", timeout=10, what="trip")
+    await wait_for(lambda: db.read("CRYO:STILL:HTR").value == 0.0 and db.read("CRYO:MXC:HTR:RANGE").value == 0, what="heaters off")
+    assert db.read(state_pv("mxc_warm")).value == 3
+    # the queue is held: the running job pauses at its next step, the queued one waits
+    await db.write("LAB:GATE", True, OP)
+    await wait_for(lambda: running.paused, what="running job paused")
+    assert queued.state is JobState.QUEUED and db.read("CRYO:STILL:HTR").value == 0.0
+    trips = [a for a in server.audits if a.action == "interlock.trip"]
+    assert [(a.target, a.user) for a in trips] == [("mxc_warm", "labctl")]
+    assert any(a.action == "write" and a.target == "CRYO:STILL:HTR" and a.user == "labctl" for a in server.audits)
+
+    # cooling again: the interlock waits for a reset; a viewer cannot acknowledge
+    plant.start_compressor()
+    await wait_for(lambda: ctl.interlocks.state("mxc_warm") == "RESET_NEEDED", timeout=10, what="cleared")
+    assert running.paused and queued.state is JobState.QUEUED
+    from ioc.alarms import AlarmError
+
+    with pytest.raises(AlarmError, match="may not acknowledge"):
+        ctl.alarms.acknowledge("CRYO:MXC:TEMP", VIEWER)
+    ctl.alarms.acknowledge("CRYO:MXC:TEMP", OP, "compressor restarted")
+    ctl.interlocks.reset("mxc_warm", EXPERT)
+    await wait_for(lambda: running.state.final and queued.state.final, timeout=10, what="jobs to finish")
+    assert running.state is JobState.DONE and queued.state is JobState.DONE
+    assert db.read("CRYO:STILL:HTR").value == 10.0  # the job's step after the hold
+    assert not ctl.alarms.table.get("CRYO:MXC:TEMP").active
+    actions = [a.action for a in server.audits]
+    for expected in ("interlock.trip", "alarm.ack", "interlock.reset", "interlock.release", "lock.grant", "job.state"):
+        assert expected in actions, expected
+
+
+async def test_a_latched_alarm_stays_until_acknowledged(server):
+    db, ctl, plant = server.db, server.control, server.plants["cryo"]
+    plant.stop_compressor()
+    await wait_for(lambda: db.read("CRYO:MXC:TEMP").severity >= Severity.MINOR, timeout=10)
+    plant.start_compressor()
+    await wait_for(lambda: db.read("CRYO:MXC:TEMP").severity is Severity.NO_ALARM, timeout=10, what="recovery")
+    a = ctl.alarms.table.get("CRYO:MXC:TEMP")
+    assert a.active and a.current is Severity.NO_ALARM  # still latched
+    assert db.read("ALARM:UNACKED:" + a.latched.name).value == 1
+    ctl.alarms.acknowledge("CRYO:MXC:TEMP", OP)
+    assert not ctl.alarms.table.get("CRYO:MXC:TEMP").active
+    assert db.read("ALARM:HIGHEST").value == 0
