@@ -529,6 +529,7 @@ class JobManager:
                 # wake on the next change of an input, the hold time, or the deadline
                 wake = deadline if since is None else min(deadline, since + w.hold_s)
                 try:
-                    await asyncio.wait_for(mon.get(), max(0.0, wake - now))
+                    async with asyncio.timeout(max(0.0, wake - now)):
+                        await mon.get()
                 except TimeoutError:
                     pass

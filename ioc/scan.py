@@ -79,13 +79,11 @@ class InstrumentLink:
 
     async def stop(self) -> None:
         """Stop scanning and close the driver."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None:
+            while not task.done():  # cancel until it takes: a driver may swallow one cancellation
+                task.cancel()
+                await asyncio.wait({task}, timeout=1.0)
         await self._close()
 
     async def wait_connected(self, timeout_s: float) -> None:
@@ -130,7 +128,8 @@ class InstrumentLink:
 
     async def _close(self) -> None:
         try:
-            await asyncio.wait_for(self.driver.close(), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                await self.driver.close()
         except (DriverError, TimeoutError, OSError) as e:
             log.debug("%s: close failed: %s", self.name, e)
 
@@ -182,10 +181,14 @@ class InstrumentLink:
         return await self._call(self.driver.write(channel, value), f"write {channel}")
 
     async def _call(self, aw: Any, what: str, n: int = 1) -> Any:
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+        # that arrives as the call completes, and the link would then never stop.
+        limit = self.timeout_s * max(1, n) + 0.5
         try:
-            return await asyncio.wait_for(aw, self.timeout_s * max(1, n) + 0.5)
+            async with asyncio.timeout(limit):
+                return await aw
         except TimeoutError:
-            raise DriverTimeout(self.name, f"{what}: no answer within {self.timeout_s * max(1, n) + 0.5:.1f} s") from None
+            raise DriverTimeout(self.name, f"{what}: no answer within {limit:.1f} s") from None
 
     # ---- push ------------------------------------------------------------------------
 
