@@ -146,7 +146,9 @@ async def test_a_latched_alarm_stays_until_acknowledged(server):
     await wait_for(lambda: db.read("CRYO:MXC:TEMP").severity is Severity.NO_ALARM, timeout=10, what="recovery")
     a = ctl.alarms.table.get("CRYO:MXC:TEMP")
     assert a.active and a.current is Severity.NO_ALARM  # still latched
-    assert db.read("ALARM:UNACKED:" + a.latched.name).value == 1
+    unacked = "ALARM:UNACKED:" + a.latched.name
+    before = db.read(unacked).value
+    assert before >= 1
     ctl.alarms.acknowledge("CRYO:MXC:TEMP", OP)
     assert not ctl.alarms.table.get("CRYO:MXC:TEMP").active
-    assert db.read("ALARM:HIGHEST").value == 0
+    assert db.read(unacked).value == before - 1
