@@ -108,7 +108,7 @@ class Server:
         self.base_dir = Path(base_dir)
         self.state_dir = Path(site.server.state_dir)
         self.db: Database = build_database(site, self.base_dir, source=source)
-        self.plants = {name: create_plant(name, cfg, clock=self.db.clock) for name, cfg in site.simulations.items()}
+        self.plants = {name: create_plant(name, cfg) for name, cfg in site.simulations.items()}
         for inst in site.instruments:
             driver = create_driver(inst, simulations=self.plants, base_dir=self.base_dir)
             self.db.attach(
@@ -174,4 +174,12 @@ class Server:
 def build_services(server: Server) -> list[Service]:
     """The services a site asks for, in start order (storage first, then protocols)."""
     services: list[Service] = []
+    from server.control import ControlService
+
+    server.control = ControlService(server)
+    services.append(server.control)
+    if server.site.server.ca.enabled:
+        from server.ca import CAService
+
+        services.append(CAService(server))
     return services

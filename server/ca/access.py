@@ -1,0 +1,117 @@
+"""Channel Access security: who a CA client is, and what it may do.
+
+Theory of operation. A Channel Access client *reports* its user and host names (as in
+EPICS, where an IOC's access security trusts them); nothing authenticates them. So a CA
+client gets no role by default -- it may read everything and write nothing -- and the
+site file grants roles by explicit rules, in the spirit of an EPICS access security file
+(ACF)::
+
+    server:
+      ca:
+        access:
+          user_groups: {operators: [alice, bob]}
+          host_groups: {control_room: [cr-ws*, 10.0.1.*]}
+          rules:
+            - {users: [operators], hosts: [control_room], roles: [operator]}
+
+A client matches a rule when its user matches one entry of ``users`` and its host one
+entry of ``hosts``; an entry is a group name (a key of ``user_groups``/``host_groups``)
+or a name pattern (``fnmatch`` globs; host names compare case-insensitively, as DNS
+names do). Every matching rule adds its roles. A client that reported no user (or no
+host) name matches no rule. With ``check_client_ip`` the host entries are matched
+against the client's IP address as the server sees it, which a client cannot forge on a
+TCP connection, instead of the name it reports (EPICS ``asCheckClientIP``); the server's
+circuit then hands the address over as the client's host (see :mod:`server.ca.context`).
+
+The roles then go through the same :class:`~ioc.access.RolePolicy` and lock checks as
+every other protocol: the access rights of a channel are READ|WRITE exactly when
+:meth:`~ioc.database.Database.may_write` says this identity may write that PV now, and
+READ otherwise. The rights depend on the PV, the client and the moment (lock holders
+change), so :func:`access_rights` is evaluated per channel and may be re-evaluated later
+for channels already open (see :meth:`server.ca.context.LabctlContext.refresh_access_rights`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+
+from caproto import AccessRights
+
+from ioc.config import CAAccessConfig
+from ioc.database import Database
+from ioc.types import Identity
+
+#: The ``protocol`` of every identity this adapter builds.
+PROTOCOL = "ca"
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    """What a CA client told us about itself, and where it connects from."""
+
+    user: str | None
+    """The user name it reported (None if it sent none)."""
+    host: str | None
+    """The host name it reported (None if it sent none); with ``check_client_ip``, its address."""
+    address: str | None = None
+    """Its IP address as the server sees it."""
+
+
+class AccessRules:
+    """The site's CA access rules, compiled: client -> roles -> :class:`Identity`."""
+
+    def __init__(self, cfg: CAAccessConfig) -> None:
+        self.cfg = cfg
+        self.check_client_ip = cfg.check_client_ip
+        self._rules = [
+            (
+                _expand(rule.users, cfg.user_groups, fold=False),
+                _expand(rule.hosts, cfg.host_groups, fold=True),
+                frozenset(rule.roles),
+            )
+            for rule in cfg.rules
+        ]
+        # The same few clients ask again and again (one identity per channel and write).
+        self.roles_for = lru_cache(maxsize=1024)(self._roles_for)
+
+    def _roles_for(self, user: str | None, host: str | None) -> frozenset[str]:
+        """The roles granted to ``user`` on ``host`` (empty: read-only)."""
+        if not user or not host:
+            return frozenset()
+        folded = host.lower()
+        roles: set[str] = set()
+        for users, hosts, granted in self._rules:
+            if _matches(user, users) and _matches(folded, hosts):
+                roles |= granted
+        return frozenset(roles)
+
+    def identity(self, client: Client) -> Identity:
+        """The identity a request from ``client`` is made with."""
+        return Identity(
+            user=client.user or "",
+            roles=self.roles_for(client.user, client.host),
+            protocol=PROTOCOL,
+            host=client.host or client.address or "",
+        )
+
+
+def access_rights(db: Database, pv: str, identity: Identity) -> AccessRights:
+    """READ|WRITE if ``identity`` may write ``pv`` now, else READ (reads are never refused)."""
+    if db.may_write(pv, identity):
+        return AccessRights.READ | AccessRights.WRITE
+    return AccessRights.READ
+
+
+def _expand(entries: Iterable[str], groups: dict[str, tuple[str, ...]], *, fold: bool) -> tuple[str, ...]:
+    """Replace group names by their members; keep other entries as patterns."""
+    out: list[str] = []
+    for entry in entries:
+        out.extend(groups.get(entry, (entry,)))
+    return tuple(p.lower() for p in out) if fold else tuple(out)
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)

@@ -1,0 +1,525 @@
+"""One caproto channel per PV, built from its :class:`~ioc.pv.PVInfo` (no ``pvproperty``).
+
+Theory of operation. Each PV becomes one caproto ``ChannelData`` of its native DBR type:
+
+============  ====================================  ==================================
+PV type       channel                               record type reported (RTYP)
+============  ====================================  ==================================
+float64       DBR_DOUBLE (:class:`DoubleChannel`)   ai / ao, calc if derived
+int           DBR_LONG (:class:`LongChannel`)       longin / longout
+bool          DBR_ENUM, states ``false``/``true``   bi / bo
+enum          DBR_ENUM with its state strings       mbbi / mbbo
+string        DBR_STRING (:class:`StringChannel`)   stringin / stringout
+float64[]     DBR_DOUBLE, ``max_length`` elements   waveform
+============  ====================================  ==================================
+
+DBR_CTRL metadata comes from the PV: units and precision; display limits are the display
+range; control limits the drive limits (else the display range, see
+:attr:`~ioc.pv.PVInfo.control_limits`); alarm limits are the PV's HIHI/HIGH/LOW/LOLO
+(NaN when unset, as an EPICS ai record reports a limit whose severity is NO_ALARM).
+Severity and status numbers are EPICS's own, so a reading's are passed through, and its
+timestamp becomes the DBR_TIME stamp.
+
+Updates. The service hands every database update to :meth:`ServedChannel.apply`, which
+stores value, timestamp and alarm with caproto's ``write(..., verify_value=False)`` and
+publishes with the update's event bits as ``DBE_*`` flags (the bit values are the same:
+VALUE=1, LOG=2, ALARM=4, PROPERTY=8). caproto 1.3 itself would publish every update to
+every subscription whatever its mask; :meth:`ServedChannel.publish` adds the EPICS rule
+that a subscription receives an update only if their masks share a bit, so an archiver
+subscribing with DBE_LOG sees only changes beyond the archive deadband, and a DBE_ALARM
+subscriber only alarm changes.
+
+Writes. A client's put arrives at :meth:`ServedChannel.auth_write` (caproto's hook, with
+the client's reported names and address). The wire data is decoded to plain Python
+(numbers, strings, lists; strings sent to numeric PVs are parsed as EPICS does) and
+handed to the service's write path, which awaits the core ``Database.write``: a
+put-callback completes only after the driver write (and read-back) finished, and any
+refusal propagates as the core's :class:`~ioc.errors.WriteRefused`, already audited.
+Nothing is checked here that the core checks (type, limits, roles, locks), so every
+attempt reaches the audit trail.
+
+Access rights come from :meth:`ServedChannel.check_access`, which asks the service (see
+:mod:`server.ca.access`); reads are never refused. Record fields (``PV.EGU``...) are
+separate small read-only channels made on first use by :meth:`ServedChannel.get_field`
+(see :mod:`server.ca.fields`), so a large site does not pay for fields nobody asks for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NoReturn, Protocol
+
+import numpy as np
+from caproto import (
+    AccessRights,
+    AlarmSeverity,
+    AlarmStatus,
+    ChannelAlarm,
+    ChannelData,
+    ChannelDouble,
+    ChannelEnum,
+    ChannelInteger,
+    ChannelString,
+    ChannelType,
+    SubscriptionType,
+)
+from caproto._data import SubscriptionUpdate
+from caproto._dbr import DBR_TYPES, DbrStringArray, _channel_type_by_name, _LongStringChannelType, native_type
+
+from ioc.errors import WrongType
+from ioc.pv import PVInfo
+from ioc.types import EventMask, PVType, Reading, Severity, Status
+from server.ca.access import Client
+
+#: Text encoding of strings on the wire (units, enum states, string PVs). EPICS defines
+#: none; UTF-8 is what current EPICS tools assume, and ASCII is the same in both.
+ENCODING = "utf-8"
+#: DBR_STRING holds 40 bytes including the terminating NUL.
+MAX_STRING_BYTES = 39
+#: DBR_CTRL units hold 8 bytes including the NUL.
+MAX_UNITS_BYTES = 7
+#: A DBR_CTRL_ENUM carries at most 16 state strings of 25 bytes each.
+MAX_ENUM_STATES = 16
+MAX_ENUM_STRING_BYTES = 25
+#: State strings of a bool PV.
+BOOL_STATES = ("false", "true")
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+#: Event bits of a database update -> caproto subscription flags (one table, by name).
+DBE_OF: dict[EventMask, SubscriptionType] = {
+    EventMask.VALUE: SubscriptionType.DBE_VALUE,
+    EventMask.LOG: SubscriptionType.DBE_LOG,
+    EventMask.ALARM: SubscriptionType.DBE_ALARM,
+    EventMask.PROPERTY: SubscriptionType.DBE_PROPERTY,
+}
+
+
+def dbe_flags(mask: EventMask) -> SubscriptionType:
+    """The ``DBE_*`` flags for a database update's event bits."""
+    flags = SubscriptionType(0)
+    for bit, dbe in DBE_OF.items():
+        if mask & bit:
+            flags |= dbe
+    return flags
+
+
+class Binding(Protocol):
+    """What a channel needs from the service: the write path and the access rules."""
+
+    def rights(self, pv: str, client: Client) -> AccessRights:
+        """Access rights of ``client`` on ``pv`` now."""
+        ...
+
+    async def put(self, pv: str, value: Any, client: Client) -> None:
+        """Write through the core write path; return once written and published."""
+        ...
+
+    def refuse(self, target: str, client: Client, value: Any, error: Exception) -> NoReturn:
+        """Audit a write refused before it reached the core, then raise ``error``."""
+        ...
+
+
+def clip_utf8(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes without splitting a character."""
+    data = text.encode(ENCODING)
+    if len(data) <= limit:
+        return text
+    return data[:limit].decode(ENCODING, errors="ignore")
+
+
+def _int32(value: float) -> int:
+    """A limit as a DBR_LONG limit (NaN, meaning unset, becomes 0)."""
+    if math.isnan(value):
+        return 0
+    return max(INT32_MIN, min(INT32_MAX, round(value)))
+
+
+def record_type(info: PVInfo) -> str:
+    """The EPICS record type a PV most resembles (``RTYP``, DBR_CLASS_NAME)."""
+    if info.type is PVType.FLOAT64_ARRAY:
+        return "waveform"
+    if info.expr is not None:
+        return "calc"
+    out = info.writable
+    return {
+        PVType.FLOAT64: ("ai", "ao"),
+        PVType.INT: ("longin", "longout"),
+        PVType.BOOL: ("bi", "bo"),
+        PVType.ENUM: ("mbbi", "mbbo"),
+        PVType.STRING: ("stringin", "stringout"),
+    }[info.type][out]
+
+
+def states_of(info: PVInfo) -> tuple[str, ...]:
+    """Enum state strings of an enum or bool PV, as served."""
+    states = BOOL_STATES if info.type is PVType.BOOL else info.states
+    return tuple(clip_utf8(s, MAX_ENUM_STRING_BYTES) for s in states)
+
+
+def numeric_metadata(info: PVInfo, convert: Any = float) -> dict[str, Any]:
+    """DBR_GR/CTRL fields of a numeric PV: units, display, control and alarm limits."""
+    nan = float("nan")
+    alarm = info.alarm
+    display = info.display or (0.0, 0.0)
+    control = info.control_limits or (0.0, 0.0)
+    md = {
+        "units": clip_utf8(info.unit, MAX_UNITS_BYTES),
+        "lower_disp_limit": display[0],
+        "upper_disp_limit": display[1],
+        "lower_ctrl_limit": control[0],
+        "upper_ctrl_limit": control[1],
+        "lower_alarm_limit": alarm.lolo if alarm and alarm.lolo is not None else nan,
+        "lower_warning_limit": alarm.low if alarm and alarm.low is not None else nan,
+        "upper_warning_limit": alarm.high if alarm and alarm.high is not None else nan,
+        "upper_alarm_limit": alarm.hihi if alarm and alarm.hihi is not None else nan,
+    }
+    for key, value in md.items():
+        if key != "units":
+            md[key] = convert(value)
+    return md
+
+
+class MaskedChannel(ChannelData):
+    """A channel that honours subscription event masks (a mixin, listed before caproto's class)."""
+
+    async def publish(self, flags: int) -> None:
+        """Queue an update for every subscription whose event mask shares a bit with ``flags``.
+
+        caproto's own ``publish`` ignores the subscription mask; this is the same loop with
+        EPICS's rule added (and its per-type conversion cache keyed consistently).
+        """
+        self._content.clear()
+        for queue, syncs in self._queues.items():
+            for sync, data_types in syncs.items():
+                for data_type_name, sub_specs in data_types.items():
+                    eligible = tuple(ss for ss in sub_specs if ss.mask & flags and self._is_eligible(ss))
+                    if not eligible:
+                        continue
+                    source = self if sync is None else self._snapshots[sync.s].get(sync.m)
+                    if source is None:
+                        continue
+                    cached = source._content.get(data_type_name) if source is self else None
+                    if cached is None:
+                        cached = await source._read(_channel_type_by_name[data_type_name])
+                        if source is self:
+                            self._content[data_type_name] = cached
+                    metadata, values = cached
+                    await queue.put(SubscriptionUpdate(eligible, metadata, values, flags, None))
+
+
+class ServedChannel(MaskedChannel):
+    """Behaviour shared by every channel that serves a labctl PV (a mixin, listed first)."""
+
+    info: PVInfo
+    binding: Binding
+    pvname: str
+
+    def _bind(self, info: PVInfo, binding: Binding, pvname: str) -> None:
+        self.info = info
+        self.binding = binding
+        self.pvname = pvname
+        self._fields: dict[str, ChannelData] = {}
+        self._reading: Reading | None = None
+
+    # ---- reading side -------------------------------------------------------------------
+
+    @property
+    def reading(self) -> Reading:
+        """The reading this channel serves now."""
+        assert self._reading is not None
+        return self._reading
+
+    @classmethod
+    def served(cls, info: PVInfo, reading: Reading) -> tuple[Any, Severity, Status]:
+        """The channel value and alarm for a reading (subclasses convert the value)."""
+        return reading.value, reading.severity, reading.status
+
+    async def apply(self, reading: Reading, mask: EventMask) -> None:
+        """Serve ``reading``: store it and publish it to subscriptions sharing ``mask``'s bits."""
+        self._reading = reading
+        value, severity, status = self.served(self.info, reading)
+        # ChannelData.write, not the subclass's: ChannelEnum/ChannelString would add
+        # DBE_VALUE|DBE_LOG to every update, and the database's bits must pass unchanged.
+        await ChannelData.write(
+            self,
+            value,
+            flags=dbe_flags(mask),
+            verify_value=False,
+            update_fields=False,
+            timestamp=reading.timestamp,
+            status=AlarmStatus(int(status)),
+            severity=AlarmSeverity(int(severity)),
+        )
+        for field in self._fields.values():
+            follow = getattr(field, "follow", None)
+            if follow is not None:
+                await follow(reading)
+
+    async def auth_read(self, hostname, username, data_type, *, user_address=None):
+        """Every client may read every PV."""
+        return await self.read(data_type)
+
+    def check_access(self, hostname: str | None, username: str | None) -> AccessRights:
+        """READ|WRITE if the access rules and the core allow this client to write now, else READ."""
+        return self.binding.rights(self.info.name, Client(username, hostname))
+
+    # ---- writing side -------------------------------------------------------------------
+
+    async def auth_write(self, hostname, username, data, data_type, metadata, *, flags=0, user_address=None):
+        """A client's put: decode it and await the core write path (raises if refused)."""
+        client = Client(username, hostname, user_address[0] if user_address else None)
+        data_type = ChannelType(data_type)
+        if data_type in (ChannelType.PUT_ACKS, ChannelType.PUT_ACKT):
+            self.binding.refuse(
+                self.info.name,
+                client,
+                _plain(data),
+                WrongType(self.info.name, "alarm acknowledgement over Channel Access is not supported"),
+            )
+        if native_type(data_type) not in _VALUE_TYPES:
+            self.binding.refuse(
+                self.info.name, client, None, WrongType(self.info.name, f"cannot write a {data_type.name} value")
+            )
+        await self.binding.put(self.info.name, self.decode(data, data_type), client)
+
+    async def verify_value(self, data: Any) -> Any:
+        """Never reached: client writes take :meth:`auth_write`, updates :meth:`apply`."""
+        raise WrongType(self.info.name, "writes go through the database write path")
+
+    def decode(self, data: Any, data_type: ChannelType) -> Any:
+        """Wire data -> the plain Python value handed to the core (which checks it)."""
+        native = native_type(data_type)
+        as_text = native == ChannelType.STRING or (native == ChannelType.CHAR and self.info.type is PVType.STRING)
+        values = _wire_values(data, native, as_text)
+        if as_text:
+            values = [self._from_text(v) if isinstance(v, str) else v for v in values]
+        if self.info.type is PVType.FLOAT64_ARRAY:
+            return values
+        return values[0] if len(values) == 1 else values
+
+    def _from_text(self, text: str) -> Any:
+        """A string written to a non-string PV: parsed as a number (EPICS does the same)."""
+        return _parse_number(text, integer=self.info.type is PVType.INT)
+
+    # ---- record fields ------------------------------------------------------------------
+
+    def get_field(self, field: str) -> ChannelData:
+        """The channel of record field ``field`` (``VAL`` is this channel); KeyError if none."""
+        if field == "VAL":
+            return self
+        try:
+            return self._fields[field]
+        except KeyError:
+            pass
+        from server.ca.fields import make_field  # here: fields builds on this module
+
+        channel = make_field(self, field)  # raises KeyError for a field this PV lacks
+        self._fields[field] = channel
+        return channel
+
+
+class DoubleChannel(ServedChannel, ChannelDouble):
+    """A float64 PV (DBR_DOUBLE)."""
+
+
+class ArrayChannel(ServedChannel, ChannelDouble):
+    """A float64[] PV: DBR_DOUBLE with ``max_length`` elements."""
+
+    @classmethod
+    def served(cls, info: PVInfo, reading: Reading) -> tuple[Any, Severity, Status]:
+        """The array as a float64 numpy array (caproto sends it without copying element-wise).
+
+        An instrument that returns more elements than the PV holds gets its array cut to
+        ``max_length`` and flagged INVALID/READ rather than dropped.
+        """
+        value = np.asarray(reading.value, dtype=np.float64)
+        severity, status = reading.severity, reading.status
+        if len(value) > info.max_length:
+            value, severity, status = value[: info.max_length], Severity.INVALID, Status.READ
+        if info.max_length == 1 and not len(value):
+            value = np.full(1, np.nan)  # caproto keeps a one-element channel as a scalar
+        return value, severity, status
+
+
+class LongChannel(ServedChannel, ChannelInteger):
+    """An int PV (DBR_LONG, 32 bits: Channel Access has no 64-bit integer)."""
+
+    @classmethod
+    def served(cls, info: PVInfo, reading: Reading) -> tuple[Any, Severity, Status]:
+        """Values beyond 32 bits are served saturated and INVALID/HWLIMIT, never wrapped."""
+        value = reading.value
+        if INT32_MIN <= value <= INT32_MAX:
+            return value, reading.severity, reading.status
+        return max(INT32_MIN, min(INT32_MAX, value)), Severity.INVALID, Status.HWLIMIT
+
+
+class MenuEnum(ChannelEnum):
+    """DBR_ENUM holding a state index, with any number of states.
+
+    DBR_STRING and DBR_ENUM values are right for every state; only DBR_GR/CTRL_ENUM, which
+    have room for 16 strings, list the first 16 (as an IOC does for a long menu).
+    """
+
+    @staticmethod
+    def _validate_enum_strings(enum_strings: Sequence[str]) -> tuple[str, ...]:
+        return tuple(enum_strings)
+
+    def _read_metadata(self, dbr_metadata: Any) -> None:
+        if isinstance(dbr_metadata, (DBR_TYPES[ChannelType.GR_ENUM], DBR_TYPES[ChannelType.CTRL_ENUM])):
+            dbr_metadata.enum_strings = [s.encode(ENCODING) for s in self.enum_strings[:MAX_ENUM_STATES]]
+        ChannelData._read_metadata(self, dbr_metadata)
+
+
+class EnumChannel(ServedChannel, MenuEnum):
+    """An enum or bool PV (DBR_ENUM; the value is the state index)."""
+
+    @classmethod
+    def served(cls, info: PVInfo, reading: Reading) -> tuple[Any, Severity, Status]:
+        """The state index."""
+        return int(reading.value), reading.severity, reading.status
+
+    def _from_text(self, text: str) -> Any:
+        # A state name (the core maps it), or a state index written as text.
+        states = self.enum_strings
+        if self.info.type is PVType.BOOL and text in states:
+            return states.index(text)
+        if text in states:
+            return text
+        return _parse_number(text, integer=True)
+
+
+class StringChannel(ServedChannel, ChannelString):
+    """A string PV (DBR_STRING; the whole string as a long string through ``NAME.VAL$``)."""
+
+    def _from_text(self, text: str) -> Any:
+        return text
+
+    def decode(self, data: Any, data_type: ChannelType) -> Any:
+        """Numbers written to a string PV become their text, as EPICS converts them."""
+        value = super().decode(data, data_type)
+        if isinstance(value, list):
+            return value
+        return value if isinstance(value, (str, bytes)) else _format_number(value)
+
+    async def _read(self, data_type: ChannelType) -> Any:
+        return clip_strings(data_type, *await super()._read(data_type))
+
+
+def clip_strings(data_type: ChannelType, metadata: Any, values: Any) -> tuple[Any, Any]:
+    """DBR_STRING values cut to 39 bytes: room for the NUL, no UTF-8 character cut in two."""
+    if data_type not in _LongStringChannelType and native_type(data_type) == ChannelType.STRING:
+        values = DbrStringArray(_clip_bytes(v, MAX_STRING_BYTES) for v in values)
+    return metadata, values
+
+
+_VALUE_TYPES = {
+    ChannelType.STRING,
+    ChannelType.INT,
+    ChannelType.FLOAT,
+    ChannelType.ENUM,
+    ChannelType.CHAR,
+    ChannelType.LONG,
+    ChannelType.DOUBLE,
+}
+
+
+def _clip_bytes(data: bytes, limit: int) -> bytes:
+    if len(data) <= limit:
+        return data
+    return data[:limit].decode(ENCODING, errors="ignore").encode(ENCODING)
+
+
+def _wire_values(data: Any, native: ChannelType, as_text: bool) -> list[Any]:
+    """Decoded wire data as a list of Python numbers or strings (DBR_CHAR as text if ``as_text``)."""
+    if native == ChannelType.STRING:
+        return [_text(v) for v in data]
+    if native == ChannelType.CHAR and as_text:
+        raw = bytes(data.tobytes() if hasattr(data, "tobytes") else bytes(data))
+        return [_text(raw.split(b"\x00", 1)[0])]
+    if hasattr(data, "tolist"):
+        return list(data.tolist())
+    return list(data)
+
+
+def _text(value: Any) -> Any:
+    """Bytes from the wire as text; undecodable bytes are passed on (the core refuses them)."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode(ENCODING)
+        except UnicodeDecodeError:
+            return value
+    return value
+
+
+def _parse_number(text: str, *, integer: bool) -> Any:
+    """A number from text, or the text itself if it is none (the core then refuses it)."""
+    stripped = text.strip()
+    if integer:
+        try:
+            return int(stripped, 0)
+        except ValueError:
+            pass
+    try:
+        return float(stripped)
+    except ValueError:
+        return text
+
+
+def _format_number(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value)) if abs(value) < 1e15 else repr(value)
+    return str(value)
+
+
+def _plain(data: Any) -> Any:
+    return data.tolist() if hasattr(data, "tolist") else data
+
+
+def build_channel(info: PVInfo, reading: Reading, binding: Binding, pvname: str) -> ServedChannel:
+    """The channel serving PV ``info`` under the name ``pvname``, holding ``reading``."""
+    t = info.type
+    cls: type[ServedChannel]
+    kwargs: dict[str, Any]
+    if t is PVType.FLOAT64:
+        cls, kwargs = DoubleChannel, {"precision": info.precision, **numeric_metadata(info)}
+    elif t is PVType.FLOAT64_ARRAY:
+        cls, kwargs = (
+            ArrayChannel,
+            {"max_length": info.max_length, "precision": info.precision, **numeric_metadata(info)},
+        )
+    elif t is PVType.INT:
+        cls, kwargs = LongChannel, numeric_metadata(info, _int32)
+    elif t in (PVType.ENUM, PVType.BOOL):
+        cls, kwargs = EnumChannel, {"enum_strings": states_of(info)}
+    elif t is PVType.STRING:
+        cls, kwargs = StringChannel, {"long_string_max_length": info.max_length * 4 + 1}  # UTF-8 and the NUL
+    else:  # pragma: no cover - PVType is closed
+        raise AssertionError(f"unhandled PV type {t}")
+    value, severity, status = cls.served(info, reading)
+    channel = cls(
+        value=value,
+        timestamp=reading.timestamp,
+        alarm=ChannelAlarm(status=AlarmStatus(int(status)), severity=AlarmSeverity(int(severity))),
+        string_encoding=ENCODING,
+        reported_record_type=record_type(info),
+        max_subscription_backlog=subscription_backlog(info),
+        **kwargs,
+    )
+    channel._bind(info, binding, pvname)
+    channel._reading = reading
+    return channel
+
+
+#: Updates queued per subscription for a client that reads too slowly; older ones are
+#: dropped first (the latest value always gets through). caproto's default is 1 000.
+SUBSCRIPTION_BACKLOG = 32
+#: ...but a subscription to a large array holds at most about this many bytes.
+ARRAY_BACKLOG_BYTES = 4 * 2**20
+
+
+def subscription_backlog(info: PVInfo) -> int:
+    """How many updates one subscription to this PV may have queued."""
+    if info.type is PVType.FLOAT64_ARRAY:
+        return max(2, min(SUBSCRIPTION_BACKLOG, ARRAY_BACKLOG_BYTES // (8 * max(1, info.max_length))))
+    return SUBSCRIPTION_BACKLOG

@@ -1,0 +1,217 @@
+"""The Channel Access service: the process database served over CA by caproto.
+
+Theory of operation. :class:`CAService` builds one channel per PV (named with the
+site's ``server.ca.prefix``), subscribes **once** to the database with every event bit,
+and runs caproto's asyncio server on the server's own event loop.
+
+Updates flow database -> :class:`UpdateQueue` -> channels -> caproto. The database
+calls the subscription inline and must never wait, while caproto's channel writes are
+coroutines, so the queue sits between them: it keeps the latest pending update per PV
+(merging the event bits of any update it replaces, so a coalesced LOG or ALARM bit is
+not lost) and one pump task applies them in arrival order. In steady state an update is
+published one loop turn after it was posted; under overload intermediate values of a PV
+are dropped and the latest kept, as an IOC does, and memory stays bounded by the number
+of PVs.
+
+Writes flow client -> channel ``auth_write`` -> :meth:`CAService.put` ->
+``Database.write`` with the client's :class:`~ioc.types.Identity` (its reported user,
+its host as the access rules see it, protocol ``ca``, and the roles the rules grant).
+Once the core write returns, the PV's pending update is applied at once, so a client
+reading right after its put-callback completed sees the value it wrote (or the
+read-back). Refusals raise the core's errors, which the core has already audited;
+:meth:`CAService.refuse` audits the few refusals decided here (writes to record fields,
+alarm acknowledgements), so every write attempt reaches the audit trail.
+
+See :mod:`server.ca.env` for addresses, ports and subscription latency,
+:mod:`server.ca.access` for access rights, :mod:`server.ca.channels` for types and
+event masks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any, NoReturn, Protocol
+
+from caproto import AccessRights
+
+from ioc.access import AuditRecord
+from ioc.config import SiteConfig
+from ioc.database import Database
+from ioc.subscription import Callback
+from ioc.types import EventMask, Update
+from server.ca.access import AccessRules, Client, access_rights
+from server.ca.channels import ServedChannel, build_channel
+from server.ca.context import LabctlContext
+from server.ca.env import CASettings, resolve, tune_latency
+
+log = logging.getLogger("labctl.ca")
+
+
+class Host(Protocol):
+    """What the service needs from the server it runs in (``server.app.Server``)."""
+
+    db: Database
+    site: SiteConfig
+
+
+class UpdateQueue:
+    """Database updates waiting for their channel: the latest per PV, bits merged."""
+
+    def __init__(self, apply: Callable[[Update], Awaitable[None]]) -> None:
+        self._apply = apply
+        self._pending: dict[str, Update] = {}
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self.coalesced = 0
+        """Updates replaced by a newer one of the same PV before they were published."""
+
+    def offer(self, update: Update) -> None:
+        """Queue an update (the database's inline callback: never waits)."""
+        old = self._pending.pop(update.name, None)
+        if old is not None:
+            self.coalesced += 1
+            update = Update(update.name, update.reading, update.mask | old.mask)
+        self._pending[update.name] = update
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Apply pending updates as they come, until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            async with self._lock:
+                batch, self._pending = self._pending, {}
+                for update in batch.values():
+                    await self._apply_one(update)
+
+    async def flush(self, name: str) -> None:
+        """Apply the pending update of ``name`` now (and wait for one being applied)."""
+        async with self._lock:
+            update = self._pending.pop(name, None)
+            if update is not None:
+                await self._apply_one(update)
+
+    async def _apply_one(self, update: Update) -> None:
+        try:
+            await self._apply(update)
+        except Exception:  # one PV's failure must not stop the others' updates
+            log.exception("publishing %s over Channel Access failed", update.name)
+
+
+class CAService:
+    """Serves the database over Channel Access (see the module docstring)."""
+
+    name = "ca"
+
+    def __init__(self, server: Host) -> None:
+        self.db = server.db
+        self.site = server.site
+        self.config = server.site.server.ca
+        self.rules = AccessRules(self.config.access)
+        self.prefix = self.config.prefix
+        self.settings: CASettings | None = None
+        self.latency: dict[str, float] = {}
+        self.channels: dict[str, ServedChannel] = {}
+        """Channels by PV name (without the prefix)."""
+        self.context: LabctlContext | None = None
+        self._queue = UpdateQueue(self._apply)
+        self._subscription: Callback | None = None
+        self._pump: asyncio.Task[None] | None = None
+
+    # ---- life cycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind the CA ports and serve every PV; return once clients can connect."""
+        self.settings = resolve(self.config)
+        self.latency = tune_latency()
+        self.channels = {
+            info.name: build_channel(info, self.db.read(info.name), self, self.prefix + info.name)
+            for info in self.db.infos()
+        }
+        # No await between reading the initial values and subscribing: no update is missed.
+        self._queue = UpdateQueue(self._apply)
+        self._subscription = self.db.subscribe(self._queue.offer, mask=EventMask.ALL)
+        pvdb = {ch.pvname: ch for ch in self.channels.values()}
+        self.context = LabctlContext(pvdb, self.settings, check_client_ip=self.rules.check_client_ip)
+        try:
+            await self.context.start()
+        except BaseException:
+            self.db.unsubscribe(self._subscription)
+            self._subscription = None
+            self.context = None
+            raise
+        self._pump = asyncio.create_task(self._queue.run(), name="ca updates")
+        log.info(
+            "Channel Access: %d PVs on %s, UDP %d / TCP %d; beacons to %s",
+            len(self.channels),
+            ", ".join(self.settings.interfaces),
+            self.context.ca_server_port,
+            self.context.port,
+            ", ".join(f"{h}:{p}" for h, p in self.settings.beacon_addresses) or "nowhere",
+        )
+
+    async def stop(self) -> None:
+        """Stop serving: unsubscribe, close every connection and socket."""
+        if self._subscription is not None:
+            self.db.unsubscribe(self._subscription)
+            self._subscription = None
+        if self._pump is not None:
+            self._pump.cancel()
+            await asyncio.gather(self._pump, return_exceptions=True)
+            self._pump = None
+        if self.context is not None:
+            await self.context.stop()
+            self.context = None
+
+    def endpoints(self) -> list[str]:
+        """``ca://<interface>:<port>`` per bound interface, with the PV prefix."""
+        if self.context is None:
+            return []
+        prefix = f" (PV prefix {self.prefix!r})" if self.prefix else ""
+        return [f"ca://{i}:{self.context.ca_server_port}{prefix}" for i in self.context.interfaces]
+
+    @property
+    def port(self) -> int:
+        """The UDP search port (clients' ``EPICS_CA_SERVER_PORT``)."""
+        if self.context is None:
+            raise RuntimeError("the Channel Access service is not running")
+        return self.context.ca_server_port
+
+    @property
+    def tcp_port(self) -> int:
+        """The TCP port of client circuits (the server port unless it was taken)."""
+        if self.context is None:
+            raise RuntimeError("the Channel Access service is not running")
+        return self.context.port
+
+    async def refresh_access_rights(self, pvs: Collection[str] | None = None) -> int:
+        """Push changed access rights to open channels (e.g. after a lock changed hands)."""
+        if self.context is None:
+            return 0
+        return await self.context.refresh_access_rights(pvs)
+
+    # ---- the channels' binding ----------------------------------------------------------
+
+    async def _apply(self, update: Update) -> None:
+        await self.channels[update.name].apply(update.reading, update.mask)
+
+    def rights(self, pv: str, client: Client) -> AccessRights:
+        """Access rights of ``client`` on ``pv`` now."""
+        return access_rights(self.db, pv, self.rules.identity(client))
+
+    async def put(self, pv: str, value: Any, client: Client) -> None:
+        """Write ``value`` to ``pv`` for ``client`` through the core write path."""
+        await self.db.write(pv, value, self.rules.identity(client))
+        await self._queue.flush(pv)
+
+    def refuse(self, target: str, client: Client, value: Any, error: Exception) -> NoReturn:
+        """Audit a write refused by the adapter itself, then raise ``error``."""
+        reason = getattr(error, "reason", str(error))
+        self.db.audit(
+            AuditRecord.of(
+                self.db.clock(), "write", self.rules.identity(client), target, new=value, accepted=False, reason=reason
+            )
+        )
+        raise error
