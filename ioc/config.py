@@ -755,6 +755,29 @@ def _positions(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...]
             _positions(item, path + (i,), out)
 
 
+class _LazyPositions(dict):
+    """Key path -> (line, column), composed only when an error needs a position (a large site parses fast)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self._text: str | None = text
+
+    def _load(self) -> None:
+        if self._text is not None:
+            node = yaml.compose(self._text, Loader=_PositionLoader)
+            self._text = None
+            if node is not None:
+                _positions(node, (), self)
+
+    def __contains__(self, key: object) -> bool:
+        self._load()
+        return super().__contains__(key)
+
+    def __getitem__(self, key: Any) -> tuple[int, int]:
+        self._load()
+        return super().__getitem__(key)
+
+
 def _locate(path: tuple[Any, ...], positions: Mapping[tuple[Any, ...], tuple[int, int]]) -> str:
     p = tuple(path)
     while p not in positions and p:
@@ -787,23 +810,28 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(p for p in loc if isinstance(p, int) or not any(c in str(p) for c in "[]|"))
 
 
-class SiteLoader(yaml.SafeLoader):
-    """The safe loader with YAML 1.2 booleans: only true/false, so ``states: [OFF, ON]`` stays text."""
+def _yaml12_booleans(loader: type) -> type:
+    loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+    return loader
 
 
-SiteLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-SiteLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
+@_yaml12_booleans
+class SiteLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """The safe loader (libyaml's when present) with YAML 1.2 booleans: ``states: [OFF, ON]`` stays text."""
+
+
+@_yaml12_booleans
+class _PositionLoader(yaml.SafeLoader):
+    """The same rules in pure Python, composing nodes with line and column (for error messages)."""
 
 
 def parse_site(text: str, source: str = "<site>") -> SiteConfig:
     """Validate the YAML text of a site file; raise ConfigError listing every problem."""
     try:
-        node = yaml.compose(text, Loader=SiteLoader)
         data = yaml.load(text, Loader=SiteLoader)  # noqa: S506 -- SiteLoader is a SafeLoader
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
@@ -811,9 +839,7 @@ def parse_site(text: str, source: str = "<site>") -> SiteConfig:
         raise ConfigError(source, [f"{source}{where} not valid YAML: {e.problem or e}"]) from None
     except yaml.YAMLError as e:
         raise ConfigError(source, [f"{source}: not valid YAML: {e}"]) from None
-    positions: dict[tuple[Any, ...], tuple[int, int]] = {}
-    if node is not None:
-        _positions(node, (), positions)
+    positions = _LazyPositions(text)
     if not isinstance(data, dict):
         raise ConfigError(source, [f"{source}: expected a mapping of site keys at the top level, got {type(data).__name__}"])
     try:

@@ -163,6 +163,10 @@ class Server:
         """Every endpoint of every service."""
         return [e for s in self.services for e in s.endpoints()]
 
+    def banner(self) -> list[str]:
+        """Start-up lines of every service that has something to tell (accounts, security)."""
+        return [line for s in self.services if callable(getattr(s, "banner", None)) for line in s.banner()]
+
     async def __aenter__(self) -> Server:
         await self.start()
         return self
@@ -178,6 +182,10 @@ def build_services(server: Server) -> list[Service]:
 
     server.control = ControlService(server)
     services.append(server.control)
+    if server.site.server.opcua.enabled:
+        from server.opcua import OpcUaService
+
+        services.append(OpcUaService(server))
     if server.site.server.ca.enabled:
         from server.ca import CAService
 

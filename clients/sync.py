@@ -1,0 +1,178 @@
+"""A blocking wrapper of :mod:`clients.session` for scripts and notebooks.
+
+Theory of operation. A :class:`SyncSession` owns one event loop running in one daemon
+thread; each method submits the matching coroutine of the async
+:class:`~clients.session.Session` to that loop and waits for its result for at most
+``timeout_s`` seconds. A call that runs out of time is cancelled on the loop and raises
+:class:`~clients.session.RequestTimeout`, so a dead server never hangs a script.
+Nothing else is shared between the threads, and nothing here blocks the loop.
+
+Notebooks already run an event loop in their main thread; the wrapper's own loop thread
+works there too (``await`` the async API directly if you prefer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Coroutine, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
+
+from clients import session as _session
+from clients.session import Metadata, PVValue, RequestTimeout, Sample
+
+T = TypeVar("T")
+
+
+class SyncSession:
+    """A blocking session to a labctl server (made by :func:`connect`)."""
+
+    def __init__(self, timeout_s: float = 10.0) -> None:
+        self.timeout_s = timeout_s
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="labctl-client", daemon=True)
+        self._thread.start()
+        self._session: _session.Session | None = None
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
+        if self._loop.is_closed():
+            coro.close()
+            raise _session.ClientError("the session is closed")
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(limit)
+        except concurrent.futures.TimeoutError:
+            if future.done():  # the coroutine's own TimeoutError (RequestTimeout is one), or a last-instant result
+                return future.result()
+            future.cancel()
+            raise RequestTimeout(f"no answer within {limit:g} s") from None
+
+    @property
+    def session(self) -> _session.Session:
+        """The async session underneath (use its methods only from its loop)."""
+        if self._session is None:
+            raise _session.ClientError("not connected")
+        return self._session
+
+    @property
+    def site(self) -> str:
+        """The server's site name."""
+        return self.session.site
+
+    @property
+    def user(self) -> str:
+        """Who the server says this session is."""
+        return self.session.user
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The roles of this session's user."""
+        return self.session.roles
+
+    def list_pvs(self, pattern: str | None = None) -> list[Metadata]:
+        """Every PV (or those matching a glob pattern) with its metadata."""
+        return self._run(self.session.list_pvs(pattern))
+
+    def info(self, name: str) -> Metadata:
+        """A PV's metadata."""
+        return self._run(self.session.info(name))
+
+    def get(self, name: str) -> PVValue:
+        """A PV's reading and metadata."""
+        return self._run(self.session.get(name))
+
+    def get_many(self, names: Sequence[str]) -> list[PVValue]:
+        """Several PVs' readings in one request."""
+        return self._run(self.session.get_many(names))
+
+    def put(self, name: str, value: Any) -> None:
+        """Write a PV; raises PutRefused with the server's status and reason."""
+        self._run(self.session.put(name, value))
+
+    def whoami(self) -> tuple[str, tuple[str, ...]]:
+        """This session's user and roles."""
+        return self._run(self.session.whoami())
+
+    def monitor(self, names: Iterable[str], *, queue_size: int = 10_000, publishing_interval_ms: float = 100.0) -> SyncMonitor:
+        """Watch PVs; iterate the result (each sample waits at most ``timeout_s``) and close it."""
+        mon = self.session.monitor(names, queue_size=queue_size, publishing_interval_ms=publishing_interval_ms)
+        self._run(mon.start())
+        return SyncMonitor(self, mon)
+
+    def close(self) -> None:
+        """End the session and its loop thread."""
+        if self._loop.is_closed():
+            return
+        try:
+            if self._session is not None:
+                self._run(self._session.close())
+        finally:
+            try:
+                self._run(self._loop.shutdown_default_executor())  # its worker threads end too
+            except RequestTimeout:
+                pass  # a worker stuck in blocking I/O; it is a daemon and the loop is stopped anyway
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(self.timeout_s)
+            if not self._thread.is_alive():
+                self._loop.close()
+
+    def __enter__(self) -> SyncSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SyncMonitor:
+    """Blocking iteration over a :class:`~clients.session.Monitor`."""
+
+    def __init__(self, owner: SyncSession, monitor: _session.Monitor) -> None:
+        self._owner = owner
+        self._monitor = monitor
+
+    def next(self, timeout_s: float | None = None) -> Sample:
+        """The next sample; raises RequestTimeout after ``timeout_s`` (default: the session's)."""
+        limit = self._owner.timeout_s if timeout_s is None else timeout_s
+        # the inner timeout fires first (with its clearer message); the outer one only guards the thread
+        return self._owner._run(self._monitor.next(limit), limit + 5.0)
+
+    def __iter__(self) -> Iterator[Sample]:
+        return self
+
+    def __next__(self) -> Sample:
+        return self.next()
+
+    def close(self) -> None:
+        """Unsubscribe."""
+        self._owner._run(self._monitor.close())
+
+    def __enter__(self) -> SyncMonitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(
+    url: str,
+    user: str | None = None,
+    password: str | None = None,
+    security: str = "auto",
+    *,
+    timeout_s: float = 10.0,
+    certificate: str | None = None,
+    private_key: str | None = None,
+) -> SyncSession:
+    """Open a blocking session (arguments as :func:`clients.session.connect`)."""
+    sync = SyncSession(timeout_s)
+    try:
+        sync._session = sync._run(
+            _session.connect(url, user, password, security, timeout_s=timeout_s, certificate=certificate, private_key=private_key),
+            timeout_s * 3,
+        )
+    except BaseException:
+        sync.close()
+        raise
+    return sync

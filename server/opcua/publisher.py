@@ -1,0 +1,138 @@
+"""From database updates to OPC UA data changes: one subscription feeds every client.
+
+Theory of operation. :class:`Publisher` subscribes once to the database (mask
+VALUE|ALARM: changes that passed the monitor deadband, and alarm changes). Its callback
+runs inline in :meth:`ioc.database.Database.post`, which must not await, so it does
+only synchronous work: build the DataValue, store it in the node's Value attribute (so a
+Read right after a write sees the new value), and, if any monitored item watches the
+node, queue it. A task drains the queue in order and hands each DataValue to the
+node's monitored items, which asyncua then batches per subscription and publishing
+interval. The queue is bounded: under overload the oldest notifications are dropped
+and counted (:attr:`Publisher.dropped`) rather than letting memory grow or slowing the
+scan; the node itself always holds the latest value.
+
+asyncua's monitored items deep-copy every DataValue they receive (about 40 % of the
+cost of a notification) to guard against callers mutating it afterwards. The
+DataValues made here are never mutated, so :func:`install_copy_fastpath` lets values
+whose leaves are immutable (numbers, strings, lists of them) skip the deep copy; see
+``docs/decisions/opcua-notification-copy.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import logging
+from collections import deque
+from typing import Any
+
+from asyncua import ua
+from asyncua.server import monitored_item_service
+from asyncua.server.address_space import AttributeValue
+
+from ioc.database import Database
+from ioc.subscription import Callback
+from ioc.types import EventMask, Update
+from server.opcua.address_space import PVNode, data_value
+
+log = logging.getLogger(__name__)
+
+#: Most notifications waiting for the drain task before the oldest are dropped.
+MAX_PENDING = 100_000
+
+
+class Publisher:
+    """Feeds database updates into the address space and its monitored items."""
+
+    def __init__(self, db: Database, nodes: dict[str, PVNode], *, max_pending: int = MAX_PENDING) -> None:
+        self.db = db
+        self.nodes = nodes
+        self.dropped = 0
+        """Notifications dropped because the queue was full."""
+        self._queue: deque[tuple[AttributeValue, ua.DataValue]] = deque()
+        self._max = max_pending
+        self._wake = asyncio.Event()
+        self._subscription: Callback | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Subscribe to the database and start draining (call with the nodes holding current readings)."""
+        self._subscription = self.db.subscribe(self._on_update, mask=EventMask.VALUE | EventMask.ALARM)
+        self._task = asyncio.create_task(self._drain(), name="opcua-publisher")
+
+    async def stop(self) -> None:
+        """Unsubscribe and stop the drain task."""
+        if self._subscription is not None:
+            self.db.unsubscribe(self._subscription)
+            self._subscription = None
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    def _on_update(self, update: Update) -> None:
+        node = self.nodes.get(update.name)
+        if node is None:  # not in the address space (none such today: the PV set is fixed at start)
+            return
+        dv = data_value(node.info, update.reading)
+        attr = node.value
+        attr.value = dv
+        if attr.datachange_callbacks:
+            if len(self._queue) >= self._max:
+                self._queue.popleft()
+                self.dropped += 1
+                if self.dropped == 1 or self.dropped % 10_000 == 0:
+                    log.warning("OPC UA clients fall behind: %d notifications dropped so far", self.dropped)
+            self._queue.append((attr, dv))
+            self._wake.set()
+
+    async def _drain(self) -> None:
+        queue = self._queue
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while queue:
+                attr, dv = queue.popleft()
+                for handle, callback in list(attr.datachange_callbacks.items()):
+                    try:
+                        await callback(handle, dv)
+                    except Exception:  # one monitored item's failure must not stop the others
+                        log.exception("OPC UA data change notification failed")
+
+
+_IMMUTABLE = (float, int, bool, str, bytes, type(None))
+
+
+def _snapshot(dv: ua.DataValue) -> ua.DataValue:
+    """What a monitored item must keep of a DataValue: itself when its leaves are immutable."""
+    var = dv.Value
+    value = var.Value if var is not None else None
+    if type(value) in _IMMUTABLE:
+        return dv
+    if type(value) is list and all(type(x) in _IMMUTABLE for x in value):
+        return dataclasses.replace(dv, Value=dataclasses.replace(var, Value=list(value)))
+    return copy.deepcopy(dv)
+
+
+def install_copy_fastpath() -> None:
+    """Make asyncua's monitored items copy a DataValue only when copying protects something.
+
+    Idempotent. Checked against the pinned asyncua: if the method it replaces changes,
+    it leaves asyncua alone and says so.
+    """
+    cls: Any = monitored_item_service.MonitoredItemValues
+    current = cls.set_current_datavalue
+    if getattr(current, "_labctl", False):
+        return
+    code = current.__code__
+    if "deepcopy" not in code.co_names or code.co_argcount != 2:
+        log.warning("asyncua's MonitoredItemValues changed; keeping its deep copy of every notification")
+        return
+
+    def set_current_datavalue(self: Any, cur_val: ua.DataValue) -> None:
+        self.old_dvalue = self.current_dvalue
+        self.current_dvalue = _snapshot(cur_val)
+
+    set_current_datavalue._labctl = True  # type: ignore[attr-defined]
+    cls.set_current_datavalue = set_current_datavalue

@@ -1,0 +1,221 @@
+"""The OPC UA service: the site's process database served with asyncua.
+
+Theory of operation. :class:`OpcUaService` is a :class:`server.app.Service`. ``start``
+creates an asyncua server around :class:`~server.opcua.sessions.LabctlInternalServer`,
+sets the ApplicationUri ``urn:labctl:<site>:server``, the security policies and identity
+tokens the site file asks for (:class:`ioc.config.OpcUaConfig`), loads or creates the
+server certificate (:mod:`server.opcua.pki`), registers the namespace
+``urn:labctl:<site>``, builds one node per PV (:mod:`server.opcua.address_space`),
+subscribes once to the database (:mod:`server.opcua.publisher`), binds (port 0 picks a
+free port, read back into :attr:`port`), and finally freezes the garbage collector's
+view of everything made so far: a full collection over tens of thousands of nodes
+stalls asyncua for up to seconds, and none of these objects is ever garbage.
+
+Identity tokens offered: user name when any account has a password hash, certificate
+when any has a certificate, anonymous unless the site disables it. Passwords offered
+over the None policy are encrypted with the server's certificate (asyncua's token
+policy), and a client that sends one unencrypted anyway is refused.
+
+HistoryRead is not served yet; :meth:`OpcUaService.enable_history` is the hook through
+which the historian makes PVs historizing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from asyncua import Server as UaServer
+from asyncua import ua
+
+from ioc.errors import LabctlError
+from server.opcua.address_space import HISTORY_READ, SiteNodes, application_uri, build, namespace_uri, store_readings
+from server.opcua.pki import ensure_certificate
+from server.opcua.publisher import Publisher, install_copy_fastpath
+from server.opcua.sessions import LabctlInternalServer
+from server.opcua.users import UserDirectory, UserManager
+
+if TYPE_CHECKING:
+    from server.app import Server
+
+log = logging.getLogger(__name__)
+
+POLICIES: dict[str, ua.SecurityPolicyType] = {
+    "None": ua.SecurityPolicyType.NoSecurity,
+    "Basic256Sha256_Sign": ua.SecurityPolicyType.Basic256Sha256_Sign,
+    "Basic256Sha256_SignAndEncrypt": ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt,
+}
+
+
+class OpcUaService:
+    """Serves the site's PVs over OPC UA (see the module docstring)."""
+
+    name = "opcua"
+
+    def __init__(self, server: Server) -> None:
+        self.db = server.db
+        self.site = server.site
+        self.config = server.site.server.opcua
+        self.state_dir = Path(server.state_dir)
+        self.users = UserDirectory(server.site.users, anonymous=self.config.anonymous, base_dir=Path(server.base_dir))
+        self.users.load_certificates(server.site.users)
+        self.host = self.config.host
+        self.port: int | None = None
+        """The bound TCP port once started (the real one when the site asks for port 0)."""
+        self.nodes: SiteNodes | None = None
+        self.ua_server: UaServer | None = None
+        self._iserver: LabctlInternalServer | None = None
+        self._publisher: Publisher | None = None
+        self._frozen = False
+
+    @property
+    def url(self) -> str:
+        """The endpoint URL clients connect to."""
+        host = self.host if self.host not in ("0.0.0.0", "::", "") else socket.gethostname()
+        return f"opc.tcp://{host}:{self.port if self.port is not None else self.config.port}"
+
+    async def start(self) -> None:
+        """Build the address space, bind and serve."""
+        install_copy_fastpath()
+        library_log = logging.getLogger("asyncua")
+        if library_log.level == logging.NOTSET:  # unless configured: it logs every request at INFO
+            library_log.setLevel(logging.WARNING)
+        site = self.site.site
+        iserver = LabctlInternalServer(UserManager(self.users))
+        ua_server = UaServer(iserver=iserver)
+        await ua_server.init()
+        # no trailing "/": clients compare endpoint URLs with the one they dialled (node-opcua strictly)
+        ua_server.set_endpoint(f"opc.tcp://{self.host}:{self.config.port}")
+        ua_server.set_server_name(f"labctl {site}")
+        ua_server.product_uri = "urn:labctl"
+        ua_server.manufacturer_name = "labctl"
+        ua_server.allow_remote_admin(False)
+        await ua_server.set_application_uri(application_uri(site))
+        cert, key = await asyncio.to_thread(ensure_certificate, self.state_dir / "pki", application_uri(site), f"labctl {site}")
+        await ua_server.load_certificate(str(cert))
+        await ua_server.load_private_key(str(key))
+        ua_server.set_security_policy([POLICIES[p] for p in self.config.security])
+        ua_server.set_identity_tokens(self._identity_tokens())
+        idx = await ua_server.register_namespace(namespace_uri(site))
+
+        db = self.db
+        # asyncua's node creation is slow (seconds for 10 000 PVs): off the loop, which keeps
+        # serving the other services; nothing else touches this server before it starts.
+        nodes = await asyncio.to_thread(build, iserver, idx, site, db.infos())
+        iserver.bind(db, nodes)
+        # Current values, then the subscription, with no await in between: no update is lost.
+        store_readings(nodes, db.read)
+        publisher = Publisher(db, nodes.pvs)
+        publisher.start()
+        self.nodes, self.ua_server, self._iserver, self._publisher = nodes, ua_server, iserver, publisher
+        try:
+            await ua_server.start()
+        except OSError as e:
+            await self._teardown()
+            raise LabctlError(f"OPC UA: cannot listen on {self.host}:{self.config.port}: {e.strerror or e}") from None
+        except BaseException:
+            await self._teardown()
+            raise
+        assert ua_server.bserver is not None
+        self.port = ua_server.bserver.port
+        if self.config.port == 0:
+            _announce_port(ua_server, self.port)
+        self._warn_about_configuration()
+        gc.freeze()
+        self._frozen = True
+        log.info("OPC UA: %d PVs in namespace %s (ns=%d) at %s", len(nodes.pvs), namespace_uri(site), idx, self.url)
+
+    def _identity_tokens(self) -> list[type]:
+        tokens: list[type] = []
+        if self.config.anonymous:
+            tokens.append(ua.AnonymousIdentityToken)
+        if self.users.password_users:
+            tokens.append(ua.UserNameIdentityToken)
+        if self.users.certificate_users:
+            tokens.append(ua.X509IdentityToken)
+        return tokens
+
+    def _warn_about_configuration(self) -> None:
+        if not self._identity_tokens():
+            log.warning("OPC UA: anonymous access is disabled and no user has a password or certificate: nobody can log in")
+        if self.config.security == ("None",) and self.users.password_users:
+            log.warning("OPC UA: only the None security policy is offered; passwords cannot be encrypted and are refused")
+        if "None" in self.config.security and self.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("OPC UA: the None security policy is offered on %s; drop it outside a localhost demo", self.host)
+
+    async def stop(self) -> None:
+        """Stop serving and release the port."""
+        await self._teardown()
+        if self._frozen:
+            gc.unfreeze()
+            self._frozen = False
+
+    async def _teardown(self) -> None:
+        if self._publisher is not None:
+            await self._publisher.stop()
+            self._publisher = None
+        if self.ua_server is not None:
+            await _stop_clock(self.ua_server)
+            await self.ua_server.stop()
+            # asyncua's stop() closes the connections but not the sessions: their timeout
+            # watchdogs and subscription loops would run on.
+            for session in list(self.ua_server.iserver._external_sessions.values()):
+                await session.close_session(True)
+            self.ua_server = None
+
+    def endpoints(self) -> list[str]:
+        """The endpoint URL and its security policies."""
+        return [f"{self.url} (OPC UA; security: {', '.join(self.config.security)})"]
+
+    def banner(self) -> list[str]:
+        """Lines for the start-up banner: who may log in, and how."""
+        lines = [f"OPC UA anonymous access: {'read-only' if self.config.anonymous else 'disabled'}"]
+        for u in self.site.users:
+            how = " and ".join(k for k, v in (("password", u.password_hash), ("certificate", u.certificate)) if v)
+            extra = f" -- {u.description}" if u.description else ""
+            lines.append(f"OPC UA user {u.name} [{', '.join(u.roles)}] ({how or 'no login'}){extra}")
+        return lines
+
+    def enable_history(self, storage: Any) -> None:
+        """Serve HistoryRead of every PV from ``storage`` (an asyncua ``HistoryStorageInterface``).
+
+        Sets Historizing and the HistoryRead access bit on every PV node; UserAccessLevel
+        follows. Call after :meth:`start`.
+        """
+        if self._iserver is None or self.nodes is None:
+            raise RuntimeError("enable_history() needs a started OPC UA service")
+        self._iserver.history_manager.set_storage(storage)
+        self._iserver.history = True
+        aspace = self._iserver.aspace
+        for node in self.nodes.pvs.values():
+            attrs = aspace[node.nodeid].attributes
+            level = attrs[ua.AttributeIds.AccessLevel].value.Value.Value | HISTORY_READ
+            attrs[ua.AttributeIds.AccessLevel].value = ua.DataValue(ua.Variant(level, ua.VariantType.Byte))
+            attrs[ua.AttributeIds.Historizing].value = ua.DataValue(ua.Variant(True, ua.VariantType.Boolean))
+
+
+def _announce_port(ua_server: UaServer, port: int) -> None:
+    """Put the port bound for "port 0" into the endpoint descriptions (they were made before binding)."""
+
+    def with_port(url: str) -> str:
+        parts = urlparse(url)
+        host = parts.hostname or ""
+        return parts._replace(netloc=f"[{host}]:{port}" if ":" in host else f"{host}:{port}").geturl()
+
+    for edp in ua_server.iserver.endpoints:
+        edp.EndpointUrl = with_port(edp.EndpointUrl)
+        edp.Server.DiscoveryUrls = [with_port(u) for u in edp.Server.DiscoveryUrls]
+
+
+async def _stop_clock(ua_server: UaServer) -> None:
+    """Cancel asyncua's once-a-second ServerStatus clock, which ``stop()`` would wait up to 1 s for."""
+    task = ua_server.iserver.time_task
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        ua_server.iserver.time_task = None

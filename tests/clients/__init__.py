@@ -1,0 +1,1 @@
+"""Client library and command-line tests against a real in-process server."""

@@ -1,0 +1,178 @@
+"""``labctl ls/get/put/monitor`` against a real server.
+
+Most commands run ``server.cli.main`` in a worker thread (it starts its own event loop,
+as the console command does), so the server keeps serving on the test's loop. The
+streaming ``monitor`` and the exit status of the installed entry point run as real
+subprocesses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import sys
+
+import pytest
+
+from clients.cli import UsageError, parse_value
+from clients.session import Metadata
+from ioc.types import PVType
+from server.cli import main
+
+from .conftest import PASSWORDS
+
+
+@pytest.fixture
+def labctl(url, monkeypatch, capsys):
+    """``await labctl(*args, user=None)`` -> (exit status, stdout, stderr)."""
+    monkeypatch.delenv("LABCTL_URL", raising=False)
+    monkeypatch.delenv("LABCTL_USER", raising=False)
+    monkeypatch.delenv("LABCTL_PASSWORD", raising=False)
+
+    async def run(*args: str, user: str | None = None, password: str | None = None):
+        argv = [args[0], "--url", url, *args[1:]]
+        if user is not None:
+            argv += ["--user", user]
+            monkeypatch.setenv("LABCTL_PASSWORD", password if password is not None else PASSWORDS[user])
+        code = await asyncio.to_thread(main, argv)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+async def test_ls_table_and_json(labctl):
+    code, out, err = await labctl("ls", "B:*")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["NAME", "TYPE", "UNIT", "ACCESS", "DESCRIPTION"]
+    assert lines[1].split() == ["B:TEMP", "float64", "K", "r", "bench", "temperature"]
+    code, out, _ = await labctl("ls", "B:T*", "--json", user="operator")
+    (entry,) = json.loads(out)
+    assert entry | {"path": None} == {
+        "name": "B:TEMP", "type": "float64", "unit": "K", "description": "bench temperature", "display": [0.0, 300.0],
+        "states": [], "writable": True, "user_writable": True, "path": None,
+    }
+    assert entry["path"] == "bench/soft/B:TEMP"
+
+
+async def test_get_table_and_json(server, labctl):
+    server.db.post("B:TEMP", 150.0)
+    code, out, err = await labctl("get", "B:TEMP", "B:MODE", "B:WAVE", "B:NEW")
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines()]
+    assert rows[0] == ["NAME", "VALUE", "UNIT", "SEVERITY", "STATUS", "TIME"]
+    assert rows[1][:5] == ["B:TEMP", "150", "K", "MINOR", "HIGH"]
+    assert rows[2][:4] == ["B:MODE", "OFF", "NO_ALARM", "NO_ALARM"]
+    assert rows[3][:4] == ["B:WAVE", "[1,", "2]", "(2)"]
+    assert rows[4][:4] == ["B:NEW", "(invalid)", "INVALID", "UDF"]
+    code, out, _ = await labctl("get", "B:MODE", "B:NEW", "--json")
+    mode, new = json.loads(out)
+    assert (mode["value"], mode["state"], mode["severity"]) == (0, "OFF", "NO_ALARM")
+    assert (new["value"], new["severity"], new["status"]) == (None, "INVALID", "UDF")
+    assert new["timestamp"].endswith("+00:00")
+
+
+async def test_put_writes_and_shows_the_result(server, labctl):
+    code, out, err = await labctl("put", "B:TEMP", "12.5", user="operator")
+    assert (code, out, err) == (0, "B:TEMP = 12.5 K\n", "")
+    for name, text, stored in (("B:MODE", "HIGH", 2), ("B:ON", "on", True), ("B:WAVE", "[3, 4.5]", (3.0, 4.5)), ("B:NOTE", "two words", "two words")):
+        code, out, err = await labctl("put", name, text, user="operator")
+        assert code == 0, err
+        assert server.db.read(name).value == stored
+    code, out, _ = await labctl("put", "B:COUNT", "0x10", "--json", user="operator")
+    assert json.loads(out)["value"] == 16
+
+
+@pytest.mark.parametrize(
+    ("args", "user", "code", "message"),
+    [
+        (("put", "B:TEMP", "400"), "operator", 1, "labctl put: B:TEMP: write refused (BadOutOfRange): 400.0 is outside the drive limits [0.0, 350.0]"),
+        (("put", "B:TEMP", "1"), "viewer", 1, "labctl put: B:TEMP: write refused (BadUserAccessDenied): user 'viewer' may not write resource 'soft'"),
+        (("put", "B:TEMP", "1"), None, 1, "labctl put: B:TEMP: write refused (BadUserAccessDenied): user 'anonymous' may not write resource 'soft'"),
+        (("put", "B:TEMP", "warm"), "operator", 2, "labctl put: B:TEMP is float64: expected a number, got 'warm'"),
+        (("put", "B:MODE", "MAX"), "operator", 2, "labctl put: B:MODE is enum: expected one of ['OFF', 'LOW', 'HIGH'] or a state index, got 'MAX'"),
+        (("get", "B:NOPE"), None, 1, "labctl get: no PV named 'B:NOPE'"),
+    ],
+)
+async def test_failures_exit_non_zero_with_one_line(labctl, args, user, code, message):
+    got, out, err = await labctl(*args, user=user)
+    assert (got, out) == (code, "")
+    assert err == message + "\n"
+
+
+async def test_wrong_password_is_one_line(labctl):
+    code, out, err = await labctl("get", "B:TEMP", user="operator", password="nope")
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and "login refused for user 'operator'" in err
+
+
+async def test_no_password_and_no_terminal(labctl, monkeypatch, url):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # not a terminal: no prompt possible
+    code = await asyncio.to_thread(main, ["get", "B:TEMP", "--url", url, "--user", "operator"])
+    assert code == 2
+
+
+def test_parse_value_by_type():
+    meta = Metadata("X", PVType.FLOAT64_ARRAY)
+    assert parse_value(meta, "1, 2,3") == [1.0, 2.0, 3.0]
+    assert parse_value(meta, "[]") == []
+    with pytest.raises(UsageError, match="numbers as"):
+        parse_value(meta, "[1, 'a']")
+    assert parse_value(Metadata("B", PVType.BOOL), "FALSE") is False
+    assert parse_value(Metadata("E", PVType.ENUM, states=("A", "B")), "1") == 1
+
+
+async def _labctl_process(url: str, *args: str, env: dict | None = None) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server.cli", *args, "--url", url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+
+
+async def test_monitor_streams_changes_as_json_lines(server, url):
+    proc = await _labctl_process(url, "monitor", "B:COUNT", "B:MODE", "--count", "14", "--json")
+    try:
+        first = [json.loads(await asyncio.wait_for(proc.stdout.readline(), 60)) for _ in range(2)]
+        assert {f["name"] for f in first} == {"B:COUNT", "B:MODE"}, "current values first"
+        for i in range(11):
+            server.db.post("B:COUNT", 100 + i)
+        server.db.post("B:MODE", 2)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    samples = [json.loads(line) for line in out.decode().splitlines()]
+    assert [s["value"] for s in samples if s["name"] == "B:COUNT"] == [100 + i for i in range(11)]
+    assert [(s["value"], s["state"]) for s in samples if s["name"] == "B:MODE"] == [(2, "HIGH")]
+
+
+async def test_monitor_table_output(server, url):
+    proc = await _labctl_process(url, "monitor", "B:TEMP", "--count", "2")
+    try:
+        first = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        assert first.split()[2:] == ["B:TEMP", "4.2", "K"]
+        server.db.post("B:TEMP", 250.0)
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert out.decode().split()[2:] == ["B:TEMP", "250", "K", "MAJOR", "HIHI"]
+
+
+async def test_entry_point_exit_status_when_unreachable():
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    proc = await _labctl_process(f"opc.tcp://127.0.0.1:{port}", "get", "B:TEMP", "--security", "None")
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1 and out == b""
+    lines = err.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"labctl get: cannot connect to opc.tcp://127.0.0.1:{port}")

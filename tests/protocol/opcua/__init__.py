@@ -1,0 +1,1 @@
+"""OPC UA front-end tests: real asyncua and node-opcua clients against in-process servers."""

@@ -1,0 +1,257 @@
+"""The address space as an asyncua client sees it: names, paths, types, metadata, values, quality."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from asyncua import ua
+
+from clients.session import quality
+from ioc.pv import PVInfo
+from ioc.types import PVType, Reading, Severity, Status
+from server.app import Server
+from server.opcua.address_space import MAX_CHILDREN, QUALITY, folder_layout, status_code
+from server.opcua.units import eu_information, unit_id
+
+from .conftest import NAMESPACE, SITE, make_site, ns, pv_node
+
+EXPECTED_TYPES = {
+    "LAB:TEMP": (ua.ObjectIds.Double, ua.ValueRank.Scalar, ua.ObjectIds.AnalogItemType),
+    "LAB:COUNT": (ua.ObjectIds.Int64, ua.ValueRank.Scalar, ua.ObjectIds.AnalogItemType),
+    "LAB:VALVE": (ua.ObjectIds.Boolean, ua.ValueRank.Scalar, ua.ObjectIds.BaseDataVariableType),
+    "LAB:MODE": (ua.ObjectIds.UInt32, ua.ValueRank.Scalar, ua.ObjectIds.MultiStateDiscreteType),
+    "LAB:NOTE": (ua.ObjectIds.String, ua.ValueRank.Scalar, ua.ObjectIds.BaseDataVariableType),
+    "LAB:WAVE": (ua.ObjectIds.Double, ua.ValueRank.OneDimension, ua.ObjectIds.AnalogItemType),
+    "LAB:PRES": (ua.ObjectIds.Double, ua.ValueRank.Scalar, ua.ObjectIds.BaseAnalogType),
+}
+
+
+async def test_namespace_and_stable_node_ids(server, connect):
+    client = await connect()
+    idx = await client.get_namespace_index(NAMESPACE)
+    assert (await client.get_namespace_array())[idx] == NAMESPACE
+    for name in server.db.names():
+        node = client.get_node(ua.NodeId(name, idx))
+        assert (await node.read_node_class()) == ua.NodeClass.Variable, name
+        assert node.nodeid.to_string() == f"ns={idx};s={name}"
+
+
+async def test_browse_path_objects_site_folder_pv(connect):
+    client = await connect()
+    idx = await ns(client)
+    temp = await client.nodes.objects.get_child([f"{idx}:{SITE}", f"{idx}:soft", f"{idx}:LAB:TEMP"])
+    assert temp.nodeid == ua.NodeId("LAB:TEMP", idx)
+    double = await client.nodes.objects.get_child([f"{idx}:{SITE}", f"{idx}:derived", f"{idx}:LAB:DOUBLE"])
+    assert double.nodeid == ua.NodeId("LAB:DOUBLE", idx)
+    names = {(await c.read_browse_name()).Name for c in await client.get_node(ua.NodeId(f"/{SITE}", idx)).get_children()}
+    assert names == {"soft", "derived", "Session"}
+
+
+async def test_instrument_pvs_under_instrument_and_channel(instrument_server, connect_to):
+    service, _, _ = instrument_server
+    client = await connect_to(service.url)
+    idx = await ns(client)
+    node = await client.nodes.objects.get_child([f"{idx}:{SITE}", f"{idx}:ctl", f"{idx}:temperature"])
+    assert node.nodeid == ua.NodeId("CTL:TEMP", idx)
+    assert await node.read_value() == 4.0
+    assert (await node.read_attribute(ua.AttributeIds.MinimumSamplingInterval)).Value.Value == pytest.approx(100.0)
+
+
+async def test_data_type_value_rank_and_type_definition(connect):
+    client = await connect()
+    for name, (dtype, rank, typedef) in EXPECTED_TYPES.items():
+        node = await pv_node(client, name)
+        assert (await node.read_data_type()) == ua.NodeId(dtype), name
+        assert (await node.read_value_rank()) == rank, name
+        assert (await node.read_type_definition()) == ua.NodeId(typedef), name
+
+
+async def test_array_dimensions(connect):
+    client = await connect()
+    wave = await pv_node(client, "LAB:WAVE")
+    assert (await wave.read_array_dimensions()) == [3]
+    assert (await wave.read_value()) == [1.0, 2.0, 3.0]
+
+
+async def test_analog_metadata_engineering_units_and_eurange(connect):
+    client = await connect()
+    temp = await pv_node(client, "LAB:TEMP")
+    eu = await (await temp.get_child("0:EngineeringUnits")).read_value()
+    assert eu.NamespaceUri == "http://www.opcfoundation.org/UA/units/un/cefact"
+    assert eu.UnitId == unit_id("KEL") == 4932940
+    assert eu.DisplayName.Text == "K"
+    assert eu.Description.Text == "kelvin"
+    rng = await (await temp.get_child("0:EURange")).read_value()
+    assert (rng.Low, rng.High) == (0.0, 300.0)
+    assert (await temp.read_description()).Text == "sample temperature"
+    # drive limits stand in for a missing display range
+    count_range = await (await (await pv_node(client, "LAB:COUNT")).get_child("0:EURange")).read_value()
+    assert (count_range.Low, count_range.High) == (0.0, 1000.0)
+    # a unit with no UNECE code keeps its symbol
+    flow_eu = await (await (await pv_node(client, "LAB:FLOW")).get_child("0:EngineeringUnits")).read_value()
+    assert (flow_eu.UnitId, flow_eu.DisplayName.Text) == (-1, "sccm")
+
+
+async def test_enum_strings(connect):
+    client = await connect()
+    mode = await pv_node(client, "LAB:MODE")
+    states = await (await mode.get_child("0:EnumStrings")).read_value()
+    assert [s.Text for s in states] == ["OFF", "LOW", "HIGH"]
+    assert await mode.read_value() == 1
+
+
+@pytest.mark.parametrize(
+    ("symbol", "code"),
+    [("K", "KEL"), ("mbar", "MBR"), ("Pa", "PAL"), ("V", "VLT"), ("A", "AMP"), ("W", "WTT"), ("Ohm", "OHM"), ("T", "D33"),
+     ("%", "P1"), ("s", "SEC"), ("Hz", "HTZ"), ("mA", "4K"), ("Torr", "UA")],
+)
+def test_unece_codes(symbol, code):
+    eu = eu_information(symbol)
+    assert eu.UnitId == unit_id(code)
+    assert eu.DisplayName.Text == symbol
+
+
+async def test_values_and_source_timestamps(server, connect):
+    client = await connect()
+    expected = {"LAB:TEMP": 4.2, "LAB:COUNT": 7, "LAB:VALVE": False, "LAB:MODE": 1, "LAB:NOTE": "hello", "LAB:WAVE": [1.0, 2.0, 3.0]}
+    for name, value in expected.items():
+        dv = await (await pv_node(client, name)).read_data_value()
+        assert dv.Value.Value == value, name
+        assert dv.StatusCode.is_good()
+        assert dv.SourceTimestamp.timestamp() == pytest.approx(server.db.read(name).timestamp, abs=1e-5)
+        assert dv.ServerTimestamp is not None
+
+
+async def test_undefined_pv_reads_bad_waiting_for_initial_data(connect):
+    client = await connect()
+    dv = await (await pv_node(client, "LAB:FRESH")).read_data_value(raise_on_bad_status=False)
+    assert dv.StatusCode.value == ua.StatusCodes.BadWaitingForInitialData
+    assert dv.Value.Value is None
+
+
+async def test_lost_instrument_reads_bad_communication_error(server, connect):
+    client = await connect()
+    node = await pv_node(client, "LAB:PRES")
+    server.db.invalidate(["LAB:PRES"], Status.COMM)
+    dv = await node.read_data_value(raise_on_bad_status=False)
+    assert dv.StatusCode.value == ua.StatusCodes.BadCommunicationError
+    assert dv.Value.Value is None, "an INVALID value must not look like a good one"
+    server.db.invalidate(["LAB:PRES"], Status.TIMEOUT)
+    assert (await node.read_data_value(raise_on_bad_status=False)).StatusCode.value == ua.StatusCodes.BadTimeout
+    server.db.post("LAB:PRES", 2.0e-6)
+    dv = await node.read_data_value()
+    assert (dv.StatusCode.value, dv.Value.Value) == (ua.StatusCodes.Good, 2.0e-6)
+
+
+async def test_derived_pv_of_invalid_input_is_bad(server, connect):
+    client = await connect()
+    server.db.invalidate(["LAB:TEMP"], Status.COMM)
+    dv = await (await pv_node(client, "LAB:DOUBLE")).read_data_value(raise_on_bad_status=False)
+    assert dv.StatusCode.is_bad()
+
+
+async def test_alarms_set_limit_bits_and_uncertain_for_major(server, connect):
+    client = await connect()
+    node = await pv_node(client, "LAB:TEMP")
+    server.db.post("LAB:TEMP", 150.0)  # above high: MINOR HIGH
+    dv = await node.read_data_value()
+    assert dv.StatusCode.value == ua.StatusCodes.Good | 0x200
+    assert dv.Value.Value == 150.0
+    server.db.post("LAB:TEMP", 250.0)  # above hihi: MAJOR HIHI
+    dv = await node.read_data_value(raise_on_bad_status=False)
+    assert dv.StatusCode.value == ua.StatusCodes.UncertainEngineeringUnitsExceeded | 0x200
+    assert dv.Value.Value == 250.0, "an alarming value is still a value"
+
+
+def test_quality_table_round_trips_through_the_client_library():
+    for severity, status in itertools.product(Severity, Status):
+        code = status_code(Reading(1.0, 0.0, severity, status)).value
+        back = quality(code)
+        assert back[0] is severity or (severity is Severity.MINOR and back[0] is Severity.NO_ALARM), (severity, status)
+        if (severity, status) in QUALITY:
+            assert back == (severity, status)
+
+
+def test_folders_hold_at_most_max_children():
+    infos = [PVInfo(f"BIG:G{g}:PV{i:03d}", PVType.FLOAT64, "soft", initial=0.0) for g in range(3) for i in range(150)]
+    infos += [PVInfo(f"FLAT{i:04d}", PVType.FLOAT64, "soft", initial=0.0) for i in range(230)]
+    root = folder_layout(SITE, infos)
+    seen = []
+
+    def walk(folder):
+        assert len(folder.children) + len(folder.pvs) <= MAX_CHILDREN, folder.path
+        seen.extend(info.name for _, info in folder.pvs)
+        for child in folder.children:
+            walk(child)
+
+    walk(root)
+    assert sorted(seen) == sorted(i.name for i in infos)
+
+
+async def test_big_site_is_browsable_in_small_folders(tmp_path, connect_to):
+    pvs = "pvs:\n" + "".join(f'  - {{name: "BIG:G{g}:PV{i:03d}", type: int, initial: {i}}}\n' for g in range(2) for i in range(120))
+    srv = Server(make_site(tmp_path, pvs=pvs))
+    await srv.start()
+    try:
+        client = await connect_to(srv.service("opcua").url)
+        idx = await ns(client)
+        node = await client.nodes.objects.get_child([f"{idx}:{SITE}", f"{idx}:soft", f"{idx}:BIG", f"{idx}:G1"])
+        children = await node.get_children()
+        assert 0 < len(children) <= MAX_CHILDREN
+        total = 0
+        for child in children:
+            total += len(await child.get_children()) if await child.read_node_class() == ua.NodeClass.Object else 1
+        assert total == 120
+        assert await client.get_node(ua.NodeId("BIG:G1:PV119", idx)).read_value() == 119
+    finally:
+        await srv.stop()
+
+
+async def test_restart_keeps_node_ids_namespace_and_certificate(tmp_path, connect_to):
+    site = make_site(tmp_path)
+    seen = []
+    for _ in range(2):
+        srv = Server(site)
+        await srv.start()
+        try:
+            client = await connect_to(srv.service("opcua").url)
+            idx = await ns(client)
+            endpoints = await client.get_endpoints()
+            cert = {e.ServerCertificate for e in endpoints}
+            assert len(cert) == 1
+            ids = sorted(n.nodeid.to_string() for n in [client.get_node(ua.NodeId(name, idx)) for name in srv.db.names()])
+            for nid in ids:
+                await client.get_node(nid).read_browse_name()  # every one exists
+            seen.append((idx, ids, cert.pop()))
+            await client.disconnect()
+        finally:
+            await srv.stop()
+    assert seen[0] == seen[1]
+    assert (tmp_path / "state" / "pki" / "server_key.pem").stat().st_mode & 0o077 == 0
+
+
+async def test_site_edits_keep_the_node_ids_of_unchanged_pvs(tmp_path, connect_to):
+    """NodeIds come from names only: adding a PV in front changes no other PV's NodeId."""
+    first = make_site(tmp_path, pvs='pvs:\n  - {name: "B", type: int, initial: 1}\n')
+    second = make_site(tmp_path, pvs='pvs:\n  - {name: "A", type: int, initial: 0}\n  - {name: "B", type: int, initial: 1}\n')
+    nodeids = []
+    for site in (first, second):
+        srv = Server(site)
+        await srv.start()
+        try:
+            client = await connect_to(srv.service("opcua").url)
+            idx = await ns(client)
+            node = await client.nodes.objects.get_child([f"{idx}:{SITE}", f"{idx}:soft", f"{idx}:B"])
+            nodeids.append(node.nodeid.to_string())
+            await client.disconnect()
+        finally:
+            await srv.stop()
+    assert nodeids[0] == nodeids[1]
+
+
+async def test_new_values_reach_reads_at_once(server, connect):
+    client = await connect()
+    node = await pv_node(client, "LAB:COUNT")
+    server.db.post("LAB:COUNT", 42)
+    assert await node.read_value() == 42
