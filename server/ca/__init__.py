@@ -9,6 +9,8 @@ Modules, outside in:
 * :mod:`server.ca.channels` -- a PV as a caproto channel of its native DBR type, with
   DBR_CTRL metadata, EPICS event-mask delivery and the write path.
 * :mod:`server.ca.fields` -- record fields (``.DESC``, ``.EGU``, ``.HIHI``, ``.SEVR``...).
+* :mod:`server.ca.arbiter` -- lock commands for CA users (``ARB:<RES>:REQUEST``/``RELEASE``)
+  and access rights that follow the lock.
 * :mod:`server.ca.access` -- access rules (user and host groups, as in an EPICS ACF).
 * :mod:`server.ca.env` -- ``EPICS_CAS_*`` settings and caproto's latency knobs.
 """

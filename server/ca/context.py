@@ -27,7 +27,9 @@ Access rights. Channel Access sends a channel's rights when it is created. Right
 depend on locks that change hands, so :meth:`LabctlContext.refresh_access_rights`
 re-evaluates open channels and sends CA_PROTO_ACCESS_RIGHTS for those whose rights
 changed (the protocol allows it at any time; libca updates its channel and calls the
-client's access-rights handler).
+client's access-rights handler). Each circuit sends its refreshes in one task of its
+own (:meth:`LabctlCircuit.schedule_rights_refresh`), so a client that stops reading its
+connection delays no other client's new rights.
 
 Hosts. A client's reported host name goes to the access rules unless
 ``check_client_ip`` is set: then the circuit's peer address stands in for it.
@@ -53,6 +55,7 @@ from caproto.asyncio.utils import (
 )
 from caproto.server.common import DisconnectedCircuit
 
+from ioc.arbiter import LockError
 from ioc.errors import DriverError, LabctlError, LockedBy, NotWritable, PermissionDenied, UnknownPV, WriteRefused
 from server.ca.env import CASettings
 
@@ -66,10 +69,14 @@ PUT_STATUS: dict[type[Exception], CAStatus] = {
     WriteRefused: CAStatus.ECA_PUTFAIL,  # WrongType, OutOfRange, Interlocked
     DriverError: CAStatus.ECA_PUTFAIL,  # DriverFault, DriverTimeout
     UnknownPV: CAStatus.ECA_PUTFAIL,
+    LockError: CAStatus.ECA_PUTFAIL,  # a lock command the arbiter refused (nothing to release...)
 }
 
 #: Beacons start this often and back off (doubling) to the configured period (CA spec).
 MIN_BEACON_PERIOD_S = 0.02
+#: How long :meth:`LabctlContext.refresh_access_rights` waits for a client to take its
+#: new access rights (one that does not read its connection gets them when it does).
+RIGHTS_SEND_TIMEOUT_S = 5.0
 
 
 class CAStartError(LabctlError):
@@ -105,6 +112,9 @@ class LabctlCircuit(VirtualCircuit):
         super().__init__(circuit, client, context)
         self.peer_address: str = circuit.address[0]
         self.reported_host: str | None = None
+        self._rights_pending: set[str] = set()
+        self._rights_all = False
+        self._rights_task: asyncio.Task[int] | None = None
         if context.check_client_ip:
             self.client_hostname = self.peer_address
 
@@ -160,6 +170,34 @@ class LabctlCircuit(VirtualCircuit):
         self.write_event.clear()
         await self._start_write_task(handle_write)
         return []
+
+    def schedule_rights_refresh(self, pvs: Collection[str] | None = None) -> asyncio.Task[int]:
+        """Queue a refresh of this client's channels (of ``pvs``, or all); return the task sending it.
+
+        One task per circuit sends queued refreshes in order; a refresh queued while it
+        runs joins it (so a client that stops reading holds one task, never a pile).
+        """
+        if pvs is None:
+            self._rights_all = True
+        else:
+            self._rights_pending.update(pvs)
+        if self._rights_task is None or self._rights_task.done():
+            self._rights_task = self.tasks.create(self._send_rights())
+        return self._rights_task
+
+    async def _send_rights(self) -> int:
+        sent = 0
+        while self._rights_all or self._rights_pending:
+            pvs = None if self._rights_all else self._rights_pending
+            self._rights_all, self._rights_pending = False, set()
+            try:
+                sent += await self.refresh_access_rights(pvs)
+            except DisconnectedCircuit:
+                break
+            except Exception:  # nobody awaits this task to report it: this is the boundary
+                log.exception("sending access rights to %s@%s failed", self.client_username, self.client_hostname)
+                break
+        return sent
 
     async def refresh_access_rights(self, pvs: Collection[str] | None = None) -> int:
         """Send new access rights for this client's open channels whose rights changed."""
@@ -312,18 +350,28 @@ class LabctlContext(Context):
 
     # ---- access rights --------------------------------------------------------------------
 
+    def schedule_access_rights(self, pvs: Collection[str] | None = None) -> list[asyncio.Task[int]]:
+        """Queue a re-evaluation of open channels' rights (of ``pvs``, or all) on every circuit.
+
+        Never waits (the arbiter's listeners call it inline). Each circuit sends its own
+        changes in its own task, so a client that does not read its connection delays
+        no one else's new rights. Returns the circuits' tasks.
+        """
+        return [circuit.schedule_rights_refresh(pvs) for circuit in list(self.circuits)]
+
     async def refresh_access_rights(self, pvs: Collection[str] | None = None) -> int:
         """Re-evaluate the access rights of open channels (of ``pvs``, or all); send changes.
 
-        Returns how many CA_PROTO_ACCESS_RIGHTS messages were sent.
+        Returns how many CA_PROTO_ACCESS_RIGHTS messages were sent, not counting clients
+        that did not take them within :data:`RIGHTS_SEND_TIMEOUT_S` (theirs stay queued).
         """
-        sent = 0
-        for circuit in list(self.circuits):
-            try:
-                sent += await circuit.refresh_access_rights(pvs)
-            except DisconnectedCircuit:
-                continue
-        return sent
+        tasks = self.schedule_access_rights(pvs)
+        if not tasks:
+            return 0
+        done, late = await asyncio.wait(tasks, timeout=RIGHTS_SEND_TIMEOUT_S)
+        if late:
+            log.warning("%d Channel Access client(s) did not take their new access rights yet", len(late))
+        return sum(task.result() for task in done if not task.cancelled())  # cancelled: its client left
 
 
 async def _bound_tcp_socket(interface: str, port: int) -> socket.socket:

@@ -22,6 +22,11 @@ read-back). Refusals raise the core's errors, which the core has already audited
 :meth:`CAService.refuse` audits the few refusals decided here (writes to record fields,
 alarm acknowledgements), so every write attempt reaches the audit trail.
 
+Locks. In a server with a control layer (``server.control``), each lockable resource
+also gets the CA-only command channels ``ARB:<RES>:REQUEST`` and ``ARB:<RES>:RELEASE``,
+and access rights of open channels are re-sent when a lease changes hands (see
+:mod:`server.ca.arbiter`).
+
 See :mod:`server.ca.env` for addresses, ports and subscription latency,
 :mod:`server.ca.access` for access rights, :mod:`server.ca.channels` for types and
 event masks.
@@ -37,20 +42,26 @@ from typing import Any, NoReturn, Protocol
 from caproto import AccessRights
 
 from ioc.access import AuditRecord
+from ioc.arbiter import LeaseEvent
 from ioc.config import SiteConfig
 from ioc.database import Database
 from ioc.subscription import Callback
 from ioc.types import EventMask, Update
 from server.ca.access import AccessRules, Client, access_rights
+from server.ca.arbiter import ArbiterChannels, Control
 from server.ca.channels import ServedChannel, build_channel
-from server.ca.context import LabctlContext
+from server.ca.context import CAStartError, LabctlContext
 from server.ca.env import CASettings, resolve, tune_latency
 
 log = logging.getLogger("labctl.ca")
 
 
 class Host(Protocol):
-    """What the service needs from the server it runs in (``server.app.Server``)."""
+    """What the service needs from the server it runs in (``server.app.Server``).
+
+    A server with a control layer also has ``control`` (the arbiter's commands); without
+    one, no lock command channels are served.
+    """
 
     db: Database
     site: SiteConfig
@@ -119,6 +130,11 @@ class CAService:
         self._queue = UpdateQueue(self._apply)
         self._subscription: Callback | None = None
         self._pump: asyncio.Task[None] | None = None
+        self.control: Control | None = getattr(server, "control", None)
+        self.arbiter: ArbiterChannels | None = None
+        """Lock command channels and access-rights refreshes (with a control layer)."""
+        if self.control is not None:
+            self.control.on_lease_events(self._lease_events)
 
     # ---- life cycle -------------------------------------------------------------------
 
@@ -130,10 +146,19 @@ class CAService:
             info.name: build_channel(info, self.db.read(info.name), self, self.prefix + info.name)
             for info in self.db.infos()
         }
+        pvdb: dict[str, Any] = {ch.pvname: ch for ch in self.channels.values()}
+        if self.control is not None:
+            self.arbiter = ArbiterChannels(self.db, self.control, self.rules, self.prefix, publish=self._publish_now)
+            for name, command in self.arbiter.channels.items():
+                if name in pvdb:
+                    raise CAStartError(
+                        f"Channel Access: PV {name!r} has the name of resource {command.resource!r}'s lock command "
+                        "channel; rename the PV"
+                    )
+                pvdb[name] = command
         # No await between reading the initial values and subscribing: no update is missed.
         self._queue = UpdateQueue(self._apply)
         self._subscription = self.db.subscribe(self._queue.offer, mask=EventMask.ALL)
-        pvdb = {ch.pvname: ch for ch in self.channels.values()}
         self.context = LabctlContext(pvdb, self.settings, check_client_ip=self.rules.check_client_ip)
         try:
             await self.context.start()
@@ -143,6 +168,8 @@ class CAService:
             self.context = None
             raise
         self._pump = asyncio.create_task(self._queue.run(), name="ca updates")
+        if self.arbiter is not None:
+            self.arbiter.start(self.context)
         log.info(
             "Channel Access: %d PVs on %s, UDP %d / TCP %d; beacons to %s",
             len(self.channels),
@@ -161,6 +188,8 @@ class CAService:
             self._pump.cancel()
             await asyncio.gather(self._pump, return_exceptions=True)
             self._pump = None
+        if self.arbiter is not None:
+            self.arbiter.stop()
         if self.context is not None:
             await self.context.stop()
             self.context = None
@@ -191,6 +220,14 @@ class CAService:
         if self.context is None:
             return 0
         return await self.context.refresh_access_rights(pvs)
+
+    async def _publish_now(self, pv: str) -> None:
+        await self._queue.flush(pv)
+
+    def _lease_events(self, events: list[LeaseEvent]) -> None:
+        """The control layer's listener (inline, never waits): rights follow the lock."""
+        if self.arbiter is not None:
+            self.arbiter.lease_events(events)
 
     # ---- the channels' binding ----------------------------------------------------------
 

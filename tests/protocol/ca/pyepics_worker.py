@@ -14,10 +14,14 @@ lines. Operations:
   that reports libca's completion status as event ``put_done``.
 * ``monitor pv [mask] [form]`` -- a subscription; each update is event ``monitor``.
 * ``access pv`` -- current access rights (changes also arrive as event ``access``).
+* ``exceptions`` -- install a libca exception handler: each asynchronous error (such as
+  a server's error message for a refused plain put) arrives as event ``exception`` with
+  its ECA status and context text.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import sys
@@ -170,6 +174,42 @@ def op_monitor(pv: str, mask: int | None = None, form: str = "time", tag: str | 
     return {}
 
 
+class ExceptionHandlerArgs(ctypes.Structure):
+    """libca's ``struct exception_handler_args`` (cadef.h)."""
+
+    _fields_ = [
+        ("usr", ctypes.c_void_p),
+        ("chid", ctypes.c_void_p),
+        ("type", ctypes.c_long),
+        ("count", ctypes.c_long),
+        ("addr", ctypes.c_void_p),
+        ("stat", ctypes.c_long),
+        ("op", ctypes.c_long),
+        ("ctx", ctypes.c_char_p),
+        ("pFile", ctypes.c_char_p),
+        ("lineNo", ctypes.c_uint),
+    ]
+
+
+def op_exceptions() -> dict:
+    """ca_add_exception_event: report libca's asynchronous errors as events."""
+
+    def handler(args):
+        emit(
+            {
+                "event": "exception",
+                "status": args.stat,
+                "op": args.op,
+                "ctx": (args.ctx or b"").decode("utf-8", "replace"),
+            }
+        )
+
+    callback = ctypes.CFUNCTYPE(None, ExceptionHandlerArgs)(handler)
+    _keep.append(callback)
+    ca.libca.ca_add_exception_event(callback, None)
+    return {}
+
+
 OPS = {
     "connect": op_connect,
     "get": op_get,
@@ -178,6 +218,7 @@ OPS = {
     "put_wait": op_put_wait,
     "put_callback": op_put_callback,
     "monitor": op_monitor,
+    "exceptions": op_exceptions,
 }
 
 

@@ -2,6 +2,8 @@
 
 * :func:`serve` starts a database (soft PVs from a site file, optionally a test driver)
   and the CA service on a port free for TCP and UDP, with beacons to another free port.
+* :func:`serve_server` starts a whole :class:`~server.app.Server` for a site file: the
+  control layer (arbiter) and the CA service wired as in production.
 * :class:`PyEpics` runs ``pyepics_worker.py`` in a subprocess pinned to that port (libca
   reads its environment once per process) and talks to it in JSON lines; its answers and
   events are awaited with timeouts, never slept for.
@@ -32,7 +34,9 @@ from ioc.config import SiteConfig, parse_site
 from ioc.database import Database
 from ioc.errors import DriverFault, DriverTimeout
 from ioc.site import build_database
+from server.app import Server
 from server.ca.service import CAService
+from server.control import ControlService
 from tests.helpers import free_port
 
 WORKER = Path(__file__).with_name("pyepics_worker.py")
@@ -165,6 +169,45 @@ async def serve(site_text: str, *, drivers: Sequence[Any] = ()) -> AsyncIterator
     finally:
         await db.stop()
         await served.service.stop()
+
+
+@dataclass
+class ServedServer:
+    """A running whole server, and the audit records it produced."""
+
+    server: Server
+    audit: list[AuditRecord] = field(default_factory=list)
+
+    @property
+    def db(self) -> Database:
+        """The process database."""
+        return self.server.db
+
+    @property
+    def service(self) -> CAService:
+        """The CA service."""
+        service = self.server.service("ca")
+        assert isinstance(service, CAService)
+        return service
+
+    @property
+    def control(self) -> ControlService:
+        """The control layer (arbiter, jobs...)."""
+        return self.server.control
+
+    @property
+    def port(self) -> int:
+        """The server port clients search on."""
+        return self.service.port
+
+
+@asynccontextmanager
+async def serve_server(site_text: str) -> AsyncIterator[ServedServer]:
+    """Run a whole server (control layer and CA service) for ``site_text`` until the block ends."""
+    served = ServedServer(Server(parse_site(site_text, "test-site.yaml")))
+    served.db.add_audit_sink(served.audit.append)
+    async with served.server:
+        yield served
 
 
 class WorkerError(AssertionError):

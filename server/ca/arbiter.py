@@ -1,0 +1,312 @@
+"""Channel Access users in the arbiter: lock command channels, and access rights that follow the lock.
+
+Theory of operation. The arbiter's *state* is public on every protocol through database
+PVs that the control layer keeps (``ARB:<RES>:OWNER``, ``:EXPIRES``, ``:QUEUE``; see
+:func:`ioc.arbiter.lock_pv_names`). Its *commands* are protocol-specific: OPC UA has
+methods, and Channel Access, which has none, gets two writable channels per lockable
+resource, built here and served by the CA adapter only (they are not database PVs):
+
+``<prefix>ARB:<RES>:REQUEST``
+    DBR_STRING. Write ``"duration[,priority]"`` -- the lease in seconds, and optionally
+    an integer priority (default 0, higher first) -- or just a number (the duration).
+    The put completes once the request was *granted or queued*, and OWNER, EXPIRES and
+    QUEUE already show which when it does. Writing it again while holding the lock
+    *renews* the lease for the new duration from now: a CA client has no token, so this
+    is how it keeps its lock, and a lease not renewed lapses (a crashed client never
+    holds a lock forever). Writing it again while queued keeps the place in the queue
+    (priority and duration unchanged).
+``<prefix>ARB:<RES>:RELEASE``
+    DBR_STRING. Write anything: gives up the client's lease, or withdraws its queued
+    request. A put when the client holds and waits for nothing fails (ECA_PUTFAIL), so a
+    script learns that its lease had already lapsed.
+
+A request acts for the CA client's :class:`~ioc.types.Identity` (reported user, host or
+address, roles from the access rules) through ``server.control``. The lease's
+``client`` is ``ca:<user>@<host>`` (:func:`client_id`), so a release acts on that
+client's own lease or request, and a renewal is recognised as the same client's. Both
+channels read back the last command accepted (as a ``stringout`` record would) and grant
+write access to clients whose roles may write the resource; the arbiter refuses the
+rest with ECA_NOWTACCESS (audited by the control layer). A malformed request fails the
+put with ECA_PUTFAIL and is audited here.
+
+Access rights. A channel's rights are READ|WRITE when the core would accept a write from
+that client now, which on a lockable resource means holding its lease. Channel Access
+sends rights when a channel is created; :class:`ArbiterChannels` subscribes to the
+control layer's lease events and, when a lease changes hands (granted, released,
+expired, broken), re-sends the rights of the resource's open channels to every client
+whose rights changed (CA_PROTO_ACCESS_RIGHTS: libca updates its channel and calls the
+access-rights handler; pyepics shows it as ``PV.write_access``). The control layer calls
+its listeners inline and they must not wait, so the refresh is queued on each client
+connection, whose own task sends it (see
+:meth:`~server.ca.context.LabctlContext.schedule_access_rights`: a client that stops
+reading delays no one else). A put to REQUEST or RELEASE waits for its own client's
+refresh before it completes, so a client that waited for its put-callback already has
+its new rights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal, NoReturn, Protocol
+
+from caproto import AccessRights, ChannelString, ChannelType
+from caproto._dbr import native_type
+
+from ioc.access import AuditRecord
+from ioc.arbiter import Arbiter, Lease, LeaseEvent, LockError, Waiter, lock_pv_names
+from ioc.database import Database
+from ioc.errors import WrongType
+from ioc.types import Identity
+from server.ca.access import AccessRules, Client
+from server.ca.channels import _VALUE_TYPES, ENCODING, MAX_STRING_BYTES, clip_utf8
+from server.ca.context import LabctlContext
+
+#: What a write to ``ARB:<RES>:REQUEST`` holds.
+REQUEST_FORMAT = "duration[,priority]"
+#: Lease events after which someone else may write the resource: access rights are re-sent.
+HANDOVER = frozenset({"granted", "released", "expired", "broken"})
+
+Action = Literal["request", "release"]
+
+
+def command_pv_names(resource: str) -> dict[Action, str]:
+    """Names (without prefix) of a resource's CA command channels, beside its lock-state PVs."""
+    base = lock_pv_names(resource)["owner"].removesuffix(":OWNER")
+    return {"request": f"{base}:REQUEST", "release": f"{base}:RELEASE"}
+
+
+def client_id(identity: Identity) -> str:
+    """The arbiter's ``client`` of a CA client's leases: ``ca:<user>@<host>``."""
+    return f"ca:{identity.user}@{identity.host}"
+
+
+@dataclass(frozen=True, slots=True)
+class LockRequest:
+    """A parsed write to ``ARB:<RES>:REQUEST``."""
+
+    duration_s: float
+    priority: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.duration_s:g},{self.priority}"
+
+
+def parse_request(text: str) -> LockRequest:
+    """``"duration[,priority]"`` -> :class:`LockRequest`; ValueError saying what was expected."""
+    parts = [p.strip() for p in text.split(",")]
+    expected = f"expected {REQUEST_FORMAT!r} (seconds, then an optional integer priority), got {text!r}"
+    if len(parts) > 2:
+        raise ValueError(expected)
+    try:
+        duration = float(parts[0])
+    except ValueError:
+        raise ValueError(expected) from None
+    if not (math.isfinite(duration) and duration > 0):
+        raise ValueError(f"the lease duration must be a positive number of seconds, got {parts[0]!r}")
+    if len(parts) == 1:
+        return LockRequest(duration)
+    try:
+        priority = float(parts[1])
+    except ValueError:
+        raise ValueError(expected) from None
+    if not priority.is_integer():
+        raise ValueError(f"the priority must be an integer, got {parts[1]!r}")
+    return LockRequest(duration, int(priority))
+
+
+def command_text(data: Any, data_type: ChannelType) -> str:
+    """A command put's wire data as text; several elements are joined with commas.
+
+    Strings come as DBR_STRING (``caput`` sends those) or DBR_CHAR; numbers of any type
+    are written as text, so ``put(600)`` and ``put("600")`` mean the same.
+    """
+    native = native_type(data_type)
+    if native == ChannelType.STRING:
+        items = [_decode(v) for v in data]
+    elif native == ChannelType.CHAR:
+        raw = bytes(data.tobytes() if hasattr(data, "tobytes") else bytes(data))
+        items = [_decode(raw.split(b"\x00", 1)[0])]
+    else:
+        values = data.tolist() if hasattr(data, "tolist") else list(data)
+        items = [f"{v:g}" if isinstance(v, float) else str(v) for v in values]
+    return ",".join(items)
+
+
+def _decode(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode(ENCODING)  # UnicodeDecodeError is a ValueError: refused by the caller
+    return str(value)
+
+
+class Control(Protocol):
+    """What the channels need from the control layer (``server.control.ControlService``)."""
+
+    arbiter: Arbiter
+
+    def request_lock(
+        self, resource: str, who: Identity, *, duration_s: float, priority: int = 0, client: str = "", wait: bool = True
+    ) -> Lease | Waiter:
+        """Take (or queue for) a resource's lock."""
+        ...
+
+    def release_lock(self, resource: str, token: str | None, who: Identity, client: str | None = None) -> None:
+        """Release the caller's lease or request."""
+        ...
+
+    def on_lease_events(self, fn: Callable[[list[LeaseEvent]], None]) -> None:
+        """Call ``fn`` after every batch of lease events."""
+        ...
+
+
+class CommandChannel(ChannelString):
+    """``ARB:<RES>:REQUEST`` or ``ARB:<RES>:RELEASE``: a put is a lock command for its client."""
+
+    def __init__(self, owner: ArbiterChannels, resource: str, action: Action, pvname: str) -> None:
+        super().__init__(value="", string_encoding=ENCODING, reported_record_type="stringout")
+        self.owner = owner
+        self.resource = resource
+        self.action = action
+        self.pvname = pvname
+
+    def check_access(self, hostname: str | None, username: str | None) -> AccessRights:
+        """READ|WRITE for clients whose roles may write the resource, else READ."""
+        return self.owner.rights(self.resource, Client(username, hostname))
+
+    async def auth_write(self, hostname, username, data, data_type, metadata, *, flags=0, user_address=None):
+        """A client's command: act on the arbiter for it (raises if refused), then read it back."""
+        client = Client(username, hostname, user_address[0] if user_address else None)
+        accepted = await self.owner.command(self, data, ChannelType(data_type), client, user_address)
+        await self.write(clip_utf8(accepted, MAX_STRING_BYTES), verify_value=False)
+
+    async def verify_value(self, data: Any) -> Any:
+        """Never reached: client puts take :meth:`auth_write`."""
+        raise WrongType(self.pvname, "lock commands go through the arbiter")
+
+
+class ArbiterChannels:
+    """The CA side of the arbiter: command channels per lockable resource, and rights refreshes.
+
+    Built by the CA service when its server has a control layer. ``context`` is the
+    running caproto context (set by :meth:`start`), whose open channels are refreshed.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        control: Control,
+        rules: AccessRules,
+        prefix: str = "",
+        publish: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
+        self.db = db
+        self.control = control
+        self.rules = rules
+        self.prefix = prefix
+        self.publish = publish
+        """Serve a PV's pending update now (the CA service's), so a completed command shows on OWNER/QUEUE."""
+        arbiter = control.arbiter
+        lockable = [res for res in arbiter.resources if arbiter.lockable(res)]
+        self._resource_pvs: dict[str, frozenset[str]] = {
+            res: frozenset(info.name for info in db.infos() if info.resource == res) for res in lockable
+        }
+        """The PVs of each lockable resource (whose rights follow its lease)."""
+        self.channels: dict[str, CommandChannel] = {}
+        """Command channels by served name (with the prefix)."""
+        for res in lockable:
+            for action, name in command_pv_names(res).items():
+                served = prefix + name
+                self.channels[served] = CommandChannel(self, res, action, served)
+        self.context: LabctlContext | None = None
+
+    # ---- life cycle -----------------------------------------------------------------------
+
+    def start(self, context: LabctlContext) -> None:
+        """Follow lease changes on the open channels of ``context`` (running)."""
+        self.context = context
+
+    def stop(self) -> None:
+        """Stop following lease changes (the context is stopping)."""
+        self.context = None
+
+    # ---- lease events -> access rights ------------------------------------------------------
+
+    def lease_events(self, events: list[LeaseEvent]) -> None:
+        """The control layer's listener (inline, never waits): queue rights refreshes on every circuit."""
+        if self.context is None:
+            return
+        pvs: set[str] = set()
+        for ev in events:
+            if ev.kind in HANDOVER:
+                pvs |= self._resource_pvs.get(ev.resource, frozenset())
+        if pvs:
+            self.context.schedule_access_rights(pvs)
+
+    async def _refresh_own(self, resource: str, address: Any) -> None:
+        """Send the commanding client its new rights on the resource before its put completes."""
+        if self.context is None or address is None:
+            return
+        pvs = self._resource_pvs.get(resource, frozenset())
+        for circuit in list(self.context.circuits):
+            if circuit.circuit.address == address:
+                await circuit.schedule_rights_refresh(pvs)
+
+    # ---- commands ---------------------------------------------------------------------------
+
+    def rights(self, resource: str, client: Client) -> AccessRights:
+        """Rights on a resource's command channels: write if the client's roles may write it."""
+        if self.db.policy.may_write(self.rules.identity(client), resource):
+            return AccessRights.READ | AccessRights.WRITE
+        return AccessRights.READ
+
+    async def command(
+        self, channel: CommandChannel, data: Any, data_type: ChannelType, client: Client, address: Any
+    ) -> str:
+        """Carry out a put to a command channel for ``client``; return the command as read back."""
+        who = self.rules.identity(client)
+        action = "lock.grant" if channel.action == "request" else "lock.release"
+        if native_type(data_type) not in _VALUE_TYPES:  # alarm acknowledgements (PUT_ACKS/ACKT)
+            self._refuse(
+                action, who, channel, None, WrongType(channel.pvname, f"cannot write a {data_type.name} value")
+            )
+        try:
+            text = command_text(data, data_type)
+        except ValueError:
+            self._refuse(action, who, channel, None, WrongType(channel.pvname, f"expected UTF-8 text, got {data!r}"))
+        if channel.action == "request":
+            try:
+                request = parse_request(text)
+            except ValueError as e:
+                self._refuse(action, who, channel, text, WrongType(channel.pvname, str(e), text))
+            try:
+                # PermissionDenied is audited by the control layer; LockError is not.
+                self.control.request_lock(
+                    channel.resource,
+                    who,
+                    duration_s=request.duration_s,
+                    priority=request.priority,
+                    client=client_id(who),
+                )
+            except LockError as e:
+                self._refuse(action, who, channel, str(request), e)
+            accepted = str(request)
+        else:
+            try:
+                self.control.release_lock(channel.resource, None, who, client=client_id(who))
+            except LockError as e:
+                self._refuse(action, who, channel, text, e)
+            accepted = text
+        if self.publish is not None:
+            for name in lock_pv_names(channel.resource).values():
+                await self.publish(name)
+        await self._refresh_own(channel.resource, address)
+        return accepted
+
+    def _refuse(self, action: str, who: Identity, channel: CommandChannel, value: Any, error: Exception) -> NoReturn:
+        """Audit a command refused here (the control layer audits its own refusals), then raise."""
+        reason = getattr(error, "reason", str(error))
+        self.db.audit(
+            AuditRecord.of(self.db.clock(), action, who, channel.resource, new=value, accepted=False, reason=reason)
+        )
+        raise error
