@@ -273,6 +273,11 @@ class Database:
         """Receive every audit record (writes here; arbiter and alarms add their own)."""
         self._audit_sinks.append(sink)
 
+    def remove_audit_sink(self, sink: Callable[[AuditRecord], None]) -> None:
+        """Stop sending audit records to ``sink``."""
+        if sink in self._audit_sinks:
+            self._audit_sinks.remove(sink)
+
     def audit(self, record: AuditRecord) -> None:
         """Send an audit record to every sink (and the log)."""
         log.log(logging.INFO if record.accepted else logging.WARNING, "audit: %s", record)

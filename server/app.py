@@ -182,6 +182,10 @@ def build_services(server: Server) -> list[Service]:
 
     server.control = ControlService(server)
     services.append(server.control)
+    if server.site.historian.enabled:  # storage first: protocol services serve history from it
+        from server.historian import HistorianService
+
+        services.append(HistorianService(server))
     if server.site.server.opcua.enabled:
         from server.opcua import OpcUaService
 

@@ -1,0 +1,150 @@
+"""Opening the historian's database: URL checks, engine settings, error classes.
+
+Theory of operation. The historian URL picks the backend: ``sqlite:///path`` (the
+embedded default, in WAL mode so queries read while the ingest thread writes) or
+``postgresql://`` / ``postgresql+psycopg://`` (psycopg 3; TimescaleDB is detected later,
+on connection). :func:`open_backend` only builds the engine -- it does not connect, so a
+server starts while its database is away and spools until it returns.
+
+Failures are sorted in two: :func:`is_unreachable` errors (connection refused or lost,
+server shutting down, SQLite database locked or disk I/O) mean *try again later, spool
+meanwhile*; anything else means the batch itself was refused (a bug or bad data) and it
+is quarantined instead of retried forever.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+from sqlalchemy import create_engine, event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL, Engine, make_url
+
+from server.historian.errors import HistorianError
+from server.historian.timescale import PLAIN, TimescaleInfo
+
+log = logging.getLogger(__name__)
+
+#: Seconds a connection attempt to PostgreSQL may take before the database counts as away.
+CONNECT_TIMEOUT_S = 5
+#: Seconds SQLite waits for a lock before giving up (a reader never blocks the WAL writer).
+SQLITE_BUSY_TIMEOUT_S = 10
+
+
+@dataclass
+class Backend:
+    """An engine and what is known about the database behind it."""
+
+    engine: Engine
+    kind: str
+    """``sqlite`` or ``postgresql``."""
+    url: URL
+    timescale: TimescaleInfo = field(default=PLAIN)
+    """Set once connected (PostgreSQL only)."""
+
+    @property
+    def display_url(self) -> str:
+        """The URL with its password hidden."""
+        return self.url.render_as_string(hide_password=True)
+
+    def describe(self) -> str:
+        """``SQLite (WAL)``, ``PostgreSQL without TimescaleDB`` or ``TimescaleDB 2.19.3 (apache edition)``."""
+        return "SQLite (WAL)" if self.kind == "sqlite" else self.timescale.describe()
+
+    def dispose(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()
+
+
+def open_backend(url: str) -> Backend:
+    """Build the engine for a historian URL (no connection is made).
+
+    Raises:
+        HistorianError: the URL is malformed or names a backend or driver labctl does not use.
+    """
+    try:
+        u = make_url(url)
+    except sa_exc.ArgumentError as e:
+        raise HistorianError(f"historian.url {url!r} is not a database URL: {e}") from None
+    backend, _, driver = u.drivername.partition("+")
+    if backend == "sqlite":
+        if driver not in ("", "pysqlite"):
+            raise HistorianError(f"historian.url: SQLite driver {driver!r} is not supported; write sqlite:///path")
+        if not u.database or u.database == ":memory:":
+            raise HistorianError(
+                "historian.url: an in-memory SQLite historian would lose its archive on every restart; "
+                "give a file, e.g. sqlite:///{state_dir}/history.sqlite"
+            )
+        Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(u.set(drivername="sqlite+pysqlite"), connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return Backend(engine, "sqlite", u)
+    if backend in ("postgresql", "postgres"):
+        if driver not in ("", "psycopg"):
+            raise HistorianError(
+                f"historian.url: PostgreSQL driver {driver!r} is not supported; write postgresql+psycopg://..."
+            )
+        u = u.set(drivername="postgresql+psycopg")
+        engine = create_engine(
+            u,
+            pool_pre_ping=True,  # a pooled connection that died with the server is replaced, not used
+            pool_size=4,
+            max_overflow=4,
+            connect_args={
+                "connect_timeout": CONNECT_TIMEOUT_S,
+                "application_name": "labctl historian",
+                # JIT compiles each big aggregate for tens of milliseconds to seconds before running
+                # it; the historian's queries are index range scans that finish faster than that.
+                # psycopg prepares a statement after 5 runs, and PostgreSQL may then switch it to a
+                # generic plan: with the times as unknowns it cannot exclude chunks or see how
+                # narrow a range is. Plan each execution for its actual times instead.
+                "options": "-c jit=off -c plan_cache_mode=force_custom_plan",
+                # notice a server that vanished without closing the socket (a cut network) within ~30 s
+                "keepalives": 1,
+                "keepalives_idle": 10,
+                "keepalives_interval": 5,
+                "keepalives_count": 3,
+            },
+        )
+        return Backend(engine, "postgresql", u)
+    raise HistorianError(
+        f"historian.url: backend {backend!r} is not supported; use sqlite:///path or postgresql+psycopg://user@host/db"
+    )
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    try:
+        cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer and vice versa
+        cur.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; safe from corruption in WAL mode
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
+    finally:
+        cur.close()
+
+
+_SQLITE_UNREACHABLE = ("database is locked", "disk i/o error", "unable to open database", "database or disk is full", "readonly")
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database is away (retry later) rather than refusing the data."""
+    if isinstance(exc, sa_exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        exc = exc.orig if exc.orig is not None else exc
+    if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+        return True
+    if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError, sa_exc.TimeoutError)):
+        return True
+    if type(exc).__module__ == "sqlite3" and type(exc).__name__ == "OperationalError":
+        return any(s in str(exc).lower() for s in _SQLITE_UNREACHABLE)
+    return isinstance(exc, (ConnectionError, TimeoutError))
+
+
+def short(exc: BaseException) -> str:
+    """The first line of an error's message, for log lines."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

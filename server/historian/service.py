@@ -1,0 +1,314 @@
+"""The historian service: archive every PV change, answer history queries.
+
+Theory of operation. :class:`Historian` joins the parts of this package around one
+process database:
+
+* ``start()`` opens the backend named by ``historian.url`` (``{state_dir}`` replaced),
+  opens the spool under ``<state_dir>/spool/`` (a previous run's leftovers included), and,
+  on a worker thread, connects, creates or upgrades the schema (idempotent, versioned)
+  and registers the PV catalogue. A database that is away is not an error -- the
+  historian starts, spools, and back-fills when it returns; a database that refuses the
+  schema is (:class:`~server.historian.errors.HistorianError`). It then subscribes ONCE
+  to the database with ``EventMask.LOG`` (the archive deadband; alarm changes carry that
+  bit too), adds itself as an audit sink, records every PV's current reading as a
+  baseline, and starts the ingest thread (:mod:`server.historian.ingest`).
+* ``stop()`` unsubscribes and waits for the ingest thread to write -- or spool --
+  everything it was given.
+* The query API (``read_raw``, ``read_last``, ``read_processed`` and their ``_many``
+  forms, ``read_audit``...) runs :mod:`server.historian.query` on a small thread pool, so
+  the event loop never waits on the database. Times are UNIX seconds (floats) or aware
+  datetimes; ranges are half-open ``[start, end)``. Queries see what is committed: call
+  :meth:`Historian.flush` first to include updates of the last ``batch_age_s``, and
+  expect samples still in the spool to be missing while the database is away
+  (:class:`~server.historian.errors.HistorianUnavailable`).
+
+Other services reach it as ``server.service("historian")``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import functools
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from ioc.access import AuditRecord
+from ioc.config import HistorianConfig
+from ioc.database import Database
+from ioc.subscription import Callback
+from ioc.types import EventMask, Reading, Update
+from server.historian import query
+from server.historian.backend import Backend, is_unreachable, open_backend, short
+from server.historian.errors import HistorianError, HistorianUnavailable
+from server.historian.ingest import Ingestor
+from server.historian.query import Bucket, Entry, RawPage
+from server.historian.schema import to_us
+from server.historian.spool import Spool
+
+if TYPE_CHECKING:
+    from server.app import Server
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Time = float | dt.datetime
+"""UNIX seconds, or an aware datetime."""
+
+#: Threads answering queries (each holds at most one database connection).
+QUERY_THREADS = 4
+
+
+class Historian:
+    """Archives one :class:`~ioc.database.Database` and answers history queries."""
+
+    name = "historian"
+
+    def __init__(self, db: Database, config: HistorianConfig, state_dir: Path | str) -> None:
+        self.db = db
+        self.config = config
+        self.state_dir = Path(state_dir)
+        self.url = config.url.replace("{state_dir}", str(self.state_dir))
+        self.backend: Backend | None = None
+        self.ingestor: Ingestor | None = None
+        self._subscription: Callback | None = None
+        self._accepting = False
+        self._queries: ThreadPoolExecutor | None = None
+        self._entries: dict[str, Entry] = {}
+
+    # ---- Service --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the archive (see the module docstring); return once archiving."""
+        if self.ingestor is not None:
+            raise HistorianError("the historian is already started")
+        backend = open_backend(self.url)
+        spool = Spool(self.state_dir / "spool", int(self.config.spool_max_mb * 1_000_000))
+        if not spool.empty:
+            log.info("historian: %d samples in %d spool segments from an earlier run will be back-filled",
+                     spool.samples, spool.segments)
+        ingestor = Ingestor(
+            backend,
+            spool,
+            self.db.infos(),
+            batch_size=self.config.batch_size,
+            batch_age_s=self.config.batch_age_s,
+            retention_days=self.config.retention_days,
+        )
+        try:
+            await asyncio.to_thread(ingestor.connect)
+        except BaseException:
+            backend.dispose()
+            raise
+        self.backend, self.ingestor = backend, ingestor
+        self._queries = ThreadPoolExecutor(QUERY_THREADS, thread_name_prefix="historian-query")
+        # Subscribe and take the baseline in one step of the loop: no update falls between.
+        self._subscription = self.db.subscribe(self._on_update, mask=EventMask.LOG)
+        self._accepting = True
+        self.db.add_audit_sink(self._on_audit)
+        for name in self.db.names():
+            ingestor.put(name, self.db.read(name))
+        ingestor.start()
+
+    async def stop(self) -> None:
+        """Stop archiving; everything received is written or spooled first."""
+        if self.ingestor is None:
+            return
+        self._accepting = False
+        self.db.remove_audit_sink(self._on_audit)
+        if self._subscription is not None:
+            self.db.unsubscribe(self._subscription)
+            self._subscription = None
+        await asyncio.to_thread(self.ingestor.stop)
+        assert self._queries is not None and self.backend is not None
+        await asyncio.to_thread(self._queries.shutdown, True)  # let running queries finish, off the loop
+        self._queries = None
+        self.backend.dispose()
+        self.ingestor = None
+
+    def endpoints(self) -> list[str]:
+        """The archive's URL (password hidden) and backend."""
+        if self.backend is None:
+            try:
+                shown = make_url(self.url).render_as_string(hide_password=True)
+            except ArgumentError:
+                shown = "(malformed URL)"
+            return [f"historian {shown} (not started)"]
+        return [f"historian {self.backend.display_url} ({self.backend.describe()})"]
+
+    # ---- ingest -----------------------------------------------------------------------------
+
+    def _on_update(self, update: Update) -> None:
+        # Inline on the loop for every archived update: queue it and return.
+        self.ingestor.put(update.name, update.reading, bool(update.mask & EventMask.ALARM))  # type: ignore[union-attr]
+
+    def _on_audit(self, record: AuditRecord) -> None:
+        if self._accepting and self.ingestor is not None:
+            self.ingestor.put_audit(record)
+
+    async def flush(self) -> bool:
+        """Wait until every update received so far is in the database or the spool.
+
+        Returns True when it is all in the database and nothing is left in the spool.
+        """
+        if self.ingestor is None:
+            raise HistorianError("the historian is not running")
+        return await asyncio.wrap_future(self.ingestor.flush())
+
+    def stats(self) -> dict[str, Any]:
+        """Ingest and spool counters (received, written, spooled, back-filled, dropped...)."""
+        if self.ingestor is None:
+            return {"running": False}
+        return {"running": True, **self.ingestor.stats()}
+
+    # ---- queries ----------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if self._queries is None or self.backend is None:
+            raise HistorianError("the historian is not running")
+        backend = self.backend
+
+        def work() -> T:
+            try:
+                with backend.engine.connect() as conn:
+                    return fn(conn, *args, **kwargs)
+            except HistorianError:
+                raise
+            except Exception as e:
+                if is_unreachable(e):
+                    spooled = self.ingestor.spool.samples if self.ingestor else 0
+                    raise HistorianUnavailable(
+                        f"historian database {backend.display_url} unreachable ({short(e)}); "
+                        f"{spooled} samples are spooled until it returns"
+                    ) from None
+                raise
+
+        return await asyncio.get_running_loop().run_in_executor(self._queries, work)
+
+    def _lookup(self, conn, names: Iterable[str]) -> list[Entry]:
+        return query.catalogue(conn, names, self._entries)
+
+    async def read_raw(
+        self,
+        name: str,
+        start: Time,
+        end: Time,
+        *,
+        limit: int | None = None,
+        continuation: str | None = None,
+        reverse: bool = False,
+    ) -> RawPage:
+        """Archived readings of ``name`` in ``[start, end)``, oldest first (newest first if ``reverse``).
+
+        At most ``limit`` per call; if more remain, the page's ``continuation`` is passed
+        back (with the same other arguments) for the next page.
+        """
+        s, e = to_us(start), to_us(end)
+        query.check_range(s, e)
+
+        def fn(conn):
+            (entry,) = self._lookup(conn, [name])
+            return query.read_raw(conn, entry, s, e, limit=limit, continuation=continuation, reverse=reverse)
+
+        return await self._run(fn)
+
+    async def read_raw_many(
+        self, names: Sequence[str], start: Time, end: Time, *, limit: int | None = None
+    ) -> dict[str, RawPage]:
+        """:meth:`read_raw` for several PVs (``limit`` per PV), by name."""
+        s, e = to_us(start), to_us(end)
+        query.check_range(s, e)
+
+        def fn(conn):
+            return {entry.name: query.read_raw(conn, entry, s, e, limit=limit) for entry in self._lookup(conn, names)}
+
+        return await self._run(fn)
+
+    async def read_last(self, name: str, at: Time | None = None) -> Reading | None:
+        """The last archived reading of ``name`` at or before ``at`` (default: the newest); None if none."""
+        return (await self.read_last_many([name], at))[name]
+
+    async def read_last_many(self, names: Sequence[str], at: Time | None = None) -> dict[str, Reading | None]:
+        """:meth:`read_last` for several PVs in one round trip, by name."""
+        at_us = None if at is None else to_us(at)
+
+        def fn(conn):
+            entries = self._lookup(conn, names)
+            by_id = query.read_last(conn, self.backend, entries, at_us)
+            return {e.name: by_id[e.id] for e in entries}
+
+        return await self._run(fn)
+
+    async def read_next(self, name: str, at: Time) -> Reading | None:
+        """The first archived reading of ``name`` at or after ``at``; None if none."""
+        at_us = to_us(at)
+
+        def fn(conn):
+            (entry,) = self._lookup(conn, [name])
+            return query.read_next(conn, entry, at_us)
+
+        return await self._run(fn)
+
+    async def read_processed(self, name: str, start: Time, end: Time, interval_s: float) -> list[Bucket]:
+        """Aggregates of ``name`` per ``interval_s`` over ``[start, end)``: count, min, max, mean, first, last."""
+        return (await self.read_processed_many([name], start, end, interval_s))[name]
+
+    async def read_processed_many(
+        self, names: Sequence[str], start: Time, end: Time, interval_s: float, *, use_rollups: bool = True
+    ) -> dict[str, list[Bucket]]:
+        """:meth:`read_processed` for several PVs, by name.
+
+        ``use_rollups=False`` forces aggregation from raw rows (the results are the same;
+        tests compare the two paths).
+        """
+        if not (isinstance(interval_s, (int, float)) and math.isfinite(interval_s) and interval_s > 0):
+            raise HistorianError(f"the processing interval must be a positive number of seconds, got {interval_s!r}")
+        s, e, w = to_us(start), to_us(end), round(interval_s * 1_000_000)
+
+        def fn(conn):
+            entries = self._lookup(conn, names)
+            by_id = query.read_processed(conn, self.backend, entries, s, e, w, use_rollups=use_rollups)
+            return {entry.name: by_id[entry.id] for entry in entries}
+
+        return await self._run(fn)
+
+    async def read_audit(
+        self, start: Time | None = None, end: Time | None = None, *, target: str | None = None, limit: int | None = None
+    ) -> list[AuditRecord]:
+        """Archived audit records in ``[start, end)`` (optionally of one PV/resource), oldest first."""
+        s = None if start is None else to_us(start)
+        e = None if end is None else to_us(end)
+        return await self._run(functools.partial(query.read_audit, target=target, limit=limit), s, e)
+
+    async def read_alarm_events(self, name: str, start: Time, end: Time) -> list[tuple[float, Any, Any]]:
+        """Alarm transitions of ``name`` in ``[start, end)``: (time, severity, status), oldest first."""
+        s, e = to_us(start), to_us(end)
+
+        def fn(conn):
+            (entry,) = self._lookup(conn, [name])
+            return query.read_alarm_events(conn, entry, s, e)
+
+        return await self._run(fn)
+
+    async def read_metadata_history(self, name: str) -> list[tuple[float, Any]]:
+        """Every recorded version of ``name``'s metadata, as (time it took effect, metadata dict)."""
+
+        def fn(conn):
+            (entry,) = self._lookup(conn, [name])
+            return query.read_metadata_history(conn, entry)
+
+        return await self._run(fn)
+
+
+class HistorianService(Historian):
+    """The historian as a :class:`server.app.Service` of a :class:`server.app.Server`."""
+
+    def __init__(self, server: Server) -> None:
+        super().__init__(server.db, server.site.historian, server.state_dir)
