@@ -17,6 +17,19 @@ site's namespace (``urn:labctl:<site>``) and addresses a PV by its NodeId
   iterator of :class:`Sample` (the current values first, then every change), buffered up
   to ``queue_size`` samples, beyond which the oldest are dropped.
 
+The control layer (locks, jobs, alarms, interlocks, the audit trail) is reached through
+the server's methods (``Objects/<site>/Control`` and each lockable resource's
+``Objects/<site>/Resources/<resource>/Lock``), whose structured answers are JSON and come
+back as the frozen dataclasses below (:class:`LockInfo`, :class:`Lease`,
+:class:`AlarmInfo`, :class:`JobInfo`, :class:`JobDetail`, :class:`ProcedureInfo`,
+:class:`InterlockInfo`). A refused call raises :class:`CommandRefused` (or its
+subclasses :class:`AccessDenied`, :class:`LockUnavailable`) with the server's StatusCode
+and its reason, which the server keeps per session in
+``Objects/<site>/Session/LastCallRefusal``. :meth:`Session.lock` with ``wait=True``
+queues and waits for the grant, watching the lock's ``LockingClient`` variable;
+:meth:`Session.hold_lock` keeps a lease renewed (every third of its duration) for as
+long as a ``with`` block runs.
+
 A server's StatusCode is turned back into an EPICS-style severity and status
 (:func:`quality`): Bad is INVALID (the code says why), UncertainEngineeringUnitsExceeded
 with a limit bit is a MAJOR HIHI/LOLO alarm, Good with a limit bit a MINOR HIGH/LOW one.
@@ -28,15 +41,18 @@ server beyond the value types of :mod:`ioc.types`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as _dt
 import fnmatch
 import functools
+import json
 import logging
+import math
 import re
 import socket
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from asyncua import Client, ua
@@ -114,6 +130,29 @@ class PutRefused(ClientError):
 
 class RequestTimeout(ClientError, TimeoutError):
     """The server did not answer in time."""
+
+
+class CommandRefused(ClientError):
+    """The server refused (or failed) a control call: ``command`` is the method, ``status`` its StatusCode name, ``reason`` its sentence."""
+
+    def __init__(self, command: str, status: str, code: int, reason: str) -> None:
+        self.command = command
+        self.status = status
+        self.code = code
+        self.reason = reason
+        super().__init__(f"{reason} ({status})")
+
+
+class AccessDenied(CommandRefused):
+    """The user's roles do not allow it (BadUserAccessDenied)."""
+
+
+class LockUnavailable(CommandRefused):
+    """The resource is locked by someone else (BadLocked); the reason names the holder and until when."""
+
+
+class LockWaitTimeout(ClientError, TimeoutError):
+    """A queued lock request was not granted in time (the request is withdrawn)."""
 
 
 class ConnectionLost(ClientError):
@@ -272,6 +311,111 @@ def to_variant(meta: Metadata, value: Any) -> ua.Variant:
         return ua.Variant(value)
     except (UaError, ValueError, TypeError):
         return ua.Variant(str(value), ua.VariantType.String)
+
+
+# ---- control-layer records ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    """A resource's lock: who holds it, until when, who waits (``queue``: (user, priority) in serving order)."""
+
+    resource: str
+    lockable: bool
+    owner: str
+    client: str
+    expires_at: float | None
+    queue: list[tuple[str, int]]
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A lock this client holds: renew or release it with ``token``."""
+
+    resource: str
+    token: str
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class AlarmInfo:
+    """An alarm's state: ``severity`` is the latched one, ``current`` the PV's severity now."""
+
+    source: str
+    severity: str
+    current: str
+    status: str
+    acked: bool
+    active: bool
+    message: str
+    guidance: str
+    since: float
+    shelved_until: float | None
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """A job's summary."""
+
+    id: int
+    procedure: str
+    owner: str
+    state: str
+    paused: bool
+    priority: int
+    params: dict
+    resources: list[str]
+    submitted_at: float
+    started_at: float | None
+    ended_at: float | None
+    error: str
+
+
+@dataclass(frozen=True)
+class JobDetail(JobInfo):
+    """A job with its log ``(time, line)`` and results ``(time, pv, value, severity, status, label)``."""
+
+    log: list[tuple[float, str]] = field(default_factory=list)
+    results: list[tuple[float, str, Any, str, str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ProcedureInfo:
+    """A procedure jobs run: its resources and parameters (``param -> {type, default, description, min, max}``)."""
+
+    name: str
+    description: str
+    resources: list[str]
+    params: dict[str, dict]
+
+
+@dataclass(frozen=True)
+class InterlockInfo:
+    """An interlock's state (OK, WARN, PENDING, TRIPPED, CLEARING, RESET_NEEDED) and why."""
+
+    name: str
+    state: str
+    reason: str
+    description: str
+
+
+def _job_info(d: dict[str, Any]) -> JobInfo:
+    return JobInfo(
+        id=int(d["id"]), procedure=d["procedure"], owner=d["owner"], state=d["state"], paused=bool(d["paused"]),
+        priority=int(d["priority"]), params=dict(d["params"]), resources=list(d["resources"]),
+        submitted_at=d["submitted_at"], started_at=d["started_at"], ended_at=d["ended_at"], error=d["error"],
+    )  # fmt: skip
+
+
+def _job_detail(d: dict[str, Any]) -> JobDetail:
+    info = _job_info(d)
+    log_lines = [(float(t), str(line)) for t, line in d.get("log", [])]
+    results = [(r["time"], r["pv"], _value(r["value"]), r["severity"], r["status"], r["label"]) for r in d.get("results", [])]
+    return JobDetail(**{k: getattr(info, k) for k in JobInfo.__dataclass_fields__}, log=log_lines, results=results)
+
+
+def _value(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
 
 
 # ---- metadata ------------------------------------------------------------------------
@@ -639,6 +783,208 @@ class Session:
                 return text[len(opening) :]
         return text
 
+    # ---- control: calls -------------------------------------------------------------
+
+    async def _command(self, path: str, method: str, *args: ua.Variant) -> list[Any]:
+        """Call ``Objects/<site>/<path>/<method>``; the output values, or CommandRefused with the server's reason."""
+        base = f"/{self.site}/{path}"
+        req = ua.CallMethodRequest()
+        req.ObjectId = self._node_id(base)
+        req.MethodId = self._node_id(f"{base}/{method}")
+        req.InputArguments = list(args)
+        (res,) = await self._call(self.client.uaclient.call([req]))
+        if res.StatusCode.is_good():
+            return [v.Value for v in res.OutputArguments]
+        code = res.StatusCode.value
+        reason = await self._call_refusal(method)
+        if code == _S.BadMethodInvalid or code == _S.BadNodeIdInvalid or code == _S.BadNodeIdUnknown:
+            reason = reason or f"the server has no method {path}/{method} (not a labctl server with the control layer?)"
+        cls = {_S.BadUserAccessDenied: AccessDenied, _S.BadLocked: LockUnavailable}.get(code, CommandRefused)
+        raise cls(method, status_name(code), code, reason or ua.StatusCode(code).doc or status_name(code))
+
+    async def _call_refusal(self, method: str) -> str:
+        """The server's sentence for this session's last refused call, if it is about ``method``."""
+        (dv,) = await self._read([(self._node_id(f"/{self.site}/Session/LastCallRefusal"), ua.AttributeIds.Value)])
+        text = dv.Value.Value if dv.Value is not None and isinstance(dv.Value.Value, str) else ""
+        prefix = f"{method}: "
+        return text[len(prefix) :] if text.startswith(prefix) else ""
+
+    async def _json(self, method: str, *args: ua.Variant) -> Any:
+        (text,) = await self._command("Control", method, *args)
+        return json.loads(text)
+
+    # ---- control: locks --------------------------------------------------------------
+
+    async def locks(self) -> list[LockInfo]:
+        """Every resource's lock state (lockable or not)."""
+        return [
+            LockInfo(d["resource"], bool(d["lockable"]), d["owner"], d["client"], d["expires_at"], [(q["user"], int(q["priority"])) for q in d["queue"]])
+            for d in await self._json("ListLocks")
+        ]
+
+    async def lock(
+        self, resource: str, *, duration_s: float = 600, priority: int = 0, wait: bool = False, timeout_s: float | None = None
+    ) -> Lease:
+        """Take a resource's lock for ``duration_s``.
+
+        Held by someone else: raise LockUnavailable (naming holder and expiry), or with
+        ``wait`` queue by priority then arrival and return once granted; after
+        ``timeout_s`` (None: no limit) the request is withdrawn and LockWaitTimeout raised.
+        A request this session already holds renews it.
+        """
+        path = f"Resources/{resource}/Lock"
+        args = (_double(duration_s), ua.Variant(int(priority), ua.VariantType.Int32), ua.Variant(bool(wait), ua.VariantType.Boolean))
+        try:
+            status, token, expires_at = await self._command(path, "RequestLock", *args)
+        except CommandRefused as e:
+            if e.code in (_S.BadNodeIdInvalid, _S.BadNodeIdUnknown, _S.BadMethodInvalid):
+                raise CommandRefused(e.command, e.status, e.code, f"no lockable resource {resource!r} on this server") from None
+            raise
+        if status == 0:
+            return Lease(resource, token, expires_at)
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self._wait_for_grant(resource, path, args)
+        except TimeoutError:
+            await self._withdraw(resource, token)
+            raise LockWaitTimeout(f"{resource}: lock not granted within {timeout_s:g} s; request withdrawn") from None
+        except BaseException:
+            await self._withdraw(resource, token)
+            raise
+
+    async def _wait_for_grant(self, resource: str, path: str, args: tuple[ua.Variant, ...]) -> Lease:
+        # The queued request keeps its place; asking again (same session) answers "granted" once it is ours.
+        sub = await self._call(self.client.create_subscription(100.0, None, queue_maxsize=100))
+        try:
+            node = self.client.get_node(self._node_id(f"/{self.site}/{path}/LockingClient"))
+            await self._call(sub.subscribe_data_change(node, queuesize=10, sampling_interval=0.0))
+            while True:
+                event = await sub.__anext__()
+                if isinstance(event, StatusChangeEvent) and event.notification.Status.is_bad():
+                    raise ConnectionLost(f"{self.url}: subscription ended while waiting for {resource}")
+                if not isinstance(event, DataChangeEvent):
+                    continue
+                status, token, expires_at = await self._command(path, "RequestLock", *args)
+                if status == 0:
+                    return Lease(resource, token, expires_at)
+        finally:
+            with contextlib.suppress(Exception):  # the session may be gone; the server drops it then
+                await asyncio.shield(sub.delete())
+
+    async def _withdraw(self, resource: str, token: str) -> None:
+        try:
+            await asyncio.shield(self.unlock(resource, token))
+        except (ClientError, asyncio.CancelledError) as e:
+            log.debug("withdrawing the request for %s: %s", resource, e)
+
+    async def renew(self, resource: str, token: str, duration_s: float | None = None) -> Lease:
+        """Renew a lease from now (for ``duration_s``, or its own duration). Raises CommandRefused if it was lost."""
+        (expires_at,) = await self._command(f"Resources/{resource}/Lock", "RenewLease", _string(token), _double(duration_s or 0.0))
+        return Lease(resource, token, expires_at)
+
+    async def unlock(self, resource: str, token: str | None = None) -> None:
+        """Release a lease or withdraw a queued request (by token, else this user's own on the resource)."""
+        await self._command(f"Resources/{resource}/Lock", "ReleaseLease", _string(token or ""))
+
+    @contextlib.asynccontextmanager
+    async def hold_lock(
+        self, resource: str, duration_s: float = 60.0, *, priority: int = 0, wait: bool = False, timeout_s: float | None = None
+    ) -> AsyncIterator[HeldLock]:
+        """Hold a resource's lock for the ``async with`` block, renewing it every third of ``duration_s``.
+
+        The lease is released when the block ends. If a renewal fails (the lock was
+        broken, or lapsed while the server was unreachable), renewing stops and the
+        :class:`HeldLock` says why in ``lost``.
+        """
+        lease = await self.lock(resource, duration_s=duration_s, priority=priority, wait=wait, timeout_s=timeout_s)
+        held = HeldLock(lease)
+        task = asyncio.create_task(self._keep(held, duration_s), name=f"labctl lock {resource}")
+        try:
+            yield held
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            if held.lost is None:
+                with contextlib.suppress(ClientError):
+                    await asyncio.shield(self.unlock(resource, held.lease.token))
+
+    async def _keep(self, held: HeldLock, duration_s: float) -> None:
+        while True:
+            await asyncio.sleep(duration_s / 3)
+            try:
+                held.lease = await self.renew(held.lease.resource, held.lease.token, duration_s)
+            except ClientError as e:
+                held.lost = str(e)
+                log.warning("lock of %s lost: %s", held.lease.resource, e)
+                return
+
+    # ---- control: alarms and interlocks ----------------------------------------------
+
+    async def alarms(self, *, active_only: bool = True) -> list[AlarmInfo]:
+        """Alarm states (``active_only``: those that need attention, shelved ones included), worst first."""
+        return [
+            AlarmInfo(d["source"], d["severity"], d["current"], d["status"], bool(d["acked"]), bool(d["active"]), d["message"],
+                      d["guidance"], d["since"], d["shelved_until"])  # fmt: skip
+            for d in await self._json("ListAlarms", ua.Variant(bool(active_only), ua.VariantType.Boolean))
+        ]
+
+    async def acknowledge(self, source: str, comment: str = "") -> None:
+        """Acknowledge an alarm (needs a role that may)."""
+        await self._command("Control", "AcknowledgeAlarm", _string(source), _string(comment))
+
+    async def shelve(self, source: str, duration_s: float, reason: str) -> None:
+        """Silence an alarm for ``duration_s`` with a reason (experts)."""
+        await self._command("Control", "ShelveAlarm", _string(source), _double(duration_s), _string(reason))
+
+    async def unshelve(self, source: str) -> None:
+        """End an alarm's shelving early (experts)."""
+        await self._command("Control", "UnshelveAlarm", _string(source))
+
+    async def interlocks(self) -> list[InterlockInfo]:
+        """Every interlock's state."""
+        return [InterlockInfo(d["name"], d["state"], d["reason"], d["description"]) for d in await self._json("ListInterlocks")]
+
+    async def reset_interlock(self, name: str) -> None:
+        """Reset an interlock that waits for it (needs one of its reset roles)."""
+        await self._command("Control", "ResetInterlock", _string(name))
+
+    # ---- control: jobs and audit ------------------------------------------------------
+
+    async def procedures(self) -> list[ProcedureInfo]:
+        """The procedures jobs run."""
+        return [ProcedureInfo(d["name"], d["description"], list(d["resources"]), dict(d["params"])) for d in await self._json("ListProcedures")]
+
+    async def submit(self, procedure: str, params: dict, *, priority: int = 0) -> int:
+        """Queue a job; its id. Parameters are converted by the server to their declared types."""
+        (job_id,) = await self._command(
+            "Control", "SubmitTask", _string(procedure), _string(json.dumps(params)), ua.Variant(int(priority), ua.VariantType.Int32)
+        )
+        return int(job_id)
+
+    async def jobs(self, *, mine: bool = False) -> list[JobInfo]:
+        """Jobs, newest first (``mine``: only this user's)."""
+        return [_job_info(d) for d in await self._json("ListJobs", ua.Variant(bool(mine), ua.VariantType.Boolean))]
+
+    async def job(self, job_id: int) -> JobDetail:
+        """A job with its log and results (its owner or an admin)."""
+        return _job_detail(await self._json("GetJob", ua.Variant(int(job_id), ua.VariantType.Int64)))
+
+    async def cancel(self, job_id: int) -> None:
+        """Cancel a queued or running job (its owner or an admin)."""
+        await self._command("Control", "CancelTask", ua.Variant(int(job_id), ua.VariantType.Int64))
+
+    async def audit(self, since: float, *, user: str | None = None, pv: str | None = None) -> list[dict]:
+        """Audit records since ``since`` (UNIX s), oldest first: ``time, action, user, protocol, host, target, old, new, accepted, reason``."""
+        return await self._json("ListAudit", _double(since), _string(user or ""), _string(pv or ""))
+
+    async def history(self, name: str, since: float | _dt.datetime, until: float | _dt.datetime | None = None, every: float | None = None) -> Any:
+        """A PV's archived history over ``[since, until)`` (UNIX s or aware datetimes; ``until`` default now):
+        raw values, or mean/min/max/count per ``every`` seconds, as a :class:`clients.history.History`
+        (NumPy arrays, ``.to_dataframe()``). Raises NoSuchPV, HistoryUnavailable, ValueError."""
+        from clients.history import read_history  # the history module builds on this one
+
+        return await read_history(self, name, since, until, every)
+
     def monitor(self, names: Iterable[str], *, queue_size: int = 10_000, publishing_interval_ms: float = 100.0) -> Monitor:
         """Watch PVs: an async iterator (and async context manager) of :class:`Sample`.
 
@@ -647,6 +993,25 @@ class Session:
         dropped. The server batches changes every ``publishing_interval_ms``.
         """
         return Monitor(self, list(names), queue_size, publishing_interval_ms)
+
+
+@dataclass
+class HeldLock:
+    """A lock kept renewed by :meth:`Session.hold_lock`: the current lease, and why it was lost (None while held)."""
+
+    lease: Lease
+    lost: str | None = None
+
+
+def _string(v: str) -> ua.Variant:
+    return ua.Variant(v, ua.VariantType.String)
+
+
+def _double(v: float) -> ua.Variant:
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"expected a finite number, got {v}")
+    return ua.Variant(v, ua.VariantType.Double)
 
 
 class Monitor:

@@ -9,18 +9,38 @@ Nothing else is shared between the threads, and nothing here blocks the loop.
 
 Notebooks already run an event loop in their main thread; the wrapper's own loop thread
 works there too (``await`` the async API directly if you prefer).
+
+The control calls (locks, jobs, alarms, interlocks, audit) mirror the async ones. The
+one call that may wait longer than ``timeout_s`` is ``lock(..., wait=True)``: it waits
+for its own ``timeout_s`` (None: until granted, or Ctrl-C, which withdraws the request).
+:meth:`SyncSession.hold_lock` keeps a lease renewed by a task on the loop thread while
+the ``with`` block runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 from collections.abc import Coroutine, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from clients import session as _session
-from clients.session import Metadata, PVValue, RequestTimeout, Sample
+from clients.session import (
+    AlarmInfo,
+    HeldLock,
+    InterlockInfo,
+    JobDetail,
+    JobInfo,
+    Lease,
+    LockInfo,
+    Metadata,
+    ProcedureInfo,
+    PVValue,
+    RequestTimeout,
+    Sample,
+)
 
 T = TypeVar("T")
 
@@ -35,11 +55,11 @@ class SyncSession:
         self._thread.start()
         self._session: _session.Session | None = None
 
-    def _run(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
+    def _run(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None, *, forever: bool = False) -> T:
         if self._loop.is_closed():
             coro.close()
             raise _session.ClientError("the session is closed")
-        limit = self.timeout_s if timeout_s is None else timeout_s
+        limit = None if forever else self.timeout_s if timeout_s is None else timeout_s
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
             return future.result(limit)
@@ -48,6 +68,9 @@ class SyncSession:
                 return future.result()
             future.cancel()
             raise RequestTimeout(f"no answer within {limit:g} s") from None
+        except KeyboardInterrupt:  # stop the coroutine too (a waiting lock request withdraws itself)
+            future.cancel()
+            raise
 
     @property
     def session(self) -> _session.Session:
@@ -94,6 +117,96 @@ class SyncSession:
     def whoami(self) -> tuple[str, tuple[str, ...]]:
         """This session's user and roles."""
         return self._run(self.session.whoami())
+
+    # ---- control ---------------------------------------------------------------------
+
+    def locks(self) -> list[LockInfo]:
+        """Every resource's lock state."""
+        return self._run(self.session.locks())
+
+    def lock(
+        self, resource: str, *, duration_s: float = 600, priority: int = 0, wait: bool = False, timeout_s: float | None = None
+    ) -> Lease:
+        """Take a resource's lock; with ``wait``, queue and wait for it (``timeout_s``; None: until granted)."""
+        coro = self.session.lock(resource, duration_s=duration_s, priority=priority, wait=wait, timeout_s=timeout_s)
+        if not wait:
+            return self._run(coro)
+        return self._run(coro, forever=timeout_s is None, timeout_s=None if timeout_s is None else timeout_s + self.timeout_s)
+
+    def renew(self, resource: str, token: str, duration_s: float | None = None) -> Lease:
+        """Renew a lease from now."""
+        return self._run(self.session.renew(resource, token, duration_s))
+
+    def unlock(self, resource: str, token: str | None = None) -> None:
+        """Release a lease or withdraw a queued request (by token, else your own)."""
+        self._run(self.session.unlock(resource, token))
+
+    @contextlib.contextmanager
+    def hold_lock(
+        self, resource: str, duration_s: float = 60.0, *, priority: int = 0, wait: bool = False, timeout_s: float | None = None
+    ) -> Iterator[HeldLock]:
+        """Hold a resource's lock for the ``with`` block, renewed every third of ``duration_s``; released at the end."""
+        manager = self.session.hold_lock(resource, duration_s, priority=priority, wait=wait, timeout_s=timeout_s)
+        held = self._run(manager.__aenter__(), forever=wait and timeout_s is None,
+                         timeout_s=None if not wait or timeout_s is None else timeout_s + self.timeout_s)  # fmt: skip
+        try:
+            yield held
+        finally:
+            self._run(manager.__aexit__(None, None, None))
+
+    def alarms(self, *, active_only: bool = True) -> list[AlarmInfo]:
+        """Alarm states."""
+        return self._run(self.session.alarms(active_only=active_only))
+
+    def acknowledge(self, source: str, comment: str = "") -> None:
+        """Acknowledge an alarm."""
+        self._run(self.session.acknowledge(source, comment))
+
+    def shelve(self, source: str, duration_s: float, reason: str) -> None:
+        """Shelve an alarm for a while, with a reason."""
+        self._run(self.session.shelve(source, duration_s, reason))
+
+    def unshelve(self, source: str) -> None:
+        """End an alarm's shelving early."""
+        self._run(self.session.unshelve(source))
+
+    def interlocks(self) -> list[InterlockInfo]:
+        """Every interlock's state."""
+        return self._run(self.session.interlocks())
+
+    def reset_interlock(self, name: str) -> None:
+        """Reset an interlock waiting for it."""
+        self._run(self.session.reset_interlock(name))
+
+    def procedures(self) -> list[ProcedureInfo]:
+        """The procedures jobs run."""
+        return self._run(self.session.procedures())
+
+    def submit(self, procedure: str, params: dict, *, priority: int = 0) -> int:
+        """Queue a job; its id."""
+        return self._run(self.session.submit(procedure, params, priority=priority))
+
+    def jobs(self, *, mine: bool = False) -> list[JobInfo]:
+        """Jobs, newest first."""
+        return self._run(self.session.jobs(mine=mine))
+
+    def job(self, job_id: int) -> JobDetail:
+        """A job with its log and results."""
+        return self._run(self.session.job(job_id))
+
+    def cancel(self, job_id: int) -> None:
+        """Cancel a job."""
+        self._run(self.session.cancel(job_id))
+
+    def audit(self, since: float, *, user: str | None = None, pv: str | None = None) -> list[dict]:
+        """Audit records since ``since`` (UNIX s)."""
+        return self._run(self.session.audit(since, user=user, pv=pv))
+
+    def history(self, name: str, since: Any, until: Any = None, every: float | None = None, *, timeout_s: float | None = None) -> Any:
+        """A PV's history as :class:`clients.history.History` (see ``Session.history``); the whole
+        read, every page of it, may take ``timeout_s`` (default: the session's, at least 60 s)."""
+        limit = max(self.timeout_s, 60.0) if timeout_s is None else timeout_s
+        return self._run(self.session.history(name, since, until, every), limit)
 
     def monitor(self, names: Iterable[str], *, queue_size: int = 10_000, publishing_interval_ms: float = 100.0) -> SyncMonitor:
         """Watch PVs; iterate the result (each sample waits at most ``timeout_s``) and close it."""

@@ -533,3 +533,5 @@ class JobManager:
                         await mon.get()
                 except TimeoutError:
                     pass
+                except StopAsyncIteration:
+                    raise JobError(f"wait until {w.until}: the database stopped") from None

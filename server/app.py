@@ -150,14 +150,26 @@ class Server:
             raise
 
     async def stop(self) -> None:
-        """Stop instruments, then services in reverse order."""
+        """Stop in an order that loses nothing.
+
+        Protocols and the control layer first (no new writes; running jobs end cancelled
+        while the database still runs), then the instruments, then storage services
+        (``storage = True``: the historian), so the last states are archived.
+        """
+        storage = [s for s in self.services if getattr(s, "storage", False)]
+        for s in reversed([s for s in self.services if s not in storage]):
+            await self._stop_service(s)
         await self.db.stop()
-        for s in reversed(self.services):
-            try:
-                await s.stop()
-            except Exception:  # keep stopping the others; this is the boundary that reports bugs
-                log.exception("stopping %s failed", s.name)
+        for s in reversed(storage):
+            await self._stop_service(s)
         self._stopped.set()
+
+    @staticmethod
+    async def _stop_service(s: Service) -> None:
+        try:
+            await s.stop()
+        except Exception:  # keep stopping the others; this is the boundary that reports bugs
+            log.exception("stopping %s failed", s.name)
 
     def endpoints(self) -> list[str]:
         """Every endpoint of every service."""
@@ -180,16 +192,25 @@ def build_services(server: Server) -> list[Service]:
     services: list[Service] = []
     from server.control import ControlService
 
-    server.control = ControlService(server)
-    services.append(server.control)
-    if server.site.historian.enabled:  # storage first: protocol services serve history from it
+    historian = None
+    if server.site.historian.enabled:
+        # Storage first: the control layer restores jobs and alarm states from it when it
+        # starts, and the protocol services serve history from it.
         from server.historian import HistorianService
 
-        services.append(HistorianService(server))
+        historian = HistorianService(server)
+        services.append(historian)
+    server.control = ControlService(server)
+    if historian is not None:
+        server.control.use_store(historian)
+    services.append(server.control)
     if server.site.server.opcua.enabled:
         from server.opcua import OpcUaService
 
-        services.append(OpcUaService(server))
+        opcua = OpcUaService(server)
+        if historian is not None:
+            opcua.serve_history_from(historian)
+        services.append(opcua)
     if server.site.server.ca.enabled:
         from server.ca import CAService
 

@@ -11,21 +11,27 @@ The rules live in ``ioc`` (:mod:`ioc.arbiter`, :mod:`ioc.jobs`, :mod:`ioc.interl
   rate-limited notifications, and lets authorised people acknowledge and shelve.
 
 Protocol adapters reach all of it through ``server.control`` (one object, no globals).
+
+The audit trail is listed (:meth:`ControlService.read_audit`) from the historian when
+the server runs one (it archives every record), else -- or while its database is away --
+from :attr:`ControlService.audit_log`, a bounded ring of the most recent
+:data:`AUDIT_RING` records kept in memory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ioc.access import AuditRecord
 from ioc.alarms import SUMMARY_PVS, Alarm, AlarmError, AlarmEvent, AlarmTable, RateLimiter
 from ioc.arbiter import Arbiter, Lease, LeaseEvent, Waiter, lock_pv_names
-from ioc.errors import PermissionDenied
+from ioc.errors import LabctlError, PermissionDenied
 from ioc.interlocks import InterlockManager
-from ioc.jobs import JobManager
+from ioc.jobs import Job, JobError, JobManager
 from ioc.types import EventMask, Identity, Update
 from server.notify import Notifier
 
@@ -33,6 +39,14 @@ if TYPE_CHECKING:
     from server.app import Server
 
 log = logging.getLogger("labctl.control")
+
+#: How many recent audit records :attr:`ControlService.audit_log` keeps for listing.
+AUDIT_RING = 20_000
+
+
+class ControlDenied(LabctlError):
+    """The caller may not see or do this (read someone else's job, list the audit trail anonymously)."""
+
 
 AUDITED_LEASE_EVENTS = {"granted": "lock.grant", "renewed": "lock.renew", "released": "lock.release",
                         "expired": "lock.expire", "broken": "lock.break", "queued": "lock.queue", "withdrawn": "lock.withdraw"}  # fmt: skip
@@ -179,11 +193,17 @@ class ControlService:
         self.jobs.on_lease_events(self.lease_events)
         db.locks = self.arbiter
         db.interlocks = self.interlocks
+        self.audit_log: deque[AuditRecord] = deque(maxlen=AUDIT_RING)
+        db.add_audit_sink(self.audit_log.append)
+        self.audit_store: Any = None
+        """The historian, when the audit trail is listed from it."""
 
     def use_store(self, store: Any) -> None:
-        """Keep jobs and alarms in a store (the historian) so they survive a restart."""
+        """Keep jobs and alarms in a store (the historian) so they survive a restart; list the audit trail from it."""
         self.jobs.store = store  # type: ignore[assignment]
         self.alarms.store = store
+        if callable(getattr(store, "read_audit", None)):
+            self.audit_store = store
 
     async def start(self) -> None:
         """Restore records, publish lock states, start watching."""
@@ -250,8 +270,9 @@ class ControlService:
             nxt = self.arbiter.next_expiry()
             delay = 5.0 if nxt is None else max(0.0, nxt - self.db.clock()) + 1e-3
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), delay)
+            try:  # asyncio.timeout, not wait_for: no task per wait, and a cancellation is never swallowed
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
 
@@ -286,3 +307,65 @@ class ControlService:
             self.db.audit(AuditRecord.of(self.db.clock(), "lock.break", who, resource, accepted=False, reason="not an admin"))
             raise PermissionDenied(f"resource {resource}", who.user, resource)
         self.lease_events(self.arbiter.break_lock(resource, who, self.db.clock(), reason))
+
+    # ---- jobs (protocols call these with the caller's identity) -------------------------------------------
+
+    def submit_job(self, procedure: str, params: dict[str, Any], who: Identity, *, priority: int = 0) -> Job:
+        """Submit a job; a refusal (JobError) is audited before it is raised."""
+        try:
+            return self.jobs.submit(procedure, params, who, priority=priority)
+        except JobError as e:
+            self.db.audit(AuditRecord.of(self.db.clock(), "job.submit", who, procedure, new=priority, accepted=False, reason=str(e)))
+            raise
+
+    def cancel_job(self, job_id: int, who: Identity) -> Job:
+        """Cancel a job (its owner or an admin); a refusal (JobError) is audited before it is raised."""
+        try:
+            return self.jobs.cancel(job_id, who)
+        except JobError as e:
+            self.db.audit(AuditRecord.of(self.db.clock(), "job.cancel", who, f"job:{job_id}", accepted=False, reason=str(e)))
+            raise
+
+    # ---- reading jobs and the audit trail (protocols call these with the caller's identity) ------------
+
+    def job_detail(self, job_id: int, who: Identity) -> Job:
+        """A job with its log and results: its owner's and admins' to read (raise JobError, ControlDenied)."""
+        job = self.jobs.get(job_id)
+        if job.owner != who.user and not self.db.policy.can(who, "admin"):
+            raise ControlDenied(f"job {job_id} belongs to {job.owner}; only they or an admin may read its log and results")
+        return job
+
+    async def read_audit(
+        self, who: Identity, since: float, *, user: str | None = None, target: str | None = None, limit: int = 5000
+    ) -> list[AuditRecord]:
+        """Audit records since ``since`` (UNIX s), optionally of one user and one target, oldest first, the last ``limit``.
+
+        From the historian when there is one (what it received so far is flushed first),
+        else from the in-memory ring. Any logged-in user may list them; anonymous
+        sessions (no role) may not.
+        """
+        if not who.roles:
+            raise ControlDenied(f"user {who.user!r} has no role; log in to read the audit trail")
+        store = self.audit_store
+        if store is not None:
+            try:
+                await store.flush()
+                records = await store.read_audit(since, None, target=target, user=user)
+                return records[-limit:]
+            except LabctlError as e:  # the historian's database is away: the ring still has the recent past
+                log.warning("audit listing from the historian failed (%s); listing the last %d records kept in memory", e, AUDIT_RING)
+        return self.audit_records(who, since, user=user, target=target, limit=limit)
+
+    def audit_records(
+        self, who: Identity, since: float, *, user: str | None = None, target: str | None = None, limit: int = 5000
+    ) -> list[AuditRecord]:
+        """Audit records kept in memory since ``since`` (UNIX s), optionally of one user and one target, oldest first, the last ``limit``."""
+        if not who.roles:
+            raise ControlDenied(f"user {who.user!r} has no role; log in to read the audit trail")
+        out = [
+            r
+            for r in self.audit_log
+            if r.time >= since and (user is None or r.user == user) and (target is None or r.target == target)
+        ]
+        return out[-limit:] if limit > 0 else out
+

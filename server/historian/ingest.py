@@ -20,7 +20,10 @@ them. Writing a batch means:
    through a temporary staging table and ``INSERT ... ON CONFLICT DO NOTHING``. SQLite
    gets an ``executemany`` of ``INSERT ... ON CONFLICT DO NOTHING``;
 3. the rollup cells of the new samples (see :mod:`server.historian.rollup`), exactly;
-4. alarm transitions and audit records, ``ON CONFLICT DO NOTHING``.
+4. alarm transitions and audit records, ``ON CONFLICT DO NOTHING``;
+5. control records -- job states, job log lines and results, alarm states -- as
+   :mod:`server.historian.records` describes (upserts of the newest state, idempotent
+   inserts of the rest).
 
 The database state is a small machine: **up** (batches go to the database while the
 spool is empty), **down** (every batch goes to the spool; reconnection is tried with
@@ -56,7 +59,7 @@ from sqlalchemy.engine import Connection
 from ioc.access import AuditRecord
 from ioc.pv import PVInfo
 from ioc.types import PVType, Reading
-from server.historian import rollup, timescale
+from server.historian import records, rollup, timescale
 from server.historian.backend import Backend, is_unreachable, short
 from server.historian.errors import HistorianError
 from server.historian.schema import (
@@ -176,6 +179,8 @@ def write_batch(conn: Connection, backend: Backend, ids: dict[str, int], batch: 
             insert(kind, audit_event).on_conflict_do_nothing(index_elements=["uid"]),
             [{**dict(zip(keys, a, strict=True)), "inserted_us": stamp} for a in batch.audits],
         )
+    if batch.records:
+        records.write(conn, kind, batch.jobs, batch.job_logs, batch.job_results, batch.alarm_states)
     return WriteResult(inserted, len(rows) - inserted, new_ids)
 
 
@@ -255,6 +260,7 @@ class Ingestor:
         self._samples: deque[tuple] = deque()
         self._alarms: deque[tuple] = deque()
         self._audits: deque[tuple] = deque()
+        self._records: deque[tuple[str, tuple]] = deque()
         self._flushes: deque[Future[bool]] = deque()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -302,6 +308,11 @@ class Ingestor:
         """Queue one audit record (the audit sink; never blocks)."""
         self._audits.append(Capture.audit(record))
 
+    def put_record(self, kind: str, row: tuple) -> None:
+        """Queue one control record (never blocks); ``kind`` names its :class:`Batch` list
+        (``jobs``, ``job_logs``, ``job_results``, ``alarm_states``)."""
+        self._records.append((kind, row))
+
     def flush(self) -> Future[bool]:
         """A future resolved once everything queued so far is in the database or the spool.
 
@@ -333,7 +344,7 @@ class Ingestor:
     @property
     def pending(self) -> int:
         """Rows queued on the loop side, not yet taken by the worker."""
-        return len(self._samples) + len(self._alarms) + len(self._audits)
+        return len(self._samples) + len(self._alarms) + len(self._audits) + len(self._records)
 
     def stats(self) -> dict[str, Any]:
         """Counters for status displays and tests."""
@@ -429,6 +440,9 @@ class Ingestor:
         for q, out in ((self._samples, batch.samples), (self._alarms, batch.alarms), (self._audits, batch.audits)):
             for _ in range(len(q)):  # only what is there now; the loop may keep appending
                 out.append(q.popleft())
+        for _ in range(len(self._records)):
+            kind, row = self._records.popleft()
+            getattr(batch, kind).append(row)
         return batch
 
     def _with_types(self, batch: Batch) -> Batch:

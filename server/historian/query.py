@@ -477,9 +477,16 @@ def _first_last(
 
 
 def read_audit(
-    conn: Connection, start_us: int | None, end_us: int | None, *, target: str | None = None, limit: int | None = None
+    conn: Connection,
+    start_us: int | None,
+    end_us: int | None,
+    *,
+    target: str | None = None,
+    user: str | None = None,
+    action: str | None = None,
+    limit: int | None = None,
 ) -> list[AuditRecord]:
-    """Audit records in ``[start_us, end_us)`` (optionally of one target), oldest first."""
+    """Audit records in ``[start_us, end_us)`` (optionally of one target, user and/or action), oldest first."""
     c = audit_event.c
     q = select(audit_event)
     if start_us is not None:
@@ -488,6 +495,10 @@ def read_audit(
         q = q.where(c.time_us < end_us)
     if target is not None:
         q = q.where(c.target == target)
+    if user is not None:
+        q = q.where(c.user_name == user)
+    if action is not None:
+        q = q.where(c.action == action)
     q = q.order_by(c.time_us, c.id)
     if limit is not None:
         q = q.limit(limit)

@@ -33,6 +33,16 @@ The shape follows the EPICS archivers (the Phoebus TimescaleDB archive, HDB++):
 ``audit_event``
     Audit records (:class:`ioc.access.AuditRecord`): writes accepted and refused, lock and
     alarm actions. ``uid`` is generated when the record is captured, so a replay is a no-op.
+``job``, ``job_log``, ``job_result``
+    Submitted jobs (:class:`ioc.jobs.Job`) as records that survive a restart: one row per
+    job with its current state (updated in place), its log lines and the values it read
+    (both append-only, keyed ``(job_id, n)`` so a replay is a no-op). Results are found by
+    job id; a value is stored as JSON, with its severity, status and label.
+``alarm_state``
+    The alarm state of each alarmed PV (:class:`ioc.alarms.Alarm`: latched severity,
+    acknowledged, shelved until...), one row per source updated in place, so
+    acknowledgements and shelving survive a restart. The transitions themselves are in
+    ``alarm_event`` (severity changes) and ``audit_event`` (acknowledge, shelve).
 ``historian_schema``
     The schema version. :func:`ensure_schema` creates or upgrades the schema under an
     advisory lock (PostgreSQL), idempotently, at every start.
@@ -75,8 +85,8 @@ from ioc.pv import PVInfo
 from ioc.types import PVType
 from server.historian.errors import HistorianError, SchemaTooNew
 
-#: The schema version this code writes and reads.
-SCHEMA_VERSION = 1
+#: The schema version this code writes and reads (see :data:`MIGRATIONS`).
+SCHEMA_VERSION = 2
 #: Key of the advisory lock serialising schema changes of several servers on one PostgreSQL.
 _SCHEMA_LOCK_KEY = 0x6C616263746C  # "labctl"
 
@@ -213,6 +223,73 @@ audit_event = Table(
     Index("audit_event_target_time", "target", "time_us"),
 )
 
+# ---- version 2: jobs and alarm state ------------------------------------------------------
+
+job = Table(
+    "job",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=False),
+    Column("procedure", Text, nullable=False),
+    Column("owner", Text, nullable=False),
+    Column("roles", Text, nullable=False, comment="JSON list: the owner's roles at submission"),
+    Column("params", Text, nullable=False, comment="JSON object"),
+    Column("priority", Integer, nullable=False),
+    Column("resources", Text, nullable=False, comment="JSON list"),
+    Column("state", String(16), nullable=False),
+    Column("paused", Boolean, nullable=False),
+    Column("submitted_us", BigInteger, nullable=False),
+    Column("started_us", BigInteger),
+    Column("ended_us", BigInteger),
+    Column("error", Text, nullable=False, default=""),
+    Column("updated_us", BigInteger, nullable=False),
+    Index("job_owner", "owner", "id"),
+)
+
+job_log = Table(
+    "job_log",
+    metadata,
+    Column("job_id", BigInteger, nullable=False),
+    Column("n", Integer, nullable=False, comment="line number within the job, from 0"),
+    Column("time_us", BigInteger, nullable=False),
+    Column("line", Text, nullable=False),
+    PrimaryKeyConstraint("job_id", "n"),
+)
+
+job_result = Table(
+    "job_result",
+    metadata,
+    Column("job_id", BigInteger, nullable=False),
+    Column("n", Integer, nullable=False, comment="result number within the job, from 0"),
+    Column("time_us", BigInteger, nullable=False),
+    Column("pv", Text, nullable=False),
+    Column("value", Text, comment="JSON"),
+    Column("severity", SmallInteger, nullable=False),
+    Column("status", SmallInteger, nullable=False),
+    Column("label", Text, nullable=False, default=""),
+    PrimaryKeyConstraint("job_id", "n"),
+)
+
+alarm_state = Table(
+    "alarm_state",
+    metadata,
+    Column("source", Text, primary_key=True),
+    Column("current", SmallInteger, nullable=False),
+    Column("status", SmallInteger, nullable=False),
+    Column("latched", SmallInteger, nullable=False),
+    Column("acked", Boolean, nullable=False),
+    Column("value", Text, comment="JSON"),
+    Column("since_us", BigInteger, nullable=False),
+    Column("message", Text, nullable=False, default=""),
+    Column("shelved_until_us", BigInteger),
+    Column("shelved_by", Text, nullable=False, default=""),
+    Column("shelve_reason", Text, nullable=False, default=""),
+    Column("updated_us", BigInteger, nullable=False),
+)
+
+#: Tables of each schema version (a migration creates exactly its own).
+V1_TABLES = (schema_version, pv, pv_meta, sample, sample_rollup, alarm_event, audit_event)
+V2_TABLES = (job, job_log, job_result, alarm_state)
+
 
 # ---- time -------------------------------------------------------------------------------
 
@@ -316,7 +393,7 @@ def insert(kind: str, table: Table):
 
 
 def _create_v1(conn: Connection, kind: str) -> None:
-    metadata.create_all(conn, checkfirst=True)
+    metadata.create_all(conn, tables=list(V1_TABLES), checkfirst=True)
     if kind == "postgresql":
         time_expr = "to_timestamp(s.time_us / 1000000.0)"
         create = "CREATE OR REPLACE VIEW"
@@ -332,8 +409,14 @@ def _create_v1(conn: Connection, kind: str) -> None:
     )
 
 
-#: version -> step that brings a database from version-1 to it.
-MIGRATIONS: dict[int, Callable[[Connection, str], None]] = {1: _create_v1}
+def _create_v2(conn: Connection, kind: str) -> None:
+    """Jobs and alarm state (labctl's control layer keeps its records in the archive)."""
+    metadata.create_all(conn, tables=list(V2_TABLES), checkfirst=True)
+
+
+#: version -> step that brings a database from version-1 to it. Each step is idempotent
+#: (``checkfirst``), so a step cut short by a crash simply runs again.
+MIGRATIONS: dict[int, Callable[[Connection, str], None]] = {1: _create_v1, 2: _create_v2}
 
 
 def ensure_schema(conn: Connection, kind: str, now_us: int) -> tuple[int, int]:

@@ -12,6 +12,11 @@ process database:
   to the database with ``EventMask.LOG`` (the archive deadband; alarm changes carry that
   bit too), adds itself as an audit sink, records every PV's current reading as a
   baseline, and starts the ingest thread (:mod:`server.historian.ingest`).
+* It is also the control layer's store (``server.control.use_store(historian)``): jobs
+  with their logs and results, and alarm states, are captured on the loop and written by
+  the same ingest thread (:mod:`server.historian.records`). ``start()`` reads the saved
+  records (and those still in the spool) before any other service starts, so
+  :meth:`Historian.load_jobs` and :meth:`Historian.load_alarms` answer at once.
 * ``stop()`` unsubscribes and waits for the ingest thread to write -- or spool --
   everything it was given.
 * The query API (``read_raw``, ``read_last``, ``read_processed`` and their ``_many``
@@ -41,14 +46,16 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from ioc.access import AuditRecord
+from ioc.alarms import Alarm, AlarmEvent
 from ioc.config import HistorianConfig
 from ioc.database import Database
+from ioc.jobs import Job
 from ioc.subscription import Callback
 from ioc.types import EventMask, Reading, Update
-from server.historian import query
+from server.historian import query, records
 from server.historian.backend import Backend, is_unreachable, open_backend, short
 from server.historian.errors import HistorianError, HistorianUnavailable
-from server.historian.ingest import Ingestor
+from server.historian.ingest import Ingestor, now_us
 from server.historian.query import Bucket, Entry, RawPage
 from server.historian.schema import to_us
 from server.historian.spool import Spool
@@ -82,6 +89,9 @@ class Historian:
         self._accepting = False
         self._queries: ThreadPoolExecutor | None = None
         self._entries: dict[str, Entry] = {}
+        self._records = records.Records()
+        self._capture = records.RecordCapture()
+        self._dropped_records = 0
 
     # ---- Service --------------------------------------------------------------------------
 
@@ -103,7 +113,12 @@ class Historian:
             retention_days=self.config.retention_days,
         )
         try:
-            await asyncio.to_thread(ingestor.connect)
+            up = await asyncio.to_thread(ingestor.connect)
+        except BaseException:
+            backend.dispose()
+            raise
+        try:
+            self._records = await asyncio.to_thread(self._load_records, backend, spool, up)
         except BaseException:
             backend.dispose()
             raise
@@ -133,6 +148,31 @@ class Historian:
         self.backend.dispose()
         self.ingestor = None
 
+    def _load_records(self, backend: Backend, spool: Spool, up: bool) -> records.Records:
+        """Saved jobs and alarm states: the database's, then the spool's over them (a worker thread)."""
+        rec = records.Records()
+        if up:
+            try:
+                with backend.engine.connect() as conn:
+                    rec = records.load(conn)
+            except Exception as e:
+                if not is_unreachable(e):
+                    raise HistorianError(f"historian database {backend.display_url}: cannot read job and alarm records: {short(e)}") from e
+                up = False
+        if not up:
+            log.warning(
+                "historian: database %s unreachable at start: jobs and alarm states of earlier runs are restored only "
+                "from the spool, and new job ids may repeat archived ones (the archived jobs are kept)",
+                backend.display_url,
+            )
+        for seg in spool.all():
+            if seg.events:
+                try:
+                    rec.apply(spool.read(seg))
+                except (OSError, ValueError) as e:  # the back-fill quarantines it later
+                    log.warning("historian: cannot read spooled records from %s: %s", seg.path.name, e)
+        return rec
+
     def endpoints(self) -> list[str]:
         """The archive's URL (password hidden) and backend."""
         if self.backend is None:
@@ -152,6 +192,44 @@ class Historian:
     def _on_audit(self, record: AuditRecord) -> None:
         if self._accepting and self.ingestor is not None:
             self.ingestor.put_audit(record)
+
+    # ---- the control layer's store -------------------------------------------------------------
+
+    def save_job(self, job: Job) -> None:
+        """Record a job's state, new log lines and new results (:class:`ioc.jobs.JobStore`; never blocks)."""
+        if not self._accepting or self.ingestor is None:
+            self._lost_record(f"job {job.id} ({job.state.value})")
+            return
+        row, logs, results = self._capture.job(job, now_us())
+        put = self.ingestor.put_record
+        put("jobs", row)
+        for r in logs:
+            put("job_logs", r)
+        for r in results:
+            put("job_results", r)
+
+    def load_jobs(self) -> list[Job]:
+        """Every job recorded before this start, oldest first, with logs and results (:class:`ioc.jobs.JobStore`)."""
+        jobs = self._records.job_list()
+        for job in jobs:
+            self._capture.mark(job)
+        return jobs
+
+    def save_alarm(self, event: AlarmEvent) -> None:
+        """Record the alarm state an alarm event leaves (never blocks)."""
+        if not self._accepting or self.ingestor is None:
+            self._lost_record(f"alarm state of {event.alarm.source}")
+            return
+        self.ingestor.put_record("alarm_states", records.RecordCapture.alarm(event.alarm, now_us()))
+
+    def load_alarms(self) -> list[Alarm]:
+        """Every alarm state recorded before this start."""
+        return self._records.alarm_list()
+
+    def _lost_record(self, what: str) -> None:
+        self._dropped_records += 1
+        if self._dropped_records == 1 or self._dropped_records % 100 == 0:
+            log.warning("historian: %s not recorded: the historian is not running (%d records so far)", what, self._dropped_records)
 
     async def flush(self) -> bool:
         """Wait until every update received so far is in the database or the spool.
@@ -280,12 +358,32 @@ class Historian:
         return await self._run(fn)
 
     async def read_audit(
-        self, start: Time | None = None, end: Time | None = None, *, target: str | None = None, limit: int | None = None
+        self,
+        start: Time | None = None,
+        end: Time | None = None,
+        *,
+        target: str | None = None,
+        user: str | None = None,
+        action: str | None = None,
+        limit: int | None = None,
     ) -> list[AuditRecord]:
-        """Archived audit records in ``[start, end)`` (optionally of one PV/resource), oldest first."""
+        """Archived audit records in ``[start, end)``, oldest first.
+
+        Optionally only those of one ``target`` (a PV, resource, ``job:<id>``...), one
+        ``user``, or one ``action`` (``write``, ``lock.grant``...); the filters combine.
+        """
         s = None if start is None else to_us(start)
         e = None if end is None else to_us(end)
-        return await self._run(functools.partial(query.read_audit, target=target, limit=limit), s, e)
+        fn = functools.partial(query.read_audit, target=target, user=user, action=action, limit=limit)
+        return await self._run(fn, s, e)
+
+    async def read_job(self, job_id: int) -> Job | None:
+        """An archived job with its log and results (None if no job has that id)."""
+        return await self._run(records.read_job, job_id)
+
+    async def read_jobs(self, *, owner: str | None = None, limit: int | None = None) -> list[Job]:
+        """Archived jobs (of one owner), newest first, without logs and results."""
+        return await self._run(functools.partial(records.read_jobs, owner=owner, limit=limit))
 
     async def read_alarm_events(self, name: str, start: Time, end: Time) -> list[tuple[float, Any, Any]]:
         """Alarm transitions of ``name`` in ``[start, end)``: (time, severity, status), oldest first."""
@@ -309,6 +407,9 @@ class Historian:
 
 class HistorianService(Historian):
     """The historian as a :class:`server.app.Service` of a :class:`server.app.Server`."""
+
+    storage = True
+    """Stopped after the instruments and every other service, so their last states are archived."""
 
     def __init__(self, server: Server) -> None:
         super().__init__(server.db, server.site.historian, server.state_dir)

@@ -20,7 +20,8 @@ The spool is bounded (``historian.spool_max_mb``). When a new segment would not 
 policy is **keep the newest**: the oldest spooled *samples* are dropped first (their
 segment is rewritten without them), so the archive ends up with one gap at the start of a
 long outage and stays continuous up to the moment the database returns. Alarm and audit
-events are kept as long as samples can be dropped instead, and are dropped (oldest
+events (and the control layer's job and alarm-state records) are kept as long as samples
+can be dropped instead, and are dropped (oldest
 first) only when the spool holds nothing else. Nothing goes silently: every drop is
 counted (:attr:`Spool.dropped_samples`, :attr:`Spool.dropped_events`) and logged -- a
 WARNING when the spool fills, a summary at most every minute while it stays full, and a
@@ -48,7 +49,10 @@ log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^(\d{12})-(\d+)s-(\d+)e\.json$")
 _FORMAT = "labctl-historian-spool"
-_VERSION = 1
+#: Version 2 added the control records (jobs, alarm states); version 1 segments still read.
+_VERSION = 2
+_READABLE = frozenset({1, 2})
+_RECORD_KEYS = ("jobs", "job_logs", "job_results", "alarm_states")
 #: Seconds between summary log lines while the spool stays full.
 SUMMARY_EVERY_S = 60.0
 
@@ -61,20 +65,31 @@ class Batch:
     status, received_us)``; ``alarms``: ``(name, time_us, seq, severity, status)``;
     ``audits``: ``(uid, time_us, action, user, protocol, host, target, old_json, new_json,
     accepted, reason)``; ``types``: the PV type (``PVType`` value) of every PV named.
+    Control records (see :mod:`server.historian.records`): ``jobs`` (one row per saved job
+    state), ``job_logs``, ``job_results`` and ``alarm_states``.
     """
 
     samples: list[tuple] = field(default_factory=list)
     alarms: list[tuple] = field(default_factory=list)
     audits: list[tuple] = field(default_factory=list)
     types: dict[str, str] = field(default_factory=dict)
+    jobs: list[tuple] = field(default_factory=list)
+    job_logs: list[tuple] = field(default_factory=list)
+    job_results: list[tuple] = field(default_factory=list)
+    alarm_states: list[tuple] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.samples or self.alarms or self.audits)
+        return bool(self.samples or self.alarms or self.audits or self.records)
+
+    @property
+    def records(self) -> int:
+        """Job and alarm-state rows."""
+        return len(self.jobs) + len(self.job_logs) + len(self.job_results) + len(self.alarm_states)
 
     @property
     def events(self) -> int:
-        """Alarm and audit rows."""
-        return len(self.alarms) + len(self.audits)
+        """Alarm, audit, job and alarm-state rows (everything but samples)."""
+        return len(self.alarms) + len(self.audits) + self.records
 
     def extend(self, other: Batch) -> None:
         """Append ``other``'s rows (it is later in time)."""
@@ -82,6 +97,10 @@ class Batch:
         self.alarms.extend(other.alarms)
         self.audits.extend(other.audits)
         self.types.update(other.types)
+        self.jobs.extend(other.jobs)
+        self.job_logs.extend(other.job_logs)
+        self.job_results.extend(other.job_results)
+        self.alarm_states.extend(other.alarm_states)
 
     def encode(self) -> bytes:
         """The segment file content (JSON)."""
@@ -93,6 +112,10 @@ class Batch:
             "alarms": self.alarms,
             "audits": self.audits,
         }
+        for key in _RECORD_KEYS:
+            rows = getattr(self, key)
+            if rows:
+                doc[key] = rows
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @classmethod
@@ -101,13 +124,16 @@ class Batch:
         doc = json.loads(data)
         if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
             raise ValueError(f"{source}: not a labctl historian spool segment")
-        if doc.get("version") != _VERSION:
-            raise ValueError(f"{source}: spool format version {doc.get('version')} is not {_VERSION}")
+        if doc.get("version") not in _READABLE:
+            raise ValueError(f"{source}: spool format version {doc.get('version')} is not one of {sorted(_READABLE)}")
         samples = [
             (r[0], r[1], r[2], r[3], r[4], r[5], None if r[6] is None else tuple(r[6]), r[7], r[8], r[9])
             for r in doc["samples"]
         ]
-        return cls(samples, [tuple(r) for r in doc["alarms"]], [tuple(r) for r in doc["audits"]], dict(doc["types"]))
+        batch = cls(samples, [tuple(r) for r in doc["alarms"]], [tuple(r) for r in doc["audits"]], dict(doc["types"]))
+        for key in _RECORD_KEYS:
+            getattr(batch, key).extend(tuple(r) for r in doc.get(key, ()))
+        return batch
 
 
 @dataclass(frozen=True)
@@ -264,6 +290,10 @@ class Spool:
                 self._last_summary = now
 
     # ---- reading ----------------------------------------------------------------------
+
+    def all(self) -> list[Segment]:
+        """Every spooled segment, oldest first."""
+        return list(self._segments)
 
     def oldest(self, max_samples: int) -> list[Segment]:
         """The oldest segments, together holding at most ``max_samples`` samples (at least one segment)."""

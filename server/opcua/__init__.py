@@ -9,6 +9,10 @@ Modules, outside in:
 * :mod:`server.opcua.publisher` -- one database subscription feeding every client.
 * :mod:`server.opcua.writes` -- Write requests through the core write path, refusals
   mapped to StatusCodes by one table.
+* :mod:`server.opcua.history` -- HistoryRead (raw and processed) served from the historian.
+* :mod:`server.opcua.control` -- the control layer's nodes and methods: Part 100 locks of
+  the resources, jobs, alarms, interlocks and the audit trail, for the calling session.
+* :mod:`server.opcua.events` -- alarm conditions, interlock and lease events.
 * :mod:`server.opcua.sessions` -- per-session answers (UserAccessLevel, who am I, why was
   my write refused) and login checks asyncua has no hook for.
 * :mod:`server.opcua.users` -- accounts, passwords, certificates, anonymous access.

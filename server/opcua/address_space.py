@@ -20,6 +20,10 @@ the length may vary]. Numeric PVs are AnalogItemType with EngineeringUnits and E
 (the display range, else the drive limits); a numeric PV with neither range is a
 BaseAnalogType, whose EURange is optional. Description is the PV's description.
 
+*Session.* ``Objects/<site>/Session`` shows each client its own user, roles and the
+reasons of its last refused write and method call (``LastWriteRefusal``,
+``LastCallRefusal``); :mod:`server.opcua.sessions` answers them per session.
+
 *Values and quality.* :func:`data_value` turns a :class:`~ioc.types.Reading` into a
 DataValue: SourceTimestamp is the reading's timestamp, ServerTimestamp the time it was
 published. The StatusCode follows :data:`QUALITY`:
@@ -188,6 +192,7 @@ class SiteNodes:
     session_user: ua.NodeId
     session_roles: ua.NodeId
     session_refusal: ua.NodeId
+    session_call_refusal: ua.NodeId
 
     def pv(self, nodeid: ua.NodeId) -> PVNode | None:
         """The PV node with this NodeId, or None for any other node."""
@@ -258,6 +263,10 @@ class Builder:
                 raise RuntimeError(f"cannot create OPC UA node {item.RequestedNewNodeId}: {result.StatusCode.name}")
         self._items = []
 
+    def add(self, item: ua.AddNodesItem) -> None:
+        """Queue a prepared AddNodes item (types and other nodes this builder has no shortcut for)."""
+        self._items.append(item)
+
     def _add(
         self,
         nodeid: ua.NodeId,
@@ -322,6 +331,45 @@ class Builder:
         attrs.MinimumSamplingInterval = sampling_ms
         self._add(nodeid, browse, parent, reference, ua.NodeClass.Variable, typedef, attrs)
 
+    def method(
+        self,
+        nodeid: ua.NodeId,
+        browse: ua.QualifiedName,
+        parent: ua.NodeId,
+        *,
+        inputs: list[ua.Argument],
+        outputs: list[ua.Argument],
+        description: str = "",
+    ) -> None:
+        """A method with its InputArguments and OutputArguments properties (``<method id>/InputArguments``)."""
+        attrs = ua.MethodAttributes()
+        attrs.DisplayName = ua.LocalizedText(browse.Name)
+        attrs.Description = ua.LocalizedText(description)
+        attrs.Executable = attrs.UserExecutable = True
+        attrs.WriteMask = attrs.UserWriteMask = 0
+        item = ua.AddNodesItem()
+        item.RequestedNewNodeId = nodeid
+        item.BrowseName = browse
+        item.NodeClass = ua.NodeClass.Method
+        item.ParentNodeId = parent
+        item.ReferenceTypeId = ua.NodeId(ua.ObjectIds.HasComponent)
+        item.NodeAttributes = attrs
+        self.add(item)
+        for name, args in (("InputArguments", inputs), ("OutputArguments", outputs)):
+            if not args:
+                continue
+            self.variable(
+                ua.NodeId(f"{nodeid.Identifier}/{name}", nodeid.NamespaceIndex),
+                ua.QualifiedName(name, 0),
+                nodeid,
+                reference=ua.ObjectIds.HasProperty,
+                typedef=ua.ObjectIds.PropertyType,
+                value=ua.Variant(args, ua.VariantType.ExtensionObject, is_array=True),
+                datatype=ua.NodeId(ua.ObjectIds.Argument),
+                value_rank=ua.ValueRank.OneDimension,
+                dimensions=[len(args)],
+            )
+
     def property(self, owner: str, name: str, parent: ua.NodeId, value: ua.Variant, datatype: int) -> None:
         """A standard (namespace 0) property of a PV, e.g. EURange."""
         self.variable(
@@ -354,6 +402,7 @@ def build(iserver: InternalServer, idx: int, site: str, infos: list[PVInfo]) -> 
         ("User", ua.Variant("", ua.VariantType.String), "the user this session is logged in as"),
         ("Roles", ua.Variant([], ua.VariantType.String, is_array=True), "the roles of this session's user"),
         ("LastWriteRefusal", ua.Variant("", ua.VariantType.String), "why this session's last refused write was refused"),
+        ("LastCallRefusal", ua.Variant("", ua.VariantType.String), "why this session's last refused method call was refused"),
     ):
         nodeid = ua.NodeId(f"{root.path}/{SESSION_OBJECT}/{name}", idx)
         b.variable(
@@ -391,6 +440,7 @@ def build(iserver: InternalServer, idx: int, site: str, infos: list[PVInfo]) -> 
         session_user=session_ids[0],
         session_roles=session_ids[1],
         session_refusal=session_ids[2],
+        session_call_refusal=session_ids[3],
     )
 
 

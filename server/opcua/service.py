@@ -16,8 +16,15 @@ when any has a certificate, anonymous unless the site disables it. Passwords off
 over the None policy are encrypted with the server's certificate (asyncua's token
 policy), and a client that sends one unencrypted anyway is refused.
 
-HistoryRead is not served yet; :meth:`OpcUaService.enable_history` is the hook through
-which the historian makes PVs historizing.
+With the server's control layer (``server.control``), :mod:`server.opcua.control` adds
+the lock objects of the resources (Part 100 LockingServices, in the DI namespace
+registered after the site's), the ``Control`` object with the jobs, alarm, interlock
+and audit methods, and the control events (:mod:`server.opcua.events`).
+
+History: when the server also runs a historian, :func:`server.app.build_services` calls
+:meth:`OpcUaService.serve_history_from`; ``start`` then makes every PV Historizing with the
+HistoryRead access bit, and answers HistoryRead (raw and processed) from the historian
+(:mod:`server.opcua.history`) before the first client connects.
 """
 
 from __future__ import annotations
@@ -35,6 +42,9 @@ from asyncua import ua
 
 from ioc.errors import LabctlError
 from server.opcua.address_space import HISTORY_READ, SiteNodes, application_uri, build, namespace_uri, store_readings
+from server.opcua.control import DI_NAMESPACE, OpcUaControl
+from server.opcua.history import HistorianStorage
+from server.opcua.history import install as install_history
 from server.opcua.pki import ensure_certificate
 from server.opcua.publisher import Publisher, install_copy_fastpath
 from server.opcua.sessions import LabctlInternalServer
@@ -60,6 +70,9 @@ class OpcUaService:
     def __init__(self, server: Server) -> None:
         self.db = server.db
         self.site = server.site
+        self.control_service = getattr(server, "control", None)
+        """The server's control layer (arbiter, jobs, alarms, interlocks), if it has one."""
+        self.control: OpcUaControl | None = None
         self.config = server.site.server.opcua
         self.state_dir = Path(server.state_dir)
         self.users = UserDirectory(server.site.users, anonymous=self.config.anonymous, base_dir=Path(server.base_dir))
@@ -72,6 +85,7 @@ class OpcUaService:
         self._iserver: LabctlInternalServer | None = None
         self._publisher: Publisher | None = None
         self._frozen = False
+        self._history_source: Any = None
 
     @property
     def url(self) -> str:
@@ -108,11 +122,18 @@ class OpcUaService:
         # serving the other services; nothing else touches this server before it starts.
         nodes = await asyncio.to_thread(build, iserver, idx, site, db.infos())
         iserver.bind(db, nodes)
+        if self.control_service is not None:
+            di_idx = await ua_server.register_namespace(DI_NAMESPACE)
+            self.control = OpcUaControl(self.control_service, iserver, nodes, site, di_idx)
+            self.control.build()
+            iserver.control = self.control
         # Current values, then the subscription, with no await in between: no update is lost.
         store_readings(nodes, db.read)
         publisher = Publisher(db, nodes.pvs)
         publisher.start()
         self.nodes, self.ua_server, self._iserver, self._publisher = nodes, ua_server, iserver, publisher
+        if self._history_source is not None:
+            self.enable_history(HistorianStorage(self._history_source, nodes))
         try:
             await ua_server.start()
         except OSError as e:
@@ -123,6 +144,8 @@ class OpcUaService:
             raise
         assert ua_server.bserver is not None
         self.port = ua_server.bserver.port
+        if self.control is not None:
+            self.control.start()
         if self.config.port == 0:
             _announce_port(ua_server, self.port)
         self._warn_about_configuration()
@@ -156,6 +179,10 @@ class OpcUaService:
             self._frozen = False
 
     async def _teardown(self) -> None:
+        if self._iserver is not None:
+            self._iserver.stopping = True  # closing sessions now is not their clients' doing: leases lapse
+        if self.control is not None:
+            await self.control.stop()
         if self._publisher is not None:
             await self._publisher.stop()
             self._publisher = None
@@ -181,15 +208,21 @@ class OpcUaService:
             lines.append(f"OPC UA user {u.name} [{', '.join(u.roles)}] ({how or 'no login'}){extra}")
         return lines
 
+    def serve_history_from(self, historian: Any) -> None:
+        """Answer HistoryRead from ``historian`` (a started :class:`server.historian.Historian`
+        by the time this service starts); call before :meth:`start`."""
+        self._history_source = historian
+
     def enable_history(self, storage: Any) -> None:
-        """Serve HistoryRead of every PV from ``storage`` (an asyncua ``HistoryStorageInterface``).
+        """Serve HistoryRead of every PV from ``storage`` (an asyncua ``HistoryStorageInterface``;
+        a :class:`~server.opcua.history.HistorianStorage` answers raw and processed reads in full).
 
         Sets Historizing and the HistoryRead access bit on every PV node; UserAccessLevel
-        follows. Call after :meth:`start`.
+        follows. Needs the address space: :meth:`start` calls it for :meth:`serve_history_from`.
         """
         if self._iserver is None or self.nodes is None:
             raise RuntimeError("enable_history() needs a started OPC UA service")
-        self._iserver.history_manager.set_storage(storage)
+        install_history(self._iserver, storage)
         self._iserver.history = True
         aspace = self._iserver.aspace
         for node in self.nodes.pvs.values():

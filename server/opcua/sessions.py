@@ -15,11 +15,24 @@ session after asyncua's read, and whose ``activate_session``:
   from, and audits logins (accepted and refused) through the database.
 
 The internal server also carries the :class:`~server.opcua.writes.PVAttributeService`,
-so every Write of every session goes through the core.
+so every Write of every session goes through the core, and the
+:class:`~server.opcua.control.OpcUaControl`, which answers the control methods (locks,
+jobs, alarms, interlocks, audit) for the calling session: asyncua's method service does
+not know who calls, so :meth:`LabctlSession.call` hands those calls over with the session.
+
+UserAccessLevel of a PV says whether this session may write it *now*: the PV is
+writable, the user's roles allow its resource, and, on a lockable resource, the user
+holds its lock (:meth:`ioc.database.Database.may_write`). It changes when the lock
+changes hands; clients re-read it (it cannot be subscribed to per session).
+
+When a session closes, :meth:`LabctlSession.close_session` tells the control layer,
+which releases the session's leases only when the client closed the session itself
+(CloseSession while its connection is open), and withdraws its queued lock requests.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
@@ -39,6 +52,7 @@ from server.opcua.writes import PVAttributeService
 if TYPE_CHECKING:
     from ioc.database import Database
     from server.opcua.address_space import SiteNodes
+    from server.opcua.control import OpcUaControl
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +66,10 @@ class LabctlInternalServer(InternalServer):
         self.db: Database | None = None
         self.nodes: SiteNodes | None = None
         self.history = False
+        self.control: OpcUaControl | None = None
+        """The control methods' answers (None: a service without the control layer)."""
+        self.stopping = False
+        """Set when the service stops: the sessions it closes then did not close themselves."""
 
     def bind(self, db: Database, nodes: SiteNodes) -> None:
         """Serve ``nodes`` from ``db`` (called once the address space is built)."""
@@ -70,6 +88,8 @@ class LabctlSession(InternalSession):
     """An external client's session (see the module docstring)."""
 
     iserver: LabctlInternalServer
+    last_call_refusal: str = ""
+    """``<Method>: <reason>`` of the session's last refused method call (read via Session/LastCallRefusal)."""
 
     @property
     def identity(self) -> Identity:
@@ -126,11 +146,40 @@ class LabctlSession(InternalSession):
         return results
 
     def user_access_level(self, db: Database, info: Any) -> int:
-        """What this session's user may do with a PV: read; write if writable and the roles allow it."""
+        """What this session's user may do with a PV now: read; write if writable, the roles allow it and any lock is held."""
         level = READ | (HISTORY_READ if self.iserver.history else 0)
-        if info.writable and db.policy.may_write(self.identity, info.resource):
+        if db.may_write(info.name, self.identity):
             level |= WRITE
         return level
+
+    async def call(self, params: list[ua.CallMethodRequest]) -> list[ua.CallMethodResult]:
+        """The control methods answered for this session; any other method as asyncua does."""
+        control = self.iserver.control
+        if control is None or not any(control.handles(req) for req in params):
+            return await super().call(params)
+        results: list[ua.CallMethodResult] = []
+        for req in params:
+            if control.handles(req):
+                results.append(await control.call(self, req))
+            else:
+                results.extend(await super().call([req]))
+        return results
+
+    async def close_session(self, delete_subs: bool = True) -> None:
+        """Close the session; the control layer releases its leases if the client closed it itself."""
+        control = self.iserver.control
+        if control is not None and self.external and self.is_activated():
+            try:
+                control.session_closed(self, clean=self._closed_by_client())
+            except Exception:  # never keep a session from closing
+                log.exception("releasing the leases of a closing session failed")
+        await super().close_session(delete_subs)
+
+    def _closed_by_client(self) -> bool:
+        """A CloseSession request on a live connection, not a lost connection, a timeout or the server stopping."""
+        if self.iserver.stopping or asyncio.current_task() is self._timeout_task:
+            return False
+        return any(t.get_extra_info("peername") == self.name and not t.is_closing() for t in self.iserver.asyncio_transports)
 
     def _session_value(self, nodes: SiteNodes, nodeid: ua.NodeId) -> ua.Variant | None:
         if nodeid == nodes.session_user:
@@ -140,4 +189,8 @@ class LabctlSession(InternalSession):
         if nodeid == nodes.session_refusal:
             text = self.user.last_refusal if isinstance(self.user, SessionUser) else ""
             return ua.Variant(text, ua.VariantType.String)
+        if nodeid == nodes.session_call_refusal:
+            return ua.Variant(self.last_call_refusal, ua.VariantType.String)
+        if self.iserver.control is not None:
+            return self.iserver.control.session_value(nodeid)
         return None

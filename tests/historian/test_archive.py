@@ -18,10 +18,9 @@ from ioc.errors import PermissionDenied, UnknownPV, WrongType
 from ioc.types import Identity, Reading, Severity, Status
 from server.historian import Historian, HistorianError, SchemaTooNew, query
 from server.historian.ingest import apply_retention
-from server.historian.schema import pv, pv_meta, sample_rollup, schema_version, to_us
+from server.historian.schema import SCHEMA_VERSION, pv, pv_meta, sample_rollup, schema_version, to_us
 from tests.helpers import wait_for
 from tests.historian.support import SITE, future_minute, make_db
-
 
 
 def q(ts: float) -> float:
@@ -322,7 +321,7 @@ async def test_schema_creation_is_idempotent_and_metadata_is_versioned(db, archi
     engine = create_engine(h3.url)
     try:
         with engine.begin() as conn:
-            assert conn.execute(select(schema_version.c.component, schema_version.c.version)).all() == [("historian", 1)]
+            assert conn.execute(select(schema_version.c.component, schema_version.c.version)).all() == [("historian", SCHEMA_VERSION)]
             assert conn.execute(select(func.count()).select_from(pv)).scalar() == len(db.names())
             assert conn.execute(select(func.count()).select_from(pv_meta)).scalar() == len(db.names()) + 1
             assert conn.execute(select(pv.c.unit).where(pv.c.name == "CRYO:TEMP")).scalar() == "mK"

@@ -22,7 +22,6 @@ from server.historian.spool import Batch, Spool
 from tests.helpers import wait_for
 from tests.historian.support import future_minute, make_db
 
-
 STEP_S = 0.001  # synthetic time between two samples: every one a distinct microsecond
 
 

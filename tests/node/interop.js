@@ -3,11 +3,14 @@
 // Run by tests/protocol/opcua/test_node_opcua.py as
 //     node interop.js '<json config>'
 // with config {url, user, password, namespace, path: [folders..., PV browse name],
-//              write, changes, pki, timeoutMs, expectRefusal}.
+//              write, changes, pki, timeoutMs, expectRefusal, lock}.
 //
 // It connects with user name and password over Basic256Sha256 SignAndEncrypt, finds the
 // PV by its browse path from Objects, reads its value, UserAccessLevel and
-// EngineeringUnits, writes it, subscribes and reports every data change. Each step is
+// EngineeringUnits, writes it, subscribes and reports every data change. With
+// lock: [folders..., resource] it first takes the resource's Part 100 lock (the DI
+// LockingServicesType object "Lock" under it: InitLock, then Locked, LockingUser and the
+// PV's UserAccessLevel again), and releases it with ExitLock after the write. Each step is
 // one JSON line on stdout (prefixed "@labctl "), so the Python test can act on them (e.g. post values once
 // "subscribed" arrives); the last line is {"event": "done", ...} or {"event": "error", ...}.
 "use strict";
@@ -91,6 +94,29 @@ async function main() {
             unit: { unitId: info.unitId, displayName: info.displayName.text, namespaceUri: info.namespaceUri },
         });
 
+        let lock = null;
+        const di = namespaces.indexOf("http://opcfoundation.org/UA/DI/");
+        if (config.lock) {
+            if (di < 0) throw new Error("the DI namespace is not offered");
+            const owner = config.lock.map((name) => pathElement(ns, name, "HierarchicalReferences"));
+            lock = await translate(session, "i=85", [...owner, pathElement(di, "Lock", "HasComponent")]);
+            const init = await translate(session, lock.toString(), [pathElement(di, "InitLock", "HasComponent")]);
+            const result = await session.call({
+                objectId: lock,
+                methodId: init,
+                inputArguments: [{ dataType: DataType.String, value: "node-opcua interop" }],
+            });
+            emit("lock", { status: result.statusCode.name, initLockStatus: result.outputArguments[0].value });
+            const locked = await translate(session, lock.toString(), [pathElement(di, "Locked", "HasProperty")]);
+            const user = await translate(session, lock.toString(), [pathElement(di, "LockingUser", "HasProperty")]);
+            const [isLocked, lockingUser, access] = await session.read([
+                { nodeId: locked, attributeId: AttributeIds.Value },
+                { nodeId: user, attributeId: AttributeIds.Value },
+                { nodeId: pv, attributeId: AttributeIds.UserAccessLevel },
+            ]);
+            emit("locked", { locked: isLocked.value.value, lockingUser: lockingUser.value.value, userAccessLevel: access.value.value });
+        }
+
         const written = await session.write({
             nodeId: pv,
             attributeId: AttributeIds.Value,
@@ -103,6 +129,11 @@ async function main() {
         }
         const readBack = await session.read({ nodeId: pv, attributeId: AttributeIds.Value });
         emit("readback", { value: readBack.value.value });
+        if (lock) {
+            const exit = await translate(session, lock.toString(), [pathElement(di, "ExitLock", "HasComponent")]);
+            const result = await session.call({ objectId: lock, methodId: exit, inputArguments: [] });
+            emit("unlocked", { status: result.statusCode.name, exitLockStatus: result.outputArguments[0].value });
+        }
 
         const subscription = ClientSubscription.create(session, {
             requestedPublishingInterval: 50,

@@ -9,20 +9,24 @@ also reaches the server's refusals. Leases are short where a test waits for one 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import pwd
 import socket
 
 import pytest
+from asyncua import Client as UaClient
+from asyncua import ua
 from caproto import AccessRights, ChannelType
 
-from ioc.arbiter import Arbiter, Lease, Waiter
+from ioc.arbiter import Arbiter
 from ioc.errors import LockedBy, PermissionDenied
 from ioc.types import Identity
 from server.ca.access import Client
 from server.ca.arbiter import LockRequest, client_id, command_pv_names, parse_request
 from server.ca.context import CAStartError
+from server.passwords import hash_password
 from tests.helpers import wait_for
 from tests.protocol.ca.support import (
     PyEpics,
@@ -325,60 +329,102 @@ async def test_a_holder_that_disappears_loses_the_lock_to_waiters_by_priority_th
 # ---- Channel Access against another protocol ---------------------------------------------------------
 
 
-class InProcessOpcUaUser:
-    """The OPC UA party of the contention test, until the OPC UA adapter takes part.
+OLGA_PASSWORD = "olga-pw"
 
-    It makes the control-layer calls the OPC UA lock methods make (RequestLock/InitLock,
-    ExitLock), with an OPC UA-like identity and session client. To run the test against a
-    real asyncua client, give it the same three coroutines.
+
+@functools.cache
+def olga_hash() -> str:
+    return hash_password(OLGA_PASSWORD)
+
+
+class OpcUaUser:
+    """The OPC UA party of the contention test: a plain asyncua client (user olga, an operator).
+
+    It takes part in arbitration as any OPC UA client can: the resource's Lock object
+    (``RequestLock``, which queues by priority, and ``ReleaseLease``), and plain Writes
+    whose refusals it reads from ``Session/LastWriteRefusal``.
     """
 
-    identity = Identity("olga", frozenset({"operator"}), "opcua", "uaexpert-pc")
-    client = "opcua:session-1"
+    def __init__(self, client: UaClient, idx: int) -> None:
+        self.client = client
+        self.idx = idx
+        self.token = ""
 
-    def __init__(self, s: ServedServer) -> None:
-        self.s = s
-        self.token: str | None = None
+    @classmethod
+    async def connect(cls, url: str) -> OpcUaUser:
+        client = UaClient(url, timeout=10)
+        client.set_user("olga")
+        client.set_password(OLGA_PASSWORD)
+        await client.connect()
+        return cls(client, await client.get_namespace_index("urn:labctl:catest"))
+
+    async def _call(self, method: str, *args: ua.Variant) -> list:
+        base = "/catest/Resources/cryostat/Lock"
+        req = ua.CallMethodRequest()
+        req.ObjectId = ua.NodeId(base, self.idx)
+        req.MethodId = ua.NodeId(f"{base}/{method}", self.idx)
+        req.InputArguments = list(args)
+        (res,) = await self.client.uaclient.call([req])
+        res.StatusCode.check()
+        return [v.Value for v in res.OutputArguments]
 
     async def request(self, duration_s: float, priority: int = 0) -> str:
         """Take or queue for the lock; ``granted`` or ``queued``."""
-        got = self.s.control.request_lock(
-            "cryostat", self.identity, duration_s=duration_s, priority=priority, client=self.client
+        status, self.token, _ = await self._call(
+            "RequestLock",
+            ua.Variant(float(duration_s), ua.VariantType.Double),
+            ua.Variant(priority, ua.VariantType.Int32),
+            ua.Variant(True, ua.VariantType.Boolean),
         )
-        self.token = got.token
-        return "granted" if isinstance(got, Lease) else "queued" if isinstance(got, Waiter) else "?"
+        return {0: "granted", 1: "queued"}[status]
 
     async def release(self) -> None:
         """Give the lock up."""
-        self.s.control.release_lock("cryostat", self.token, self.identity)
+        await self._call("ReleaseLease", ua.Variant(self.token, ua.VariantType.String))
 
-    async def write(self, pv: str, value: float) -> None:
-        """Write through the core write path as the OPC UA user."""
-        await self.s.db.write(pv, value, self.identity)
+    async def write(self, pv: str, value: float) -> str:
+        """Write a PV; the refusal sentence, or "" when accepted."""
+        node = self.client.get_node(ua.NodeId(pv, self.idx))
+        try:
+            await node.write_value(ua.DataValue(ua.Variant(value, ua.VariantType.Double)))
+        except ua.UaStatusCodeError as e:
+            assert e.code == ua.StatusCodes.BadLocked
+            return await self.client.get_node(ua.NodeId("/catest/Session/LastWriteRefusal", self.idx)).read_value()
+        return ""
+
+    async def close(self) -> None:
+        await self.client.disconnect()
 
 
 async def test_ca_and_opcua_users_contend_for_one_resource_and_the_arbiter_serializes_them(ports, tmp_path):
-    async with serve_server(site(ports, tmp_path)) as s, pyepics(s.port) as ca:
-        ua = InProcessOpcUaUser(s)
-        assert (await ca.call("connect", pv="CRYO:SETPOINT"))["write"] is False
-        assert await put(ca, "ARB:CRYOSTAT:REQUEST", "60", "ca-1") == ECA_NORMAL
-        assert await ua.request(60) == "queued"
-        with pytest.raises(LockedBy, match=f"locked by {ME} until"):
-            await ua.write("CRYO:SETPOINT", 0.3)
-        assert await put(ca, "CRYO:SETPOINT", 0.2, "ca-write-1") == ECA_NORMAL
-        drain(ca)
+    text = site(ports, tmp_path).replace(
+        "opcua: {enabled: false}", "opcua: {host: 127.0.0.1, port: 0}"
+    ) + f'users:\n  - {{name: olga, roles: [operator], password_hash: "{olga_hash()}"}}\n'
+    async with serve_server(text) as s, pyepics(s.port) as ca:
+        ua_user = await OpcUaUser.connect(s.server.service("opcua").url)
+        try:
+            assert (await ca.call("connect", pv="CRYO:SETPOINT"))["write"] is False
+            assert await put(ca, "ARB:CRYOSTAT:REQUEST", "60", "ca-1") == ECA_NORMAL
+            assert await ua_user.request(60) == "queued"
+            refusal = await ua_user.write("CRYO:SETPOINT", 0.3)
+            assert f"locked by {ME} until" in refusal and refusal.startswith("CRYO:SETPOINT: write refused:")
+            assert await put(ca, "CRYO:SETPOINT", 0.2, "ca-write-1") == ECA_NORMAL
+            drain(ca)
 
-        assert await put(ca, "ARB:CRYOSTAT:RELEASE", "1", "ca-release") == ECA_NORMAL  # olga's turn
-        assert (await ca.call("access", pv="CRYO:SETPOINT"))["write"] is False
-        assert s.db.read("ARB:CRYOSTAT:OWNER").value == "olga"
-        assert await put(ca, "ARB:CRYOSTAT:REQUEST", "60", "ca-2") == ECA_NORMAL  # queued behind olga
-        assert s.db.read("ARB:CRYOSTAT:QUEUE").value == 1
-        await ua.write("CRYO:SETPOINT", 0.3)
-        drain(ca)
+            assert await put(ca, "ARB:CRYOSTAT:RELEASE", "1", "ca-release") == ECA_NORMAL  # olga's turn
+            assert (await ca.call("access", pv="CRYO:SETPOINT"))["write"] is False
+            assert s.db.read("ARB:CRYOSTAT:OWNER").value == "olga"
+            assert s.control.arbiter.holder("cryostat").client.startswith("opcua:session-")
+            assert await put(ca, "ARB:CRYOSTAT:REQUEST", "60", "ca-2") == ECA_NORMAL  # queued behind olga
+            assert s.db.read("ARB:CRYOSTAT:QUEUE").value == 1
+            assert await ua_user.write("CRYO:SETPOINT", 0.3) == ""
+            drain(ca)
 
-        await ua.release()  # the lease changes hands from another protocol: the CA client is told
-        await writable(ca, "CRYO:SETPOINT", True)
-        assert await put(ca, "CRYO:SETPOINT", 0.4, "ca-write-2") == ECA_NORMAL
+            await ua_user.release()  # the lease changes hands from another protocol: the CA client is told
+            await writable(ca, "CRYO:SETPOINT", True)
+            assert await put(ca, "CRYO:SETPOINT", 0.4, "ca-write-2") == ECA_NORMAL
+        finally:
+            await ua_user.close()
         assert grants(s) == [ME, "olga", ME]
         writes = [(a.user, a.protocol, a.new, a.accepted) for a in s.audit if a.action == "write"]
         assert writes == [("olga", "opcua", 0.3, False), (ME, "ca", 0.2, True), ("olga", "opcua", 0.3, True), (ME, "ca", 0.4, True)]  # fmt: skip

@@ -45,7 +45,7 @@ async def test_browse_path_objects_site_folder_pv(connect):
     double = await client.nodes.objects.get_child([f"{idx}:{SITE}", f"{idx}:derived", f"{idx}:LAB:DOUBLE"])
     assert double.nodeid == ua.NodeId("LAB:DOUBLE", idx)
     names = {(await c.read_browse_name()).Name for c in await client.get_node(ua.NodeId(f"/{SITE}", idx)).get_children()}
-    assert names == {"soft", "derived", "Session"}
+    assert names == {"soft", "derived", "Session", "Control"}  # no Resources: the site has no lockable resource
 
 
 async def test_instrument_pvs_under_instrument_and_channel(instrument_server, connect_to):

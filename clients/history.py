@@ -1,0 +1,372 @@
+"""PV history in the client: NumPy arrays, a pandas DataFrame, and ``labctl history``.
+
+Theory of operation. :func:`read_history` (what :meth:`clients.session.Session.history`
+calls) asks the server for a PV's archived history with OPC UA HistoryRead, which a
+labctl server answers from its historian:
+
+* **raw** (``every=None``): ReadRawModifiedDetails over ``[since, until)``, oldest first,
+  :data:`PAGE_SIZE` values per request, following continuation points until the range is
+  exhausted. Each value's StatusCode becomes a severity and status as for live reads
+  (:func:`clients.session.quality`); an INVALID value is NaN (numbers) or None.
+* **processed** (``every`` seconds): ReadProcessedDetails with the Average, Minimum,
+  Maximum and Count aggregates of the same node in one request per page -- one bucket
+  per ``every`` from ``since``, the last one cut at ``until``. A bucket without valid
+  samples has a count of 0, NaN elsewhere, and severity INVALID with status UDF.
+
+The result is a :class:`History`: ``times`` (UNIX seconds, float64), ``values`` (float64
+for numeric PVs -- int, bool and enum included -- else objects), ``severities`` and
+``statuses`` (small ints of :class:`ioc.types.Severity`/:class:`ioc.types.Status`), and
+for processed history ``minimum``, ``maximum`` and ``counts``. :meth:`History.to_dataframe`
+gives a pandas DataFrame indexed by UTC time.
+
+The command ``labctl history PV --since 1h [--until ...] [--every 1m] [--format
+table|csv|json]`` prints one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from asyncua import ua
+
+from clients.session import ClientError, Metadata, format_value, reading_of
+from ioc.types import PVType, Severity, Status
+
+if TYPE_CHECKING:
+    import pandas
+
+    from clients.session import Session
+
+#: Values asked for per raw HistoryRead request.
+PAGE_SIZE = 10_000
+#: The aggregates of a processed read, in the order they are requested.
+AGGREGATES = (
+    ua.ObjectIds.AggregateFunction_Average,
+    ua.ObjectIds.AggregateFunction_Minimum,
+    ua.ObjectIds.AggregateFunction_Maximum,
+    ua.ObjectIds.AggregateFunction_Count,
+)
+_NUMERIC = (PVType.FLOAT64, PVType.INT, PVType.BOOL, PVType.ENUM)
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
+
+
+@dataclass(frozen=True, eq=False)
+class History:
+    """A PV's history as arrays (see the module docstring)."""
+
+    name: str
+    meta: Metadata
+    times: np.ndarray
+    """UNIX seconds (float64): a value's source time, or a bucket's start."""
+    values: np.ndarray
+    """The values (raw) or bucket means (processed): float64 for numeric PVs (NaN: invalid or empty), else objects."""
+    severities: np.ndarray
+    """:class:`~ioc.types.Severity` of each value (int8)."""
+    statuses: np.ndarray
+    """:class:`~ioc.types.Status` of each value (int16)."""
+    every: float | None = None
+    """The bucket width in seconds, or None for raw history."""
+    minimum: np.ndarray | None = None
+    """Per bucket (processed only)."""
+    maximum: np.ndarray | None = None
+    """Per bucket (processed only)."""
+    counts: np.ndarray | None = None
+    """Valid samples per bucket (processed only)."""
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+    @property
+    def processed(self) -> bool:
+        """Buckets rather than raw values."""
+        return self.every is not None
+
+    def to_dataframe(self) -> pandas.DataFrame:
+        """A DataFrame indexed by UTC time (``time``): ``value``, ``severity``, ``status`` (and
+        ``state`` for enums) for raw history; ``mean``, ``min``, ``max``, ``count``, ``severity``,
+        ``status`` for processed history."""
+        import pandas as pd
+
+        index = pd.DatetimeIndex(pd.to_datetime(self.times, unit="s", utc=True), name="time")
+        severity = pd.Categorical.from_codes(self.severities.astype(int), [s.name for s in Severity])
+        status = [Status(int(s)).name for s in self.statuses]
+        if self.processed:
+            columns: dict[str, Any] = {"mean": self.values, "min": self.minimum, "max": self.maximum, "count": self.counts}
+        else:
+            columns = {"value": self.values}
+            if self.meta.type is PVType.ENUM and self.meta.states:
+                states = self.meta.states
+                columns["state"] = [
+                    states[int(v)] if isinstance(v, float) and not math.isnan(v) and 0 <= v < len(states) else None
+                    for v in self.values
+                ]
+        columns.update(severity=severity, status=status)
+        return pd.DataFrame(columns, index=index)
+
+
+def _seconds(t: float | _dt.datetime) -> float:
+    if isinstance(t, _dt.datetime):
+        if t.tzinfo is None:
+            raise ValueError(f"naive datetime {t.isoformat()} is ambiguous: give a timezone (e.g. UTC)")
+        return t.timestamp()
+    return float(t)
+
+
+def _utc(t: float) -> _dt.datetime:
+    return _EPOCH + _dt.timedelta(microseconds=round(t * 1_000_000))
+
+
+def _unix(d: _dt.datetime | None) -> float:
+    if d is None:
+        return math.nan
+    return (d if d.tzinfo is not None else d.replace(tzinfo=_dt.UTC)).timestamp()
+
+
+async def read_history(
+    session: Session, name: str, since: float | _dt.datetime, until: float | _dt.datetime | None = None, every: float | None = None
+) -> History:
+    """A PV's history from ``since`` to ``until`` (default: now), raw or in ``every``-second buckets.
+
+    Raises:
+        NoSuchPV: the server has no such PV.
+        ValueError: the range or ``every`` is not usable.
+        HistoryUnavailable: the server refused the read (the StatusCode says why).
+    """
+    start = _seconds(since)
+    end = time.time() if until is None else _seconds(until)
+    if not (math.isfinite(start) and math.isfinite(end)) or end <= start:
+        raise ValueError(f"the history range must end after it starts (since {start}, until {end})")
+    if every is not None and not (math.isfinite(every) and every > 0):
+        raise ValueError(f"every must be a positive number of seconds, got {every!r}")
+    meta = await session.info(name)
+    if every is None:
+        return await _raw(session, meta, start, end)
+    if meta.type not in _NUMERIC:
+        raise ValueError(f"{name} is a {meta.type.value if meta.type else 'non-numeric'} PV; buckets need a number")
+    return await _processed(session, meta, start, end, every)
+
+
+class HistoryUnavailable(ClientError):
+    """The server refused a history read; ``status`` is its StatusCode name."""
+
+    def __init__(self, name: str, status: str, doc: str) -> None:
+        self.name = name
+        self.status = status
+        super().__init__(f"{name}: history not available ({status}): {doc}")
+
+
+def _refused(name: str, code: ua.StatusCode) -> HistoryUnavailable:
+    return HistoryUnavailable(name, code.name, code.doc)
+
+
+async def _history_read(session: Session, details: Any, items: list[tuple[ua.NodeId, bytes | None]]) -> list[ua.HistoryReadResult]:
+    params = ua.HistoryReadParameters()
+    params.HistoryReadDetails = details
+    params.TimestampsToReturn = ua.TimestampsToReturn.Source
+    params.ReleaseContinuationPoints = False
+    for nid, cont in items:
+        item = ua.HistoryReadValueId()
+        item.NodeId = nid
+        item.ContinuationPoint = cont
+        params.NodesToRead.append(item)
+    return await session._call(session.client.uaclient.history_read(params))  # noqa: SLF001 -- the session's request wrapper
+
+
+async def _raw(session: Session, meta: Metadata, start: float, end: float) -> History:
+    details = ua.ReadRawModifiedDetails()
+    details.IsReadModified = False
+    details.StartTime, details.EndTime = _utc(start), _utc(end)
+    details.NumValuesPerNode = PAGE_SIZE
+    details.ReturnBounds = False
+    nid = session._node_id(meta.name)  # noqa: SLF001 -- NodeIds are the session's
+    readings = []
+    cont: bytes | None = None
+    while True:
+        (result,) = await _history_read(session, details, [(nid, cont)])
+        if result.StatusCode is not None and result.StatusCode.is_bad():
+            raise _refused(meta.name, result.StatusCode)
+        if result.HistoryData is not None:
+            readings += [reading_of(meta, dv) for dv in result.HistoryData.DataValues]
+        cont = result.ContinuationPoint or None
+        if cont is None:
+            break
+    numeric = meta.type in _NUMERIC
+    values = np.array(
+        [(math.nan if r.value is None else float(r.value)) for r in readings] if numeric else [r.value for r in readings],
+        dtype=np.float64 if numeric else object,
+    )
+    return History(
+        name=meta.name,
+        meta=meta,
+        times=np.array([r.timestamp for r in readings], dtype=np.float64),
+        values=values,
+        severities=np.array([int(r.severity) for r in readings], dtype=np.int8),
+        statuses=np.array([int(r.status) for r in readings], dtype=np.int16),
+    )
+
+
+async def _processed(session: Session, meta: Metadata, start: float, end: float, every: float) -> History:
+    details = ua.ReadProcessedDetails()
+    details.StartTime, details.EndTime = _utc(start), _utc(end)
+    details.ProcessingInterval = every * 1000.0
+    details.AggregateConfiguration = ua.AggregateConfiguration(UseServerCapabilitiesDefaults=True)
+    nid = session._node_id(meta.name)  # noqa: SLF001 -- NodeIds are the session's
+    columns: list[list[ua.DataValue]] = [[] for _ in AGGREGATES]
+    pending: dict[int, bytes | None] = dict.fromkeys(range(len(AGGREGATES)))
+    first = True
+    while first or pending:
+        order = sorted(pending)
+        details.AggregateType = [ua.NodeId(AGGREGATES[i]) for i in order]
+        results = await _history_read(session, details, [(nid, pending[i]) for i in order])
+        first = False
+        for i, result in zip(order, results, strict=True):
+            if result.StatusCode is not None and result.StatusCode.is_bad():
+                raise _refused(meta.name, result.StatusCode)
+            if result.HistoryData is not None:
+                columns[i] += result.HistoryData.DataValues
+            if result.ContinuationPoint:
+                pending[i] = result.ContinuationPoint
+            else:
+                del pending[i]
+    mean, low, high, count = columns
+    n = len(count)
+    if not all(len(c) == n for c in columns):
+        raise _refused(meta.name, ua.StatusCode(ua.StatusCodes.BadUnexpectedError))
+
+    def numbers(dvs: list[ua.DataValue]) -> np.ndarray:
+        return np.array(
+            [float(dv.Value.Value) if dv.StatusCode.is_good() and dv.Value is not None and dv.Value.Value is not None else math.nan for dv in dvs],
+            dtype=np.float64,
+        )
+
+    counts = np.array([int(dv.Value.Value) if dv.Value is not None and dv.Value.Value is not None else 0 for dv in count], dtype=np.int64)
+    empty = counts == 0
+    return History(
+        name=meta.name,
+        meta=meta,
+        times=np.array([_unix(dv.SourceTimestamp) for dv in count], dtype=np.float64),
+        values=numbers(mean),
+        severities=np.where(empty, int(Severity.INVALID), int(Severity.NO_ALARM)).astype(np.int8),
+        statuses=np.where(empty, int(Status.UDF), int(Status.NO_ALARM)).astype(np.int16),
+        every=every,
+        minimum=numbers(low),
+        maximum=numbers(high),
+        counts=counts,
+    )
+
+
+# ---- labctl history ---------------------------------------------------------------------------
+
+
+def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add ``labctl history`` (``common``: the shared connection options)."""
+    from clients.cli import parse_duration, parse_since
+
+    p = subparsers.add_parser("history", parents=[common], help="a PV's archived values, raw or in time buckets")
+    p.add_argument("pv", metavar="PV")
+    p.add_argument("--since", type=parse_since, default=parse_since("1h"), metavar="WHEN",
+                   help="a duration ago (1h, 30m) or a date and time (2024-05-01T12:00; local unless it says its zone); default 1h")  # fmt: skip
+    p.add_argument("--until", type=parse_since, default=None, metavar="WHEN", help="as --since (default: now)")
+    p.add_argument("--every", type=parse_duration, default=None, metavar="DURATION",
+                   help="buckets of this width (1m, 10s...): mean, min, max and count of each")  # fmt: skip
+    p.add_argument("--format", choices=("table", "csv", "json"), default=None, help="output format (default table; --json is json)")
+    p.set_defaults(func=cmd_history)
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    """Print a PV's history."""
+    from clients.cli import UsageError, _run
+
+    fmt = args.format or ("json" if args.json else "table")
+
+    async def body(s: Session) -> int:
+        try:
+            h = await s.history(args.pv, args.since, args.until, args.every)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        print_history(h, fmt)
+        return 0
+
+    return _run(args, body)
+
+
+def rows(h: History) -> tuple[list[str], list[list[Any]]]:
+    """Column names and rows of a history, values as plain Python data (times as ISO 8601 UTC)."""
+    times = [_utc(t).isoformat(timespec="microseconds").replace("+00:00", "Z") for t in h.times]
+    sev = [Severity(int(s)).name for s in h.severities]
+    sta = [Status(int(s)).name for s in h.statuses]
+
+    def plain(x: Any) -> Any:
+        if isinstance(x, (float, np.floating)):
+            return None if math.isnan(x) else float(x)
+        if isinstance(x, tuple):
+            return list(x)
+        return x
+
+    if h.processed:
+        assert h.minimum is not None and h.maximum is not None and h.counts is not None
+        header = ["time", "mean", "min", "max", "count", "severity", "status"]
+        body = [
+            [t, plain(m), plain(lo), plain(hi), int(c), s1, s2]
+            for t, m, lo, hi, c, s1, s2 in zip(times, h.values, h.minimum, h.maximum, h.counts, sev, sta, strict=True)
+        ]
+        return header, body
+    header = ["time", "value", "severity", "status"]
+    values = [plain(v) for v in h.values]
+    if h.meta.type in (PVType.INT, PVType.ENUM):
+        values = [None if v is None else int(v) for v in values]
+    elif h.meta.type is PVType.BOOL:
+        values = [None if v is None else bool(v) for v in values]
+    return header, [[t, v, s1, s2] for t, v, s1, s2 in zip(times, values, sev, sta, strict=True)]
+
+
+def print_history(h: History, fmt: str, out: Any = None) -> None:
+    """Write a history as ``table``, ``csv`` or ``json`` to ``out`` (standard output)."""
+    out = out or sys.stdout
+    header, body = rows(h)
+    if fmt == "json":
+        doc = {"pv": h.name, "unit": h.meta.unit, "every": h.every, "rows": [dict(zip(header, r, strict=True)) for r in body]}
+        print(json.dumps(doc, indent=2), file=out)
+        return
+    if fmt == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(header)
+        for r in body:
+            writer.writerow(["" if x is None else json.dumps(x) if isinstance(x, list) else x for x in r])
+        return
+    if not body:
+        print(f"no archived values of {h.name} in that range", file=sys.stderr)
+        return
+    unit = f" [{h.meta.unit}]" if h.meta.unit else ""
+    local = [_dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] for t in h.times]
+    if h.processed:
+        shown = [
+            [t, _num(r[1]), _num(r[2]), _num(r[3]), str(r[4])] for t, r in zip(local, body, strict=True)
+        ]
+        _table(["TIME", f"MEAN{unit}", "MIN", "MAX", "COUNT"], shown, out)
+        return
+    shown = []
+    for t, r, v in zip(local, body, h.values, strict=True):
+        value = format_value(h.meta, None if r[1] is None else (v if h.meta.type not in _NUMERIC else r[1]))
+        shown.append([t, value, r[2], r[3]])
+    _table(["TIME", f"VALUE{unit}", "SEVERITY", "STATUS"], shown, out)
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.6g}"
+
+
+def _table(header: Sequence[str], rows_: Sequence[Sequence[str]], out: Any) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows_, strict=False)]
+    for row in (header, *rows_):
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip(), file=out)

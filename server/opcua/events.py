@@ -1,0 +1,260 @@
+"""OPC UA events of the control layer: alarm conditions, interlock transitions, lease changes.
+
+Theory of operation. Every event is emitted by the Server object (``i=2253``), the node
+generic clients (UaExpert's event view, SCADA alarm lists) subscribe to; its
+SourceNode and SourceName say what it is about. Three kinds:
+
+* **Alarm conditions** (Part 9 Alarms & Conditions, as far as asyncua carries it): each
+  :class:`ioc.alarms.AlarmEvent` (raised, changed, returned, cleared, acknowledged,
+  shelved, unshelved) becomes an ``AlarmConditionType`` event of the PV's condition.
+  SourceNode/InputNode are the PV's node, SourceName and ConditionName its name, the
+  ConditionId (the event field ``NodeId``) is ``ns=<site>;s=<PV>.Alarm``, Severity maps
+  the EPICS severity through :data:`SEVERITY`, and ActiveState (the value is in alarm
+  now), AckedState, LatchedState, SuppressedOrShelved, Retain (the alarm still needs
+  attention), Quality, Comment and ClientUserId follow the alarm. The conditions are not
+  nodes of the address space (Part 9 allows that); retained ones are kept by asyncua for
+  ConditionRefresh, and :mod:`server.opcua.control` answers the standard Acknowledge
+  method called on a ConditionId.
+* **Interlock transitions**: an ``InterlockEventType`` event (labctl namespace, subtype
+  of BaseEventType, fields Interlock, FromState, ToState, Reason) from the interlock's
+  state PV ``ILK:<NAME>:STATE``.
+* **Lease changes**: a ``LeaseEventType`` event (fields Resource, Kind, User, Client,
+  By, Reason) from the resource's Lock object for every grant, renewal, release,
+  expiry, break, queueing and withdrawal, so a holder whose lock is broken is told.
+
+Listeners of the core are synchronous and must not wait; they hand events to an
+:class:`EventQueue`, whose one task triggers them in order. The queue is bounded: if
+nobody drains it (a stuck server) the oldest events are dropped, never the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import logging
+import uuid
+from collections import deque
+from typing import Any
+
+from asyncua import ua
+from asyncua.common.event_objects import AlarmCondition, BaseEvent
+from asyncua.server.address_space import AttributeValue
+from asyncua.server.internal_server import InternalServer
+
+from ioc.alarms import Alarm, AlarmEvent
+from ioc.arbiter import LeaseEvent
+from ioc.interlocks import Transition, state_pv
+from ioc.types import Reading, Severity
+from server.opcua.address_space import status_code
+
+log = logging.getLogger(__name__)
+
+#: EPICS severity -> OPC UA event Severity (1..1000).
+SEVERITY: dict[Severity, int] = {Severity.NO_ALARM: 1, Severity.MINOR: 300, Severity.MAJOR: 700, Severity.INVALID: 900}
+#: Interlock state -> event Severity.
+INTERLOCK_SEVERITY = {"OK": 100, "WARN": 300, "PENDING": 500, "TRIPPED": 800, "CLEARING": 600, "RESET_NEEDED": 600}
+#: Lease event kind -> event Severity (a broken lock matters most to its holder).
+LEASE_SEVERITY = {"broken": 600, "expired": 400}
+
+#: Events waiting for the emitter task; beyond this the oldest are dropped.
+QUEUE_LIMIT = 10_000
+
+SERVER = ua.NodeId(ua.ObjectIds.Server)
+PROCESS_CONDITION_CLASS = ua.NodeId(ua.ObjectIds.ProcessConditionClassType)
+
+#: Custom event types (labctl namespace): type name -> (field, description) in order.
+EVENT_TYPES: dict[str, tuple[tuple[str, str], ...]] = {
+    "LeaseEventType": (
+        ("Resource", "the resource whose lock changed"),
+        ("Kind", "granted, renewed, released, expired, broken, queued or withdrawn"),
+        ("User", "the lease's (or request's) owner"),
+        ("Client", "the owner's client: an OPC UA session, a CA client, a job"),
+        ("By", "who caused it when not the owner (an admin's break)"),
+        ("Reason", "why, when given"),
+    ),
+    "InterlockEventType": (
+        ("Interlock", "the interlock's name"),
+        ("FromState", "the state it left"),
+        ("ToState", "the state it entered"),
+        ("Reason", "the condition that caused it"),
+    ),
+}
+
+
+def event_type_id(name: str, site: str, idx: int) -> ua.NodeId:
+    """NodeId of a custom event type (``/<site>/types/<name>``)."""
+    return ua.NodeId(f"/{site}/types/{name}", idx)
+
+
+def condition_id(source: str, idx: int) -> ua.NodeId:
+    """The ConditionId of a PV's alarm condition."""
+    return ua.NodeId(f"{source}.Alarm", idx)
+
+
+def source_of_condition(nodeid: ua.NodeId, idx: int) -> str | None:
+    """The PV whose condition this ConditionId is, or None."""
+    ident = nodeid.Identifier
+    if nodeid.NamespaceIndex == idx and isinstance(ident, str) and ident.endswith(".Alarm") and "/" not in ident:
+        return ident[: -len(".Alarm")]
+    return None
+
+
+def _utc(ts: float) -> _dt.datetime:
+    return _dt.datetime.fromtimestamp(ts, _dt.UTC)
+
+
+def _stamp(event: BaseEvent, ts: float) -> bytes:
+    event_id = uuid.uuid4().bytes
+    event.EventId = event_id
+    event.Time = _utc(ts)
+    event.ReceiveTime = _dt.datetime.now(_dt.UTC)
+    return event_id
+
+
+def _state(flag: bool, true: str, false: str) -> ua.LocalizedText:
+    return ua.LocalizedText(true if flag else false)
+
+
+def alarm_severity(alarm: Alarm) -> int:
+    """The event Severity of an alarm: its latched severity while it needs attention, else its current one."""
+    return SEVERITY[alarm.latched if alarm.active else alarm.current]
+
+
+def condition_event(ev: AlarmEvent, idx: int, last_severity: int, now: float) -> tuple[AlarmCondition, bytes]:
+    """The AlarmConditionType event of an alarm transition, and its EventId."""
+    a = ev.alarm
+    e = AlarmCondition()
+    e.emitting_node = SERVER
+    event_id = _stamp(e, ev.time)
+    pv = ua.NodeId(a.source, idx)
+    e.SourceNode = pv
+    e.SourceName = a.source
+    e.InputNode = pv
+    e.Message = ua.LocalizedText(_message(ev))
+    e.Severity = alarm_severity(a)
+    e.ConditionClassId = PROCESS_CONDITION_CLASS
+    e.ConditionClassName = ua.LocalizedText("Process")
+    e.ConditionName = a.source
+    e.BranchId = ua.NodeId()
+    e.add_property("NodeId", condition_id(a.source, idx), ua.VariantType.NodeId)
+    e.Retain = a.active
+    e.EnabledState = ua.LocalizedText("Enabled")
+    setattr(e, "EnabledState/Id", True)
+    in_alarm = a.current > Severity.NO_ALARM
+    e.ActiveState = _state(in_alarm, "Active", "Inactive")
+    setattr(e, "ActiveState/Id", in_alarm)
+    e.AckedState = _state(a.acked, "Acknowledged", "Unacknowledged")
+    setattr(e, "AckedState/Id", a.acked)
+    latched = a.latch and a.active and a.current < a.latched
+    e.LatchedState = _state(latched, "Latched", "Unlatched")
+    setattr(e, "LatchedState/Id", latched)
+    e.SuppressedOrShelved = a.shelved(now)
+    e.Quality = status_code(Reading(a.value, a.since, a.current, a.status))
+    e.LastSeverity = last_severity
+    e.Comment = ua.LocalizedText(ev.reason if ev.kind in ("acknowledged", "shelved") else "")
+    e.ClientUserId = ev.user
+    return e, event_id
+
+
+def _message(ev: AlarmEvent) -> str:
+    a = ev.alarm
+    text = a.message or f"{a.source} {a.current.name}"
+    if ev.kind == "acknowledged":
+        return f"{text} -- acknowledged by {ev.user}{': ' + ev.reason if ev.reason else ''}"
+    if ev.kind == "shelved":
+        return f"{text} -- shelved by {ev.user}: {ev.reason}"
+    if ev.kind == "unshelved":
+        return f"{text} -- unshelved{' by ' + ev.user if ev.user else ''}{': ' + ev.reason if ev.reason else ''}"
+    if ev.kind == "returned":
+        return f"{a.source} back to normal, still latched at {a.latched.name} until acknowledged"
+    return text
+
+
+def _custom(type_id: ua.NodeId, source: ua.NodeId, source_name: str, ts: float, severity: int, message: str) -> BaseEvent:
+    e = BaseEvent()
+    e.emitting_node = SERVER
+    e.EventType = type_id
+    e.SourceNode = source
+    e.SourceName = source_name
+    e.Severity = severity
+    e.Message = ua.LocalizedText(message)
+    _stamp(e, ts)
+    return e
+
+
+def lease_event(ev: LeaseEvent, type_id: ua.NodeId, lock_node: ua.NodeId) -> BaseEvent:
+    """The LeaseEventType event of a lease change."""
+    who = f" by {ev.by}" if ev.by and ev.by != ev.user else ""
+    why = f" ({ev.reason})" if ev.reason and ev.reason != ev.kind else ""
+    message = f"{ev.resource}: lock of {ev.user} {ev.kind}{who}{why}"
+    e = _custom(type_id, lock_node, ev.resource, ev.time, LEASE_SEVERITY.get(ev.kind, 200), message)
+    for name, value in (("Resource", ev.resource), ("Kind", ev.kind), ("User", ev.user), ("Client", ev.client), ("By", ev.by), ("Reason", ev.reason)):
+        e.add_property(name, value, ua.VariantType.String)
+    return e
+
+
+def interlock_event(t: Transition, type_id: ua.NodeId, idx: int) -> BaseEvent:
+    """The InterlockEventType event of an interlock transition."""
+    pv = state_pv(t.name)
+    message = f"interlock {t.name}: {t.old} -> {t.new}{' (' + t.reason + ')' if t.reason else ''}"
+    e = _custom(type_id, ua.NodeId(pv, idx), pv, t.time, INTERLOCK_SEVERITY.get(t.new, 200), message)
+    for name, value in (("Interlock", t.name), ("FromState", t.old), ("ToState", t.new), ("Reason", t.reason)):
+        e.add_property(name, value, ua.VariantType.String)
+    return e
+
+
+class EventQueue:
+    """Events (and data changes of control variables) from synchronous listeners, sent in order by one task."""
+
+    def __init__(self, iserver: InternalServer, limit: int = QUEUE_LIMIT) -> None:
+        self.iserver = iserver
+        self._events: deque[Any] = deque(maxlen=limit)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.dropped = 0
+
+    def put(self, event: Any) -> None:
+        """Queue an event (the oldest waiting one is dropped when full)."""
+        if len(self._events) == self._events.maxlen:
+            self.dropped += 1
+        self._events.append(event)
+        self._wake.set()
+
+    def start(self) -> None:
+        """Start the emitter task."""
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="opcua events")
+
+    async def stop(self) -> None:
+        """Stop the emitter task (events still queued are not sent)."""
+        if self._task is None:
+            return
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self._task = None
+
+    def changed(self, attr: AttributeValue, dv: ua.DataValue) -> None:
+        """Store a variable's new value now and queue its data change for the monitored items watching it."""
+        attr.value = dv
+        if attr.datachange_callbacks:
+            self.put((attr, dv))
+
+    async def drain(self) -> None:
+        """Trigger every queued event (and data change) now."""
+        service = self.iserver.subscription_service
+        while self._events:
+            item = self._events.popleft()
+            try:
+                if isinstance(item, tuple):
+                    attr, dv = item
+                    for handle, callback in list(attr.datachange_callbacks.items()):
+                        await callback(handle, dv)
+                else:
+                    await service.trigger_event(item)
+            except Exception:  # one malformed event must not stop the others
+                log.exception("triggering OPC UA event %s failed", item)
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.drain()

@@ -1,0 +1,256 @@
+"""``labctl`` control commands against a real server: locks, jobs, audit, alarms, interlocks.
+
+One whole server (with its historian, so ``audit`` lists from it) runs for the module.
+Most commands run ``server.cli.main`` in a worker thread, as the tests of the PV commands
+do; ``lock``, which holds its lease until interrupted, runs as a real subprocess that is
+sent SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from clients.cli import parse_duration, parse_param, parse_since
+from ioc.types import Identity
+from server.cli import main
+from tests.helpers import wait_for
+from tests.protocol.opcua.control_support import (  # noqa: F401 -- fixtures
+    USERS,
+    module_loop_leak_check,
+    module_server,
+    open_session_fixture,
+)
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+BODY = """
+resources:
+  - {name: cryostat}
+  - {name: laser}
+pvs:
+  - {name: "CRYO:SP", type: float64, writable: true, initial: 0.1, drive: [0, 1], resource: cryostat}
+  - {name: "LAB:PRES", type: float64, unit: mbar, writable: true, initial: 1.0e-6, alarm: {high: 1.0e-3, hihi: 1.0e-2, latch: true}}
+procedures:
+  measure:
+    description: "set and read back"
+    resources: [cryostat]
+    params:
+      sp: {type: float64, min: 0, max: 1}
+    steps:
+      - set: {pv: "CRYO:SP", value: "=sp"}
+      - read: {pvs: ["CRYO:SP"], label: "sp={sp}"}
+interlocks:
+  - {name: vacuum, description: "chamber vented", pv: "LAB:PRES", trip: 0.1, reset: manual}
+"""
+
+served = module_server(BODY, historian=True)
+ROOT = Identity("root", frozenset({"admin"}), "test")
+
+
+@pytest.fixture
+def labctl(served, monkeypatch, capsys):
+    """``await labctl(*args, user=None)`` -> (exit status, stdout, stderr)."""
+    for name in ("LABCTL_URL", "LABCTL_USER", "LABCTL_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+
+    async def run(*args: str, user: str | None = None, login: str = "--user"):
+        argv = [args[0], "--url", served.url, *args[1:]]
+        if user is not None:
+            argv += [login, user]
+            monkeypatch.setenv("LABCTL_PASSWORD", USERS[user][1])
+        try:
+            code = await asyncio.to_thread(main, argv)
+        except SystemExit as e:  # argparse refuses the command line
+            code = e.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+async def test_durations_params_and_times():
+    assert [parse_duration(t) for t in ("30s", "10m", "2h", "1d", "1h30m", "90", "0.5s", "1.5m")] == [
+        30.0, 600.0, 7200.0, 86400.0, 5400.0, 90.0, 0.5, 90.0,
+    ]  # fmt: skip
+    for bad in ("", "ten", "10x", "-5", "0", "5m soon"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_duration(bad)
+    assert parse_param("sp=0.5") == ("sp", "0.5") and parse_param("note=a=b") == ("note", "a=b")
+    with pytest.raises(argparse.ArgumentTypeError, match="expected NAME=VALUE"):
+        parse_param("sp")
+    assert abs(parse_since("1h") - (time.time() - 3600)) < 60
+    assert parse_since("2024-05-01T12:00:00+00:00") == 1714564800.0
+
+
+async def test_lock_holds_and_renews_until_interrupted_then_releases(served):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LABCTL_")} | {"LABCTL_PASSWORD": USERS["alice"][1]}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server.cli", "lock", "laser", "--for", "1.5s", "--url", served.url, "--user", "alice",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        assert line.startswith("locked laser until ") and line.endswith(", renewed every 0.5s; Ctrl-C releases it\n"), line
+        await wait_for(lambda: len(served.records("lock.renew", target="laser")) >= 2, timeout=10, what="renewals")
+        assert served.control.arbiter.holder("laser").user == "alice"
+        proc.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().splitlines()[-1] == "released laser"
+    assert served.control.arbiter.holder("laser") is None
+    assert served.records("lock.release", target="laser", new="alice")
+
+
+async def test_locks_lock_refused_and_unlock(served, labctl, open_session):
+    alice = await open_session(served.url, "alice")
+    lease = await alice.lock("cryostat", duration_s=300)
+    code, out, err = await labctl("locks", user="bob")
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines()]
+    assert rows[0] == ["RESOURCE", "OWNER", "CLIENT", "EXPIRES", "QUEUE"]
+    assert rows[1][:3] == ["cryostat", "alice", served.control.arbiter.holder("cryostat").client]
+    assert rows[2] == ["laser", "-"]
+    code, out, _ = await labctl("locks", "--json")
+    assert json.loads(out)[0] | {"client": None} == {
+        "resource": "cryostat", "lockable": True, "owner": "alice", "client": None, "expires_at": lease.expires_at, "queue": [],
+    }  # fmt: skip
+
+    code, out, err = await labctl("lock", "cryostat", user="bob")
+    assert code == 1 and out == ""
+    assert err.startswith("labctl lock: resource 'cryostat' is locked by alice until ") and err.endswith("(BadLocked)\n")
+    assert len(err.splitlines()) == 1
+    code, _, err = await labctl("lock", "cryostat", "--wait", "--wait-timeout", "0.3s", user="bob")
+    assert code == 1 and "cryostat: lock not granted within 0.3 s; request withdrawn" in err
+    assert served.control.arbiter.queue("cryostat") == []
+    code, _, err = await labctl("lock", "nowhere", user="bob")
+    assert (code, err) == (1, "labctl lock: no lockable resource 'nowhere' on this server (BadNodeIdInvalid)\n")
+
+    code, out, err = await labctl("unlock", "cryostat", user="alice")  # no token: alice's own lease
+    assert (code, out) == (0, "released cryostat\n"), err
+    code, _, err = await labctl("unlock", "cryostat", user="alice")
+    assert (code, err) == (1, "labctl unlock: resource 'cryostat': alice holds no lease and waits for none (BadInvalidState)\n")
+    code, _, err = await labctl("lock", "cryostat", "--for", "soon", user="alice")
+    assert code == 2 and "expected a duration like 30s, 10m, 2h or 1h30m, got 'soon'" in err
+
+
+async def test_submit_jobs_job_and_cancel(served, labctl):
+    code, out, err = await labctl("submit", "measure", "--param", "sp=0.4", "--priority", "3", user="bob")
+    assert code == 0, err
+    job_id = int(out.split()[1])
+    assert out == f"job {job_id} queued (measure, priority 3)\n"
+    await wait_for(lambda: served.control.jobs.get(job_id).state.final, what="job done")
+    code, out, _ = await labctl("jobs", "--mine", user="bob")
+    rows = [line.split() for line in out.splitlines()]
+    assert rows[0] == ["ID", "PROCEDURE", "OWNER", "STATE", "PRIORITY", "SUBMITTED", "ERROR"]
+    assert rows[1][:5] == [str(job_id), "measure", "bob", "done", "3"]
+    code, out, _ = await labctl("job", str(job_id), user="bob")
+    assert code == 0
+    text = out.splitlines()
+    assert text[0] == f"job:       {job_id} (measure)" and "params:    sp=0.4" in text
+    assert text[text.index("RESULTS") + 1].split() == ["TIME", "PV", "VALUE", "SEVERITY", "STATUS", "LABEL"]
+    assert text[text.index("RESULTS") + 2].split()[2:] == ["CRYO:SP", "0.4", "NO_ALARM", "NO_ALARM", "sp=0.4"]
+    assert any(line.endswith("set CRYO:SP = 0.4") for line in text[text.index("LOG") :])
+    code, out, _ = await labctl("job", str(job_id), "--json", user="bob")
+    assert json.loads(out)["results"][0][1:3] == ["CRYO:SP", 0.4]
+    code, _, err = await labctl("job", str(job_id), user="alice")
+    assert (code, err) == (1, f"labctl job: job {job_id} belongs to bob; only they or an admin may read its log and results (BadUserAccessDenied)\n")
+
+    # A job that waits (its resource is locked): only its owner or an admin cancels it.
+    lease = served.control.request_lock("cryostat", ROOT, duration_s=300)
+    code, out, _ = await labctl("submit", "measure", "--param", "sp=0.5", "--json", user="bob")
+    queued = json.loads(out)["id"]
+    code, _, err = await labctl("cancel", str(queued), user="alice")
+    assert code == 1 and f"job {queued} belongs to bob; only they or an admin may cancel it" in err
+    code, out, _ = await labctl("cancel", str(queued), user="bob")
+    assert (code, out) == (0, f"job {queued} cancelled\n")
+    code, _, err = await labctl("submit", "measure", "--param", "sp=7", user="bob")
+    assert code == 1 and "parameter 'sp': 7.0 is above its maximum 1.0" in err
+    served.control.release_lock("cryostat", lease.token, ROOT)
+
+
+async def test_audit_from_the_historian_with_filters(served, labctl, open_session):
+    since = time.time()
+    bob = await open_session(served.url, "bob")
+    lease = await bob.lock("cryostat", duration_s=60)
+    await bob.put("CRYO:SP", 0.3)
+    await bob.unlock("cryostat", lease.token)
+    code, out, err = await labctl("audit", "--since", "1h", "--user", "bob", "--pv", "CRYO:SP", user="alice", login="--login")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["TIME", "ACTION", "USER", "VIA", "HOST", "TARGET", "DETAIL", "RESULT"]
+    last = lines[-1].split()[2:]
+    assert last[:5] + last[6:] == ["write", "bob", "opcua", "127.0.0.1", "CRYO:SP", "->", "0.3", "ok"]
+    code, out, _ = await labctl("audit", "--since", "1h", "--user", "bob", "--json", user="alice", login="--login")
+    records = [r for r in json.loads(out) if r["time"] >= since]
+    assert [(r["action"], r["target"]) for r in records if r["action"] != "login"] == [
+        ("lock.grant", "cryostat"), ("write", "CRYO:SP"), ("lock.release", "cryostat"),
+    ]  # fmt: skip
+    assert served.control.audit_store is not None  # listed from the historian
+    code, _, err = await labctl("audit", "--since", "1h")
+    assert (code, err) == (1, "labctl audit: user 'anonymous' has no role; log in to read the audit trail (BadUserAccessDenied)\n")
+
+
+async def test_alarms_ack_shelve_and_interlocks(served, labctl):
+    served.db.post("LAB:PRES", 0.05)
+    served.db.post("LAB:PRES", 1.0e-6)
+    code, out, _ = await labctl("alarms", user="vic")
+    rows = [line.split() for line in out.splitlines()]
+    assert rows[0] == ["SOURCE", "SEVERITY", "NOW", "STATUS", "STATE", "SINCE", "MESSAGE"]
+    assert rows[1][:5] == ["LAB:PRES", "MAJOR", "NO_ALARM", "NO_ALARM", "UNACKED"]
+    code, _, err = await labctl("ack", "LAB:PRES", user="vic")
+    assert (code, err) == (1, "labctl ack: user 'vic' may not acknowledge alarms (roles ['viewer']) (BadUserAccessDenied)\n")
+    code, out, err = await labctl("ack", "LAB:PRES", "--comment", "vented on purpose", user="alice")
+    assert (code, out) == (0, "acknowledged LAB:PRES\n"), err
+    assert served.records("alarm.ack", user="alice", target="LAB:PRES")[0].reason == "vented on purpose"
+    code, _, err = await labctl("alarms", user="vic")
+    assert (code, err) == (0, "no alarms\n")
+
+    served.db.post("LAB:PRES", 5.0e-3)
+    code, out, err = await labctl("shelve", "LAB:PRES", "--for", "1h", "--reason", "pumping", user="erin")
+    assert (code, out) == (0, "shelved LAB:PRES for 1h00m\n"), err
+    code, out, _ = await labctl("alarms", "--json", user="vic")
+    (alarm,) = json.loads(out)
+    assert alarm["source"] == "LAB:PRES" and alarm["shelved_until"] > time.time() + 3500
+    code, out, _ = await labctl("unshelve", "LAB:PRES", user="erin")
+    assert code == 0
+    served.db.post("LAB:PRES", 1.0e-6)
+
+    code, out, _ = await labctl("interlocks")
+    assert [line.split(maxsplit=2) for line in out.splitlines()] == [["NAME", "STATE", "REASON  DESCRIPTION"], ["vacuum", "OK", "chamber vented"]]
+    code, _, err = await labctl("reset-interlock", "vacuum", user="erin")
+    assert (code, err) == (1, "labctl reset-interlock: interlock 'vacuum' is not tripped (BadInvalidState)\n")
+    code, _, err = await labctl("reset-interlock", "nope", user="erin")
+    assert code == 1 and "no interlock 'nope'; interlocks are ['vacuum'] (BadInvalidArgument)" in err
+
+
+async def test_the_sync_session_mirrors_the_control_calls(served):
+    """The blocking wrapper (its own loop thread), driven from a worker thread as a script would."""
+    from clients.sync import connect
+
+    def script() -> None:
+        with connect(served.url, "bob", USERS["bob"][1], "None", timeout_s=10) as bob:
+            with bob.hold_lock("laser", 30) as held:
+                assert {lk.resource: lk.owner for lk in bob.locks()}["laser"] == "bob"
+                assert bob.renew("laser", held.lease.token, 60).expires_at >= held.lease.expires_at
+            assert {lk.resource: lk.owner for lk in bob.locks()}["laser"] == ""
+            job_id = bob.submit("measure", {"sp": 0.6})
+            assert job_id in [j.id for j in bob.jobs(mine=True)]
+            assert [p.name for p in bob.procedures()] == ["measure"]
+            assert [i.name for i in bob.interlocks()] == ["vacuum"]
+            assert isinstance(bob.alarms(), list)
+            assert any(r["action"] == "job.state" for r in bob.audit(time.time() - 60, user="bob"))
+
+    await asyncio.to_thread(script)
+    await wait_for(lambda: all(j.state.final for j in served.control.jobs.list("bob")), what="bob's jobs done")

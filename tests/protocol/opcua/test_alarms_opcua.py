@@ -1,0 +1,215 @@
+"""Alarms and interlocks over OPC UA: condition events, Acknowledge, shelving, interlock trip and reset.
+
+A whole server with the simulated cryostat (fast time constants, so a warm-up takes about
+a second, as in ``tests/system/test_cryostat_warmup.py``) runs for the module. Clients
+subscribe to events on the Server object, as generic alarm clients do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from asyncua import ua
+
+from clients.session import AccessDenied, CommandRefused
+from ioc.interlocks import STATES
+from tests.helpers import wait_for
+from tests.protocol.opcua.control_support import (  # noqa: F401 -- fixtures
+    NAMESPACE,
+    SITE,
+    call,
+    call_json,
+    module_loop_leak_check,
+    module_server,
+    open_session_fixture,
+    open_ua_fixture,
+    refusal,
+    s,
+)
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+BODY = """
+resources: [{name: cryostat}]
+simulations:
+  cryo:
+    model: cryostat
+    options:
+      tau_s: {mxc: 0.05, still: 0.05}
+      warm_tau_s: {50K: 2.0, 4K: 2.0, still: 0.3, mxc: 0.3}
+      circulation_limit_k: 295
+instruments:
+  - name: bridge
+    driver: lakeshore372
+    simulation: cryo
+    lock_resource: cryostat
+    scan_s: 0.02
+    pvs:
+      - name: "CRYO:MXC:TEMP"
+        type: float64
+        unit: K
+        channel: "temperature:6"
+        alarm: {high: 0.05, hihi: 0.1, hysteresis: 0.002, latch: true, guidance: "check the compressor"}
+      - {name: "CRYO:STILL:HTR", type: float64, unit: "%", channel: "manual_output:2", writable: true, drive: [0, 100]}
+      - {name: "CRYO:MXC:HTR:RANGE", type: enum, channel: "heater_range:0", writable: true, states: [Off, r1, r2, r3, r4, r5, r6, r7, r8]}
+pvs:
+  - {name: "LAB:PRES", type: float64, unit: mbar, writable: true, initial: 1.0e-6,
+     alarm: {high: 1.0e-3, hihi: 1.0e-2, latch: true, guidance: "close the gate valve"}}
+interlocks:
+  - name: mxc_warm
+    description: "mixing chamber too warm"
+    pv: "CRYO:MXC:TEMP"
+    warn: 0.04
+    trip: 0.05
+    resume: 0.03
+    for_s: 0.3
+    reset: manual
+    actions:
+      hold_queue: true
+      set:
+        - {pv: "CRYO:MXC:HTR:RANGE", value: 0}
+        - {pv: "CRYO:STILL:HTR", value: 0}
+"""
+
+served = module_server(BODY)
+
+
+class Events:
+    """Events from a subscription on the Server object."""
+
+    def __init__(self) -> None:
+        self.items: list = []
+        self._changed = asyncio.Event()
+
+    def event_notification(self, event) -> None:
+        self.items.append(event)
+        self._changed.set()
+
+    async def seen(self, predicate, timeout: float = 15.0):
+        """The first event so far (or to come) matching ``predicate``."""
+        async with asyncio.timeout(timeout):
+            while True:
+                for item in self.items:
+                    if predicate(item):
+                        return item
+                self._changed.clear()
+                await self._changed.wait()
+
+
+async def subscribe(client, *types) -> Events:
+    events = Events()
+    sub = await client.create_subscription(50, events)
+    await sub.subscribe_events(client.nodes.server, list(types))
+    return events
+
+
+def field(event, name: str):
+    return getattr(event, name, None)
+
+
+async def test_a_warm_up_raises_alarm_events_trips_the_interlock_and_is_acknowledged_and_reset(served, open_ua, open_session):
+    await wait_for(lambda: served.db.read("CRYO:MXC:TEMP").valid, what="first reading")
+    alice, vic, erin = [await open_ua(served.url, u) for u in ("alice", "vic", "erin")]
+    idx = await alice.get_namespace_index(NAMESPACE)
+    interlock_type = alice.get_node(ua.NodeId(f"/{SITE}/types/InterlockEventType", idx))
+    events = await subscribe(alice, alice.get_node(ua.ObjectIds.AlarmConditionType), interlock_type)
+
+    served.server.plants["cryo"].stop_compressor()
+    major = await events.seen(lambda e: e.SourceName == "CRYO:MXC:TEMP" and e.Severity == 700)
+    assert major.EventType == ua.NodeId(ua.ObjectIds.AlarmConditionType)
+    assert major.Message.Text.startswith("CRYO:MXC:TEMP HIHI (MAJOR): ")
+    assert major.SourceNode == ua.NodeId("CRYO:MXC:TEMP", idx)
+    assert major.ConditionName == "CRYO:MXC:TEMP" and major.Time is not None
+    assert field(major, "Retain") is True
+    assert field(major, "AckedState/Id") is False and field(major, "ActiveState/Id") is True
+    minor = await events.seen(lambda e: e.SourceName == "CRYO:MXC:TEMP" and e.Severity == 300)
+    assert minor.Message.Text.startswith("CRYO:MXC:TEMP HIGH (MINOR)")
+
+    # The interlock trips: an event, and its state PV over OPC UA.
+    tripped = await events.seen(lambda e: field(e, "ToState") == "TRIPPED")
+    assert (tripped.Interlock, tripped.SourceName, tripped.Severity) == ("mxc_warm", "ILK:MXC_WARM:STATE", 800)
+    assert tripped.Message.Text.startswith("interlock mxc_warm: PENDING -> TRIPPED (CRYO:MXC:TEMP = ")
+    state = alice.get_node(ua.NodeId("ILK:MXC_WARM:STATE", idx))
+    dv = await state.read_data_value(raise_on_bad_status=False)
+    assert dv.Value.Value == STATES.index("TRIPPED")
+    assert dv.StatusCode.value & 0xFFFF0000 == ua.StatusCodes.Uncertain  # MAJOR/STATE
+    assert await events.seen(lambda e: e.SourceName == "ILK:MXC_WARM:STATE" and e.Severity == 700)  # its alarm too
+    await wait_for(lambda: served.db.read("CRYO:STILL:HTR").value == 0.0, what="heater off")
+
+    # A viewer's acknowledge is refused; an operator's (Part 9 Acknowledge on the condition) works.
+    res = await call(vic, "Control", "AcknowledgeAlarm", s("CRYO:MXC:TEMP"), s("seen"))
+    assert res.StatusCode.value == ua.StatusCodes.BadUserAccessDenied
+    assert await refusal(vic) == "AcknowledgeAlarm: user 'vic' may not acknowledge alarms (roles ['viewer'])"
+    latest = [e for e in events.items if e.SourceName == "CRYO:MXC:TEMP"][-1]
+    condition = alice.get_node(field(latest, "NodeId"))
+    assert condition.nodeid == ua.NodeId("CRYO:MXC:TEMP.Alarm", idx)
+    with pytest.raises(ua.UaStatusCodeError) as unknown:
+        await condition.call_method(ua.NodeId(ua.ObjectIds.AcknowledgeableConditionType_Acknowledge), b"not an event", ua.LocalizedText("x"))
+    assert unknown.value.code == ua.StatusCodes.BadEventIdUnknown
+    await condition.call_method(
+        ua.NodeId(ua.ObjectIds.AcknowledgeableConditionType_Acknowledge), latest.EventId, ua.LocalizedText("compressor tripped")
+    )
+    acked = await events.seen(lambda e: e.SourceName == "CRYO:MXC:TEMP" and field(e, "AckedState/Id") is True)
+    assert (acked.ClientUserId, field(acked, "Comment").Text) == ("alice", "compressor tripped")
+    assert "acknowledged by alice: compressor tripped" in acked.Message.Text
+    with pytest.raises(ua.UaStatusCodeError) as twice:
+        await condition.call_method(ua.NodeId(ua.ObjectIds.AcknowledgeableConditionType_Acknowledge), acked.EventId, ua.LocalizedText(""))
+    assert twice.value.code == ua.StatusCodes.BadConditionBranchAlreadyAcked
+
+    # Reset: not by an operator, not before the condition clears; by an expert after cooling.
+    alice_s, erin_s = await open_session(served.url, "alice"), await open_session(served.url, "erin")
+    with pytest.raises(AccessDenied, match="may not reset interlock 'mxc_warm'"):
+        await alice_s.reset_interlock("mxc_warm")
+    with pytest.raises(CommandRefused, match="cannot be reset yet") as early:
+        await erin_s.reset_interlock("mxc_warm")
+    assert early.value.status == "BadInvalidState"
+    served.server.plants["cryo"].start_compressor()
+    await wait_for(lambda: served.control.interlocks.state("mxc_warm") == "RESET_NEEDED", timeout=15, what="cleared")
+    (info,) = await erin_s.interlocks()
+    assert (info.name, info.state, info.description) == ("mxc_warm", "RESET_NEEDED", "mixing chamber too warm")
+    await erin_s.reset_interlock("mxc_warm")
+    assert await events.seen(lambda e: field(e, "ToState") == "OK" and field(e, "FromState") == "RESET_NEEDED")
+    assert (await state.read_data_value(raise_on_bad_status=False)).Value.Value == STATES.index("OK")
+    actions = [(r.action, r.user, r.accepted) for r in served.audit if r.action.startswith(("interlock.", "alarm."))]
+    assert ("interlock.trip", "labctl", True) in actions
+    assert ("alarm.ack", "vic", False) in actions and ("alarm.ack", "alice", True) in actions
+    assert ("interlock.reset", "alice", False) in actions and ("interlock.reset", "erin", True) in actions
+
+
+async def test_a_latched_alarm_is_listed_acknowledged_and_shelved(served, open_session, open_ua):
+    alice, vic, erin = [await open_session(served.url, u) for u in ("alice", "vic", "erin")]
+    served.db.post("LAB:PRES", 0.05)  # HIHI
+    served.db.post("LAB:PRES", 1.0e-6)  # back to normal, still latched
+    (alarm,) = [a for a in await alice.alarms() if a.source == "LAB:PRES"]
+    assert (alarm.severity, alarm.current, alarm.acked, alarm.active) == ("MAJOR", "NO_ALARM", False, True)
+    assert alarm.guidance == "close the gate valve" and alarm.shelved_until is None
+    assert "LAB:PRES" in {a.source for a in await alice.alarms(active_only=False)}
+    with pytest.raises(AccessDenied, match="may not acknowledge"):
+        await vic.acknowledge("LAB:PRES", "seen")
+    await alice.acknowledge("LAB:PRES", "vented on purpose")
+    assert "LAB:PRES" not in {a.source for a in await alice.alarms()}
+    with pytest.raises(CommandRefused, match="not in alarm; nothing to acknowledge") as nothing:
+        await alice.acknowledge("LAB:PRES")
+    assert nothing.value.status == "BadInvalidState"
+    with pytest.raises(CommandRefused, match="no alarm for 'NOPE'") as unknown:
+        await alice.acknowledge("NOPE")
+    assert unknown.value.status == "BadInvalidArgument"
+
+    served.db.post("LAB:PRES", 5.0e-3)  # HIGH
+    with pytest.raises(AccessDenied, match="may not shelve"):
+        await alice.shelve("LAB:PRES", 3600, "pumping down")
+    with pytest.raises(CommandRefused, match="give a reason") as no_reason:
+        await erin.shelve("LAB:PRES", 3600, " ")
+    assert no_reason.value.status == "BadInvalidArgument"
+    await erin.shelve("LAB:PRES", 3600, "pumping down")
+    (shelved,) = [a for a in await alice.alarms() if a.source == "LAB:PRES"]
+    assert shelved.shelved_until is not None and shelved.severity == "MINOR"
+    raw = await open_ua(served.url, "alice")
+    (listed,) = [a for a in await call_json(raw, "ListAlarms", ua.Variant(True, ua.VariantType.Boolean)) if a["source"] == "LAB:PRES"]
+    assert (listed["shelved_by"], listed["shelve_reason"]) == ("erin", "pumping down")
+    await erin.unshelve("LAB:PRES")
+    served.db.post("LAB:PRES", 1.0e-6)
+    await alice.acknowledge("LAB:PRES")
+    shelving = [(r.action, r.user, r.accepted) for r in served.audit if r.action in ("alarm.shelve", "alarm.unshelve")]
+    assert shelving == [("alarm.shelve", "alice", False), ("alarm.shelve", "erin", True), ("alarm.unshelve", "erin", True)]
