@@ -155,9 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _extensions():
     """Subcommand registrars of other modules (each ``register(subparsers)``)."""
     from clients.cli import register as client_commands
+    from clients.gui import register as gui_command  # Qt is imported only when `labctl gui` runs
     from server.passwords import register as passwd_command
 
-    return [client_commands, passwd_command]
+    return [client_commands, passwd_command, gui_command]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
