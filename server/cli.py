@@ -156,9 +156,10 @@ def _extensions():
     """Subcommand registrars of other modules (each ``register(subparsers)``)."""
     from clients.cli import register as client_commands
     from clients.gui import register as gui_command  # Qt is imported only when `labctl gui` runs
+    from clients.tui import register as tui_command  # Textual is imported only when `labctl tui` runs
     from server.passwords import register as passwd_command
 
-    return [client_commands, passwd_command, gui_command]
+    return [client_commands, passwd_command, gui_command, tui_command]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
