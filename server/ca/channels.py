@@ -20,14 +20,19 @@ range; control limits the drive limits (else the display range, see
 Severity and status numbers are EPICS's own, so a reading's are passed through, and its
 timestamp becomes the DBR_TIME stamp.
 
-Updates. The service hands every database update to :meth:`ServedChannel.apply`, which
-stores value, timestamp and alarm with caproto's ``write(..., verify_value=False)`` and
-publishes with the update's event bits as ``DBE_*`` flags (the bit values are the same:
-VALUE=1, LOG=2, ALARM=4, PROPERTY=8). caproto 1.3 itself would publish every update to
-every subscription whatever its mask; :meth:`ServedChannel.publish` adds the EPICS rule
-that a subscription receives an update only if their masks share a bit, so an archiver
-subscribing with DBE_LOG sees only changes beyond the archive deadband, and a DBE_ALARM
-subscriber only alarm changes.
+Updates. The service hands every database update to :meth:`ServedChannel.apply_now`,
+which stores value, time stamp and alarm in the channel (what a read returns) and sends
+the update to the channel's monitors. Monitors of the common kind -- a scalar numeric or
+enum PV in its own type, no channel filter -- are served directly: the update is encoded
+once per data type and queued on each client's connection (:mod:`server.ca.events`).
+The rest (arrays, strings, converted types, channel filters) and record fields that
+follow the PV take caproto's path, :meth:`ServedChannel.publish_slow`, which the service
+awaits from its update queue. Both follow the EPICS rule that a subscription receives
+an update only if their event masks share a bit (the database's event bits are the
+``DBE_*`` bits: VALUE=1, LOG=2, ALARM=4, PROPERTY=8), so an archiver subscribing with
+DBE_LOG sees only changes beyond the archive deadband, and a DBE_ALARM subscriber only
+alarm changes; caproto 1.3 itself would publish every update to every subscription
+whatever its mask, which :meth:`MaskedChannel.publish` corrects.
 
 Writes. A client's put arrives at :meth:`ServedChannel.auth_write` (caproto's hook, with
 the client's reported names and address). The wire data is decoded to plain Python
@@ -65,12 +70,20 @@ from caproto import (
     SubscriptionType,
 )
 from caproto._data import SubscriptionUpdate
-from caproto._dbr import DBR_TYPES, DbrStringArray, _channel_type_by_name, _LongStringChannelType, native_type
+from caproto._dbr import (
+    DBR_TYPES,
+    DbrStringArray,
+    TimeStamp,
+    _channel_type_by_name,
+    _LongStringChannelType,
+    native_type,
+)
 
 from ioc.errors import WrongType
 from ioc.pv import PVInfo
 from ioc.types import EventMask, PVType, Reading, Severity, Status
 from server.ca.access import Client
+from server.ca.events import EventEncoder, epics_stamp, fast_type
 
 #: Text encoding of strings on the wire (units, enum states, string PVs). EPICS defines
 #: none; UTF-8 is what current EPICS tools assume, and ASCII is the same in both.
@@ -221,6 +234,13 @@ class ServedChannel(MaskedChannel):
         self.pvname = pvname
         self._fields: dict[str, ChannelData] = {}
         self._reading: Reading | None = None
+        self._served: tuple[Any, int, int, tuple[int, int]] = (None, 0, 0, (0, 0))
+        self._direct: dict[Any, EventEncoder] = {}
+        """Subscription specs served by the direct path, with their encoders."""
+        self._slow: dict[Any, int] = {}
+        """Subscription specs on caproto's path."""
+        self._registry: Any = {}
+        """caproto's subscriptions by spec (the server context's), once one subscribed."""
 
     # ---- reading side -------------------------------------------------------------------
 
@@ -235,26 +255,82 @@ class ServedChannel(MaskedChannel):
         """The channel value and alarm for a reading (subclasses convert the value)."""
         return reading.value, reading.severity, reading.status
 
-    async def apply(self, reading: Reading, mask: EventMask) -> None:
-        """Serve ``reading``: store it and publish it to subscriptions sharing ``mask``'s bits."""
+    def apply_now(self, reading: Reading, mask: EventMask) -> bool:
+        """Serve ``reading`` and send it to the direct subscriptions sharing ``mask``'s bits.
+
+        Never waits (the database calls the service inline). Returns whether caproto's
+        path has work too -- subscriptions it serves, or record fields following the PV --
+        for which the service then awaits :meth:`publish_slow`.
+        """
         self._reading = reading
         value, severity, status = self.served(self.info, reading)
-        # ChannelData.write, not the subclass's: ChannelEnum/ChannelString would add
-        # DBE_VALUE|DBE_LOG to every update, and the database's bits must pass unchanged.
-        await ChannelData.write(
-            self,
-            value,
-            flags=dbe_flags(mask),
-            verify_value=False,
-            update_fields=False,
-            timestamp=reading.timestamp,
-            status=AlarmStatus(int(status)),
-            severity=AlarmSeverity(int(severity)),
-        )
+        stamp = epics_stamp(reading.timestamp)
+        status, severity = int(status), int(severity)
+        self._served = (value, status, severity, stamp)
+        data = self._data
+        data["value"] = self.preprocess_value(value)
+        data["timestamp"] = TimeStamp(*stamp)
+        alarm = self._alarm._data
+        alarm["status"] = AlarmStatus(status)
+        alarm["severity"] = AlarmSeverity(severity)
+        self._content.clear()
+        if self._direct:
+            flags = int(mask)  # EventMask bits are the DBE_* bits
+            registry = self._registry
+            for spec, encoder in self._direct.items():
+                if spec.mask & flags:
+                    payload = encoder.payload(value, status, severity, stamp)
+                    for sub in registry.get(spec, ()):
+                        sub.circuit.post_event(sub, spec, encoder.header(sub.subscriptionid) + payload)
+        return bool(self._slow) or bool(self._fields)
+
+    async def publish_slow(self, mask: EventMask) -> None:
+        """caproto's path for the latest reading: its subscriptions, and record fields."""
+        if self._slow:
+            await self.publish(dbe_flags(mask))
+        reading = self.reading
         for field in self._fields.values():
             follow = getattr(field, "follow", None)
             if follow is not None:
                 await follow(reading)
+
+    async def apply(self, reading: Reading, mask: EventMask) -> None:
+        """Serve ``reading`` and publish it on both paths (:meth:`apply_now`, then :meth:`publish_slow`)."""
+        if self.apply_now(reading, mask):
+            await self.publish_slow(mask)
+
+    # ---- subscriptions ------------------------------------------------------------------
+
+    async def subscribe(self, queue: Any, sub_spec: Any, sub: Any) -> None:
+        """A new monitor: direct (see :mod:`server.ca.events`) when it can be, else caproto's."""
+        encoder = self._direct.get(sub_spec)
+        if encoder is None and self._can_go_direct(sub_spec, sub):
+            data_type = ChannelType(sub.data_type)
+            metadata, _ = await self._read(data_type)
+            encoder = EventEncoder(data_type, bytes(metadata))
+            self._direct[sub_spec] = encoder
+            self._registry = sub.circuit.context.subscriptions
+        if encoder is None:
+            self._slow[sub_spec] = self._slow.get(sub_spec, 0) + 1
+            await super().subscribe(queue, sub_spec, sub)
+            return
+        # The current value, to this subscription only (as caproto does on subscribing).
+        value, status, severity, stamp = self._served
+        sub.circuit.post_event(
+            sub, sub_spec, encoder.header(sub.subscriptionid) + encoder.payload(value, status, severity, stamp)
+        )
+
+    async def unsubscribe(self, queue: Any, sub_spec: Any) -> None:
+        """The last monitor of ``sub_spec`` is gone."""
+        if self._direct.pop(sub_spec, None) is not None:
+            return
+        if self._slow.pop(sub_spec, None) is not None:
+            await super().unsubscribe(queue, sub_spec)
+
+    def _can_go_direct(self, sub_spec: Any, sub: Any) -> bool:
+        if any(f is not None for f in sub_spec.channel_filter) or not hasattr(sub.circuit, "post_event"):
+            return False
+        return fast_type(self.data_type, self.max_length, ChannelType(sub.data_type), sub.data_count)
 
     async def auth_read(self, hostname, username, data_type, *, user_address=None):
         """Every client may read every PV."""
@@ -507,7 +583,7 @@ def build_channel(info: PVInfo, reading: Reading, binding: Binding, pvname: str)
         **kwargs,
     )
     channel._bind(info, binding, pvname)
-    channel._reading = reading
+    channel.apply_now(reading, EventMask(0))
     return channel
 
 

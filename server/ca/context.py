@@ -58,6 +58,7 @@ from caproto.server.common import DisconnectedCircuit
 from ioc.arbiter import LockError
 from ioc.errors import DriverError, LabctlError, LockedBy, NotWritable, PermissionDenied, UnknownPV, WriteRefused
 from server.ca.env import CASettings
+from server.ca.events import Outbox
 
 log = logging.getLogger("labctl.ca")
 
@@ -117,6 +118,36 @@ class LabctlCircuit(VirtualCircuit):
         self._rights_task: asyncio.Task[int] | None = None
         if context.check_client_ip:
             self.client_hostname = self.peer_address
+        self.outbox = Outbox(client.writer.transport, self._describe)
+        """Monitor updates of direct subscriptions, waiting to be written (:mod:`server.ca.events`)."""
+
+    def _describe(self) -> str:
+        return f"{self.client_username}@{self.client_hostname} ({self.peer_address})"
+
+    def post_event(self, sub: Any, sub_spec: Any, message: bytes) -> None:
+        """Queue a monitor update of a direct subscription (never waits)."""
+        if not self.connected:
+            return
+        if not self.events_on.is_set():
+            # The client turned events off: it gets the latest value when it turns them on.
+            waiting = self.subscriptions_to_resend.setdefault(sub_spec, [])
+            if sub not in waiting:
+                waiting.append(sub)
+            return
+        self.outbox.post(sub.subscriptionid, message)
+
+    def _active_subscriptions(self) -> set[int]:
+        return {sub.subscriptionid for subs in self.subscriptions.values() for sub in subs}
+
+    async def send(self, *commands: Any) -> None:
+        """Write queued monitor updates first, then ``commands`` (so no update follows its cancel)."""
+        if self.connected:
+            self.outbox.write_now(self._active_subscriptions)
+        await super().send(*commands)
+
+    async def _on_disconnect(self) -> None:
+        self.outbox.close()
+        await super()._on_disconnect()
 
     async def _process_command(self, command: Any) -> Any:
         if isinstance(command, ca.HostNameRequest):

@@ -1,17 +1,20 @@
 """The Channel Access service: the process database served over CA by caproto.
 
-Theory of operation. :class:`CAService` builds one channel per PV (named with the
-site's ``server.ca.prefix``), subscribes **once** to the database with every event bit,
-and runs caproto's asyncio server on the server's own event loop.
+Theory of operation. :class:`CAService` serves one channel per PV (named with the
+site's ``server.ca.prefix``), built the first time a client searches for it
+(:class:`Channels`), subscribes **once** to the database with every event bit, and runs
+caproto's asyncio server on the server's own event loop.
 
-Updates flow database -> :class:`UpdateQueue` -> channels -> caproto. The database
-calls the subscription inline and must never wait, while caproto's channel writes are
-coroutines, so the queue sits between them: it keeps the latest pending update per PV
-(merging the event bits of any update it replaces, so a coalesced LOG or ALARM bit is
-not lost) and one pump task applies them in arrival order. In steady state an update is
-published one loop turn after it was posted; under overload intermediate values of a PV
-are dropped and the latest kept, as an IOC does, and memory stays bounded by the number
-of PVs.
+Updates flow from the database straight to the channels: the database calls the
+service inline, and :meth:`ServedChannel.apply_now` stores the reading and queues it,
+encoded, on the connection of every client monitoring it the common way (see
+:mod:`server.ca.events`), all without waiting. What needs caproto's coroutines --
+monitors of other types or with channel filters, record fields that follow the PV --
+goes through :class:`UpdateQueue`: it keeps the latest pending update per PV (merging
+the event bits of any update it replaces, so a coalesced LOG or ALARM bit is not lost)
+and one pump task publishes them in arrival order. Under overload, intermediate values
+are dropped and the latest kept, per client connection for direct monitors and per PV in
+the queue, as an IOC does, and memory stays bounded.
 
 Writes flow client -> channel ``auth_write`` -> :meth:`CAService.put` ->
 ``Database.write`` with the client's :class:`~ioc.types.Identity` (its reported user,
@@ -111,6 +114,46 @@ class UpdateQueue:
             log.exception("publishing %s over Channel Access failed", update.name)
 
 
+class Channels(dict[str, ServedChannel]):
+    """The served channels by PV name: a channel is built the first time it is asked for.
+
+    A client's search or connection asks for it; until then a PV costs the Channel Access
+    service nothing (a site of 100 000 PVs starts in a moment and holds only what clients
+    use). Asking for a name that is no PV raises KeyError.
+    """
+
+    def __init__(self, build: Callable[[str], ServedChannel | None]) -> None:
+        super().__init__()
+        self._build = build
+
+    def __missing__(self, name: str) -> ServedChannel:
+        channel = self._build(name)
+        if channel is None:
+            raise KeyError(name)
+        self[name] = channel
+        return channel
+
+
+class ServedNames(dict[str, Any]):
+    """caproto's ``pvdb``: served names (prefix + PV name) to channels, built on demand.
+
+    Record fields (``NAME.EGU``) and the lock command channels are stored in it as caproto
+    and the service add them.
+    """
+
+    def __init__(self, channels: Channels, prefix: str) -> None:
+        super().__init__()
+        self._channels = channels
+        self._prefix = prefix
+
+    def __missing__(self, served: str) -> Any:
+        if not served.startswith(self._prefix):
+            raise KeyError(served)
+        channel = self._channels[served[len(self._prefix) :]]
+        self[served] = channel
+        return channel
+
+
 class CAService:
     """Serves the database over Channel Access (see the module docstring)."""
 
@@ -124,8 +167,8 @@ class CAService:
         self.prefix = self.config.prefix
         self.settings: CASettings | None = None
         self.latency: dict[str, float] = {}
-        self.channels: dict[str, ServedChannel] = {}
-        """Channels by PV name (without the prefix)."""
+        self.channels: Channels = Channels(self._build)
+        """Channels by PV name (without the prefix), each built when first asked for."""
         self.context: LabctlContext | None = None
         self._queue = UpdateQueue(self._apply)
         self._subscription: Callback | None = None
@@ -142,15 +185,12 @@ class CAService:
         """Bind the CA ports and serve every PV; return once clients can connect."""
         self.settings = resolve(self.config)
         self.latency = tune_latency()
-        self.channels = {
-            info.name: build_channel(info, self.db.read(info.name), self, self.prefix + info.name)
-            for info in self.db.infos()
-        }
-        pvdb: dict[str, Any] = {ch.pvname: ch for ch in self.channels.values()}
+        self.channels = Channels(self._build)
+        pvdb = ServedNames(self.channels, self.prefix)
         if self.control is not None:
             self.arbiter = ArbiterChannels(self.db, self.control, self.rules, self.prefix, publish=self._publish_now)
             for name, command in self.arbiter.channels.items():
-                if name in pvdb:
+                if name.startswith(self.prefix) and name[len(self.prefix) :] in self.db:
                     raise CAStartError(
                         f"Channel Access: PV {name!r} has the name of resource {command.resource!r}'s lock command "
                         "channel; rename the PV"
@@ -158,7 +198,7 @@ class CAService:
                 pvdb[name] = command
         # No await between reading the initial values and subscribing: no update is missed.
         self._queue = UpdateQueue(self._apply)
-        self._subscription = self.db.subscribe(self._queue.offer, mask=EventMask.ALL)
+        self._subscription = self.db.subscribe(self._on_update, mask=EventMask.ALL)
         self.context = LabctlContext(pvdb, self.settings, check_client_ip=self.rules.check_client_ip)
         try:
             await self.context.start()
@@ -172,7 +212,7 @@ class CAService:
             self.arbiter.start(self.context)
         log.info(
             "Channel Access: %d PVs on %s, UDP %d / TCP %d; beacons to %s",
-            len(self.channels),
+            len(self.db),
             ", ".join(self.settings.interfaces),
             self.context.ca_server_port,
             self.context.port,
@@ -231,8 +271,27 @@ class CAService:
 
     # ---- the channels' binding ----------------------------------------------------------
 
+    def _build(self, name: str) -> ServedChannel | None:
+        """The channel of PV ``name`` holding its current reading; None if there is no such PV."""
+        if name not in self.db:
+            return None
+        return build_channel(self.db.info(name), self.db.read(name), self, self.prefix + name)
+
+    def _on_update(self, update: Update) -> None:
+        """The database's inline callback: serve the update now, queue caproto's share of it."""
+        channel = self.channels.get(update.name)
+        if channel is None:
+            return
+        try:
+            slow = channel.apply_now(update.reading, update.mask)
+        except Exception:  # one PV's failure must not stop the others' updates
+            log.exception("publishing %s over Channel Access failed", update.name)
+            return
+        if slow:
+            self._queue.offer(update)
+
     async def _apply(self, update: Update) -> None:
-        await self.channels[update.name].apply(update.reading, update.mask)
+        await self.channels[update.name].publish_slow(update.mask)
 
     def rights(self, pv: str, client: Client) -> AccessRights:
         """Access rights of ``client`` on ``pv`` now."""
