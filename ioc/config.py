@@ -7,14 +7,22 @@ role named by a user) are checked after the per-field validation. Every problem 
 becomes one line ``site.yaml:14:7 instruments[0].pvs[2].unit: expected a string, got 12``
 and all of them are raised together in one :class:`~ioc.errors.ConfigError`.
 
+A top-level PV entry with ``range`` stands for a numbered family of PVs (``name:
+"DAQ:CH{n:05d}"``, ``range: {n: [0, 99999]}``), as EPICS substitution files write large
+databases: it is validated once, every name it makes is checked, and it is expanded on
+demand (:meth:`SiteConfig.iter_pvs`, :meth:`PVConfig.instances`), so a site of 100 000
+channels is a few lines that read in a fraction of a second and hold no per-PV model.
+
 Layers above read these models; nothing here touches an instrument or a socket.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import math
 import re
+import string
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -99,10 +107,19 @@ class DeadbandConfig(Model):
 
 
 class PVConfig(Model):
-    """One process variable: name, explicit type, metadata, and where its value comes from."""
+    """One process variable: name, explicit type, metadata, and where its value comes from.
 
-    name: str = Field(pattern=PV_NAME.pattern)
-    """EPICS-style name: colon-separated, upper case by convention (``CRYO:MXC:TEMP``)."""
+    With ``range``, one entry declares a numbered family of PVs (see :meth:`expand`).
+    """
+
+    name: str
+    """EPICS-style name: colon-separated, upper case by convention (``CRYO:MXC:TEMP``).
+    With ``range``, a template: ``{n}`` / ``{n:05d}`` is replaced by each number of ``n``."""
+    range: dict[str, tuple[int, int]] | None = None
+    """Numbered PVs from one entry, like an EPICS substitution file: variable -> ``[first,
+    last]`` (both included). Several variables give every combination, the first one
+    outermost. ``{var}`` (Python format spec allowed) is replaced in ``name``,
+    ``description`` and the PV names of ``inputs``."""
     type: PVType
     """float64 | int | bool | enum | string | float64[] -- never inferred from a value."""
     description: str = ""
@@ -140,6 +157,13 @@ class PVConfig(Model):
     inputs: dict[str, str] = {}
     """Derived PV: expression variable -> PV name."""
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if "{" not in v and not PV_NAME.match(v):
+            raise ValueError(f"expected a PV name (colon-separated words of A-Z a-z 0-9 _ - [ ] < > ;), got {v!r}")
+        return v
+
     @field_validator("states")
     @classmethod
     def _states_unique(cls, v: tuple[str, ...]) -> tuple[str, ...]:
@@ -176,12 +200,119 @@ class PVConfig(Model):
                 raise ValueError("a derived PV needs 'inputs' (expression variable -> PV name)")
         elif self.inputs:
             raise ValueError("'inputs' is only for derived PVs (with 'expr')")
+        if self.range is not None:
+            _check_range(self)
+        elif "{" in self.name:
+            raise ValueError(f"{{...}} in the PV name {self.name!r} needs 'range' (the numbers to put there)")
         return self
 
     @property
     def derived(self) -> bool:
         """True for a PV computed from other PVs."""
         return self.expr is not None
+
+    @property
+    def count(self) -> int:
+        """How many PVs this entry declares (1 without ``range``)."""
+        return math.prod(last - first + 1 for first, last in self.range.values()) if self.range else 1
+
+    def expand(self) -> Iterator[PVConfig]:
+        """The PVs this entry declares: itself, or one per combination of its ``range`` numbers.
+
+        The copies are made on demand (a large range is never held in memory at once):
+        each has the numbers put into ``name``, ``description`` and the input PV names,
+        and no ``range``.
+        """
+        if self.range is None:
+            yield self
+            return
+        for fields in self.instances():
+            yield self.model_copy(update={**fields, "range": None})
+
+    def instances(self) -> Iterator[dict[str, Any]]:
+        """Per PV this entry declares, the fields in which it differs from the entry.
+
+        ``name`` always, ``description`` and ``inputs`` when they use the numbers; without
+        ``range``, one empty dict. Cheaper than :meth:`expand` where only these are read.
+        """
+        if self.range is None:
+            yield {}
+            return
+        name, description, inputs = self.name, self.description, self.inputs
+        numbered_description = "{" in description
+        for numbers in _combinations(self.range):
+            fields: dict[str, Any] = {"name": name.format_map(numbers)}
+            if numbered_description:
+                fields["description"] = description.format_map(numbers)
+            if inputs:
+                fields["inputs"] = {var: src.format_map(numbers) for var, src in inputs.items()}
+            yield fields
+
+
+# ---- numbered PVs (``range``) -----------------------------------------------------------
+
+#: The most PVs one ``range`` entry may declare (a typo should not build a billion).
+MAX_RANGE_PVS = 1_000_000
+_FORMATTER = string.Formatter()
+
+
+def _combinations(ranges: Mapping[str, tuple[int, int]]) -> Iterator[dict[str, int]]:
+    """``{var: number}`` for every combination, the first variable outermost."""
+    keys = list(ranges)
+    if len(keys) == 1:
+        (key,), ((first, last),) = keys, ranges.values()
+        for n in range(first, last + 1):
+            yield {key: n}
+        return
+    for numbers in itertools.product(*(range(first, last + 1) for first, last in ranges.values())):
+        yield dict(zip(keys, numbers, strict=True))
+
+
+def _template_fields(text: str, what: str) -> set[str]:
+    """The ``{var}`` fields of a template text; ValueError for anything but plain variables."""
+    try:
+        parsed = list(_FORMATTER.parse(text))
+    except ValueError as e:
+        raise ValueError(f"{what} {text!r}: {e} (write {{var}} or {{var:05d}})") from None
+    out = set()
+    for _, field, spec, conversion in parsed:
+        if field is None:
+            continue
+        if not IDENT.match(field) or "-" in field or conversion or "{" in (spec or ""):
+            raise ValueError(f"{what} {text!r}: {{{field}{'!' + conversion if conversion else ''}"
+                             f"{':' + spec if spec else ''}}} is not a range variable (write {{var}} or {{var:05d}})")
+        out.add(field)
+    return out
+
+
+def _check_range(pv: PVConfig) -> None:
+    """A numbered entry is complete and every PV name it makes is valid (ValueError if not)."""
+    assert pv.range is not None
+    if not pv.range:
+        raise ValueError("'range' needs at least one variable: {n: [first, last]}")
+    for var, (first, last) in pv.range.items():
+        if not IDENT.match(var) or "-" in var:
+            raise ValueError(f"range variable {var!r} is not a valid name (letters, digits, _)")
+        if first > last:
+            raise ValueError(f"range {var}: [first, last] with first <= last, got [{first}, {last}]")
+    if pv.count > MAX_RANGE_PVS:
+        raise ValueError(f"range declares {pv.count} PVs; at most {MAX_RANGE_PVS} per entry")
+    texts = [("name", pv.name), ("description", pv.description), *((f"inputs.{k}", v) for k, v in pv.inputs.items())]
+    for what, text in texts:
+        unknown = sorted(_template_fields(text, what) - set(pv.range))
+        if unknown:
+            raise ValueError(f"{what} {text!r} uses {unknown}, not a range variable; range: {sorted(pv.range)}")
+    used = _template_fields(pv.name, "name")
+    unused = [v for v in pv.range if v not in used]
+    if unused:
+        raise ValueError(f"the name {pv.name!r} must use every range variable (else the names repeat); unused: {unused}")
+    for numbers in _combinations(pv.range):
+        try:
+            name = pv.name.format_map(numbers)
+        except ValueError as e:
+            raise ValueError(f"name {pv.name!r}: {e}") from None
+        if not PV_NAME.match(name):
+            raise ValueError(f"name {pv.name!r} makes {name!r} for {numbers}, not a valid PV name")
 
 
 class InstrumentConfig(Model):
@@ -222,6 +353,8 @@ class InstrumentConfig(Model):
         for pv in self.pvs:
             if pv.derived:
                 raise ValueError(f"PV {pv.name}: derived PVs go under the top-level 'pvs', not an instrument")
+            if pv.range is not None:
+                raise ValueError(f"PV {pv.name}: 'range' is for the top-level 'pvs'; list an instrument's PVs one by one")
         return self
 
     @property
@@ -599,7 +732,8 @@ class SiteConfig(Model):
     simulations: dict[str, SimulationConfig] = {}
     instruments: tuple[InstrumentConfig, ...] = ()
     pvs: tuple[PVConfig, ...] = ()
-    """PVs of no instrument: derived PVs (``expr``) and soft PVs (memory, with ``initial``)."""
+    """PVs of no instrument: derived PVs (``expr``) and soft PVs (memory, with ``initial``).
+    An entry with ``range`` stands for many PVs: read them through :meth:`iter_pvs`."""
     procedures: dict[str, ProcedureConfig] = {}
     """Procedures users submit as jobs."""
     interlocks: tuple[InterlockConfig, ...] = ()
@@ -621,8 +755,9 @@ class SiteConfig(Model):
         for inst in self.instruments:
             for pv in inst.pvs:
                 yield inst, pv
-        for pv in self.pvs:
-            yield None, pv
+        for entry in self.pvs:
+            for pv in entry.expand():
+                yield None, pv
 
     def resource_of(self, inst: InstrumentConfig | None, pv: PVConfig) -> str:
         """The resource a PV belongs to."""
@@ -656,18 +791,25 @@ class SiteConfig(Model):
                     (("instruments", ii, "simulation"), f"unknown simulation {inst.simulation!r}; declared: {sorted(self.simulations)}")
                 )
             for pi, pv in enumerate(inst.pvs):
-                self._check_pv(pv, ("instruments", ii, "pvs", pi), seen, declared | implicit, problems)
-        for pi, pv in enumerate(self.pvs):
+                self._check_pv(pv, (pv.name,), ("instruments", ii, "pvs", pi), seen, declared | implicit, problems)
+        for pi, entry in enumerate(self.pvs):
             path = ("pvs", pi)
-            self._check_pv(pv, path, seen, declared | implicit, problems)
-            if pv.expr is None and pv.writable is False and pv.initial is None:
+            names = (fields["name"] for fields in entry.instances()) if entry.range else (entry.name,)
+            self._check_pv(entry, names, path, seen, declared | implicit, problems)
+            if entry.expr is None and entry.writable is False and entry.initial is None:
                 problems.append((path, "a soft PV needs 'initial' or 'writable: true' (or 'expr' for a derived PV)"))
-        for pi, pv in enumerate(self.pvs):
-            for var, src in pv.inputs.items():
+        for pi, entry in enumerate(self.pvs):
+            for var in entry.inputs:
                 if not IDENT.match(var) or "-" in var:
                     problems.append((("pvs", pi, "inputs", var), f"{var!r} is not a valid expression variable name"))
-                if src not in seen:
-                    problems.append((("pvs", pi, "inputs", var), f"unknown PV {src!r}"))
+            unknown: dict[str, list[str]] = {}
+            for fields in entry.instances() if entry.inputs else ():
+                for var, src in fields.get("inputs", entry.inputs).items():
+                    if src not in seen:
+                        unknown.setdefault(var, []).append(src)
+            for var, missing in unknown.items():  # one problem per input, however many numbers
+                more = f" ({len(missing) - 1} more of this range are unknown too)" if len(missing) > 1 else ""
+                problems.append((("pvs", pi, "inputs", var), f"unknown PV {missing[0]!r}{more}"))
         from ioc.procedure import check_procedure  # late: procedure.py imports this module
 
         roles = self.all_roles
@@ -720,11 +862,18 @@ class SiteConfig(Model):
                     )
         return problems
 
-    def _check_pv(self, pv, path, seen, resources, problems) -> None:
-        if pv.name in seen:
-            problems.append((path + ("name",), f"duplicate PV name {pv.name!r} (also at {_dotted(seen[pv.name])})"))
-        else:
-            seen[pv.name] = path
+    @staticmethod
+    def _check_pv(pv, names, path, seen, resources, problems) -> None:
+        """The entry's resource is declared; each of its ``names`` is new."""
+        taken = []
+        for name in names:
+            if name in seen:
+                taken.append(name)
+            else:
+                seen[name] = path
+        if taken:  # one problem per entry, however many numbers it has
+            more = f"; {len(taken) - 1} more of its names are taken too" if len(taken) > 1 else ""
+            problems.append((path + ("name",), f"duplicate PV name {taken[0]!r} (also at {_dotted(seen[taken[0]])}){more}"))
         if pv.resource is not None and pv.resource not in resources:
             problems.append((path + ("resource",), f"unknown resource {pv.resource!r}; declared: {sorted(resources)}"))
 

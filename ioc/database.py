@@ -26,7 +26,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ioc.access import AuditRecord, InterlockCheck, LockCheck, NoInterlocks, NoLocks, RolePolicy
@@ -41,14 +41,19 @@ from ioc.types import EventMask, Identity, PVType, Reading, Severity, Status, Up
 log = logging.getLogger(__name__)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Record:
     info: PVInfo
     reading: Reading
     alarm: AlarmEvaluator
     deadbands: Deadbands
     expression: Expression | None = None
-    dependents: list[_Record] = field(default_factory=list)
+    dependents: list[_Record] | tuple[()] = ()
+    """Derived PVs computed from this one (a list once it has one; nearly every PV has none)."""
+
+
+#: The evaluator of every PV without alarm limits (it keeps no state).
+_NO_LIMITS = AlarmEvaluator(None)
 
 
 class Database:
@@ -79,7 +84,10 @@ class Database:
             if info.name in self._records:
                 raise LabctlError(f"duplicate PV name {info.name!r}")
             self._records[info.name] = _Record(
-                info, info.undefined(now), AlarmEvaluator(info.alarm), Deadbands(info.monitor_deadband, info.archive_deadband)
+                info,
+                info.undefined(now),
+                _NO_LIMITS if info.alarm is None else AlarmEvaluator(info.alarm),
+                Deadbands(info.monitor_deadband, info.archive_deadband),
             )
         self._link_derived(tables or {})
         for rec in self._records.values():
@@ -97,7 +105,10 @@ class Database:
             for var, src in info.inputs:
                 if src not in self._records:
                     raise LabctlError(f"{info.name}: input {var} names unknown PV {src!r}")
-                self._records[src].dependents.append(rec)
+                source = self._records[src]
+                if not source.dependents:
+                    source.dependents = []
+                source.dependents.append(rec)  # type: ignore[union-attr]
             rec.expression = Expression(info.expr, [v for v, _ in info.inputs], tables)
         # refuse cycles: a derived PV may not (indirectly) depend on itself
         state: dict[str, int] = {}
@@ -415,7 +426,7 @@ def _is_nan(info: PVInfo, value: Any) -> bool:
 
 def _unlimited(info: PVInfo) -> PVInfo:
     """The same PV without drive limits (initial values need not be within them)."""
-    return replace(info, drive=None)
+    return info if info.drive is None else replace(info, drive=None)
 
 
 def _plain(value: Any) -> Any:

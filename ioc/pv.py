@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,13 +60,25 @@ class PVInfo:
     initial: Any = None
 
     @classmethod
-    def from_config(cls, pv: PVConfig, inst: InstrumentConfig | None, resource: str) -> PVInfo:
-        """Build from the site file's PV entry."""
+    def from_config(
+        cls, pv: PVConfig, inst: InstrumentConfig | None, resource: str, fields: Mapping[str, Any] | None = None
+    ) -> PVInfo:
+        """Build from the site file's PV entry.
+
+        ``fields`` replaces the entry's ``name``, ``description`` and ``inputs`` for one PV
+        of a numbered entry (:meth:`ioc.config.PVConfig.instances`).
+        """
+        if fields:
+            name = fields["name"]
+            description = fields.get("description", pv.description)
+            inputs = fields.get("inputs", pv.inputs)
+        else:
+            name, description, inputs = pv.name, pv.description, pv.inputs
         return cls(
-            name=pv.name,
+            name=name,
             type=pv.type,
             resource=resource,
-            description=pv.description,
+            description=description,
             unit=pv.unit,
             precision=pv.precision,
             display=pv.display,
@@ -82,7 +94,7 @@ class PVInfo:
             channel=(pv.channel or pv.name) if inst else None,
             scan_s=(pv.scan_s or inst.scan_s) if inst else None,
             expr=pv.expr,
-            inputs=tuple(pv.inputs.items()),
+            inputs=tuple(inputs.items()),
             initial=pv.initial,
         )
 
@@ -108,16 +120,19 @@ class PVInfo:
         return Reading(default_value(self), now, Severity.INVALID, Status.UDF)
 
 
+_DEFAULT_VALUES: dict[PVType, Any] = {
+    PVType.FLOAT64: math.nan,
+    PVType.INT: 0,
+    PVType.BOOL: False,
+    PVType.ENUM: 0,
+    PVType.STRING: "",
+    PVType.FLOAT64_ARRAY: (),
+}
+
+
 def default_value(info: PVInfo) -> Any:
     """A type-correct placeholder value (0, '', empty array)."""
-    return {
-        PVType.FLOAT64: math.nan,
-        PVType.INT: 0,
-        PVType.BOOL: False,
-        PVType.ENUM: 0,
-        PVType.STRING: "",
-        PVType.FLOAT64_ARRAY: (),
-    }[info.type]
+    return _DEFAULT_VALUES[info.type]
 
 
 def _describe(value: Any) -> str:
@@ -126,6 +141,9 @@ def _describe(value: Any) -> str:
 
 
 def _is_number(v: Any) -> bool:
+    t = type(v)
+    if t is float or t is int:  # the common case, without the abstract-class check
+        return True
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
@@ -283,9 +301,12 @@ def limit_alarm(value: float, cfg: AlarmConfig, previous: Status) -> tuple[Sever
     return Severity.NO_ALARM, Status.NO_ALARM
 
 
-@dataclass
+@dataclass(slots=True)
 class AlarmEvaluator:
-    """Limit alarms of one PV over time: hysteresis and an optional raise delay."""
+    """Limit alarms of one PV over time: hysteresis and an optional raise delay.
+
+    Without limits (``cfg`` None) it keeps no state, so PVs without limits may share one.
+    """
 
     cfg: AlarmConfig | None
     _status: Status = Status.NO_ALARM
@@ -320,7 +341,10 @@ def _severity_of(status: Status) -> Severity:
 # ---- deadbands --------------------------------------------------------------------------
 
 
-@dataclass
+_VALUE, _LOG, _ALARM = int(EventMask.VALUE), int(EventMask.LOG), int(EventMask.ALARM)
+
+
+@dataclass(slots=True)
 class Deadbands:
     """Which event bits a new reading carries, from the last posted monitor/archive values."""
 
@@ -332,23 +356,26 @@ class Deadbands:
 
     def mask(self, reading: Reading) -> EventMask:
         """Event bits for ``reading``; remembers what it reports as posted."""
-        mask = EventMask.NONE
+        # Plain ints while deciding: IntFlag operators cost more than the decision itself.
+        mask = 0
         alarm = (reading.severity, reading.status)
         if alarm != self._last_alarm:
-            mask |= EventMask.ALARM
-            self._last_alarm = alarm
-        if _passes(reading.value, self._last_monitor, self.monitor):
-            mask |= EventMask.VALUE
-            self._last_monitor = reading.value
-        if _passes(reading.value, self._last_archive, self.archive):
-            mask |= EventMask.LOG
-            self._last_archive = reading.value
-        if mask & EventMask.ALARM:
             # A change of alarm state is always worth showing and archiving (EPICS posts
             # DBE_VALUE with a status change; an archiver must record the INVALID).
-            mask |= EventMask.VALUE | EventMask.LOG
+            self._last_alarm = alarm
             self._last_monitor = self._last_archive = reading.value
-        return mask
+            return _ALL_CHANGED
+        if _passes(reading.value, self._last_monitor, self.monitor):
+            mask = _VALUE
+            self._last_monitor = reading.value
+        if _passes(reading.value, self._last_archive, self.archive):
+            mask |= _LOG
+            self._last_archive = reading.value
+        return _MASKS[mask]
+
+
+_ALL_CHANGED = EventMask.ALARM | EventMask.VALUE | EventMask.LOG
+_MASKS = {m: EventMask(m) for m in (0, _VALUE, _LOG, _VALUE | _LOG)}
 
 
 def _passes(value: Any, last: Any, deadband: float) -> bool:

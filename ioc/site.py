@@ -14,6 +14,7 @@ from pathlib import Path
 from ioc.access import RolePolicy
 from ioc.alarms import summary_pv_infos
 from ioc.arbiter import lock_pv_infos
+from ioc.bulk import gc_paused
 from ioc.config import SiteConfig
 from ioc.database import Database
 from ioc.errors import ConfigError, LabctlError
@@ -27,7 +28,10 @@ def pv_infos(site: SiteConfig) -> list[PVInfo]:
 
     The server's own PVs are the alarm summary and one state PV per interlock.
     """
-    infos = [PVInfo.from_config(pv, inst, site.resource_of(inst, pv)) for inst, pv in site.iter_pvs()]
+    infos = [PVInfo.from_config(pv, inst, site.resource_of(inst, pv)) for inst in site.instruments for pv in inst.pvs]
+    for entry in site.pvs:  # a numbered entry: one description per number, no per-PV config copy
+        resource = site.resource_of(None, entry)
+        infos += [PVInfo.from_config(entry, None, resource, fields) for fields in entry.instances()]
     infos += summary_pv_infos()
     infos += [state_pv_info(ilk) for ilk in site.interlocks]
     infos += [info for res in site.resources if res.lockable for info in lock_pv_infos(res)]
@@ -71,7 +75,8 @@ def build_database(
     tables = load_tables(site, Path(base_dir), source)
     kwargs = {"clock": clock} if clock is not None else {}
     try:
-        return Database(pv_infos(site), policy=RolePolicy(site.all_roles), tables=tables, **kwargs)
+        with gc_paused():  # a large site is a million long-lived objects (see ioc.bulk)
+            return Database(pv_infos(site), policy=RolePolicy(site.all_roles), tables=tables, **kwargs)
     except ExpressionError as e:
         raise ConfigError(source, [f"{source}: derived PV expression: {e}"]) from None
     except LabctlError as e:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from drivers.registry import create_driver, create_plant
+from ioc.bulk import gc_paused
 from ioc.config import SiteConfig, load_site
 from ioc.database import Database
 from ioc.site import build_database
@@ -117,7 +118,8 @@ class Server:
                 reconnect_min_s=inst.reconnect_min_s,
                 reconnect_max_s=inst.reconnect_max_s,
             )
-        self.services: list[Service] = build_services(self)
+        with gc_paused():  # services index every PV: long-lived objects only (see ioc.bulk)
+            self.services: list[Service] = build_services(self)
         self._stopped = asyncio.Event()
 
     @classmethod

@@ -301,7 +301,7 @@ class Ingestor:
         if alarm:
             self._alarms.append(Capture.alarm(row))
         self.received += 1
-        if len(self._samples) >= self.batch_size:
+        if len(self._samples) >= self.batch_size and not self._wake.is_set():
             self._wake.set()
 
     def put_audit(self, record: AuditRecord) -> None:
