@@ -329,6 +329,12 @@ class LabctlContext(Context):
         self.udp_socks[interface] = _UdpTransportWrapper(transport)
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Small messages leave at once, as from an IOC: asyncio sets TCP_NODELAY only on
+        # sockets made with proto IPPROTO_TCP, and Nagle's algorithm would hold a monitor
+        # update until the client's delayed ACK (up to 40 ms).
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport = _TransportWrapper(reader, writer)
         self.server_tasks.create(self.tcp_handler(transport, transport.getpeername()))
 

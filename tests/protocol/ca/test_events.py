@@ -169,3 +169,14 @@ async def test_behind_a_cancelled_subscription_gets_nothing_more():
     assert outbox._latest == {2: b"two"}
     writer.close()
     theirs.close()
+
+
+async def test_client_connections_send_small_messages_at_once(ports, caproto_env):
+    """TCP_NODELAY on every circuit: a monitor update never waits for the client's delayed ACK."""
+    async with serve(site_yaml(*ports)) as s, client(s.port, caproto_env) as ctx:
+        await connect(ctx, "TEST:TEMP")
+        circuits = list(s.service.context.circuits)
+        assert circuits
+        for circuit in circuits:
+            sock = circuit.client.writer.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
