@@ -8,6 +8,14 @@ heap again and again (half the build time at that size) for no garbage at all.
 :func:`gc_paused` turns automatic collection off for such a block (reference counting
 still frees everything that is not in a cycle) and restores it afterwards; the first
 collection after the block finds any cycles left.
+
+Once a server has started, the objects it built (the database, the OPC UA address space,
+the libraries' own tables: millions at scale) live as long as it does, yet every full
+collection would traverse them all again, stopping the event loop for 40-75 ms at
+10 000 PVs about once a second under load -- a latency tail every client sees.
+:func:`freeze_long_lived` moves everything alive into the collector's permanent
+generation (``gc.freeze()``), so later collections traverse only what was made since;
+:func:`thaw` hands them back when the server stops (a process may run another).
 """
 
 from __future__ import annotations
@@ -28,3 +36,13 @@ def gc_paused() -> Iterator[None]:
         if was_enabled:
             gc.enable()
 
+
+
+def freeze_long_lived() -> None:
+    """Exempt every object alive now from later collections (see the module docstring)."""
+    gc.freeze()
+
+
+def thaw() -> None:
+    """Hand the exempted objects back to the collector."""
+    gc.unfreeze()

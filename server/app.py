@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from drivers.registry import create_driver, create_plant
-from ioc.bulk import gc_paused
+from ioc.bulk import freeze_long_lived, gc_paused, thaw
 from ioc.config import SiteConfig, load_site
 from ioc.database import Database
 from ioc.site import build_database
@@ -121,6 +121,7 @@ class Server:
         with gc_paused():  # services index every PV: long-lived objects only (see ioc.bulk)
             self.services: list[Service] = build_services(self)
         self._stopped = asyncio.Event()
+        self._frozen = False
 
     @classmethod
     def from_file(cls, path: str | Path, overrides: Overrides | None = None) -> Server:
@@ -150,6 +151,8 @@ class Server:
             for s in reversed(started):
                 await s.stop()
             raise
+        freeze_long_lived()  # what start-up built lives as long as the server (see ioc.bulk)
+        self._frozen = True
 
     async def stop(self) -> None:
         """Stop in an order that loses nothing.
@@ -164,6 +167,9 @@ class Server:
         await self.db.stop()
         for s in reversed(storage):
             await self._stop_service(s)
+        if self._frozen:
+            thaw()
+            self._frozen = False
         self._stopped.set()
 
     @staticmethod

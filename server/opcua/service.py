@@ -6,10 +6,12 @@ sets the ApplicationUri ``urn:labctl:<site>:server``, the security policies and 
 tokens the site file asks for (:class:`ioc.config.OpcUaConfig`), loads or creates the
 server certificate (:mod:`server.opcua.pki`), registers the namespace
 ``urn:labctl:<site>``, builds one node per PV (:mod:`server.opcua.address_space`),
-subscribes once to the database (:mod:`server.opcua.publisher`), binds (port 0 picks a
-free port, read back into :attr:`port`), and finally freezes the garbage collector's
-view of everything made so far: a full collection over tens of thousands of nodes
-stalls asyncua for up to seconds, and none of these objects is ever garbage.
+subscribes once to the database (:mod:`server.opcua.publisher`) and binds (port 0 picks
+a free port, read back into :attr:`port`). The garbage collector is paused during all
+that (:func:`ioc.bulk.gc_paused`): the heap grows by millions of objects, all long-lived,
+and the full collections the growth would trigger cost more than the build; the server
+then exempts them from later collections once every service has started
+(:func:`ioc.bulk.freeze_long_lived`).
 
 Identity tokens offered: user name when any account has a password hash, certificate
 when any has a certificate, anonymous unless the site disables it. Passwords offered
@@ -30,7 +32,6 @@ HistoryRead access bit, and answers HistoryRead (raw and processed) from the his
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import socket
 from pathlib import Path
@@ -40,8 +41,16 @@ from urllib.parse import urlparse
 from asyncua import Server as UaServer
 from asyncua import ua
 
+from ioc.bulk import gc_paused
 from ioc.errors import LabctlError
-from server.opcua.address_space import HISTORY_READ, SiteNodes, application_uri, build, namespace_uri, store_readings
+from server.opcua.address_space import (
+    SiteNodes,
+    application_uri,
+    build,
+    mark_historizing,
+    namespace_uri,
+    store_readings,
+)
 from server.opcua.control import DI_NAMESPACE, OpcUaControl
 from server.opcua.history import HistorianStorage
 from server.opcua.history import install as install_history
@@ -84,7 +93,6 @@ class OpcUaService:
         self.ua_server: UaServer | None = None
         self._iserver: LabctlInternalServer | None = None
         self._publisher: Publisher | None = None
-        self._frozen = False
         self._history_source: Any = None
 
     @property
@@ -94,7 +102,11 @@ class OpcUaService:
         return f"opc.tcp://{host}:{self.port if self.port is not None else self.config.port}"
 
     async def start(self) -> None:
-        """Build the address space, bind and serve."""
+        """Build the address space, bind and serve (with the garbage collector paused)."""
+        with gc_paused():
+            await self._start()
+
+    async def _start(self) -> None:
         install_copy_fastpath()
         library_log = logging.getLogger("asyncua")
         if library_log.level == logging.NOTSET:  # unless configured: it logs every request at INFO
@@ -118,8 +130,8 @@ class OpcUaService:
         idx = await ua_server.register_namespace(namespace_uri(site))
 
         db = self.db
-        # asyncua's node creation is slow (seconds for 10 000 PVs): off the loop, which keeps
-        # serving the other services; nothing else touches this server before it starts.
+        # Seconds for 100 000 PVs: off the loop, which keeps serving the other services;
+        # nothing else touches this server before it starts.
         nodes = await asyncio.to_thread(build, iserver, idx, site, db.infos())
         iserver.bind(db, nodes)
         if self.control_service is not None:
@@ -149,8 +161,6 @@ class OpcUaService:
         if self.config.port == 0:
             _announce_port(ua_server, self.port)
         self._warn_about_configuration()
-        gc.freeze()
-        self._frozen = True
         log.info("OPC UA: %d PVs in namespace %s (ns=%d) at %s", len(nodes.pvs), namespace_uri(site), idx, self.url)
 
     def _identity_tokens(self) -> list[type]:
@@ -174,9 +184,6 @@ class OpcUaService:
     async def stop(self) -> None:
         """Stop serving and release the port."""
         await self._teardown()
-        if self._frozen:
-            gc.unfreeze()
-            self._frozen = False
 
     async def _teardown(self) -> None:
         if self._iserver is not None:
@@ -224,12 +231,7 @@ class OpcUaService:
             raise RuntimeError("enable_history() needs a started OPC UA service")
         install_history(self._iserver, storage)
         self._iserver.history = True
-        aspace = self._iserver.aspace
-        for node in self.nodes.pvs.values():
-            attrs = aspace[node.nodeid].attributes
-            level = attrs[ua.AttributeIds.AccessLevel].value.Value.Value | HISTORY_READ
-            attrs[ua.AttributeIds.AccessLevel].value = ua.DataValue(ua.Variant(level, ua.VariantType.Byte))
-            attrs[ua.AttributeIds.Historizing].value = ua.DataValue(ua.Variant(True, ua.VariantType.Boolean))
+        mark_historizing(self._iserver, self.nodes)
 
 
 def _announce_port(ua_server: UaServer, port: int) -> None:

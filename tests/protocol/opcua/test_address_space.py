@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
+from asyncua import Server as UaServer
 from asyncua import ua
+from asyncua.server.internal_server import InternalServer
+from asyncua.ua.ua_binary import struct_to_binary
 
 from clients.session import quality
 from ioc.pv import PVInfo
 from ioc.types import PVType, Reading, Severity, Status
 from server.app import Server
-from server.opcua.address_space import MAX_CHILDREN, QUALITY, folder_layout, status_code
+from server.opcua.address_space import MAX_CHILDREN, QUALITY, Builder, build, folder_layout, status_code
 from server.opcua.units import eu_information, unit_id
 
 from .conftest import NAMESPACE, SITE, make_site, ns, pv_node
@@ -255,3 +259,83 @@ async def test_new_values_reach_reads_at_once(server, connect):
     node = await pv_node(client, "LAB:COUNT")
     server.db.post("LAB:COUNT", 42)
     assert await node.read_value() == 42
+
+
+# ---- bulk-built nodes --------------------------------------------------------------------------------
+
+
+async def _address_space(infos: list[PVInfo], **kw) -> tuple[InternalServer, int]:
+    ua_server = UaServer()
+    await ua_server.init()
+    idx = await ua_server.register_namespace(NAMESPACE)
+    build(ua_server.iserver, idx, SITE, infos, **kw)
+    return ua_server.iserver, idx
+
+
+def _as_seen(iserver: InternalServer, idx: int) -> dict[str, object]:
+    """Every node of the site's namespace as a client would get it: encoded attributes and references."""
+    aspace = iserver.aspace
+    seen: dict[str, object] = {}
+    for nodeid in (n for n in aspace.keys() if n.NamespaceIndex == idx):
+        attrs = {}
+        for attr in aspace[nodeid].attributes:
+            dv = aspace.read_attribute_value(nodeid, attr)
+            if attr == ua.AttributeIds.Value:  # the time the node was made
+                dv = dataclasses.replace(dv, SourceTimestamp=None, ServerTimestamp=None)
+            attrs[ua.AttributeIds(attr).name] = struct_to_binary(dv)
+        refs = [struct_to_binary(r) for r in aspace[nodeid].references]
+        seen[nodeid.to_string()] = (attrs, refs)
+    objects = aspace[ua.NodeId(ua.ObjectIds.ObjectsFolder)].references
+    seen["Objects"] = [struct_to_binary(r) for r in objects if r.NodeId.NamespaceIndex == idx]
+    return seen
+
+
+async def test_bulk_built_nodes_are_the_nodes_add_nodes_makes(tmp_path):
+    """The address space made in bulk is, to a client, the one asyncua's AddNodes service makes."""
+    infos = Server(make_site(tmp_path)).db.infos()
+    infos += [
+        PVInfo("CTL:TEMP", PVType.FLOAT64, "ctl", unit="K", instrument="ctl", channel="temperature", scan_s=0.1, drive=(0, 300), writable=True),
+        PVInfo("CTL:SETP", PVType.FLOAT64, "ctl", instrument="ctl", channel="temperature", description="duplicate channel"),
+        PVInfo("CTL:TRACE", PVType.FLOAT64_ARRAY, "ctl", instrument="ctl", channel="trace"),
+    ]
+    infos += [PVInfo(f"BIG:G{g}:PV{i:03d}", PVType.INT, "soft", unit="s", display=(0, 9)) for g in range(2) for i in range(120)]
+    bulk, idx = await _address_space(infos)
+    reference, ref_idx = await _address_space(infos, builder=Builder)
+    assert idx == ref_idx
+    expected = _as_seen(reference, ref_idx)
+    got = _as_seen(bulk, idx)
+    assert got.keys() == expected.keys()
+    assert len(got) > len(infos) + 1
+    for nodeid, nodes in expected.items():
+        assert got[nodeid] == nodes, nodeid
+
+
+async def test_pv_node_and_property_as_read_and_browsed(connect):
+    client = await connect()
+    idx = await ns(client)
+    temp = await pv_node(client, "LAB:TEMP")
+    A = ua.AttributeIds
+    attrs = [A.NodeId, A.NodeClass, A.BrowseName, A.DisplayName, A.Description, A.WriteMask, A.DataType, A.ValueRank,
+             A.AccessLevel, A.MinimumSamplingInterval, A.Historizing]  # fmt: skip
+    values = [dv.Value.Value for dv in await temp.read_attributes(attrs)]
+    assert values == [
+        ua.NodeId("LAB:TEMP", idx), ua.NodeClass.Variable, ua.QualifiedName("LAB:TEMP", idx), ua.LocalizedText("LAB:TEMP"),
+        ua.LocalizedText("sample temperature"), 0, ua.NodeId(ua.ObjectIds.Double), ua.ValueRank.Scalar, 1 | 2, 0.0, False,
+    ]  # fmt: skip
+    refs = await temp.get_references(refs=ua.ObjectIds.References, direction=ua.BrowseDirection.Both)
+    described = {(r.ReferenceTypeId.Identifier, r.IsForward, r.NodeId.to_string(), r.BrowseName.to_string()) for r in refs}
+    assert described == {
+        (ua.ObjectIds.Organizes, False, f"ns={idx};s=/{SITE}/soft", f"{idx}:soft"),
+        (ua.ObjectIds.HasTypeDefinition, True, f"i={ua.ObjectIds.AnalogItemType}", "0:AnalogItemType"),
+        (ua.ObjectIds.HasProperty, True, f"ns={idx};s=LAB:TEMP.EURange", "0:EURange"),
+        (ua.ObjectIds.HasProperty, True, f"ns={idx};s=LAB:TEMP.EngineeringUnits", "0:EngineeringUnits"),
+    }
+    forward = {r.NodeId: r for r in await client.get_node(ua.NodeId(f"/{SITE}/soft", idx)).get_references(refs=ua.ObjectIds.Organizes)}
+    in_folder = forward[temp.nodeid]
+    assert (in_folder.BrowseName, in_folder.DisplayName, in_folder.NodeClass, in_folder.TypeDefinition) == (
+        ua.QualifiedName("LAB:TEMP", idx), ua.LocalizedText("LAB:TEMP"), ua.NodeClass.Variable, ua.NodeId(ua.ObjectIds.AnalogItemType))
+    eurange = client.get_node(ua.NodeId("LAB:TEMP.EURange", idx))
+    values = [dv.Value.Value for dv in await eurange.read_attributes([A.NodeId, A.BrowseName, A.DisplayName, A.DataType, A.AccessLevel, A.Value])]
+    assert values == [eurange.nodeid, ua.QualifiedName("EURange", 0), ua.LocalizedText("EURange"), ua.NodeId(ua.ObjectIds.Range), 1, ua.Range(0.0, 300.0)]
+    assert (await eurange.read_type_definition()) == ua.NodeId(ua.ObjectIds.PropertyType)
+    assert (await eurange.get_parent()) == temp
