@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
+BENCH_STAMP = $(VENV)/.installed-bench
 
 .PHONY: serve test check lint bench system-deps clean
 
@@ -23,7 +24,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check ioc server drivers clients tests bench
 	$(BIN)/lint-imports
 
-bench: $(STAMP) system-deps
+bench: $(BENCH_STAMP) system-deps
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # Python packages: exact pins from requirements.lock, then labctl itself (editable).
@@ -31,6 +32,11 @@ $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $@
+
+# The benchmarks' baselines and profiler, on top of the above (not needed by the tests).
+$(BENCH_STAMP): $(STAMP) requirements-bench.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-bench.lock
 	touch $@
 
 # What the tests need beyond Python packages (TimescaleDB, Qt's system libraries,
