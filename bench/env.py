@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from bench.proc import CLOCK_TICKS
-from tests.helpers import free_port, free_tcp_udp_port  # noqa: F401 -- re-exported for the rig
+from tests.helpers import free_port
 
 #: Channel Access pinned to loopback (clients search 127.0.0.1 only; servers bind it only).
 EPICS_LOOPBACK = {

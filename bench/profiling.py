@@ -24,26 +24,19 @@ def py_spy() -> str | None:
     return str(candidate) if candidate.exists() else shutil.which("py-spy")
 
 
+def _command(exe: str, pid: int, rate: int, out: Path, *extra: str) -> list[str]:
+    """py-spy's command line: sample ``pid`` at ``rate`` Hz, every thread, collapsed stacks into ``out``."""
+    return [exe, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw", "--output", str(out),
+            "--threads", "--nonblocking", *extra]  # fmt: skip
+
+
 async def record(pid: int, seconds: float, out: Path, rate: int = 200) -> Path | None:
     """Sample process ``pid`` for ``seconds`` into ``out`` (collapsed stacks); None without py-spy."""
     exe = py_spy()
     if exe is None:
         return None
     proc = await asyncio.create_subprocess_exec(
-        exe,
-        "record",
-        "--pid",
-        str(pid),
-        "--duration",
-        str(max(1, round(seconds))),
-        "--rate",
-        str(rate),
-        "--format",
-        "raw",
-        "--output",
-        str(out),
-        "--threads",
-        "--nonblocking",
+        *_command(exe, pid, rate, out, "--duration", str(max(1, round(seconds)))),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -59,19 +52,7 @@ async def record_until(pid: int, done: asyncio.Future, out: Path, rate: int = 10
     if exe is None:
         return None
     proc = await asyncio.create_subprocess_exec(
-        exe,
-        "record",
-        "--pid",
-        str(pid),
-        "--rate",
-        str(rate),
-        "--format",
-        "raw",
-        "--output",
-        str(out),
-        "--threads",
-        "--nonblocking",
-        "--idle",
+        *_command(exe, pid, rate, out, "--idle"),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )

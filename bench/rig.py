@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from bench import profiling
-from bench.env import LoadMeter, ca_client_env, ca_server_env, free_port, free_tcp_udp_port
+from bench.env import LoadMeter, ca_client_env, ca_server_env
 from bench.proc import Worker
 from bench.stats import pooled
+from tests.helpers import free_port, free_tcp_udp_port
 
 #: Channels (or monitored items) clients may be creating at the same time.
 CONNECT_AT_ONCE = 40_000

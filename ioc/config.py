@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ioc.errors import ConfigError
 from ioc.types import PVType
+from ioc.yamlpos import at_key, dotted, key_positions
 
 PV_NAME = re.compile(r"^[A-Za-z0-9_\-\[\]<>;]+(:[A-Za-z0-9_\-\[\]<>;]+)*$")
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
@@ -873,35 +874,12 @@ class SiteConfig(Model):
                 seen[name] = path
         if taken:  # one problem per entry, however many numbers it has
             more = f"; {len(taken) - 1} more of its names are taken too" if len(taken) > 1 else ""
-            problems.append((path + ("name",), f"duplicate PV name {taken[0]!r} (also at {_dotted(seen[taken[0]])}){more}"))
+            problems.append((path + ("name",), f"duplicate PV name {taken[0]!r} (also at {dotted(seen[taken[0]])}){more}"))
         if pv.resource is not None and pv.resource not in resources:
             problems.append((path + ("resource",), f"unknown resource {pv.resource!r}; declared: {sorted(resources)}"))
 
 
 # ---- loading ------------------------------------------------------------------------
-
-
-def _dotted(path: tuple[Any, ...]) -> str:
-    out = ""
-    for part in path:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
-
-
-def _positions(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], tuple[int, int]]) -> None:
-    out[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            k = key.value
-            out[path + (k,)] = (key.start_mark.line + 1, key.start_mark.column + 1)
-            _positions(value, path + (k,), out)
-            out[path + (k,)] = (key.start_mark.line + 1, key.start_mark.column + 1)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _positions(item, path + (i,), out)
 
 
 class _LazyPositions(dict):
@@ -916,7 +894,7 @@ class _LazyPositions(dict):
             node = yaml.compose(self._text, Loader=_PositionLoader)
             self._text = None
             if node is not None:
-                _positions(node, (), self)
+                key_positions(node, (), self)
 
     def __contains__(self, key: object) -> bool:
         self._load()
@@ -925,16 +903,6 @@ class _LazyPositions(dict):
     def __getitem__(self, key: Any) -> tuple[int, int]:
         self._load()
         return super().__getitem__(key)
-
-
-def _locate(path: tuple[Any, ...], positions: Mapping[tuple[Any, ...], tuple[int, int]]) -> str:
-    p = tuple(path)
-    while p not in positions and p:
-        p = p[:-1]
-    if p in positions:
-        line, col = positions[p]
-        return f":{line}:{col}"
-    return ""
 
 
 def _describe(err: Mapping[str, Any]) -> str:
@@ -997,11 +965,11 @@ def parse_site(text: str, source: str = "<site>") -> SiteConfig:
         lines = []
         for err in e.errors():
             loc = _clean_loc(err["loc"])
-            lines.append(f"{source}{_locate(loc, positions)} {_dotted(loc)}: {_describe(err)}")
+            lines.append(f"{at_key(source, loc, positions)}: {_describe(err)}")
         raise ConfigError(source, sorted(set(lines), key=lines.index)) from None
     problems = site.cross_check()
     if problems:
-        raise ConfigError(source, [f"{source}{_locate(p, positions)} {_dotted(p)}: {m}" for p, m in problems])
+        raise ConfigError(source, [f"{at_key(source, p, positions)}: {m}" for p, m in problems])
     return site
 
 

@@ -49,6 +49,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from clients.session import Metadata
 from ioc.errors import ConfigError
 from ioc.types import PVType, Reading
+from ioc.yamlpos import at_key, key_positions
 
 PV_NAME = re.compile(r"^[A-Za-z0-9_\-\[\]<>;]+(:[A-Za-z0-9_\-\[\]<>;]+)*$")
 COLOR = re.compile(r"^(#[0-9a-fA-F]{6}|#[0-9a-fA-F]{3}|[a-z]+)$")
@@ -246,34 +247,6 @@ class _PlacementError(Exception):
 # ---- loading ------------------------------------------------------------------------
 
 
-def _positions(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], tuple[int, int]]) -> None:
-    out[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            _positions(value, path + (key.value,), out)
-            out[path + (key.value,)] = (key.start_mark.line + 1, key.start_mark.column + 1)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _positions(item, path + (i,), out)
-
-
-def _locate(path: tuple[Any, ...], positions: Mapping[tuple[Any, ...], tuple[int, int]]) -> str:
-    p = tuple(path)
-    while p and p not in positions:
-        p = p[:-1]
-    if p in positions:
-        line, col = positions[p]
-        return f":{line}:{col}"
-    return ""
-
-
-def _dotted(path: Iterable[Any]) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
-    return out or "(top level)"
-
-
 def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     # A discriminated union puts the tag ('chart') after the panel's index; pydantic also
     # names function validators in loc. Neither is a key of the file.
@@ -338,8 +311,7 @@ def parse_layout(text: str, source: str = "<layout>") -> Layout:
     if not isinstance(data, dict):
         got = "an empty file" if data is None else type(data).__name__
         raise ConfigError(source, [f"{source}: expected a mapping of layout keys (title, columns, panels...) at the top level, got {got}"])
-    positions: dict[tuple[Any, ...], tuple[int, int]] = {}
-    _positions(node, (), positions)
+    positions = key_positions(node)
     try:
         layout = Layout.model_validate(data)
     except ValidationError as e:
@@ -348,11 +320,11 @@ def parse_layout(text: str, source: str = "<layout>") -> Layout:
             loc, message = _describe(err)
             if loc and loc[-1] == "pv" and isinstance(_at(data, loc[:-1]), str):
                 loc = loc[:-1]  # the PV was given as a plain name: there is no 'pv' key to point at
-            lines.append(f"{source}{_locate(loc, positions)} {_dotted(loc)}: {message}")
+            lines.append(f"{at_key(source, loc, positions)}: {message}")
         raise ConfigError(source, list(dict.fromkeys(lines))) from None
     problems = layout.cross_check()
     if problems:
-        raise ConfigError(source, [f"{source}{_locate(p, positions)} {_dotted(p)}: {m}" for p, m in problems])
+        raise ConfigError(source, [f"{at_key(source, p, positions)}: {m}" for p, m in problems])
     return layout
 
 

@@ -237,7 +237,7 @@ class ServedChannel(MaskedChannel):
         self._served: tuple[Any, int, int, tuple[int, int]] = (None, 0, 0, (0, 0))
         self._direct: dict[Any, EventEncoder] = {}
         """Subscription specs served by the direct path, with their encoders."""
-        self._slow: dict[Any, int] = {}
+        self._slow: set[Any] = set()
         """Subscription specs on caproto's path."""
         self._registry: Any = {}
         """caproto's subscriptions by spec (the server context's), once one subscribed."""
@@ -311,7 +311,7 @@ class ServedChannel(MaskedChannel):
             self._direct[sub_spec] = encoder
             self._registry = sub.circuit.context.subscriptions
         if encoder is None:
-            self._slow[sub_spec] = self._slow.get(sub_spec, 0) + 1
+            self._slow.add(sub_spec)
             await super().subscribe(queue, sub_spec, sub)
             return
         # The current value, to this subscription only (as caproto does on subscribing).
@@ -324,7 +324,8 @@ class ServedChannel(MaskedChannel):
         """The last monitor of ``sub_spec`` is gone."""
         if self._direct.pop(sub_spec, None) is not None:
             return
-        if self._slow.pop(sub_spec, None) is not None:
+        if sub_spec in self._slow:
+            self._slow.discard(sub_spec)
             await super().unsubscribe(queue, sub_spec)
 
     def _can_go_direct(self, sub_spec: Any, sub: Any) -> bool:

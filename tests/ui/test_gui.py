@@ -30,6 +30,7 @@ from ioc.config import SiteConfig, parse_site
 from ioc.types import Identity, Severity
 from server.app import Overrides, Server
 from server.passwords import hash_password
+from tests.sites import FAST_CRYOSTAT
 
 pytestmark = pytest.mark.gui
 
@@ -60,28 +61,7 @@ users:
   - {{name: viewer, roles: [viewer], password_hash: "{password_hash('viewer')}"}}
   - {{name: guest, roles: [viewer], password_hash: "{password_hash('guest')}"}}
 resources: [{{name: cryostat, lockable: true}}]
-simulations:
-  cryo:
-    model: cryostat
-    options:
-      tau_s: {{mxc: 0.05, still: 0.05}}
-      warm_tau_s: {{50K: 2.0, 4K: 2.0, still: 0.3, mxc: 0.3}}
-      circulation_limit_k: 295
-instruments:
-  - name: bridge
-    driver: lakeshore372
-    simulation: cryo
-    lock_resource: cryostat
-    scan_s: 0.02
-    pvs:
-      - name: "CRYO:MXC:TEMP"
-        type: float64
-        unit: K
-        channel: "temperature:6"
-        alarm: {{high: 0.05, hihi: 0.1, hysteresis: 0.002, latch: true, guidance: "check the compressor"}}
-      - {{name: "CRYO:STILL:HTR", type: float64, unit: "%", channel: "manual_output:2", writable: true, drive: [0, 100]}}
-      - {{name: "CRYO:MXC:HTR:RANGE", type: enum, channel: "heater_range:0", writable: true, states: [Off, r1, r2, r3, r4, r5, r6, r7, r8]}}
-pvs:
+{FAST_CRYOSTAT}pvs:
   - {{name: "B:SIG", type: float64, unit: V, writable: true, initial: 0.0, description: "bench signal"}}
   - {{name: "B:PRES", type: float64, unit: mbar, initial: 1.0e-6}}
   - {{name: "B:AUX", type: float64, unit: A, writable: true, initial: 0.0}}

@@ -27,33 +27,13 @@ from tests.protocol.opcua.control_support import (  # noqa: F401 -- fixtures
     refusal,
     s,
 )
+from tests.sites import FAST_CRYOSTAT
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 BODY = """
 resources: [{name: cryostat}]
-simulations:
-  cryo:
-    model: cryostat
-    options:
-      tau_s: {mxc: 0.05, still: 0.05}
-      warm_tau_s: {50K: 2.0, 4K: 2.0, still: 0.3, mxc: 0.3}
-      circulation_limit_k: 295
-instruments:
-  - name: bridge
-    driver: lakeshore372
-    simulation: cryo
-    lock_resource: cryostat
-    scan_s: 0.02
-    pvs:
-      - name: "CRYO:MXC:TEMP"
-        type: float64
-        unit: K
-        channel: "temperature:6"
-        alarm: {high: 0.05, hihi: 0.1, hysteresis: 0.002, latch: true, guidance: "check the compressor"}
-      - {name: "CRYO:STILL:HTR", type: float64, unit: "%", channel: "manual_output:2", writable: true, drive: [0, 100]}
-      - {name: "CRYO:MXC:HTR:RANGE", type: enum, channel: "heater_range:0", writable: true, states: [Off, r1, r2, r3, r4, r5, r6, r7, r8]}
-pvs:
+""" + FAST_CRYOSTAT + """pvs:
   - {name: "LAB:PRES", type: float64, unit: mbar, writable: true, initial: 1.0e-6,
      alarm: {high: 1.0e-3, hihi: 1.0e-2, latch: true, guidance: "close the gate valve"}}
 interlocks:
