@@ -10,7 +10,7 @@ baseline doing the same work. Servers and clients each run in a process of their
 standard streams (:mod:`bench.wire`, :mod:`bench.proc`); every loop is bounded and every
 process is stopped when the run ends, however it ends.
 
-* Servers (:mod:`bench.serve`): labctl's own :class:`server.app.Server` on a site
+* Servers (:mod:`bench.serve`): labctl's own :class:`labctl.server.app.Server` on a site
   generated in memory (:mod:`bench.site`), serving Channel Access and OPC UA and
   archiving, as in production; plain caproto; plain asyncua; and an EPICS IOC with the C
   core (pythonSoftIOC). One pacer (:mod:`bench.driver`) plays the instrument driver in

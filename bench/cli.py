@@ -174,8 +174,9 @@ class Run:
 
     def password_hash(self) -> str:
         if self._hash is None:
+            from labctl.server.passwords import hash_password
+
             from bench.site import OPERATOR_PASSWORD
-            from server.passwords import hash_password
 
             self._hash = hash_password(OPERATOR_PASSWORD)
         return self._hash
@@ -185,8 +186,7 @@ class Run:
         if backend == "sqlite":
             return f"sqlite:///{self.workdir / name / 'history.sqlite'}"
         if self.pg is None:
-            sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-            from pgcluster import PgCluster
+            from tests.pg.cluster import PgCluster
 
             # On disk and durable (fsync on) like a production server, unlike the test clusters.
             self.pg = PgCluster(

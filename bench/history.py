@@ -2,7 +2,7 @@
 
 ``python -m bench.history --url URL ...`` (one process per backend) starts labctl's
 historian on a database of its own, seeds it with 1 Hz samples through the historian's
-own bulk path -- :func:`server.historian.ingest.write_batch`, the function its ingest
+own bulk path -- :func:`labctl.server.historian.ingest.write_batch`, the function its ingest
 thread commits every batch with (binary COPY on PostgreSQL, ``executemany`` on SQLite,
 rollup cells maintained in the same transaction) -- and then times
 ``Historian.read_processed_many``, the query API behind HistoryRead and the clients'
@@ -59,13 +59,13 @@ async def main() -> None:
     parser.add_argument("--chunk", type=int, default=100_000, help="rows per seeding transaction")
     args = parser.parse_args()
 
+    from labctl.ioc.build import build_database
+    from labctl.server.historian import Historian
+    from labctl.server.historian.config import HistorianConfig
+    from labctl.server.historian.ingest import write_batch
+    from labctl.server.historian.spool import Batch
+    from labctl.server.site import SiteConfig
     from sqlalchemy import text
-
-    from ioc.config import HistorianConfig, SiteConfig
-    from ioc.site import build_database
-    from server.historian import Historian
-    from server.historian.ingest import write_batch
-    from server.historian.spool import Batch
 
     state = Path(args.state_dir or tempfile.mkdtemp(prefix="labctl-bench-history-"))
     names = pv_names(PREFIX, max(1, args.pvs_many))

@@ -15,7 +15,7 @@ ports and the time each start-up phase took), and then takes requests (:mod:`ben
 
 Kinds:
 
-``labctl``  :class:`server.app.Server` on a generated site (:mod:`bench.site`): Channel
+``labctl``  :class:`labctl.server.app.Server` on a generated site (:mod:`bench.site`): Channel
             Access and OPC UA served, the historian archiving (SQLite unless
             ``--historian`` names another URL), all in one process as in production.
 ``caproto`` a plain caproto asyncio server: one ``ChannelDouble`` per PV, caproto's
@@ -99,9 +99,10 @@ class Labctl:
         self.arch_names = pv_names("ARCH:", args.extra)
 
     async def start(self, phases: Phases) -> dict[str, Any]:
+        from labctl.server.app import Server
+        from labctl.server.site import load_site
+
         from bench.site import SITE_WRITE_PHASE, site_data, write_site
-        from ioc.config import load_site
-        from server.app import Server
 
         phases.mark("imports")
         args = self.args
@@ -166,7 +167,7 @@ class Labctl:
 
     async def feed(self, rate: float, t_end: float, t0: float, t1: float) -> dict[str, Any]:
         """Archive-only samples into the historian's ingest path (its subscription's entry point)."""
-        from ioc.types import Reading, Severity, Status
+        from labctl.ioc.types import Reading, Severity, Status
 
         ingestor = self.server.service("historian").ingestor
         names = self.arch_names

@@ -2,11 +2,11 @@
 
 A benchmark site is built as the plain data a site file holds (:func:`site_data`).
 :func:`site_yaml` renders it as site-file text and :func:`write_site` as a file, which
-the server under test reads as ``labctl serve`` does (:func:`ioc.config.load_site`), so
+the server under test reads as ``labctl serve`` does (:func:`labctl.server.site.load_site`), so
 start-up figures include reading the site file. The N PVs are written as one numbered
 entry (``name: "BENCH:{n:05d}"``, ``range: {n: [0, N-1]}``), as large sites are written;
 ``numbered=False`` lists them one by one instead (:mod:`bench.sitefile` times both forms).
-Data validated in memory (:meth:`ioc.config.SiteConfig.model_validate`) serves the
+Data validated in memory (:meth:`labctl.server.site.SiteConfig.model_validate`) serves the
 benchmarks that measure something else (:mod:`bench.history`).
 
 PVs are ``BENCH:00000`` ... : float64 soft PVs with no deadband, so every posted value

@@ -3,7 +3,7 @@
 ``python -m bench.sitefile --count N`` renders the benchmark site of N PVs as site-file
 text (:func:`bench.site.site_yaml`, not timed), then times, each in a fresh measurement:
 ``yaml.load`` with labctl's loader (libyaml's C parser when PyYAML has it), the schema
-validation, and :func:`ioc.config.parse_site` -- the YAML, the schema validation and the
+validation, and :func:`labctl.server.site.parse_site` -- the YAML, the schema validation and the
 cross-reference checks, what ``labctl serve`` does with a site file before building
 anything. It does so for the N PVs listed one by one (``yaml_s``, ``validate_s``,
 ``parse_site_s``) and written as one numbered entry (``range``, as ``labctl serve`` reads
@@ -29,7 +29,8 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--count", type=int, required=True)
     args = parser.parse_args()
-    from ioc.config import SiteConfig, SiteLoader, parse_site
+    from labctl.ioc.config.loader import SiteLoader
+    from labctl.server.site import SiteConfig, parse_site
 
     timings: dict[str, Any] = {}
     for form, numbered in (("", False), ("numbered_", True)):

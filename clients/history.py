@@ -1,13 +1,13 @@
 """PV history in the client: NumPy arrays, a pandas DataFrame, and ``labctl history``.
 
-Theory of operation. :func:`read_history` (what :meth:`clients.session.Session.history`
+Theory of operation. :func:`read_history` (what :meth:`labctl.clients.session.Session.history`
 calls) asks the server for a PV's archived history with OPC UA HistoryRead, which a
 labctl server answers from its historian:
 
 * **raw** (``every=None``): ReadRawModifiedDetails over ``[since, until)``, oldest first,
   :data:`PAGE_SIZE` values per request, following continuation points until the range is
   exhausted. Each value's StatusCode becomes a severity and status as for live reads
-  (:func:`clients.session.quality`); an INVALID value is NaN (numbers) or None.
+  (:func:`labctl.clients.values.quality`); an INVALID value is NaN (numbers) or None.
 * **processed** (``every`` seconds): ReadProcessedDetails with the Average, Minimum,
   Maximum and Count aggregates of the same node in one request per page -- one bucket
   per ``every`` from ``since``, the last one cut at ``until``. A bucket without valid
@@ -15,7 +15,7 @@ labctl server answers from its historian:
 
 The result is a :class:`History`: ``times`` (UNIX seconds, float64), ``values`` (float64
 for numeric PVs -- int, bool and enum included -- else objects), ``severities`` and
-``statuses`` (small ints of :class:`ioc.types.Severity`/:class:`ioc.types.Status`), and
+``statuses`` (small ints of :class:`labctl.ioc.types.Severity`/:class:`labctl.ioc.types.Status`), and
 for processed history ``minimum``, ``maximum`` and ``counts``. :meth:`History.to_dataframe`
 gives a pandas DataFrame indexed by UTC time.
 
@@ -38,14 +38,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from asyncua import ua
-
-from clients.session import ClientError, Metadata, format_value, reading_of
-from ioc.types import PVType, Severity, Status
+from labctl.clients.errors import ClientError
+from labctl.clients.values import Metadata, format_value, reading_of
+from labctl.ioc.types import PVType, Severity, Status
 
 if TYPE_CHECKING:
     import pandas
-
-    from clients.session import Session
+    from labctl.clients.session import Session
 
 #: Values asked for per raw HistoryRead request.
 PAGE_SIZE = 10_000
@@ -71,9 +70,9 @@ class History:
     values: np.ndarray
     """The values (raw) or bucket means (processed): float64 for numeric PVs (NaN: invalid or empty), else objects."""
     severities: np.ndarray
-    """:class:`~ioc.types.Severity` of each value (int8)."""
+    """:class:`~labctl.ioc.types.Severity` of each value (int8)."""
     statuses: np.ndarray
-    """:class:`~ioc.types.Status` of each value (int16)."""
+    """:class:`~labctl.ioc.types.Status` of each value (int16)."""
     every: float | None = None
     """The bucket width in seconds, or None for raw history."""
     minimum: np.ndarray | None = None
@@ -95,6 +94,9 @@ class History:
         """A DataFrame indexed by UTC time (``time``): ``value``, ``severity``, ``status`` (and
         ``state`` for enums) for raw history; ``mean``, ``min``, ``max``, ``count``, ``severity``,
         ``status`` for processed history."""
+        from labctl.extras import require
+
+        require("notebook")
         import pandas as pd
 
         index = pd.DatetimeIndex(pd.to_datetime(self.times, unit="s", utc=True), name="time")
@@ -270,7 +272,7 @@ async def _processed(session: Session, meta: Metadata, start: float, end: float,
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Add ``labctl history`` (``common``: the shared connection options)."""
-    from clients.cli import parse_duration, parse_since
+    from labctl.clients.cli.arguments import parse_duration, parse_since
 
     p = subparsers.add_parser("history", parents=[common], help="a PV's archived values, raw or in time buckets")
     p.add_argument("pv", metavar="PV")
@@ -285,7 +287,8 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
 
 def cmd_history(args: argparse.Namespace) -> int:
     """Print a PV's history."""
-    from clients.cli import UsageError, _run
+    from labctl.clients.cli.arguments import UsageError
+    from labctl.clients.cli.runner import run
 
     fmt = args.format or ("json" if args.json else "table")
 
@@ -297,7 +300,7 @@ def cmd_history(args: argparse.Namespace) -> int:
         print_history(h, fmt)
         return 0
 
-    return _run(args, body)
+    return run(args, body)
 
 
 def rows(h: History) -> tuple[list[str], list[list[Any]]]:

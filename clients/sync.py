@@ -1,10 +1,10 @@
-"""A blocking wrapper of :mod:`clients.session` for scripts and notebooks.
+"""A blocking wrapper of :mod:`labctl.clients.session` for scripts and notebooks.
 
 Theory of operation. A :class:`SyncSession` owns one event loop running in one daemon
 thread; each method submits the matching coroutine of the async
-:class:`~clients.session.Session` to that loop and waits for its result for at most
+:class:`~labctl.clients.session.Session` to that loop and waits for its result for at most
 ``timeout_s`` seconds. A call that runs out of time is cancelled on the loop and raises
-:class:`~clients.session.RequestTimeout`, so a dead server never hangs a script.
+:class:`~labctl.clients.errors.RequestTimeout`, so a dead server never hangs a script.
 Nothing else is shared between the threads, and nothing here blocks the loop.
 
 Notebooks already run an event loop in their main thread; the wrapper's own loop thread
@@ -26,8 +26,10 @@ import threading
 from collections.abc import Coroutine, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
-from clients import session as _session
-from clients.session import (
+from labctl.clients import session as _session
+from labctl.clients.errors import ClientError, RequestTimeout
+from labctl.clients.monitor import Monitor
+from labctl.clients.records import (
     AlarmInfo,
     HeldLock,
     InterlockInfo,
@@ -35,12 +37,9 @@ from clients.session import (
     JobInfo,
     Lease,
     LockInfo,
-    Metadata,
     ProcedureInfo,
-    PVValue,
-    RequestTimeout,
-    Sample,
 )
+from labctl.clients.values import Metadata, PVValue, Sample
 
 T = TypeVar("T")
 
@@ -58,7 +57,7 @@ class SyncSession:
     def _run(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None, *, forever: bool = False) -> T:
         if self._loop.is_closed():
             coro.close()
-            raise _session.ClientError("the session is closed")
+            raise ClientError("the session is closed")
         limit = None if forever else self.timeout_s if timeout_s is None else timeout_s
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
@@ -76,7 +75,7 @@ class SyncSession:
     def session(self) -> _session.Session:
         """The async session underneath (use its methods only from its loop)."""
         if self._session is None:
-            raise _session.ClientError("not connected")
+            raise ClientError("not connected")
         return self._session
 
     @property
@@ -203,7 +202,7 @@ class SyncSession:
         return self._run(self.session.audit(since, user=user, pv=pv))
 
     def history(self, name: str, since: Any, until: Any = None, every: float | None = None, *, timeout_s: float | None = None) -> Any:
-        """A PV's history as :class:`clients.history.History` (see ``Session.history``); the whole
+        """A PV's history as :class:`labctl.clients.history.History` (see ``Session.history``); the whole
         read, every page of it, may take ``timeout_s`` (default: the session's, at least 60 s)."""
         limit = max(self.timeout_s, 60.0) if timeout_s is None else timeout_s
         return self._run(self.session.history(name, since, until, every), limit)
@@ -239,9 +238,9 @@ class SyncSession:
 
 
 class SyncMonitor:
-    """Blocking iteration over a :class:`~clients.session.Monitor`."""
+    """Blocking iteration over a :class:`~labctl.clients.monitor.Monitor`."""
 
-    def __init__(self, owner: SyncSession, monitor: _session.Monitor) -> None:
+    def __init__(self, owner: SyncSession, monitor: Monitor) -> None:
         self._owner = owner
         self._monitor = monitor
 
@@ -278,7 +277,7 @@ def connect(
     certificate: str | None = None,
     private_key: str | None = None,
 ) -> SyncSession:
-    """Open a blocking session (arguments as :func:`clients.session.connect`)."""
+    """Open a blocking session (arguments as :func:`labctl.clients.session.connect`)."""
     sync = SyncSession(timeout_s)
     try:
         sync._session = sync._run(

@@ -2,17 +2,17 @@
 
 Layout (each module's docstring gives its theory of operation):
 
-* :mod:`drivers.transport` -- how command strings reach an instrument: VISA in a
+* :mod:`labctl.drivers.transport` -- how command strings reach an instrument: VISA in a
   one-thread executor, an in-process simulation, and a fault-injecting wrapper.
-* :mod:`drivers.base` -- the declarative base: ``control``/``measurement`` channel
-  tables and :class:`~drivers.base.VisaDriver`, which implements
-  :class:`ioc.driver.Driver`.
-* :mod:`drivers.values` -- reply text to Python values and back.
-* :mod:`drivers.lakeshore`, :mod:`drivers.keithley2400`, :mod:`drivers.tpg`,
-  :mod:`drivers.scpi` -- the drivers; each documents its channel names.
-* :mod:`drivers.cryostat` -- a dilution-refrigerator plant the Lake Shore 372 and TPG
+* :mod:`labctl.drivers.base` -- the declarative base: ``control``/``measurement`` channel
+  tables and :class:`~labctl.drivers.base.VisaDriver`, which implements
+  :class:`labctl.ioc.driver.Driver`.
+* :mod:`labctl.drivers.values` -- reply text to Python values and back.
+* :mod:`labctl.drivers.lakeshore`, :mod:`labctl.drivers.keithley2400`, :mod:`labctl.drivers.tpg`,
+  :mod:`labctl.drivers.scpi` -- the drivers; each documents its channel names.
+* :mod:`labctl.drivers.cryostat` -- a dilution-refrigerator plant the Lake Shore 372 and TPG
   drivers can talk to.
-* :mod:`drivers.registry` -- site-file configuration to drivers, transports and plants,
+* :mod:`labctl.drivers.registry` -- site-file configuration to drivers, transports and plants,
   and the checks the site-file checker runs.
 * ``drivers/sim/<driver>.yaml`` -- pyvisa-sim definitions, one per driver.
 """

@@ -19,8 +19,8 @@ A template field other than ``value`` is the family's *parameter*; its allowed v
 suffix (``heater_range:0``) is one channel with fixed commands, for the odd channel
 whose limits differ from its siblings'.
 
-:class:`VisaDriver` implements :class:`ioc.driver.Driver` over a
-:class:`~drivers.transport.Transport`:
+:class:`VisaDriver` implements :class:`labctl.ioc.driver.Driver` over a
+:class:`~labctl.drivers.transport.Transport`:
 
 * ``read(channels)`` takes the transport lock once and sends each distinct query once:
   channels that share a query (Keithley's ``:READ?`` fills ``voltage`` and ``current``)
@@ -29,9 +29,9 @@ whose limits differ from its siblings'.
 * ``write(channel, value)`` checks the value (kind, allowed values, limits), sends the
   command, runs the driver's error check and reads the value back, all under one lock
   acquisition so no other task's I/O slips in between.
-* A reply that does not parse raises :class:`~ioc.errors.DriverFault` naming the
+* A reply that does not parse raises :class:`~labctl.ioc.errors.DriverFault` naming the
   channel, the command and the reply. A value the instrument cannot take raises
-  :class:`~ioc.errors.OutOfRange` or :class:`~ioc.errors.WrongType` (the ``pv`` field
+  :class:`~labctl.ioc.errors.OutOfRange` or :class:`~labctl.ioc.errors.WrongType` (the ``pv`` field
   holds ``<instrument>.<channel>``; the database knows which PV was written).
 
 Values are the Python types of PVs: float, int (enum indices too), bool, str, and
@@ -45,12 +45,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from drivers.transport import Transport
-from drivers.values import KIND_OF_PARSER, KINDS, PARSERS, coerce, is_finite, parse_int
-from ioc.config import InstrumentConfig
-from ioc.driver import PushCallback
-from ioc.errors import ConfigError, DriverFault, NotWritable, OutOfRange, WrongType
-from ioc.types import PVType
+from labctl.drivers.transport import Transport
+from labctl.drivers.values import KIND_OF_PARSER, KINDS, PARSERS, coerce, is_finite, parse_int
+from labctl.ioc.config.instruments import InstrumentConfig
+from labctl.ioc.driver import PushCallback
+from labctl.ioc.errors import ConfigError, DriverFault, NotWritable, OutOfRange, WrongType
+from labctl.ioc.types import PVType
 
 #: A problem found in an instrument's configuration: (key path inside the instrument, message).
 Problem = tuple[tuple[str | int, ...], str]
@@ -226,7 +226,7 @@ def control(
         get: Query template, e.g. ``"SETP? {loop}"`` (None for write-only).
         set: Command template, e.g. ``"SETP {loop},{value:g}"``.
         kind: Python type of the value (inferred from ``parse``; default float).
-        parse: Reply -> value (default: the kind's parser from :mod:`drivers.values`).
+        parse: Reply -> value (default: the kind's parser from :mod:`labctl.drivers.values`).
         enum: Reply tokens of an enumerated setting, index 0 first; the channel's
             value is the index (``enum=("VOLT", "CURR")``).
         limits: Inclusive (low, high) the instrument accepts.

@@ -7,7 +7,7 @@ small plant model with four stages -- the 50 K and 4 K pulse-tube plates, the st
 and the mixing chamber (``50K``, ``4K``, ``still``, ``mxc``) -- and the instruments that
 watch it: a Lake Shore 372 bridge (thermometers and heaters) and a Pfeiffer TPG gauge
 (vacuum cans). The real ``lakeshore372`` and ``tpg`` drivers run against it through a
-:class:`~drivers.transport.SimulationTransport`, one :class:`PlantEndpoint` per link.
+:class:`~labctl.drivers.transport.SimulationTransport`, one :class:`PlantEndpoint` per link.
 
 Each stage temperature is a first-order lag toward an equilibrium that depends on what
 cools and heats it::

@@ -34,9 +34,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from drivers.base import BoundChannel, VisaDriver, control, measurement
-from drivers.values import csv_field, parse_bool
-from ioc.errors import DriverFault
+from labctl.drivers.base import BoundChannel, VisaDriver, control, measurement
+from labctl.drivers.values import csv_field, parse_bool
+from labctl.ioc.errors import DriverFault
 
 #: The query that triggers and returns a measurement.
 READ = ":READ?"

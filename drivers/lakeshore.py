@@ -44,9 +44,8 @@ Enum channels return the int index; give the PV ``type: enum`` with the state st
 
 from __future__ import annotations
 
+from labctl.drivers.base import VisaDriver, control, measurement
 from pyvisa.constants import Parity, StopBits
-
-from drivers.base import VisaDriver, control, measurement
 
 #: Factory serial settings of Lake Shore controllers (USB appears as a serial port).
 LAKESHORE_SERIAL = {"baud_rate": 57600, "data_bits": 7, "parity": Parity.odd, "stop_bits": StopBits.one}

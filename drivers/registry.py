@@ -5,7 +5,7 @@ module by name. They ask this module:
 
 * :func:`check_instrument` -- every problem with one instrument's configuration, as
   ``(key path inside the instrument, message)`` pairs, the shape
-  :meth:`ioc.config.SiteConfig.cross_check` uses, so the checker can prefix
+  :meth:`labctl.ioc.config.site.CoreSiteConfig.cross_check` uses, so the checker can prefix
   ``instruments[i]`` and point at a line and column: unknown driver, unknown option,
   a PV bound to a channel the driver lacks, a writable PV on a read-only channel, a PV
   type that does not fit the channel, drive limits beyond the instrument's, an enum
@@ -14,14 +14,14 @@ module by name. They ask this module:
 * :func:`list_channels` -- the channels a configured instrument offers;
 * :func:`create_plant` -- a simulated plant from a ``simulations:`` entry;
 * :func:`create_driver` -- the driver with its transport, raising
-  :class:`~ioc.errors.ConfigError` listing every problem if the configuration is wrong.
+  :class:`~labctl.ioc.errors.ConfigError` listing every problem if the configuration is wrong.
 
 Transports are chosen from the instrument config: ``simulation: <name>`` talks to that
-plant through a :class:`~drivers.transport.SimulationTransport`; ``visa_library:
+plant through a :class:`~labctl.drivers.transport.SimulationTransport`; ``visa_library:
 '@sim'`` opens the driver's shipped ``drivers/sim/<driver>.yaml`` (or ``sim_file``,
 relative to the site file's directory) in pyvisa-sim; anything else is a real VISA
 resource. Simulated instruments are wrapped in a
-:class:`~drivers.transport.FaultyTransport`, so the demo and tests can make one
+:class:`~labctl.drivers.transport.FaultyTransport`, so the demo and tests can make one
 stop answering (see :func:`fault_injector`).
 
 A PV binds to ``channel`` if it gives one, else to a channel named like the PV (the
@@ -36,17 +36,17 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from drivers.base import KINDS_FOR_PV_TYPE, BoundChannel, Problem, VisaDriver
-from drivers.cryostat import PROTOCOLS as CRYOSTAT_PROTOCOLS
-from drivers.cryostat import CryostatOptions, CryostatPlant
-from drivers.keithley2400 import Keithley2400
-from drivers.lakeshore import LakeShore336, LakeShore372
-from drivers.scpi import ScpiDriver
-from drivers.tpg import TPG
-from drivers.transport import FaultyTransport, SimulationTransport, Transport, VisaTransport
-from ioc.config import InstrumentConfig, SimulationConfig
-from ioc.errors import ConfigError
-from ioc.types import PVType
+from labctl.drivers.base import KINDS_FOR_PV_TYPE, BoundChannel, Problem, VisaDriver
+from labctl.drivers.cryostat import PROTOCOLS as CRYOSTAT_PROTOCOLS
+from labctl.drivers.cryostat import CryostatOptions, CryostatPlant
+from labctl.drivers.keithley2400 import Keithley2400
+from labctl.drivers.lakeshore import LakeShore336, LakeShore372
+from labctl.drivers.scpi import ScpiDriver
+from labctl.drivers.tpg import TPG
+from labctl.drivers.transport import FaultyTransport, SimulationTransport, Transport, VisaTransport
+from labctl.ioc.config.instruments import InstrumentConfig, SimulationConfig
+from labctl.ioc.errors import ConfigError
+from labctl.ioc.types import PVType
 
 #: Driver name (the site file's ``driver:``) -> class.
 DRIVERS: Mapping[str, type[VisaDriver]] = MappingProxyType(
@@ -130,7 +130,7 @@ def check_instrument(
 
     Args:
         inst: The instrument.
-        simulations: Simulation name -> its :class:`~ioc.config.SimulationConfig` or
+        simulations: Simulation name -> its :class:`~labctl.ioc.config.instruments.SimulationConfig` or
             plant (None: do not check the simulation).
         base_dir: The site file's directory, for ``sim_file``.
 

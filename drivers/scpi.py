@@ -48,7 +48,7 @@ the write fail), ``write_termination`` and ``read_termination`` (default ``\n``)
 ``baud_rate``, ``check_identity``.
 
 A bad spec or template is reported naming the PV and what was wrong; the registry
-gathers these into one :class:`~ioc.errors.ConfigError`.
+gathers these into one :class:`~labctl.ioc.errors.ConfigError`.
 """
 
 from __future__ import annotations
@@ -58,11 +58,12 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
-from drivers.base import BoundChannel, ChannelSpec, Problem, VisaDriver, template_fields
-from drivers.transport import Transport
-from drivers.values import coerce, csv_field, parse_bool, parse_float, parse_floats, parse_int, parse_str
-from ioc.config import InstrumentConfig, PVConfig
-from ioc.types import PVType
+from labctl.drivers.base import BoundChannel, ChannelSpec, Problem, VisaDriver, template_fields
+from labctl.drivers.transport import Transport
+from labctl.drivers.values import coerce, csv_field, parse_bool, parse_float, parse_floats, parse_int, parse_str
+from labctl.ioc.config.instruments import InstrumentConfig
+from labctl.ioc.config.pvs import PVConfig
+from labctl.ioc.types import PVType
 
 #: How a reply (or a captured piece of it) becomes each PV type's value.
 CONVERT: dict[PVType, Callable[[str], Any]] = {

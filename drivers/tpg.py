@@ -46,9 +46,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from drivers.base import BoundChannel, VisaDriver, measurement
-from drivers.values import parse_float, parse_int
-from ioc.errors import DriverFault
+from labctl.drivers.base import BoundChannel, VisaDriver, measurement
+from labctl.drivers.values import parse_float, parse_int
+from labctl.ioc.errors import DriverFault
 
 ACK = "\x06"
 NAK = "\x15"

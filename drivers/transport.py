@@ -16,8 +16,8 @@ which owns the link and keeps three promises:
   (pyvisa #726, #842) -- as ``await asyncio.wait_for(loop.run_in_executor(...),
   timeout_s)``. The VISA timeout is set a little shorter than ``timeout_s`` so the
   worker thread itself gives up and is free for the next call.
-* **Typed failures.** pyvisa errors become :class:`~ioc.errors.DriverFault`, timeouts
-  :class:`~ioc.errors.DriverTimeout`; both name the instrument and the command.
+* **Typed failures.** pyvisa errors become :class:`~labctl.ioc.errors.DriverFault`, timeouts
+  :class:`~labctl.ioc.errors.DriverTimeout`; both name the instrument and the command.
 
 Implementations:
 
@@ -25,7 +25,7 @@ Implementations:
   resource.
 * :class:`SimulationTransport` -- answers from a Python object with
   ``handle(command) -> str | None`` (a simulated plant such as
-  :class:`drivers.cryostat.CryostatPlant`); no threads.
+  :class:`labctl.drivers.cryostat.CryostatPlant`); no threads.
 * :class:`FaultyTransport` -- wraps another transport and, on demand, stops answering
   (every call raises DriverTimeout), like httpx's ``MockTransport``: an injected fault
   for tests and for the demo.
@@ -51,8 +51,7 @@ from typing import Any, Protocol, TypeVar
 import pyvisa
 import pyvisa.constants
 import pyvisa.errors
-
-from ioc.errors import DriverFault, DriverTimeout
+from labctl.ioc.errors import DriverFault, DriverTimeout
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ Every driver turns that text into the Python type of the PV it feeds -- ``float`
 with the small parsers here. They accept what instruments really send (leading ``+``,
 padding, ``ON``/``OFF``) and nothing looser: a reply that does not fit raises
 ``ValueError`` with a short reason, which the driver turns into a
-:class:`~ioc.errors.DriverFault` naming the command and the reply.
+:class:`~labctl.ioc.errors.DriverFault` naming the command and the reply.
 
 The other direction, :func:`coerce`, checks a value written by a client against the
 channel's kind before anything is sent. It refuses silently lossy conversions

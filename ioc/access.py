@@ -1,6 +1,6 @@
 """Who may do what: roles, and the audit record of every write.
 
-The write path (see :mod:`ioc.database`) asks, in order: is the PV writable at all, do
+The write path (see :mod:`labctl.ioc.database`) asks, in order: is the PV writable at all, do
 the identity's roles allow writing its resource, does the identity hold the resource's
 lock, is the value acceptable, does an interlock forbid it. This module answers the role
 question and defines the hooks for the others, so the arbiter and the interlocks plug in
@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from ioc.config import RoleConfig
-from ioc.errors import PermissionDenied
-from ioc.types import Identity
+from labctl.ioc.config.access import RoleConfig
+from labctl.ioc.errors import PermissionDenied
+from labctl.ioc.types import Identity
 
 Capability = Literal["acknowledge", "shelve", "admin"]
 

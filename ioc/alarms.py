@@ -26,9 +26,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from ioc.errors import LabctlError
-from ioc.pv import PVInfo
-from ioc.types import PVType, Reading, Severity, Status
+from labctl.ioc.errors import LabctlError
+from labctl.ioc.pv import PVInfo
+from labctl.ioc.types import PVType, Reading, Severity, Status
 
 EventKind = Literal["raised", "changed", "cleared", "acknowledged", "shelved", "unshelved", "returned"]
 

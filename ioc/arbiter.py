@@ -8,7 +8,7 @@ first), then by arrival. An admin may break a lease; the holder learns of it thr
 caused, so the async shell (a timer task calling :meth:`Arbiter.expire`, the protocol
 adapters) publishes, audits and notifies without this module knowing how.
 
-The arbiter is also the write path's lock check (:class:`ioc.access.LockCheck`): on a
+The arbiter is also the write path's lock check (:class:`labctl.ioc.access.LockCheck`): on a
 lockable resource only the holder may write, and a refusal names holder and expiry.
 """
 
@@ -20,10 +20,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from ioc.config import ResourceConfig
-from ioc.errors import LabctlError, LockedBy
-from ioc.pv import PVInfo
-from ioc.types import Identity, PVType
+from labctl.ioc.config.access import ResourceConfig
+from labctl.ioc.errors import LabctlError, LockedBy
+from labctl.ioc.pv import PVInfo
+from labctl.ioc.types import Identity, PVType
 
 EventKind = Literal["granted", "renewed", "released", "expired", "broken", "queued", "withdrawn"]
 

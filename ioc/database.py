@@ -13,7 +13,7 @@ Writes from every protocol go through :meth:`Database.write`, which runs the che
 one order: the PV is writable -> the identity's roles allow its resource -> the
 identity holds the resource's lock -> the value has the PV's type and is within the
 drive limits -> no interlock forbids it -> the driver writes -> the read-back is posted
--> the write is audited. Each refusal is a :class:`~ioc.errors.WriteRefused` subclass,
+-> the write is audited. Each refusal is a :class:`~labctl.ioc.errors.WriteRefused` subclass,
 audited with its reason before it is raised.
 """
 
@@ -29,14 +29,14 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ioc.access import AuditRecord, InterlockCheck, LockCheck, NoInterlocks, NoLocks, RolePolicy
-from ioc.driver import Driver, readable
-from ioc.errors import DriverError, LabctlError, NotWritable, UnknownPV, WriteRefused, WrongType
-from ioc.expr import EvaluationError, Expression, Table
-from ioc.pv import AlarmEvaluator, Deadbands, PVInfo, canonical, coerce
-from ioc.scan import InstrumentLink
-from ioc.subscription import Callback, Monitor
-from ioc.types import EventMask, Identity, PVType, Reading, Severity, Status, Update
+from labctl.ioc.access import AuditRecord, InterlockCheck, LockCheck, NoInterlocks, NoLocks, RolePolicy
+from labctl.ioc.driver import Driver, readable
+from labctl.ioc.errors import DriverError, LabctlError, NotWritable, UnknownPV, WriteRefused, WrongType
+from labctl.ioc.expr import EvaluationError, Expression, Table
+from labctl.ioc.links import InstrumentLink
+from labctl.ioc.pv import AlarmEvaluator, Deadbands, PVInfo, canonical, coerce
+from labctl.ioc.subscription import Callback, Monitor
+from labctl.ioc.types import EventMask, Identity, PVType, Reading, Severity, Status, Update
 
 log = logging.getLogger(__name__)
 

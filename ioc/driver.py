@@ -1,7 +1,7 @@
 """The interface between the process database and an instrument.
 
 A driver knows one instrument model. It is created from its
-:class:`~ioc.config.InstrumentConfig` and speaks in *channels*: strings the driver
+:class:`~labctl.ioc.config.instruments.InstrumentConfig` and speaks in *channels*: strings the driver
 defines (``temperature:A``, ``voltage_setpoint``...) to which the site file binds PVs.
 The database owns scanning, timeouts, reconnection and alarm state; a driver only turns
 channel reads and writes into instrument I/O.
@@ -10,7 +10,7 @@ Rules every driver keeps:
 
 * ``read`` is batched: one call fills several channels, so a driver may answer them
   with one instrument query where the protocol allows.
-* Failures raise :class:`~ioc.errors.DriverFault` or :class:`~ioc.errors.DriverTimeout`;
+* Failures raise :class:`~labctl.ioc.errors.DriverFault` or :class:`~labctl.ioc.errors.DriverTimeout`;
   the database then marks that instrument's PVs INVALID/COMM and reconnects with backoff.
 * Blocking I/O never runs on the event loop (the VISA transport uses a worker thread).
 * A driver that can push values (an instrument that streams) calls the ``push``

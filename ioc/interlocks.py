@@ -1,6 +1,6 @@
 """Interlocks: rules over PVs that protect the apparatus on their own.
 
-Theory of operation. Each rule (:class:`ioc.config.InterlockConfig`) is a state machine
+Theory of operation. Each rule (:class:`labctl.ioc.config.interlocks.InterlockConfig`) is a state machine
 (:class:`InterlockRule`, pure: readings and ``now`` in, transitions out)::
 
     OK/WARN --trip holds--> PENDING --for for_s--> TRIPPED --release holds--> CLEARING
@@ -28,13 +28,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ioc.access import AuditRecord, RolePolicy
-from ioc.config import InterlockConfig
-from ioc.database import Database
-from ioc.errors import DriverError, Interlocked, LabctlError, WriteRefused
-from ioc.expr import EvaluationError, Expression
-from ioc.pv import PVInfo
-from ioc.types import SYSTEM, EventMask, Identity, PVType, Reading, Severity, Status, Update
+from labctl.ioc.access import AuditRecord, RolePolicy
+from labctl.ioc.config.interlocks import InterlockConfig
+from labctl.ioc.database import Database
+from labctl.ioc.errors import DriverError, Interlocked, LabctlError, WriteRefused
+from labctl.ioc.expr import EvaluationError, Expression
+from labctl.ioc.pv import PVInfo
+from labctl.ioc.types import SYSTEM, EventMask, Identity, PVType, Reading, Severity, Status, Update
 
 log = logging.getLogger(__name__)
 

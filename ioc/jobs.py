@@ -27,14 +27,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ioc.access import AuditRecord, RolePolicy
-from ioc.arbiter import Arbiter, Lease, LeaseEvent, LockError
-from ioc.config import ProcedureConfig, Step
-from ioc.database import Database
-from ioc.errors import DriverError, LabctlError, LockedBy, WriteRefused
-from ioc.expr import EvaluationError, Expression
-from ioc.procedure import bind_params, compile_value, evaluate
-from ioc.types import EventMask, Identity
+from labctl.ioc.access import AuditRecord, RolePolicy
+from labctl.ioc.arbiter import Arbiter, Lease, LeaseEvent, LockError
+from labctl.ioc.config.procedures import ProcedureConfig, Step
+from labctl.ioc.database import Database
+from labctl.ioc.errors import DriverError, LabctlError, LockedBy, WriteRefused
+from labctl.ioc.expr import EvaluationError, Expression
+from labctl.ioc.procedure import bind_params, compile_value, evaluate
+from labctl.ioc.types import EventMask, Identity
 
 log = logging.getLogger(__name__)
 

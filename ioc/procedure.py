@@ -1,9 +1,9 @@
 """Procedures: checking a site file's procedures and a submitter's parameters.
 
-A procedure is data (see :class:`ioc.config.ProcedureConfig`): parameters, the resources
+A procedure is data (see :class:`labctl.ioc.config.procedures.ProcedureConfig`): parameters, the resources
 it locks, and steps (set, ramp, wait, read, sleep, repeat, log). Values in steps are
 literals, or expressions when written ``=...`` (``value: "=sp * 1.1"``), evaluated with
-the safe expression language of :mod:`ioc.expr` over the parameters and the variables of
+the safe expression language of :mod:`labctl.ioc.expr` over the parameters and the variables of
 enclosing ``repeat`` steps. Everything is checked when the site file loads, so a job
 never fails half-way for a typo.
 """
@@ -15,8 +15,8 @@ import string
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ioc.config import ParamConfig, ProcedureConfig, Step
-from ioc.expr import Expression, ExpressionError
+from labctl.ioc.config.procedures import ParamConfig, ProcedureConfig, Step
+from labctl.ioc.expr import Expression, ExpressionError
 
 
 class ParameterError(ValueError):

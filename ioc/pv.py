@@ -5,13 +5,13 @@ Everything here is pure: no clock, no I/O. Time comes in as arguments.
 * :class:`PVInfo` is the immutable description of a PV that every layer reads (adapters
   map it to DBR_CTRL fields or OPC UA attributes).
 * :func:`coerce` turns a value written by a client into the PV's canonical Python type
-  or raises :class:`~ioc.errors.WrongType` / :class:`~ioc.errors.OutOfRange`. Canonical
+  or raises :class:`~labctl.ioc.errors.WrongType` / :class:`~labctl.ioc.errors.OutOfRange`. Canonical
   types: float64 -> ``float``, int -> ``int``, bool -> ``bool``, enum -> ``int`` (state
   index), string -> ``str``, float64[] -> ``tuple[float, ...]``.
 * :class:`AlarmEvaluator` follows the EPICS ai record: HIHI, LOLO, HIGH, LOW are checked
   in that order; an alarm at a level stays until the value is back inside that limit by
   the hysteresis; a new alarm may be required to persist for ``delay_s`` first.
-* :class:`Deadbands` decides which :class:`~ioc.types.EventMask` bits an update carries,
+* :class:`Deadbands` decides which :class:`~labctl.ioc.types.EventMask` bits an update carries,
   as EPICS ``monitor()`` does with MDEL/ADEL.
 """
 
@@ -23,9 +23,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ioc.config import AlarmConfig, InstrumentConfig, PVConfig
-from ioc.errors import OutOfRange, WrongType
-from ioc.types import EventMask, PVType, Reading, Severity, Status, values_equal
+from labctl.ioc.config.instruments import InstrumentConfig
+from labctl.ioc.config.pvs import AlarmConfig, PVConfig
+from labctl.ioc.errors import OutOfRange, WrongType
+from labctl.ioc.types import EventMask, PVType, Reading, Severity, Status, values_equal
 
 #: Longest string a string PV takes when its site file sets no ``length`` (EPICS MAX_STRING_SIZE).
 DEFAULT_STRING_LENGTH = 40
@@ -66,7 +67,7 @@ class PVInfo:
         """Build from the site file's PV entry.
 
         ``fields`` replaces the entry's ``name``, ``description`` and ``inputs`` for one PV
-        of a numbered entry (:meth:`ioc.config.PVConfig.instances`).
+        of a numbered entry (:meth:`labctl.ioc.config.pvs.PVConfig.instances`).
         """
         if fields:
             name = fields["name"]

@@ -1,6 +1,6 @@
 """Subscriptions to the process database.
 
-Two kinds, both fed by :meth:`ioc.database.Database.post`:
+Two kinds, both fed by :meth:`labctl.ioc.database.Database.post`:
 
 * **Callbacks** (:class:`Callback`) run inline on the event loop for every matching
   update. They are for the server's own consumers that must see every update and are
@@ -19,7 +19,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 
-from ioc.types import EventMask, Update
+from labctl.ioc.types import EventMask, Update
 
 log = logging.getLogger(__name__)
 

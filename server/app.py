@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from drivers.registry import create_driver, create_plant
-from ioc.bulk import freeze_long_lived, gc_paused, thaw
-from ioc.config import SiteConfig, load_site
-from ioc.database import Database
-from ioc.site import build_database
+from labctl.drivers.registry import create_driver, create_plant
+from labctl.ioc.build import build_database
+from labctl.ioc.database import Database
+from labctl.server.site import SiteConfig, load_site
+from labctl.server.tuning import freeze_long_lived, gc_paused, thaw
 
 log = logging.getLogger("labctl")
 
@@ -108,7 +108,8 @@ class Server:
         self.site = site
         self.base_dir = Path(base_dir)
         self.state_dir = Path(site.server.state_dir)
-        self.db: Database = build_database(site, self.base_dir, source=source)
+        with gc_paused():  # a large site is a million long-lived objects (see server.tuning)
+            self.db: Database = build_database(site, self.base_dir, source=source)
         self.plants = {name: create_plant(name, cfg) for name, cfg in site.simulations.items()}
         for inst in site.instruments:
             driver = create_driver(inst, simulations=self.plants, base_dir=self.base_dir)
@@ -118,7 +119,7 @@ class Server:
                 reconnect_min_s=inst.reconnect_min_s,
                 reconnect_max_s=inst.reconnect_max_s,
             )
-        with gc_paused():  # services index every PV: long-lived objects only (see ioc.bulk)
+        with gc_paused():  # services index every PV: long-lived objects only (see server.tuning)
             self.services: list[Service] = build_services(self)
         self._stopped = asyncio.Event()
         self._frozen = False
@@ -151,7 +152,7 @@ class Server:
             for s in reversed(started):
                 await s.stop()
             raise
-        freeze_long_lived()  # what start-up built lives as long as the server (see ioc.bulk)
+        freeze_long_lived()  # what start-up built lives as long as the server (see server.tuning)
         self._frozen = True
 
     async def stop(self) -> None:
@@ -198,13 +199,13 @@ class Server:
 def build_services(server: Server) -> list[Service]:
     """The services a site asks for, in start order (storage first, then protocols)."""
     services: list[Service] = []
-    from server.control import ControlService
+    from labctl.server.control import ControlService
 
     historian = None
     if server.site.historian.enabled:
         # Storage first: the control layer restores jobs and alarm states from it when it
         # starts, and the protocol services serve history from it.
-        from server.historian import HistorianService
+        from labctl.server.historian import HistorianService
 
         historian = HistorianService(server)
         services.append(historian)
@@ -213,14 +214,14 @@ def build_services(server: Server) -> list[Service]:
         server.control.use_store(historian)
     services.append(server.control)
     if server.site.server.opcua.enabled:
-        from server.opcua import OpcUaService
+        from labctl.server.opcua import OpcUaService
 
         opcua = OpcUaService(server)
         if historian is not None:
             opcua.serve_history_from(historian)
         services.append(opcua)
     if server.site.server.ca.enabled:
-        from server.ca import CAService
+        from labctl.server.ca import CAService
 
         services.append(CAService(server))
     return services

@@ -1,7 +1,7 @@
 """The ``labctl`` command.
 
 Server-side commands live here (``serve``, ``check``); client commands (``get``,
-``put``...) are registered by :mod:`clients.cli`, which talks to a server over the
+``put``...) are registered by :mod:`labctl.clients.cli`, which talks to a server over the
 network only. Every command exits 0 on success and non-zero with a one-line reason on
 failure (a malformed site file prints one line per problem).
 """
@@ -17,24 +17,23 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ioc.config import load_site
-from ioc.errors import ConfigError, LabctlError
+from labctl.ioc.errors import ConfigError, LabctlError
 
+#: The bundled demo site (package data of ``labctl.config``; ``config/demo.yaml`` in a checkout).
 DEFAULT_SITE = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"
 
 log = logging.getLogger("labctl")
 
 
-def _default_site() -> Path:
-    local = Path("config/demo.yaml")
-    return local if local.exists() else DEFAULT_SITE
-
-
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the server for a site file (default: the simulated demo)")
-    p.add_argument("site", nargs="?", type=Path, help=f"site file (default: {_default_site()})")
+    p.add_argument("site", nargs="?", type=Path, help=f"site file (default: {DEFAULT_SITE})")
     p.add_argument("--state-dir", help="where history, spool and certificates live (default: the site file's)")
-    p.add_argument("--historian-url", help="SQLAlchemy URL of the historian (sqlite:///... or postgresql+psycopg://...)")
+    p.add_argument(
+        "--historian-url",
+        default=os.environ.get("LABCTL_HISTORIAN_URL"),
+        help="SQLAlchemy URL of the historian, sqlite:///... or postgresql+psycopg://... (LABCTL_HISTORIAN_URL; keeps a password off the command line)",
+    )
     p.add_argument("--opcua-host", help="OPC UA interface to bind")
     p.add_argument("--opcua-port", type=int, help="OPC UA TCP port (0: a free one)")
     p.add_argument("--ca-interfaces", help="Channel Access interfaces, comma-separated")
@@ -49,14 +48,16 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 def _add_check(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check", help="validate a site file and print a summary")
-    p.add_argument("site", type=Path, help="site file")
+    p.add_argument("site", nargs="?", type=Path, default=DEFAULT_SITE, help=f"site file (default: {DEFAULT_SITE})")
     p.set_defaults(func=cmd_check)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate a site file; print a summary or every problem."""
-    from drivers.registry import check_instrument
-    from ioc.site import build_database
+    from labctl.drivers.registry import check_instrument
+    from labctl.ioc.build import build_database
+    from labctl.server.site import load_site  # late: the site model imports every adapter's package
+    from labctl.server.tuning import gc_paused
 
     site = load_site(args.site)
     problems = [
@@ -66,7 +67,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     ]
     if problems:
         raise ConfigError(str(args.site), problems)
-    db = build_database(site, args.site.resolve().parent, source=str(args.site))
+    with gc_paused():  # a large site is a million long-lived objects (see server.tuning)
+        db = build_database(site, args.site.resolve().parent, source=str(args.site))
     counts = db.counts()
     print(f"{args.site}: OK -- site {site.site!r}")
     print(
@@ -97,12 +99,12 @@ def _dotted(path: tuple) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run a server until SIGINT/SIGTERM."""
-    from server.app import Overrides, Server
+    from labctl.server.app import Overrides, Server
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
     )
-    site_path = args.site or _default_site()
+    site_path = args.site or DEFAULT_SITE
     overrides = Overrides(
         state_dir=args.state_dir,
         historian_url=args.historian_url,
@@ -154,10 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extensions():
     """Subcommand registrars of other modules (each ``register(subparsers)``)."""
-    from clients.cli import register as client_commands
-    from clients.gui import register as gui_command  # Qt is imported only when `labctl gui` runs
-    from clients.tui import register as tui_command  # Textual is imported only when `labctl tui` runs
-    from server.passwords import register as passwd_command
+    from labctl.clients.cli import register as client_commands
+    from labctl.clients.gui import register as gui_command  # Qt is imported only when `labctl gui` runs
+    from labctl.clients.tui import register as tui_command  # Textual is imported only when `labctl tui` runs
+    from labctl.server.passwords import register as passwd_command
 
     return [client_commands, passwd_command, gui_command, tui_command]
 

@@ -1,14 +1,15 @@
 """The control layer of a running server: arbiter, jobs, interlocks and alarms.
 
-The rules live in ``ioc`` (:mod:`ioc.arbiter`, :mod:`ioc.jobs`, :mod:`ioc.interlocks`,
-:mod:`ioc.alarms`); this service is their async shell on one server:
+The rules live in ``ioc`` (:mod:`labctl.ioc.arbiter`, :mod:`labctl.ioc.jobs`, :mod:`labctl.ioc.interlocks`,
+:mod:`labctl.ioc.alarms`); this service is their async shell on one server:
 
 * the arbiter becomes the database's lock check; a timer frees lapsed leases; every lease
   event is audited and published on the resource's lock PVs (``ARB:<RES>:OWNER``...);
 * the job manager runs submitted procedures, held by interlocks;
 * the interlock manager becomes the database's interlock check;
-* the alarm service turns severities into alarm states, keeps the summary PVs, sends
-  rate-limited notifications, and lets authorised people acknowledge and shelve.
+* the alarm service (:class:`labctl.server.alarms.AlarmService`) turns severities into
+  alarm states, keeps the summary PVs, sends rate-limited notifications, and lets
+  authorised people acknowledge and shelve.
 
 Protocol adapters reach all of it through ``server.control`` (one object, no globals).
 
@@ -26,17 +27,16 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ioc.access import AuditRecord
-from ioc.alarms import SUMMARY_PVS, Alarm, AlarmError, AlarmEvent, AlarmTable, RateLimiter
-from ioc.arbiter import Arbiter, Lease, LeaseEvent, Waiter, lock_pv_names
-from ioc.errors import LabctlError, PermissionDenied
-from ioc.interlocks import InterlockManager
-from ioc.jobs import Job, JobError, JobManager
-from ioc.types import EventMask, Identity, Update
-from server.notify import Notifier
+from labctl.ioc.access import AuditRecord
+from labctl.ioc.arbiter import Arbiter, Lease, LeaseEvent, Waiter, lock_pv_names
+from labctl.ioc.errors import LabctlError, PermissionDenied
+from labctl.ioc.interlocks import InterlockManager
+from labctl.ioc.jobs import Job, JobError, JobManager
+from labctl.ioc.types import Identity
+from labctl.server.alarms import AlarmService
 
 if TYPE_CHECKING:
-    from server.app import Server
+    from labctl.server.app import Server
 
 log = logging.getLogger("labctl.control")
 
@@ -50,128 +50,6 @@ class ControlDenied(LabctlError):
 
 AUDITED_LEASE_EVENTS = {"granted": "lock.grant", "renewed": "lock.renew", "released": "lock.release",
                         "expired": "lock.expire", "broken": "lock.break", "queued": "lock.queue", "withdrawn": "lock.withdraw"}  # fmt: skip
-
-
-class AlarmService:
-    """Alarm states of a database's PVs, with acknowledge, shelving, summary PVs and notifications."""
-
-    def __init__(self, server: Server) -> None:
-        self.db = server.db
-        site = server.site
-        sources = {}
-        for info in self.db.infos():
-            if info.name in SUMMARY_PVS or info.resource == "arbiter":
-                continue
-            cfg = info.alarm
-            sources[info.name] = (bool(cfg and cfg.latch), cfg.guidance if cfg else "", info.unit)
-        self.table = AlarmTable(sources)
-        n = site.notifications
-        self.limiter = RateLimiter(n.burst, n.window_s, n.global_burst)
-        self.notifier = Notifier(n, site.site)
-        self._listeners: list[Callable[[AlarmEvent], None]] = []
-        self._sub = None
-        self._timer: asyncio.TimerHandle | None = None
-        self.store: Any = None
-
-    def on_event(self, fn: Callable[[AlarmEvent], None]) -> None:
-        """``fn(event)`` for every alarm transition (OPC UA events, the historian)."""
-        self._listeners.append(fn)
-
-    def start(self) -> None:
-        """Take every PV's current severity and follow its changes."""
-        if self.store is not None:
-            self.table.restore(self.store.load_alarms())
-        for name in list(self.table._alarms):  # noqa: SLF001 -- the table is ours
-            self._handle(self.table.update(name, self.db.read(name)))
-        self._publish_summary()
-        self._sub = self.db.subscribe(self._on_update, mask=EventMask.ALARM)
-        self._arm_shelving()
-
-    async def stop(self) -> None:
-        """Stop following; let notifications in flight go out."""
-        if self._sub is not None:
-            self.db.unsubscribe(self._sub)
-        if self._timer is not None:
-            self._timer.cancel()
-        await self.notifier.drain()
-
-    def _on_update(self, update: Update) -> None:
-        if update.name in self.table:
-            self._handle(self.table.update(update.name, update.reading))
-
-    def _handle(self, events: list[AlarmEvent]) -> None:
-        if not events:
-            return
-        now = self.db.clock()
-        for ev in events:
-            if ev.kind in ("raised", "changed", "returned", "cleared") and not ev.alarm.shelved(now):
-                ok, suppressed = self.limiter.allow(ev.alarm.source, now)
-                if ok:
-                    self.notifier.notify(ev, suppressed)
-            if self.store is not None:
-                self.store.save_alarm(ev)
-            for fn in self._listeners:
-                try:
-                    fn(ev)
-                except Exception:  # a listener's bug must not stop alarm handling
-                    log.exception("alarm listener failed")
-        self._publish_summary()
-
-    def _publish_summary(self) -> None:
-        summary = self.table.summary(self.db.clock())
-        for pv, key in SUMMARY_PVS.items():
-            if self.db.read(pv).value != summary[key] or not self.db.read(pv).valid:
-                self.db.post(pv, summary[key])
-
-    def _arm_shelving(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        until = [a.shelved_until for a in self.table.all() if a.shelved_until is not None]
-        if until:
-            delay = max(0.0, min(until) - self.db.clock())
-            self._timer = asyncio.get_running_loop().call_later(delay + 1e-3, self._expire_shelving)
-
-    def _expire_shelving(self) -> None:
-        self._timer = None
-        self._handle(self.table.expire_shelving(self.db.clock()))
-        self._arm_shelving()
-
-    # ---- commands -----------------------------------------------------------------------------------
-
-    def acknowledge(self, source: str, who: Identity, comment: str = "") -> Alarm:
-        """Acknowledge an alarm (needs a role that may); audited either way."""
-        now = self.db.clock()
-        if not self.db.policy.can(who, "acknowledge"):
-            self.db.audit(AuditRecord.of(now, "alarm.ack", who, source, accepted=False, reason="role may not acknowledge"))
-            raise AlarmError(f"user {who.user!r} may not acknowledge alarms (roles {sorted(who.roles)})")
-        events = self.table.acknowledge(source, who.user, now, comment)
-        self.db.audit(AuditRecord.of(now, "alarm.ack", who, source, new=self.table.get(source).latched.name, reason=comment))
-        self._handle(events)
-        return self.table.get(source)
-
-    def shelve(self, source: str, who: Identity, duration_s: float, reason: str) -> Alarm:
-        """Shelve an alarm (experts); audited either way."""
-        now = self.db.clock()
-        if not self.db.policy.can(who, "shelve"):
-            self.db.audit(AuditRecord.of(now, "alarm.shelve", who, source, accepted=False, reason="role may not shelve"))
-            raise AlarmError(f"user {who.user!r} may not shelve alarms (roles {sorted(who.roles)})")
-        events = self.table.shelve(source, who.user, now, duration_s, reason)
-        self.db.audit(AuditRecord.of(now, "alarm.shelve", who, source, new=duration_s, reason=reason))
-        self._handle(events)
-        self._arm_shelving()
-        return self.table.get(source)
-
-    def unshelve(self, source: str, who: Identity) -> Alarm:
-        """End shelving early (experts)."""
-        if not self.db.policy.can(who, "shelve"):
-            raise AlarmError(f"user {who.user!r} may not unshelve alarms")
-        now = self.db.clock()
-        events = self.table.unshelve(source, who.user, now)
-        self.db.audit(AuditRecord.of(now, "alarm.unshelve", who, source))
-        self._handle(events)
-        self._arm_shelving()
-        return self.table.get(source)
 
 
 class ControlService:
@@ -368,4 +246,3 @@ class ControlService:
             if r.time >= since and (user is None or r.user == user) and (target is None or r.target == target)
         ]
         return out[-limit:] if limit > 0 else out
-

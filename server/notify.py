@@ -2,8 +2,11 @@
 
 Sending is blocking network I/O, so each sink sends in a worker thread; a sink that
 fails logs one line and the alarm machinery goes on. Rate limiting happens before the
-sinks (:class:`ioc.alarms.RateLimiter`), so a flapping PV cannot flood a mailbox; the
+sinks (:class:`labctl.ioc.alarms.RateLimiter`), so a flapping PV cannot flood a mailbox; the
 next message that goes out says how many were held back.
+
+The site file's ``notifications`` section (:class:`NotificationsConfig`, with
+:class:`WebhookConfig` and :class:`EmailConfig`) is defined here: only the server reads it.
 """
 
 from __future__ import annotations
@@ -15,13 +18,49 @@ import os
 import smtplib
 import urllib.request
 from email.message import EmailMessage
-from typing import Any
+from typing import Any, Literal
 
-from ioc.alarms import AlarmEvent
-from ioc.config import EmailConfig, NotificationsConfig, WebhookConfig
-from ioc.types import Severity
+from labctl.ioc.alarms import AlarmEvent
+from labctl.ioc.config.base import Model, PositiveSeconds
+from labctl.ioc.types import Severity
+from pydantic import Field
 
 log = logging.getLogger("labctl.alarms")
+
+
+class WebhookConfig(Model):
+    """POST each alarm notification as JSON to a URL."""
+
+    url: str = Field(pattern=r"^https?://")
+    min_severity: Literal["MINOR", "MAJOR", "INVALID"] = "MAJOR"
+    timeout_s: PositiveSeconds = 5.0
+
+
+class EmailConfig(Model):
+    """Send each alarm notification by e-mail (SMTP)."""
+
+    smtp_host: str
+    smtp_port: int = Field(25, gt=0, le=65535)
+    sender: str
+    to: tuple[str, ...] = Field(min_length=1)
+    starttls: bool = False
+    username: str | None = None
+    password_env: str | None = None
+    """Name of the environment variable holding the SMTP password (never the password itself)."""
+    min_severity: Literal["MINOR", "MAJOR", "INVALID"] = "MAJOR"
+
+
+class NotificationsConfig(Model):
+    """Where alarm notifications go (the log always), and how often at most."""
+
+    burst: int = Field(5, gt=0)
+    """At most this many notifications per alarm source..."""
+    window_s: PositiveSeconds = 60.0
+    """...within this window."""
+    global_burst: int = Field(50, gt=0)
+    """At most this many notifications in all per window."""
+    webhooks: tuple[WebhookConfig, ...] = ()
+    email: EmailConfig | None = None
 
 
 def payload(event: AlarmEvent, site: str, suppressed: int) -> dict[str, Any]:

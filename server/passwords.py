@@ -1,7 +1,7 @@
 """Password hashes for the site file, and the ``labctl passwd`` command.
 
 Theory of operation. A site file never holds a password, only a salted scrypt hash in
-the form the schema validates (:data:`ioc.config.PASSWORD_HASH`)::
+the form the schema validates (:data:`labctl.ioc.config.access.PASSWORD_HASH`)::
 
     scrypt$N$r$p$<salt: 16 bytes as 32 hex digits>$<key: 32 bytes as 64 hex digits>
 

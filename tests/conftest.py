@@ -20,7 +20,7 @@ os.environ.update(
 
 import pytest  # noqa: E402
 
-pytest_plugins = ["tests.pgcluster"]
+pytest_plugins = ["tests.pg.fixtures"]
 
 
 @pytest.fixture(autouse=True)

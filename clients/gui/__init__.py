@@ -2,13 +2,13 @@
 
 Strip charts that open with recent history and go on live, an alarm banner with
 acknowledge, big value panels with alarm colours, lock, job-queue and interlock tables,
-arranged by a YAML layout (:mod:`clients.gui.layout`) or by a default built from the
+arranged by a YAML layout (:mod:`labctl.clients.gui.layout`) or by a default built from the
 site; large-font mode for wall screens; reconnects by itself after a server restart.
 
-Modules: :mod:`~clients.gui.layout` (the layout schema, pure), :mod:`~clients.gui.buffers`
-(ring buffers, pure), :mod:`~clients.gui.link` (the network side: a worker thread with
-its own asyncio loop), :mod:`~clients.gui.window` and :mod:`~clients.gui.widgets` (the
-Qt side), :mod:`~clients.gui.app` (start-up).
+Modules: :mod:`~labctl.clients.gui.layout` (the layout schema, pure), :mod:`~labctl.clients.gui.buffers`
+(ring buffers, pure), :mod:`~labctl.clients.gui.link` (the network side: a worker thread with
+its own asyncio loop), :mod:`~labctl.clients.gui.window` and :mod:`~labctl.clients.gui.widgets` (the
+Qt side), :mod:`~labctl.clients.gui.app` (start-up).
 
 This module imports no Qt, so registering the command costs ``labctl serve`` nothing;
 Qt is loaded when ``labctl gui`` runs.
@@ -67,14 +67,21 @@ def password_for(user: str | None) -> str | None:
 
 def cmd_gui(args: argparse.Namespace) -> int:
     """Run the display until its window closes."""
-    from clients.gui.layout import load_layout
+    from labctl.extras import MissingExtra, require
+
+    try:
+        require("gui")
+    except MissingExtra as e:
+        print(f"labctl gui: {e}", file=sys.stderr)
+        return 1
+    from labctl.clients.gui.layout import load_layout
 
     layout = load_layout(args.layout) if args.layout is not None else None  # a bad file stops here, before any window
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("asyncua").setLevel(logging.CRITICAL)  # lost connections are shown in the window, not as tracebacks
     if args.screenshot is not None:
         os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    from clients.gui.app import QtBindingError, run
+    from labctl.clients.gui.app import QtBindingError, run
 
     try:
         return run(

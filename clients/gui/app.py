@@ -14,19 +14,18 @@ import time
 from pathlib import Path
 
 import pyqtgraph as pg
+from labctl.clients.gui.layout import Layout
+from labctl.clients.gui.link import Link
+from labctl.clients.gui.qtcompat import check_bindings
+from labctl.clients.gui.window import MainWindow
 from PySide6 import QtCore, QtWidgets
-
-from clients.gui.layout import Layout
-from clients.gui.link import Link
-from clients.gui.qtcompat import check_bindings
-from clients.gui.window import MainWindow
 
 #: With a screenshot requested: give up waiting for data after this long, and save what is there.
 SCREENSHOT_TIMEOUT_S = 120.0
 
 
 class QtBindingError(RuntimeError):
-    """The installed Qt bindings cannot run the display (see :mod:`clients.gui.qtcompat`)."""
+    """The installed Qt bindings cannot run the display (see :mod:`labctl.clients.gui.qtcompat`)."""
 
 
 def application() -> QtWidgets.QApplication:

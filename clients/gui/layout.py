@@ -4,7 +4,7 @@ Theory of operation. A layout file is validated the way a site file is: the YAML
 composed (so every key keeps its line and column), loaded with the safe loader, and
 validated into frozen pydantic models that forbid unknown keys. Each problem becomes one
 line ``wall.yaml:12:9 panels[2].pvs[1].color: ...`` and all of them are raised together
-in one :class:`~ioc.errors.ConfigError`, which ``labctl`` prints before any window opens.
+in one :class:`~labctl.ioc.errors.ConfigError`, which ``labctl`` prints before any window opens.
 
 A layout is a grid of ``columns`` columns. Each panel takes ``colspan`` x ``rowspan``
 cells, at ``row``/``col`` when both are given, otherwise at the first free place in
@@ -44,12 +44,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
+from labctl.clients.values import Metadata
+from labctl.ioc.errors import ConfigError
+from labctl.ioc.types import PVType, Reading
+from labctl.ioc.yamlpos import at_key, key_positions
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from clients.session import Metadata
-from ioc.errors import ConfigError
-from ioc.types import PVType, Reading
-from ioc.yamlpos import at_key, key_positions
 
 PV_NAME = re.compile(r"^[A-Za-z0-9_\-\[\]<>;]+(:[A-Za-z0-9_\-\[\]<>;]+)*$")
 COLOR = re.compile(r"^(#[0-9a-fA-F]{6}|#[0-9a-fA-F]{3}|[a-z]+)$")

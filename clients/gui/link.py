@@ -5,14 +5,14 @@ only be touched from the Qt thread, so the two sides share nothing but an :class
 and a few thread-safe requests:
 
 * :class:`Link` owns one daemon thread running an asyncio loop. On it, a session from
-  :func:`clients.session.connect` lists the server's PVs, reads their current values,
-  subscribes (one :class:`~clients.session.Monitor` for what the display shows plus the
+  :func:`labctl.clients.session.connect` lists the server's PVs, reads their current values,
+  subscribes (one :class:`~labctl.clients.monitor.Monitor` for what the display shows plus the
   server's own alarm-summary, lock and interlock PVs) and polls the alarm list, locks and
   jobs where the session offers them. Everything it learns goes into the inbox.
 * :class:`Inbox` is two bounded deques: samples (the oldest are dropped when full, and
   counted: a display that falls behind shows the newest data, never stalls the network)
   and events (connection state, history answers, tables, command results).
-* The Qt side drains the inbox from a timer (see :mod:`clients.gui.window`) and calls
+* The Qt side drains the inbox from a timer (see :mod:`labctl.clients.gui.window`) and calls
   :meth:`Link.watch`, :meth:`Link.request_history`, :meth:`Link.acknowledge` and
   :meth:`Link.poll_now`, which only hand work to the loop with ``call_soon_threadsafe``.
 
@@ -40,10 +40,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from clients import session as _session
-from clients.session import ClientError, ConnectError, Metadata, Sample, Session
-from ioc.types import Reading
+from labctl.clients import session as _session
+from labctl.clients.errors import ClientError, ConnectError, ConnectionLost, RequestTimeout
+from labctl.clients.session import Session
+from labctl.clients.values import Metadata, Sample
+from labctl.ioc.types import Reading
 
 log = logging.getLogger("labctl.gui")
 
@@ -424,7 +425,7 @@ class Link:
     async def _acknowledge(self, session: Session, what: str, source: str, comment: str) -> None:
         try:
             await session.acknowledge(source, comment)  # type: ignore[attr-defined]
-        except (ConnectError, _session.ConnectionLost, _session.RequestTimeout):
+        except (ConnectError, ConnectionLost, RequestTimeout):
             self.inbox.put_event(CommandDone(what, "not done: the connection was lost"))
             raise
         except ClientError as e:  # refused: the server's reason
@@ -441,7 +442,7 @@ class Link:
         async with self._history_slots:
             try:
                 h = await session.history(name, since, until, every)  # type: ignore[attr-defined]
-            except (_session.ConnectionLost, _session.RequestTimeout):
+            except (ConnectionLost, RequestTimeout):
                 raise
             except ClientError as e:
                 self.inbox.put_event(HistoryResult(rid, name, since, until, error=str(e)))

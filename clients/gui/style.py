@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ioc.types import Severity
+from labctl.ioc.types import Severity
 
 BACKGROUND = "#101418"
 PANEL = "#1a1f24"

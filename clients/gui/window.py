@@ -12,10 +12,10 @@ fires every ``tick_ms`` (50 ms: 20 Hz) and:
    (``setData`` on the curves that got points, the sliding time window).
 
 Nothing on this thread waits for the network: commands go to the link's loop
-(:class:`~clients.gui.link.Link`), answers come back through the inbox.
+(:class:`~labctl.clients.gui.link.Link`), answers come back through the inbox.
 
 Without a layout file the window waits for the first connection and builds
-:func:`~clients.gui.layout.default_layout` from the server's PVs. After a reconnect the
+:func:`~labctl.clients.gui.layout.default_layout` from the server's PVs. After a reconnect the
 same panels carry on: charts show a gap for the outage (and fill it from history when the
 session offers history), tiles go grey while disconnected.
 """
@@ -27,9 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from PySide6 import QtCore, QtGui, QtWidgets
-
-from clients.gui.layout import (
+from labctl.clients.gui.layout import (
     ChartPanel,
     InterlocksPanel,
     JobsPanel,
@@ -39,14 +37,15 @@ from clients.gui.layout import (
     default_layout,
     is_system,
 )
-from clients.gui.link import CommandDone, Connected, Disconnected, HistoryResult, Link, Missing, Table
-from clients.gui.style import DIM, Theme
-from clients.gui.widgets.banner import AlarmBanner, AlarmRow, rows_from_alarms, rows_from_readings
-from clients.gui.widgets.chart import StripChart
-from clients.gui.widgets.tables import InterlocksTable, JobsTable, LocksTable
-from clients.gui.widgets.values import ValuesPanelWidget
-from clients.session import Metadata
-from ioc.types import Reading, Severity
+from labctl.clients.gui.link import CommandDone, Connected, Disconnected, HistoryResult, Link, Missing, Table
+from labctl.clients.gui.style import DIM, Theme
+from labctl.clients.gui.widgets.banner import AlarmBanner, AlarmRow, rows_from_alarms, rows_from_readings
+from labctl.clients.gui.widgets.chart import StripChart
+from labctl.clients.gui.widgets.tables import InterlocksTable, JobsTable, LocksTable
+from labctl.clients.gui.widgets.values import ValuesPanelWidget
+from labctl.clients.values import Metadata
+from labctl.ioc.types import Reading, Severity
+from PySide6 import QtCore, QtGui, QtWidgets
 
 SUMMARY_SEVERITIES = (Severity.MINOR, Severity.MAJOR, Severity.INVALID)
 #: Grid row stretch by panel type: charts take the height, tables and numbers what they need.

@@ -56,9 +56,16 @@ def cmd_tui(args: argparse.Namespace) -> int:
     """Run the terminal UI until the user quits."""
     import logging
 
-    from textual.logging import TextualHandler
+    from labctl.extras import MissingExtra, require
 
-    from clients.tui.app import LabctlApp
+    try:
+        require("tui")
+    except MissingExtra as e:
+        print(f"labctl tui: {e}", file=sys.stderr)
+        return 1
+
+    from labctl.clients.tui.app import LabctlApp
+    from textual.logging import TextualHandler
 
     # Log records would draw over the screen: they go to Textual's log (``textual console``) instead;
     # what the operator needs (connection state, refusals) the UI shows itself.

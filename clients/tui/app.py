@@ -3,9 +3,9 @@
 Theory of operation. :class:`LabctlApp` has one mode per task (``MODES``): the PV
 browser (1), alarms (2), locks (3) and jobs (4); ``?`` lists the keys. The app owns the
 state and pushes it down into the screen in front (attributes down); screens say what
-they need with messages (messages up, see :mod:`clients.tui.screens.base`):
+they need with messages (messages up, see :mod:`labctl.clients.tui.screens.base`):
 
-* the connection is a :class:`~clients.tui.link.Link` run in an exclusive worker: it
+* the connection is a :class:`~labctl.clients.tui.link.Link` run in an exclusive worker: it
   connects, keeps one subscription for the PVs the screen in front shows (plus the alarm
   summary for the status line), and reconnects with backoff, restoring the subscription;
 * readings collect in the link and are applied once per display tick (:data:`TICK_S`),
@@ -28,16 +28,16 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
+from labctl.clients.errors import ClientError
+from labctl.clients.tui.link import Link, LinkState, LinkStatus
+from labctl.clients.tui.model import ALARM_SUMMARY, AlarmSummary
+from labctl.clients.tui.screens import AlarmsScreen, BrowserScreen, HelpScreen, JobsScreen, LiveScreen, LocksScreen
+from labctl.clients.tui.screens.base import api
+from labctl.clients.values import Metadata
+from labctl.ioc.types import Reading
 from textual import on, work
 from textual.app import App
 from textual.binding import Binding
-
-from clients.session import ClientError, Metadata
-from clients.tui.link import Link, LinkState, LinkStatus
-from clients.tui.model import ALARM_SUMMARY, AlarmSummary
-from clients.tui.screens import AlarmsScreen, BrowserScreen, HelpScreen, JobsScreen, LiveScreen, LocksScreen
-from clients.tui.screens.base import api
-from ioc.types import Reading
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """The terminal UI's connection: one session, one subscription, reconnected by itself.
 
-Theory of operation. :class:`Link` owns the :class:`~clients.session.Session` of the app.
+Theory of operation. :class:`Link` owns the :class:`~labctl.clients.session.Session` of the app.
 :meth:`Link.run` (the app runs it in a worker) connects, then keeps exactly one
-:class:`~clients.session.Monitor` open for the set of PVs the screens want to see
+:class:`~labctl.clients.monitor.Monitor` open for the set of PVs the screens want to see
 (:meth:`Link.watch` replaces the set; the monitor is replaced once per change, so there
 is one subscription per visible set). Samples are not handed on one by one: the newest
 reading of each PV waits in :attr:`Link.pending` until the app takes the whole batch on
@@ -11,7 +11,7 @@ repaint, and a PV that changes faster than the screen keeps only its latest valu
 
 When the monitor reports the connection lost (the server stopped, the network broke,
 a request timed out) the link closes the session, says so through ``on_status``, and
-reconnects with a doubling delay (:class:`~clients.tui.model.Backoff`); once connected
+reconnects with a doubling delay (:class:`~labctl.clients.tui.model.Backoff`); once connected
 again it opens the monitor for the same set, whose first samples are the current values,
 so every view is restored without the user doing anything. A login the server refuses
 is not retried: another attempt with the same password cannot succeed and would count
@@ -31,18 +31,11 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 
-from clients.session import (
-    ClientError,
-    ConnectError,
-    ConnectionLost,
-    NoSuchPV,
-    RequestTimeout,
-    Sample,
-    Session,
-    connect,
-)
-from clients.tui.model import Backoff
-from ioc.types import Reading
+from labctl.clients.errors import ClientError, ConnectError, ConnectionLost, NoSuchPV, RequestTimeout
+from labctl.clients.session import Session, connect
+from labctl.clients.tui.model import Backoff
+from labctl.clients.values import Sample
+from labctl.ioc.types import Reading
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +75,7 @@ Connector = Callable[[], Awaitable[Session]]
 def is_login_refusal(error: ConnectError) -> bool:
     """True when the server refused the user or password (not worth retrying).
 
-    :func:`clients.session.connect` raises ConnectError for every failure; the wording of
+    :func:`labctl.clients.session.connect` raises ConnectError for every failure; the wording of
     its login refusals is the only difference it exposes.
     """
     text = str(error)

@@ -1,8 +1,8 @@
 """What the terminal UI shows, decided without a terminal: formats, filters, checks.
 
-Theory of operation. The screens and widgets of :mod:`clients.tui` only lay out and
+Theory of operation. The screens and widgets of :mod:`labctl.clients.tui` only lay out and
 colour what this module computes from the session library's value types
-(:class:`~clients.session.Metadata`, :class:`~ioc.types.Reading`) and from the lock
+(:class:`~labctl.clients.values.Metadata`, :class:`~labctl.ioc.types.Reading`) and from the lock
 and alarm PVs every labctl server keeps. Everything here is pure (time is passed in),
 so it is tested without an app:
 
@@ -27,9 +27,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from clients.cli import UsageError, parse_value
-from clients.session import Metadata, format_value
-from ioc.types import PVType, Reading, Severity, Status
+from labctl.clients.cli.arguments import UsageError, parse_value
+from labctl.clients.values import Metadata, format_value
+from labctl.ioc.types import PVType, Reading, Severity, Status
 
 #: Alarm summary PVs every labctl server keeps (the status line shows them).
 ALARM_SUMMARY = (

@@ -21,14 +21,14 @@ names do). Every matching rule adds its roles. A client that reported no user (o
 host) name matches no rule. With ``check_client_ip`` the host entries are matched
 against the client's IP address as the server sees it, which a client cannot forge on a
 TCP connection, instead of the name it reports (EPICS ``asCheckClientIP``); the server's
-circuit then hands the address over as the client's host (see :mod:`server.ca.context`).
+circuit then hands the address over as the client's host (see :mod:`labctl.server.ca.context`).
 
-The roles then go through the same :class:`~ioc.access.RolePolicy` and lock checks as
+The roles then go through the same :class:`~labctl.ioc.access.RolePolicy` and lock checks as
 every other protocol: the access rights of a channel are READ|WRITE exactly when
-:meth:`~ioc.database.Database.may_write` says this identity may write that PV now, and
+:meth:`~labctl.ioc.database.Database.may_write` says this identity may write that PV now, and
 READ otherwise. The rights depend on the PV, the client and the moment (lock holders
 change), so :func:`access_rights` is evaluated per channel and may be re-evaluated later
-for channels already open (see :meth:`server.ca.context.LabctlContext.refresh_access_rights`).
+for channels already open (see :meth:`labctl.server.ca.context.LabctlContext.refresh_access_rights`).
 """
 
 from __future__ import annotations
@@ -39,10 +39,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from caproto import AccessRights
-
-from ioc.config import CAAccessConfig
-from ioc.database import Database
-from ioc.types import Identity
+from labctl.ioc.database import Database
+from labctl.ioc.types import Identity
+from labctl.server.ca.config import CAAccessConfig
 
 #: The ``protocol`` of every identity this adapter builds.
 PROTOCOL = "ca"

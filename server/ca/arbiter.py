@@ -2,7 +2,7 @@
 
 Theory of operation. The arbiter's *state* is public on every protocol through database
 PVs that the control layer keeps (``ARB:<RES>:OWNER``, ``:EXPIRES``, ``:QUEUE``; see
-:func:`ioc.arbiter.lock_pv_names`). Its *commands* are protocol-specific: OPC UA has
+:func:`labctl.ioc.arbiter.lock_pv_names`). Its *commands* are protocol-specific: OPC UA has
 methods, and Channel Access, which has none, gets two writable channels per lockable
 resource, built here and served by the CA adapter only (they are not database PVs):
 
@@ -20,7 +20,7 @@ resource, built here and served by the CA adapter only (they are not database PV
     request. A put when the client holds and waits for nothing fails (ECA_PUTFAIL), so a
     script learns that its lease had already lapsed.
 
-A request acts for the CA client's :class:`~ioc.types.Identity` (reported user, host or
+A request acts for the CA client's :class:`~labctl.ioc.types.Identity` (reported user, host or
 address, roles from the access rules) through ``server.control``. The lease's
 ``client`` is ``ca:<user>@<host>`` (:func:`client_id`), so a release acts on that
 client's own lease or request, and a renewal is recognised as the same client's. Both
@@ -38,7 +38,7 @@ whose rights changed (CA_PROTO_ACCESS_RIGHTS: libca updates its channel and call
 access-rights handler; pyepics shows it as ``PV.write_access``). The control layer calls
 its listeners inline and they must not wait, so the refresh is queued on each client
 connection, whose own task sends it (see
-:meth:`~server.ca.context.LabctlContext.schedule_access_rights`: a client that stops
+:meth:`~labctl.server.ca.context.LabctlContext.schedule_access_rights`: a client that stops
 reading delays no one else). A put to REQUEST or RELEASE waits for its own client's
 refresh before it completes, so a client that waited for its put-callback already has
 its new rights.
@@ -53,15 +53,14 @@ from typing import Any, Literal, NoReturn, Protocol
 
 from caproto import AccessRights, ChannelString, ChannelType
 from caproto._dbr import native_type
-
-from ioc.access import AuditRecord
-from ioc.arbiter import Arbiter, Lease, LeaseEvent, LockError, Waiter, lock_pv_names
-from ioc.database import Database
-from ioc.errors import WrongType
-from ioc.types import Identity
-from server.ca.access import AccessRules, Client
-from server.ca.channels import _VALUE_TYPES, ENCODING, MAX_STRING_BYTES, clip_utf8
-from server.ca.context import LabctlContext
+from labctl.ioc.access import AuditRecord
+from labctl.ioc.arbiter import Arbiter, Lease, LeaseEvent, LockError, Waiter, lock_pv_names
+from labctl.ioc.database import Database
+from labctl.ioc.errors import WrongType
+from labctl.ioc.types import Identity
+from labctl.server.ca.access import AccessRules, Client
+from labctl.server.ca.context import LabctlContext
+from labctl.server.ca.wire import ENCODING, MAX_STRING_BYTES, VALUE_TYPES, clip_utf8
 
 #: What a write to ``ARB:<RES>:REQUEST`` holds.
 REQUEST_FORMAT = "duration[,priority]"
@@ -266,7 +265,7 @@ class ArbiterChannels:
         """Carry out a put to a command channel for ``client``; return the command as read back."""
         who = self.rules.identity(client)
         action = "lock.grant" if channel.action == "request" else "lock.release"
-        if native_type(data_type) not in _VALUE_TYPES:  # alarm acknowledgements (PUT_ACKS/ACKT)
+        if native_type(data_type) not in VALUE_TYPES:  # alarm acknowledgements (PUT_ACKS/ACKT)
             self._refuse(
                 action, who, channel, None, WrongType(channel.pvname, f"cannot write a {data_type.name} value")
             )

@@ -1,4 +1,4 @@
-"""One caproto channel per PV, built from its :class:`~ioc.pv.PVInfo` (no ``pvproperty``).
+"""One caproto channel per PV, built from its :class:`~labctl.ioc.pv.PVInfo` (no ``pvproperty``).
 
 Theory of operation. Each PV becomes one caproto ``ChannelData`` of its native DBR type:
 
@@ -13,18 +13,15 @@ string        DBR_STRING (:class:`StringChannel`)   stringin / stringout
 float64[]     DBR_DOUBLE, ``max_length`` elements   waveform
 ============  ====================================  ==================================
 
-DBR_CTRL metadata comes from the PV: units and precision; display limits are the display
-range; control limits the drive limits (else the display range, see
-:attr:`~ioc.pv.PVInfo.control_limits`); alarm limits are the PV's HIHI/HIGH/LOW/LOLO
-(NaN when unset, as an EPICS ai record reports a limit whose severity is NO_ALARM).
-Severity and status numbers are EPICS's own, so a reading's are passed through, and its
-timestamp becomes the DBR_TIME stamp.
+DBR_CTRL metadata (units, precision, limits, enum states) and the record type come from
+the PV (:mod:`labctl.server.ca.metadata`). Severity and status numbers are EPICS's own,
+so a reading's are passed through, and its timestamp becomes the DBR_TIME stamp.
 
 Updates. The service hands every database update to :meth:`ServedChannel.apply_now`,
 which stores value, time stamp and alarm in the channel (what a read returns) and sends
 the update to the channel's monitors. Monitors of the common kind -- a scalar numeric or
 enum PV in its own type, no channel filter -- are served directly: the update is encoded
-once per data type and queued on each client's connection (:mod:`server.ca.events`).
+once per data type and queued on each client's connection (:mod:`labctl.server.ca.monitors`).
 The rest (arrays, strings, converted types, channel filters) and record fields that
 follow the PV take caproto's path, :meth:`ServedChannel.publish_slow`, which the service
 awaits from its update queue. Both follow the EPICS rule that a subscription receives
@@ -36,17 +33,17 @@ whatever its mask, which :meth:`MaskedChannel.publish` corrects.
 
 Writes. A client's put arrives at :meth:`ServedChannel.auth_write` (caproto's hook, with
 the client's reported names and address). The wire data is decoded to plain Python
-(numbers, strings, lists; strings sent to numeric PVs are parsed as EPICS does) and
-handed to the service's write path, which awaits the core ``Database.write``: a
-put-callback completes only after the driver write (and read-back) finished, and any
-refusal propagates as the core's :class:`~ioc.errors.WriteRefused`, already audited.
-Nothing is checked here that the core checks (type, limits, roles, locks), so every
-attempt reaches the audit trail.
+(numbers, strings, lists; strings sent to numeric PVs are parsed as EPICS does; see
+:mod:`labctl.server.ca.wire`) and handed to the service's write path, which awaits the
+core ``Database.write``: a put-callback completes only after the driver write (and
+read-back) finished, and any refusal propagates as the core's
+:class:`~labctl.ioc.errors.WriteRefused`, already audited. Nothing is checked here that
+the core checks (type, limits, roles, locks), so every attempt reaches the audit trail.
 
 Access rights come from :meth:`ServedChannel.check_access`, which asks the service (see
-:mod:`server.ca.access`); reads are never refused. Record fields (``PV.EGU``...) are
+:mod:`labctl.server.ca.access`); reads are never refused. Record fields (``PV.EGU``...) are
 separate small read-only channels made on first use by :meth:`ServedChannel.get_field`
-(see :mod:`server.ca.fields`), so a large site does not pay for fields nobody asks for.
+(see :mod:`labctl.server.ca.fields`), so a large site does not pay for fields nobody asks for.
 """
 
 from __future__ import annotations
@@ -70,33 +67,23 @@ from caproto import (
     SubscriptionType,
 )
 from caproto._data import SubscriptionUpdate
-from caproto._dbr import (
-    DBR_TYPES,
-    DbrStringArray,
-    TimeStamp,
-    _channel_type_by_name,
-    _LongStringChannelType,
-    native_type,
+from caproto._dbr import DBR_TYPES, TimeStamp, _channel_type_by_name, native_type
+from labctl.ioc.errors import WrongType
+from labctl.ioc.pv import PVInfo
+from labctl.ioc.types import EventMask, PVType, Reading, Severity, Status
+from labctl.server.ca.access import Client
+from labctl.server.ca.metadata import MAX_ENUM_STATES, numeric_metadata, record_type, states_of
+from labctl.server.ca.monitors import EventEncoder, epics_stamp, fast_type
+from labctl.server.ca.wire import (
+    ENCODING,
+    VALUE_TYPES,
+    clip_strings,
+    format_number,
+    parse_number,
+    plain_value,
+    wire_values,
 )
 
-from ioc.errors import WrongType
-from ioc.pv import PVInfo
-from ioc.types import EventMask, PVType, Reading, Severity, Status
-from server.ca.access import Client
-from server.ca.events import EventEncoder, epics_stamp, fast_type
-
-#: Text encoding of strings on the wire (units, enum states, string PVs). EPICS defines
-#: none; UTF-8 is what current EPICS tools assume, and ASCII is the same in both.
-ENCODING = "utf-8"
-#: DBR_STRING holds 40 bytes including the terminating NUL.
-MAX_STRING_BYTES = 39
-#: DBR_CTRL units hold 8 bytes including the NUL.
-MAX_UNITS_BYTES = 7
-#: A DBR_CTRL_ENUM carries at most 16 state strings of 25 bytes each.
-MAX_ENUM_STATES = 16
-MAX_ENUM_STRING_BYTES = 25
-#: State strings of a bool PV.
-BOOL_STATES = ("false", "true")
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 #: Event bits of a database update -> caproto subscription flags (one table, by name).
@@ -133,64 +120,11 @@ class Binding(Protocol):
         ...
 
 
-def clip_utf8(text: str, limit: int) -> str:
-    """``text`` cut to at most ``limit`` UTF-8 bytes without splitting a character."""
-    data = text.encode(ENCODING)
-    if len(data) <= limit:
-        return text
-    return data[:limit].decode(ENCODING, errors="ignore")
-
-
 def _int32(value: float) -> int:
     """A limit as a DBR_LONG limit (NaN, meaning unset, becomes 0)."""
     if math.isnan(value):
         return 0
     return max(INT32_MIN, min(INT32_MAX, round(value)))
-
-
-def record_type(info: PVInfo) -> str:
-    """The EPICS record type a PV most resembles (``RTYP``, DBR_CLASS_NAME)."""
-    if info.type is PVType.FLOAT64_ARRAY:
-        return "waveform"
-    if info.expr is not None:
-        return "calc"
-    out = info.writable
-    return {
-        PVType.FLOAT64: ("ai", "ao"),
-        PVType.INT: ("longin", "longout"),
-        PVType.BOOL: ("bi", "bo"),
-        PVType.ENUM: ("mbbi", "mbbo"),
-        PVType.STRING: ("stringin", "stringout"),
-    }[info.type][out]
-
-
-def states_of(info: PVInfo) -> tuple[str, ...]:
-    """Enum state strings of an enum or bool PV, as served."""
-    states = BOOL_STATES if info.type is PVType.BOOL else info.states
-    return tuple(clip_utf8(s, MAX_ENUM_STRING_BYTES) for s in states)
-
-
-def numeric_metadata(info: PVInfo, convert: Any = float) -> dict[str, Any]:
-    """DBR_GR/CTRL fields of a numeric PV: units, display, control and alarm limits."""
-    nan = float("nan")
-    alarm = info.alarm
-    display = info.display or (0.0, 0.0)
-    control = info.control_limits or (0.0, 0.0)
-    md = {
-        "units": clip_utf8(info.unit, MAX_UNITS_BYTES),
-        "lower_disp_limit": display[0],
-        "upper_disp_limit": display[1],
-        "lower_ctrl_limit": control[0],
-        "upper_ctrl_limit": control[1],
-        "lower_alarm_limit": alarm.lolo if alarm and alarm.lolo is not None else nan,
-        "lower_warning_limit": alarm.low if alarm and alarm.low is not None else nan,
-        "upper_warning_limit": alarm.high if alarm and alarm.high is not None else nan,
-        "upper_alarm_limit": alarm.hihi if alarm and alarm.hihi is not None else nan,
-    }
-    for key, value in md.items():
-        if key != "units":
-            md[key] = convert(value)
-    return md
 
 
 class MaskedChannel(ChannelData):
@@ -302,7 +236,7 @@ class ServedChannel(MaskedChannel):
     # ---- subscriptions ------------------------------------------------------------------
 
     async def subscribe(self, queue: Any, sub_spec: Any, sub: Any) -> None:
-        """A new monitor: direct (see :mod:`server.ca.events`) when it can be, else caproto's."""
+        """A new monitor: direct (see :mod:`labctl.server.ca.monitors`) when it can be, else caproto's."""
         encoder = self._direct.get(sub_spec)
         if encoder is None and self._can_go_direct(sub_spec, sub):
             data_type = ChannelType(sub.data_type)
@@ -351,10 +285,10 @@ class ServedChannel(MaskedChannel):
             self.binding.refuse(
                 self.info.name,
                 client,
-                _plain(data),
+                plain_value(data),
                 WrongType(self.info.name, "alarm acknowledgement over Channel Access is not supported"),
             )
-        if native_type(data_type) not in _VALUE_TYPES:
+        if native_type(data_type) not in VALUE_TYPES:
             self.binding.refuse(
                 self.info.name, client, None, WrongType(self.info.name, f"cannot write a {data_type.name} value")
             )
@@ -368,7 +302,7 @@ class ServedChannel(MaskedChannel):
         """Wire data -> the plain Python value handed to the core (which checks it)."""
         native = native_type(data_type)
         as_text = native == ChannelType.STRING or (native == ChannelType.CHAR and self.info.type is PVType.STRING)
-        values = _wire_values(data, native, as_text)
+        values = wire_values(data, native, as_text)
         if as_text:
             values = [self._from_text(v) if isinstance(v, str) else v for v in values]
         if self.info.type is PVType.FLOAT64_ARRAY:
@@ -377,7 +311,7 @@ class ServedChannel(MaskedChannel):
 
     def _from_text(self, text: str) -> Any:
         """A string written to a non-string PV: parsed as a number (EPICS does the same)."""
-        return _parse_number(text, integer=self.info.type is PVType.INT)
+        return parse_number(text, integer=self.info.type is PVType.INT)
 
     # ---- record fields ------------------------------------------------------------------
 
@@ -389,7 +323,7 @@ class ServedChannel(MaskedChannel):
             return self._fields[field]
         except KeyError:
             pass
-        from server.ca.fields import make_field  # here: fields builds on this module
+        from labctl.server.ca.fields import make_field  # here: fields builds on this module
 
         channel = make_field(self, field)  # raises KeyError for a field this PV lacks
         self._fields[field] = channel
@@ -463,7 +397,7 @@ class EnumChannel(ServedChannel, MenuEnum):
             return states.index(text)
         if text in states:
             return text
-        return _parse_number(text, integer=True)
+        return parse_number(text, integer=True)
 
 
 class StringChannel(ServedChannel, ChannelString):
@@ -477,80 +411,10 @@ class StringChannel(ServedChannel, ChannelString):
         value = super().decode(data, data_type)
         if isinstance(value, list):
             return value
-        return value if isinstance(value, (str, bytes)) else _format_number(value)
+        return value if isinstance(value, (str, bytes)) else format_number(value)
 
     async def _read(self, data_type: ChannelType) -> Any:
         return clip_strings(data_type, *await super()._read(data_type))
-
-
-def clip_strings(data_type: ChannelType, metadata: Any, values: Any) -> tuple[Any, Any]:
-    """DBR_STRING values cut to 39 bytes: room for the NUL, no UTF-8 character cut in two."""
-    if data_type not in _LongStringChannelType and native_type(data_type) == ChannelType.STRING:
-        values = DbrStringArray(_clip_bytes(v, MAX_STRING_BYTES) for v in values)
-    return metadata, values
-
-
-_VALUE_TYPES = {
-    ChannelType.STRING,
-    ChannelType.INT,
-    ChannelType.FLOAT,
-    ChannelType.ENUM,
-    ChannelType.CHAR,
-    ChannelType.LONG,
-    ChannelType.DOUBLE,
-}
-
-
-def _clip_bytes(data: bytes, limit: int) -> bytes:
-    if len(data) <= limit:
-        return data
-    return data[:limit].decode(ENCODING, errors="ignore").encode(ENCODING)
-
-
-def _wire_values(data: Any, native: ChannelType, as_text: bool) -> list[Any]:
-    """Decoded wire data as a list of Python numbers or strings (DBR_CHAR as text if ``as_text``)."""
-    if native == ChannelType.STRING:
-        return [_text(v) for v in data]
-    if native == ChannelType.CHAR and as_text:
-        raw = bytes(data.tobytes() if hasattr(data, "tobytes") else bytes(data))
-        return [_text(raw.split(b"\x00", 1)[0])]
-    if hasattr(data, "tolist"):
-        return list(data.tolist())
-    return list(data)
-
-
-def _text(value: Any) -> Any:
-    """Bytes from the wire as text; undecodable bytes are passed on (the core refuses them)."""
-    if isinstance(value, bytes):
-        try:
-            return value.decode(ENCODING)
-        except UnicodeDecodeError:
-            return value
-    return value
-
-
-def _parse_number(text: str, *, integer: bool) -> Any:
-    """A number from text, or the text itself if it is none (the core then refuses it)."""
-    stripped = text.strip()
-    if integer:
-        try:
-            return int(stripped, 0)
-        except ValueError:
-            pass
-    try:
-        return float(stripped)
-    except ValueError:
-        return text
-
-
-def _format_number(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value)) if abs(value) < 1e15 else repr(value)
-    return str(value)
-
-
-def _plain(data: Any) -> Any:
-    return data.tolist() if hasattr(data, "tolist") else data
 
 
 def build_channel(info: PVInfo, reading: Reading, binding: Binding, pvname: str) -> ServedChannel:

@@ -5,7 +5,7 @@ Theory of operation. caproto's ``Context.run()`` binds its sockets from the envi
 leaves client connections and listening servers open when it is. :class:`LabctlContext`
 keeps caproto's protocol machinery (search replies, circuits, subscriptions) but owns the
 life cycle: :meth:`LabctlContext.start` binds the addresses of a
-:class:`~server.ca.env.CASettings` and returns once the server answers, and
+:class:`~labctl.server.ca.env.CASettings` and returns once the server answers, and
 :meth:`LabctlContext.stop` closes listeners and client connections and awaits every task
 it started, so nothing outlives the service.
 
@@ -54,11 +54,10 @@ from caproto.asyncio.utils import (
     _UdpTransportWrapper,
 )
 from caproto.server.common import DisconnectedCircuit
-
-from ioc.arbiter import LockError
-from ioc.errors import DriverError, LabctlError, LockedBy, NotWritable, PermissionDenied, UnknownPV, WriteRefused
-from server.ca.env import CASettings
-from server.ca.events import Outbox
+from labctl.ioc.arbiter import LockError
+from labctl.ioc.errors import DriverError, LabctlError, LockedBy, NotWritable, PermissionDenied, UnknownPV, WriteRefused
+from labctl.server.ca.env import CASettings
+from labctl.server.ca.monitors import Outbox
 
 log = logging.getLogger("labctl.ca")
 
@@ -119,7 +118,7 @@ class LabctlCircuit(VirtualCircuit):
         if context.check_client_ip:
             self.client_hostname = self.peer_address
         self.outbox = Outbox(client.writer.transport, self._describe)
-        """Monitor updates of direct subscriptions, waiting to be written (:mod:`server.ca.events`)."""
+        """Monitor updates of direct subscriptions, waiting to be written (:mod:`labctl.server.ca.monitors`)."""
 
     def _describe(self) -> str:
         return f"{self.client_username}@{self.client_hostname} ({self.peer_address})"

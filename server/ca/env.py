@@ -25,7 +25,7 @@ ignored clients              ``EPICS_CAS_IGNORE_ADDR_LIST`` (their searches get 
 
 caproto's own server reads only part of this (it binds ``EPICS_CA_SERVER_PORT``, not
 ``EPICS_CAS_SERVER_PORT``, and matches the ignore list against (host, port) pairs), which
-is why :mod:`server.ca.context` takes these settings from here instead.
+is why :mod:`labctl.server.ca.context` takes these settings from here instead.
 
 Subscription latency. caproto batches subscription updates per client circuit: when
 updates arrive faster than one per ``CAPROTO_SERVER_HIGH_LOAD_TIMEOUT_SEC`` (10 ms) it
@@ -47,8 +47,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ioc.config import CAConfig
-from ioc.errors import LabctlError
+from labctl.ioc.errors import LabctlError
+from labctl.server.ca.config import CAConfig
 
 #: Ceiling of caproto's subscription batching delay (seconds), unless the environment sets one.
 MAX_LATENCY_S = 0.05

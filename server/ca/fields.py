@@ -3,7 +3,7 @@
 Theory of operation. EPICS tools ask an IOC for record fields by name (``caget
 CRYO:MXC:TEMP.EGU``). caproto's server resolves ``NAME.FIELD`` by calling
 ``get_field(FIELD)`` on the channel of ``NAME`` when no channel has the full name, then
-caches the answer; :meth:`server.ca.channels.ServedChannel.get_field` builds the field's
+caches the answer; :meth:`labctl.server.ca.channels.ServedChannel.get_field` builds the field's
 channel from the table :data:`FIELDS` on that first request. ``.VAL`` is the PV itself.
 
 Which fields a PV has follows the EPICS record it resembles: every PV has ``DESC``,
@@ -26,24 +26,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from caproto import AccessRights, ChannelData, ChannelDouble, ChannelInteger, ChannelString, SubscriptionType
-
-from ioc.errors import NotWritable
-from ioc.pv import PVInfo
-from ioc.types import PVType, Reading, Severity, Status
-from server.ca.access import Client
-from server.ca.channels import (
-    ENCODING,
-    MAX_UNITS_BYTES,
-    MaskedChannel,
-    MenuEnum,
-    clip_strings,
-    clip_utf8,
-    record_type,
-    states_of,
-)
+from labctl.ioc.errors import NotWritable
+from labctl.ioc.pv import PVInfo
+from labctl.ioc.types import PVType, Reading, Severity, Status
+from labctl.server.ca.access import Client
+from labctl.server.ca.channels import MaskedChannel, MenuEnum
+from labctl.server.ca.metadata import MAX_UNITS_BYTES, record_type, states_of
+from labctl.server.ca.wire import ENCODING, clip_strings, clip_utf8
 
 if TYPE_CHECKING:
-    from server.ca.channels import ServedChannel
+    from labctl.server.ca.channels import ServedChannel
 
 NUMERIC = (PVType.FLOAT64, PVType.INT, PVType.FLOAT64_ARRAY)
 SEVERITY_STATES = tuple(s.name for s in Severity)

@@ -8,7 +8,7 @@ caproto's asyncio server on the server's own event loop.
 Updates flow from the database straight to the channels: the database calls the
 service inline, and :meth:`ServedChannel.apply_now` stores the reading and queues it,
 encoded, on the connection of every client monitoring it the common way (see
-:mod:`server.ca.events`), all without waiting. What needs caproto's coroutines --
+:mod:`labctl.server.ca.monitors`), all without waiting. What needs caproto's coroutines --
 monitors of other types or with channel filters, record fields that follow the PV --
 goes through :class:`UpdateQueue`: it keeps the latest pending update per PV (merging
 the event bits of any update it replaces, so a coalesced LOG or ALARM bit is not lost)
@@ -17,7 +17,7 @@ are dropped and the latest kept, per client connection for direct monitors and p
 the queue, as an IOC does, and memory stays bounded.
 
 Writes flow client -> channel ``auth_write`` -> :meth:`CAService.put` ->
-``Database.write`` with the client's :class:`~ioc.types.Identity` (its reported user,
+``Database.write`` with the client's :class:`~labctl.ioc.types.Identity` (its reported user,
 its host as the access rules see it, protocol ``ca``, and the roles the rules grant).
 Once the core write returns, the PV's pending update is applied at once, so a client
 reading right after its put-callback completed sees the value it wrote (or the
@@ -28,10 +28,10 @@ alarm acknowledgements), so every write attempt reaches the audit trail.
 Locks. In a server with a control layer (``server.control``), each lockable resource
 also gets the CA-only command channels ``ARB:<RES>:REQUEST`` and ``ARB:<RES>:RELEASE``,
 and access rights of open channels are re-sent when a lease changes hands (see
-:mod:`server.ca.arbiter`).
+:mod:`labctl.server.ca.arbiter`).
 
-See :mod:`server.ca.env` for addresses, ports and subscription latency,
-:mod:`server.ca.access` for access rights, :mod:`server.ca.channels` for types and
+See :mod:`labctl.server.ca.env` for addresses, ports and subscription latency,
+:mod:`labctl.server.ca.access` for access rights, :mod:`labctl.server.ca.channels` for types and
 event masks.
 """
 
@@ -40,21 +40,22 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Collection
-from typing import Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from caproto import AccessRights
+from labctl.ioc.access import AuditRecord
+from labctl.ioc.arbiter import LeaseEvent
+from labctl.ioc.database import Database
+from labctl.ioc.subscription import Callback
+from labctl.ioc.types import EventMask, Update
+from labctl.server.ca.access import AccessRules, Client, access_rights
+from labctl.server.ca.arbiter import ArbiterChannels, Control
+from labctl.server.ca.channels import ServedChannel, build_channel
+from labctl.server.ca.context import CAStartError, LabctlContext
+from labctl.server.ca.env import CASettings, resolve, tune_latency
 
-from ioc.access import AuditRecord
-from ioc.arbiter import LeaseEvent
-from ioc.config import SiteConfig
-from ioc.database import Database
-from ioc.subscription import Callback
-from ioc.types import EventMask, Update
-from server.ca.access import AccessRules, Client, access_rights
-from server.ca.arbiter import ArbiterChannels, Control
-from server.ca.channels import ServedChannel, build_channel
-from server.ca.context import CAStartError, LabctlContext
-from server.ca.env import CASettings, resolve, tune_latency
+if TYPE_CHECKING:  # the site model imports this package (its ``server.ca`` section)
+    from labctl.server.site import SiteConfig
 
 log = logging.getLogger("labctl.ca")
 

@@ -1,15 +1,16 @@
 """The historian: every archived PV change in SQLite or TimescaleDB, spooled while the database is away.
 
-Modules, from the bottom up: :mod:`~server.historian.schema` (tables, encodings, upgrades),
-:mod:`~server.historian.timescale` (TimescaleDB specifics), :mod:`~server.historian.backend`
-(engines and error classes), :mod:`~server.historian.rollup` (aggregates and rollup cells),
-:mod:`~server.historian.spool` (store-and-forward), :mod:`~server.historian.ingest` (the
-batching worker), :mod:`~server.historian.query` (reads) and :mod:`~server.historian.service`
+Modules, from the bottom up: :mod:`~labctl.server.historian.encoding` (value and time encodings),
+:mod:`~labctl.server.historian.schema` (tables, upgrades), :mod:`~labctl.server.historian.catalogue` (the PV
+catalogue), :mod:`~labctl.server.historian.timescale` (TimescaleDB specifics), :mod:`~labctl.server.historian.backend`
+(engines and error classes), :mod:`~labctl.server.historian.rollup` (aggregates and rollup cells),
+:mod:`~labctl.server.historian.spool` (store-and-forward), :mod:`~labctl.server.historian.ingest` (the
+batching worker), :mod:`~labctl.server.historian.query` (reads) and :mod:`~labctl.server.historian.service`
 (the service and its async query API).
 """
 
-from server.historian.errors import HistorianError, HistorianUnavailable, SchemaTooNew
-from server.historian.query import Bucket, RawPage
-from server.historian.service import Historian, HistorianService
+from labctl.server.historian.errors import HistorianError, HistorianUnavailable, SchemaTooNew
+from labctl.server.historian.query import Bucket, RawPage
+from labctl.server.historian.service import Historian, HistorianService
 
 __all__ = ["Bucket", "Historian", "HistorianError", "HistorianService", "HistorianUnavailable", "RawPage", "SchemaTooNew"]

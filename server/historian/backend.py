@@ -15,16 +15,17 @@ is quarantined instead of retried forever.
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psycopg
+from labctl.server.historian.errors import HistorianError
+from labctl.server.historian.timescale import PLAIN, TimescaleInfo
 from sqlalchemy import create_engine, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Engine, make_url
 
-from server.historian.errors import HistorianError
-from server.historian.timescale import PLAIN, TimescaleInfo
+from labctl.extras import MissingExtra, require
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,10 @@ def open_backend(url: str) -> Backend:
             raise HistorianError(
                 f"historian.url: PostgreSQL driver {driver!r} is not supported; write postgresql+psycopg://..."
             )
+        try:
+            require("postgres")
+        except MissingExtra as e:
+            raise HistorianError(f"historian.url: {e}") from None
         u = u.set(drivername="postgresql+psycopg")
         engine = create_engine(
             u,
@@ -134,7 +139,8 @@ def is_unreachable(exc: BaseException) -> bool:
         if exc.connection_invalidated:
             return True
         exc = exc.orig if exc.orig is not None else exc
-    if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+    psycopg = sys.modules.get("psycopg")  # loaded only by a PostgreSQL historian
+    if psycopg is not None and isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
         return True
     if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError, sa_exc.TimeoutError)):
         return True

@@ -13,7 +13,7 @@ the same request may succeed later.
 
 from __future__ import annotations
 
-from ioc.errors import LabctlError
+from labctl.ioc.errors import LabctlError
 
 
 class HistorianError(LabctlError):

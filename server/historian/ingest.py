@@ -19,10 +19,10 @@ them. Writing a batch means:
    into ``sample``; should that hit an existing key (only a replay can), the batch goes
    through a temporary staging table and ``INSERT ... ON CONFLICT DO NOTHING``. SQLite
    gets an ``executemany`` of ``INSERT ... ON CONFLICT DO NOTHING``;
-3. the rollup cells of the new samples (see :mod:`server.historian.rollup`), exactly;
+3. the rollup cells of the new samples (see :mod:`labctl.server.historian.rollup`), exactly;
 4. alarm transitions and audit records, ``ON CONFLICT DO NOTHING``;
 5. control records -- job states, job log lines and results, alarm states -- as
-   :mod:`server.historian.records` describes (upserts of the newest state, idempotent
+   :mod:`labctl.server.historian.records` describes (upserts of the newest state, idempotent
    inserts of the rest).
 
 The database state is a small machine: **up** (batches go to the database while the
@@ -30,7 +30,7 @@ spool is empty), **down** (every batch goes to the spool; reconnection is tried 
 backoff from 0.5 s to 5 s). While the spool is not empty new batches are appended to it
 too, so the database receives every PV's samples in time order. A batch the database
 refuses for another reason than being away is quarantined by the spool (see
-:mod:`server.historian.spool`). On reconnection the schema is checked/upgraded and the
+:mod:`labctl.server.historian.spool`). On reconnection the schema is checked/upgraded and the
 catalogue registered again, because the database may be a new one.
 
 :meth:`Ingestor.flush` returns a future that resolves once everything queued before it is
@@ -52,32 +52,27 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
-from sqlalchemy import delete, select, text
-from sqlalchemy.engine import Connection
-
-from ioc.access import AuditRecord
-from ioc.pv import PVInfo
-from ioc.types import PVType, Reading
-from server.historian import records, rollup, timescale
-from server.historian.backend import Backend, is_unreachable, short
-from server.historian.errors import HistorianError
-from server.historian.schema import (
+from labctl.ioc.access import AuditRecord
+from labctl.ioc.pv import PVInfo
+from labctl.ioc.types import PVType, Reading
+from labctl.server.historian import records, rollup, timescale
+from labctl.server.historian.backend import Backend, is_unreachable, short
+from labctl.server.historian.catalogue import ensure_pvs, register_catalogue
+from labctl.server.historian.encoding import encode_value, pack_array, utc_text
+from labctl.server.historian.errors import HistorianError
+from labctl.server.historian.schema import (
     SAMPLE_COLUMNS,
     alarm_event,
     audit_event,
-    encode_value,
-    ensure_pvs,
     ensure_schema,
     insert,
-    pack_array,
     pv,
-    register_catalogue,
     sample,
     sample_rollup,
-    utc_text,
 )
-from server.historian.spool import Batch, Spool
+from labctl.server.historian.spool import Batch, Spool
+from sqlalchemy import delete, select, text
+from sqlalchemy.engine import Connection
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +198,8 @@ def _copy(conn: Connection, table: str, rows: list[tuple]) -> None:
 
 
 def _insert_pg(conn: Connection, rows: list[tuple], replay: bool) -> int:
+    import psycopg  # the postgres extra; only a PostgreSQL historian gets here
+
     rows = [r if r[6] is None else (*r[:6], list(r[6]), *r[7:]) for r in rows]
     if not replay:
         nested = conn.begin_nested()

@@ -1,10 +1,10 @@
 """Reading the archive: raw ranges, last values, downsampled buckets -- alike on every backend.
 
 Theory of operation. Every function takes an open connection and the :class:`Backend`,
-and works in integer microseconds; :class:`server.historian.service.Historian` wraps them
+and works in integer microseconds; :class:`labctl.server.historian.service.Historian` wraps them
 in an async API with float seconds and runs them on worker threads.
 
-* **Raw** reads return :class:`ioc.types.Reading` s in ``[start, end)``, ordered by time
+* **Raw** reads return :class:`labctl.ioc.types.Reading` s in ``[start, end)``, ordered by time
   (then ``seq``), forward or reverse, at most ``limit`` per page. A page that stops
   early carries an opaque continuation string: the key of its last row, so the next
   page resumes with a keyset condition -- stateless, stable while rows are added, cheap
@@ -14,7 +14,7 @@ in an async API with float seconds and runs them on worker threads.
   row of every PV.
 * **Processed** reads split ``[start, end)`` into buckets ``start + k*interval`` (the last
   one cut at ``end``) and give each the count, min, max, mean, first and last of its valid
-  numeric samples (see :mod:`server.historian.rollup`), as OPC UA's Count, Minimum,
+  numeric samples (see :mod:`labctl.server.historian.rollup`), as OPC UA's Count, Minimum,
   Maximum, Average, Start and End aggregates do. Rollup cells (60 s) that lie wholly
   inside one bucket are summed from ``sample_rollup``; raw rows are read only for the edges
   and for the cells that straddle a bucket boundary -- none when ``start`` and ``interval``
@@ -32,17 +32,17 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from labctl.ioc.access import AuditRecord
+from labctl.ioc.errors import UnknownPV
+from labctl.ioc.types import PVType, Reading, Severity, Status
+from labctl.server.historian.backend import Backend
+from labctl.server.historian.encoding import AGGREGATABLE, from_us, value_decoder
+from labctl.server.historian.errors import HistorianError
+from labctl.server.historian.rollup import INVALID, WIDTHS_S, Aggregate
+from labctl.server.historian.schema import alarm_event, audit_event, pv, pv_meta, sample
+from labctl.server.historian.timescale import bucket_sql
 from sqlalchemy import bindparam, select, text, tuple_
 from sqlalchemy.engine import Connection
-
-from ioc.access import AuditRecord
-from ioc.errors import UnknownPV
-from ioc.types import PVType, Reading, Severity, Status
-from server.historian.backend import Backend
-from server.historian.errors import HistorianError
-from server.historian.rollup import INVALID, WIDTHS_S, Aggregate
-from server.historian.schema import AGGREGATABLE, alarm_event, audit_event, from_us, pv, pv_meta, sample, value_decoder
-from server.historian.timescale import bucket_sql
 
 #: The most buckets one processed read may ask for (per PV).
 MAX_BUCKETS = 1_000_000

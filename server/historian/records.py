@@ -1,7 +1,7 @@
 """Control records in the archive: jobs (with their logs and results) and alarm states.
 
-Theory of operation. The control layer (:mod:`server.control`) keeps jobs and alarm
-states in a store so they survive a restart (:class:`ioc.jobs.JobStore`; the alarm
+Theory of operation. The control layer (:mod:`labctl.server.control`) keeps jobs and alarm
+states in a store so they survive a restart (:class:`labctl.ioc.jobs.JobStore`; the alarm
 service's ``save_alarm``/``load_alarms``). The historian is that store. Its records
 travel the same way as samples: captured on the event loop as plain tuples
 (:class:`RecordCapture`, cheap), queued, written by the ingest thread in the batch's
@@ -35,13 +35,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from labctl.ioc.alarms import Alarm
+from labctl.ioc.jobs import Job, JobState, Result
+from labctl.ioc.types import Severity, Status
+from labctl.server.historian.schema import alarm_state, insert, job, job_log, job_result
 from sqlalchemy import select
 from sqlalchemy.engine import Connection
-
-from ioc.alarms import Alarm
-from ioc.jobs import Job, JobState, Result
-from ioc.types import Severity, Status
-from server.historian.schema import alarm_state, insert, job, job_log, job_result
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +191,7 @@ class Records:
         return row is not None and row[9] == submitted_us
 
     def apply(self, batch: Any) -> None:
-        """Lay a spooled :class:`~server.historian.spool.Batch`'s records over these."""
+        """Lay a spooled :class:`~labctl.server.historian.spool.Batch`'s records over these."""
         self.add(batch.jobs, batch.job_logs, batch.job_results, batch.alarm_states)
 
     def job_list(self) -> list[Job]:
@@ -210,7 +209,7 @@ class Records:
 
 
 def job_of(row: tuple, logs: Iterable[tuple] = (), results: Iterable[tuple] = ()) -> Job | None:
-    """A :class:`~ioc.jobs.Job` from its rows (None, logged, for a state this labctl does not know)."""
+    """A :class:`~labctl.ioc.jobs.Job` from its rows (None, logged, for a state this labctl does not know)."""
     r = dict(zip(JOB_COLUMNS, row, strict=True))
     try:
         state = JobState(r["state"])
@@ -240,7 +239,7 @@ def job_of(row: tuple, logs: Iterable[tuple] = (), results: Iterable[tuple] = ()
 
 
 def alarm_of(row: tuple) -> Alarm | None:
-    """An :class:`~ioc.alarms.Alarm` from its row (None, logged, for codes this labctl does not know)."""
+    """An :class:`~labctl.ioc.alarms.Alarm` from its row (None, logged, for codes this labctl does not know)."""
     r = dict(zip(ALARM_COLUMNS, row, strict=True))
     try:
         current, latched, status = Severity(r["current"]), Severity(r["latched"]), Status(r["status"])

@@ -21,10 +21,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from labctl.server.historian.encoding import numeric_value
+from labctl.server.historian.schema import insert, sample, sample_rollup
 from sqlalchemy import and_, delete, select
 from sqlalchemy.engine import Connection
-
-from server.historian.schema import insert, numeric_value, sample, sample_rollup
 
 #: Rollup widths in seconds. A processed read uses rollups when its start and interval are
 #: multiples of a width (one minute: any "nice" plot interval).
@@ -108,7 +108,7 @@ def aggregate(rows: Iterable[tuple[int, int, int, float]], width_us: int) -> dic
 def valid_numeric(rows: Iterable[tuple]) -> list[tuple[int, int, int, float]]:
     """``(pv_id, time_us, seq, value)`` of the rows that aggregate, from sample-column tuples.
 
-    ``rows`` are in :data:`server.historian.schema.SAMPLE_COLUMNS` order.
+    ``rows`` are in :data:`labctl.server.historian.schema.SAMPLE_COLUMNS` order.
     """
     out = []
     for r in rows:

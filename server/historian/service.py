@@ -8,24 +8,24 @@ process database:
   on a worker thread, connects, creates or upgrades the schema (idempotent, versioned)
   and registers the PV catalogue. A database that is away is not an error -- the
   historian starts, spools, and back-fills when it returns; a database that refuses the
-  schema is (:class:`~server.historian.errors.HistorianError`). It then subscribes ONCE
+  schema is (:class:`~labctl.server.historian.errors.HistorianError`). It then subscribes ONCE
   to the database with ``EventMask.LOG`` (the archive deadband; alarm changes carry that
   bit too), adds itself as an audit sink, records every PV's current reading as a
-  baseline, and starts the ingest thread (:mod:`server.historian.ingest`).
+  baseline, and starts the ingest thread (:mod:`labctl.server.historian.ingest`).
 * It is also the control layer's store (``server.control.use_store(historian)``): jobs
   with their logs and results, and alarm states, are captured on the loop and written by
-  the same ingest thread (:mod:`server.historian.records`). ``start()`` reads the saved
+  the same ingest thread (:mod:`labctl.server.historian.records`). ``start()`` reads the saved
   records (and those still in the spool) before any other service starts, so
   :meth:`Historian.load_jobs` and :meth:`Historian.load_alarms` answer at once.
 * ``stop()`` unsubscribes and waits for the ingest thread to write -- or spool --
   everything it was given.
 * The query API (``read_raw``, ``read_last``, ``read_processed`` and their ``_many``
-  forms, ``read_audit``...) runs :mod:`server.historian.query` on a small thread pool, so
+  forms, ``read_audit``...) runs :mod:`labctl.server.historian.query` on a small thread pool, so
   the event loop never waits on the database. Times are UNIX seconds (floats) or aware
   datetimes; ranges are half-open ``[start, end)``. Queries see what is committed: call
   :meth:`Historian.flush` first to include updates of the last ``batch_age_s``, and
   expect samples still in the spool to be missing while the database is away
-  (:class:`~server.historian.errors.HistorianUnavailable`).
+  (:class:`~labctl.server.historian.errors.HistorianUnavailable`).
 
 Other services reach it as ``server.service("historian")``.
 """
@@ -42,26 +42,25 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from labctl.ioc.access import AuditRecord
+from labctl.ioc.alarms import Alarm, AlarmEvent
+from labctl.ioc.database import Database
+from labctl.ioc.jobs import Job
+from labctl.ioc.subscription import Callback
+from labctl.ioc.types import EventMask, Reading, Update
+from labctl.server.historian import query, records
+from labctl.server.historian.backend import Backend, is_unreachable, open_backend, short
+from labctl.server.historian.config import HistorianConfig
+from labctl.server.historian.encoding import to_us
+from labctl.server.historian.errors import HistorianError, HistorianUnavailable
+from labctl.server.historian.ingest import Ingestor, now_us
+from labctl.server.historian.query import Bucket, Entry, RawPage
+from labctl.server.historian.spool import Spool
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from ioc.access import AuditRecord
-from ioc.alarms import Alarm, AlarmEvent
-from ioc.config import HistorianConfig
-from ioc.database import Database
-from ioc.jobs import Job
-from ioc.subscription import Callback
-from ioc.types import EventMask, Reading, Update
-from server.historian import query, records
-from server.historian.backend import Backend, is_unreachable, open_backend, short
-from server.historian.errors import HistorianError, HistorianUnavailable
-from server.historian.ingest import Ingestor, now_us
-from server.historian.query import Bucket, Entry, RawPage
-from server.historian.schema import to_us
-from server.historian.spool import Spool
-
 if TYPE_CHECKING:
-    from server.app import Server
+    from labctl.server.app import Server
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ QUERY_THREADS = 4
 
 
 class Historian:
-    """Archives one :class:`~ioc.database.Database` and answers history queries."""
+    """Archives one :class:`~labctl.ioc.database.Database` and answers history queries."""
 
     name = "historian"
 
@@ -196,7 +195,7 @@ class Historian:
     # ---- the control layer's store -------------------------------------------------------------
 
     def save_job(self, job: Job) -> None:
-        """Record a job's state, new log lines and new results (:class:`ioc.jobs.JobStore`; never blocks)."""
+        """Record a job's state, new log lines and new results (:class:`labctl.ioc.jobs.JobStore`; never blocks)."""
         if not self._accepting or self.ingestor is None:
             self._lost_record(f"job {job.id} ({job.state.value})")
             return
@@ -209,7 +208,7 @@ class Historian:
             put("job_results", r)
 
     def load_jobs(self) -> list[Job]:
-        """Every job recorded before this start, oldest first, with logs and results (:class:`ioc.jobs.JobStore`)."""
+        """Every job recorded before this start, oldest first, with logs and results (:class:`labctl.ioc.jobs.JobStore`)."""
         jobs = self._records.job_list()
         for job in jobs:
             self._capture.mark(job)
@@ -406,7 +405,7 @@ class Historian:
 
 
 class HistorianService(Historian):
-    """The historian as a :class:`server.app.Service` of a :class:`server.app.Server`."""
+    """The historian as a :class:`labctl.server.app.Service` of a :class:`labctl.server.app.Server`."""
 
     storage = True
     """Stopped after the instruments and every other service, so their last states are archived."""

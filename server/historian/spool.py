@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.historian.schema import utc_text
+from labctl.server.historian.encoding import utc_text
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class Batch:
     status, received_us)``; ``alarms``: ``(name, time_us, seq, severity, status)``;
     ``audits``: ``(uid, time_us, action, user, protocol, host, target, old_json, new_json,
     accepted, reason)``; ``types``: the PV type (``PVType`` value) of every PV named.
-    Control records (see :mod:`server.historian.records`): ``jobs`` (one row per saved job
+    Control records (see :mod:`labctl.server.historian.records`): ``jobs`` (one row per saved job
     state), ``job_logs``, ``job_results`` and ``alarm_states``.
     """
 

@@ -6,10 +6,10 @@ ReadRawModifiedDetails to a ``HistoryStorageInterface`` and answers everything e
 ReadProcessedDetails included -- with BadNotImplemented. Its raw path also makes the
 continuation point from the timestamp of the next value, which loses values that share
 a timestamp, and it ignores ReturnBounds and ReleaseContinuationPoints. So labctl installs
-two pieces (:meth:`server.opcua.service.OpcUaService.enable_history`):
+two pieces (:meth:`labctl.server.opcua.service.OpcUaService.enable_history`):
 
 * :class:`HistorianStorage`, an asyncua ``HistoryStorageInterface`` over the historian
-  (:mod:`server.historian`). It implements that interface (``read_node_history``) so it
+  (:mod:`labctl.server.historian`). It implements that interface (``read_node_history``) so it
   also works behind asyncua's own manager, and adds :meth:`HistorianStorage.read`, which
   answers one node of a HistoryRead in full.
 * :class:`HistoryManager`, asyncua's manager with ``read_history`` overridden to send
@@ -18,8 +18,8 @@ two pieces (:meth:`server.opcua.service.OpcUaService.enable_history`):
   the process database itself, so the storage's ``save_*`` hooks do nothing.
 
 **Raw** (ReadRawModifiedDetails, Part 11 6.4.3). Values come in time order with their
-SourceTimestamp and the StatusCode a live read would show (:func:`~server.opcua.
-address_space.status_code`: severity and status map to Good/Uncertain/Bad, and an
+SourceTimestamp and the StatusCode a live read would show (:func:`~labctl.server.opcua.
+values.status_code`: severity and status map to Good/Uncertain/Bad, and an
 INVALID reading has no value). ``StartTime < EndTime`` reads ``[Start, End)`` forward,
 ``StartTime > EndTime`` reads ``(End, Start]`` newest first; with only StartTime the read
 goes forward from it, with only EndTime backward from it (inclusive), and
@@ -68,12 +68,12 @@ from typing import Any
 from asyncua import ua
 from asyncua.server.history import HistoryManager as UaHistoryManager
 from asyncua.server.history import HistoryStorageInterface
-
-from ioc.errors import UnknownPV
-from ioc.pv import PVInfo
-from ioc.types import PVType, Reading
-from server.historian import Bucket, HistorianError, HistorianUnavailable
-from server.opcua.address_space import SiteNodes, status_code, variant
+from labctl.ioc.errors import UnknownPV
+from labctl.ioc.pv import PVInfo
+from labctl.ioc.types import PVType, Reading
+from labctl.server.historian import Bucket, HistorianError, HistorianUnavailable
+from labctl.server.opcua.address_space import SiteNodes
+from labctl.server.opcua.values import status_code, variant
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def _decode(fingerprint: str, data: bytes | None) -> _Position:
 
 
 class HistorianStorage(HistoryStorageInterface):
-    """HistoryRead of a site's PV nodes from a :class:`server.historian.Historian` (see the module docstring)."""
+    """HistoryRead of a site's PV nodes from a :class:`labctl.server.historian.Historian` (see the module docstring)."""
 
     def __init__(self, historian: Any, nodes: SiteNodes, *, max_values: int = MAX_VALUES, max_intervals: int = MAX_INTERVALS) -> None:
         super().__init__(max_values)

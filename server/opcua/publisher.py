@@ -2,7 +2,7 @@
 
 Theory of operation. :class:`Publisher` subscribes once to the database (mask
 VALUE|ALARM: changes that passed the monitor deadband, and alarm changes). Its callback
-runs inline in :meth:`ioc.database.Database.post`, which must not await, so it does
+runs inline in :meth:`labctl.ioc.database.Database.post`, which must not await, so it does
 only synchronous work: build the DataValue, store it in the node's Value attribute (so a
 Read right after a write sees the new value), and, if any monitored item watches the
 node, queue it. A task drains the queue in order and hands each DataValue to the
@@ -30,11 +30,11 @@ from typing import Any
 from asyncua import ua
 from asyncua.server import monitored_item_service
 from asyncua.server.address_space import AttributeValue
-
-from ioc.database import Database
-from ioc.subscription import Callback
-from ioc.types import EventMask, Update
-from server.opcua.address_space import PVNode, data_value
+from labctl.ioc.database import Database
+from labctl.ioc.subscription import Callback
+from labctl.ioc.types import EventMask, Update
+from labctl.server.opcua.address_space import PVNode
+from labctl.server.opcua.values import data_value
 
 log = logging.getLogger(__name__)
 

@@ -1,32 +1,33 @@
 """The OPC UA service: the site's process database served with asyncua.
 
-Theory of operation. :class:`OpcUaService` is a :class:`server.app.Service`. ``start``
-creates an asyncua server around :class:`~server.opcua.sessions.LabctlInternalServer`,
+Theory of operation. :class:`OpcUaService` is a :class:`labctl.server.app.Service`. ``start``
+creates an asyncua server around :class:`~labctl.server.opcua.sessions.LabctlInternalServer`,
 sets the ApplicationUri ``urn:labctl:<site>:server``, the security policies and identity
-tokens the site file asks for (:class:`ioc.config.OpcUaConfig`), loads or creates the
-server certificate (:mod:`server.opcua.pki`), registers the namespace
-``urn:labctl:<site>``, builds one node per PV (:mod:`server.opcua.address_space`),
-subscribes once to the database (:mod:`server.opcua.publisher`) and binds (port 0 picks
+tokens the site file asks for (:class:`labctl.server.opcua.config.OpcUaConfig`), loads or creates the
+server certificate (:mod:`labctl.server.opcua.pki`), registers the namespace
+``urn:labctl:<site>``, builds one node per PV (:mod:`labctl.server.opcua.address_space`),
+subscribes once to the database (:mod:`labctl.server.opcua.publisher`) and binds (port 0 picks
 a free port, read back into :attr:`port`). The garbage collector is paused during all
-that (:func:`ioc.bulk.gc_paused`): the heap grows by millions of objects, all long-lived,
+that (:func:`labctl.server.tuning.gc_paused`): the heap grows by millions of objects, all long-lived,
 and the full collections the growth would trigger cost more than the build; the server
 then exempts them from later collections once every service has started
-(:func:`ioc.bulk.freeze_long_lived`).
+(:func:`labctl.server.tuning.freeze_long_lived`).
 
 Identity tokens offered: user name when any account has a password hash, certificate
 when any has a certificate, anonymous unless the site disables it. Passwords offered
 over the None policy are encrypted with the server's certificate (asyncua's token
 policy), and a client that sends one unencrypted anyway is refused.
 
-With the server's control layer (``server.control``), :mod:`server.opcua.control` adds
-the lock objects of the resources (Part 100 LockingServices, in the DI namespace
-registered after the site's), the ``Control`` object with the jobs, alarm, interlock
-and audit methods, and the control events (:mod:`server.opcua.events`).
+With the server's control layer (``server.control``), :mod:`labctl.server.opcua.calls` adds
+the lock objects of the resources (Part 100 LockingServices, :mod:`labctl.server.opcua.locking`,
+in the DI namespace registered after the site's), the ``Control`` object with the jobs,
+alarm, interlock and audit methods (:mod:`labctl.server.opcua.methods`), and the control
+events (:mod:`labctl.server.opcua.control_events`).
 
-History: when the server also runs a historian, :func:`server.app.build_services` calls
+History: when the server also runs a historian, :func:`labctl.server.app.build_services` calls
 :meth:`OpcUaService.serve_history_from`; ``start`` then makes every PV Historizing with the
 HistoryRead access bit, and answers HistoryRead (raw and processed) from the historian
-(:mod:`server.opcua.history`) before the first client connects.
+(:mod:`labctl.server.opcua.history`) before the first client connects.
 """
 
 from __future__ import annotations
@@ -40,10 +41,8 @@ from urllib.parse import urlparse
 
 from asyncua import Server as UaServer
 from asyncua import ua
-
-from ioc.bulk import gc_paused
-from ioc.errors import LabctlError
-from server.opcua.address_space import (
+from labctl.ioc.errors import LabctlError
+from labctl.server.opcua.address_space import (
     SiteNodes,
     application_uri,
     build,
@@ -51,16 +50,18 @@ from server.opcua.address_space import (
     namespace_uri,
     store_readings,
 )
-from server.opcua.control import DI_NAMESPACE, OpcUaControl
-from server.opcua.history import HistorianStorage
-from server.opcua.history import install as install_history
-from server.opcua.pki import ensure_certificate
-from server.opcua.publisher import Publisher, install_copy_fastpath
-from server.opcua.sessions import LabctlInternalServer
-from server.opcua.users import UserDirectory, UserManager
+from labctl.server.opcua.calls import OpcUaControl
+from labctl.server.opcua.history import HistorianStorage
+from labctl.server.opcua.history import install as install_history
+from labctl.server.opcua.locking import DI_NAMESPACE
+from labctl.server.opcua.pki import ensure_certificate
+from labctl.server.opcua.publisher import Publisher, install_copy_fastpath
+from labctl.server.opcua.sessions import LabctlInternalServer
+from labctl.server.opcua.users import UserDirectory, UserManager
+from labctl.server.tuning import gc_paused
 
 if TYPE_CHECKING:
-    from server.app import Server
+    from labctl.server.app import Server
 
 log = logging.getLogger(__name__)
 
@@ -216,13 +217,13 @@ class OpcUaService:
         return lines
 
     def serve_history_from(self, historian: Any) -> None:
-        """Answer HistoryRead from ``historian`` (a started :class:`server.historian.Historian`
+        """Answer HistoryRead from ``historian`` (a started :class:`labctl.server.historian.Historian`
         by the time this service starts); call before :meth:`start`."""
         self._history_source = historian
 
     def enable_history(self, storage: Any) -> None:
         """Serve HistoryRead of every PV from ``storage`` (an asyncua ``HistoryStorageInterface``;
-        a :class:`~server.opcua.history.HistorianStorage` answers raw and processed reads in full).
+        a :class:`~labctl.server.opcua.history.HistorianStorage` answers raw and processed reads in full).
 
         Sets Historizing and the HistoryRead access bit on every PV node; UserAccessLevel
         follows. Needs the address space: :meth:`start` calls it for :meth:`serve_history_from`.

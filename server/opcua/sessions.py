@@ -14,15 +14,15 @@ session after asyncua's read, and whose ``activate_session``:
 * stamps the peer's address into the identity, so audit records say where a write came
   from, and audits logins (accepted and refused) through the database.
 
-The internal server also carries the :class:`~server.opcua.writes.PVAttributeService`,
+The internal server also carries the :class:`~labctl.server.opcua.writes.PVAttributeService`,
 so every Write of every session goes through the core, and the
-:class:`~server.opcua.control.OpcUaControl`, which answers the control methods (locks,
+:class:`~labctl.server.opcua.calls.OpcUaControl`, which answers the control methods (locks,
 jobs, alarms, interlocks, audit) for the calling session: asyncua's method service does
 not know who calls, so :meth:`LabctlSession.call` hands those calls over with the session.
 
 UserAccessLevel of a PV says whether this session may write it *now*: the PV is
 writable, the user's roles allow its resource, and, on a lockable resource, the user
-holds its lock (:meth:`ioc.database.Database.may_write`). It changes when the lock
+holds its lock (:meth:`labctl.ioc.database.Database.may_write`). It changes when the lock
 changes hands; clients re-read it (it cannot be subscribed to per session).
 
 When a session closes, :meth:`LabctlSession.close_session` tells the control layer,
@@ -42,17 +42,16 @@ from asyncua.common.utils import ServiceError
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.internal_server import InternalServer
 from asyncua.server.internal_session import InternalSession
-
-from ioc.access import AuditRecord
-from ioc.types import Identity
-from server.opcua.address_space import HISTORY_READ, READ, WRITE
-from server.opcua.users import ANONYMOUS, PROTOCOL, SessionUser, UserManager
-from server.opcua.writes import PVAttributeService
+from labctl.ioc.access import AuditRecord
+from labctl.ioc.types import Identity
+from labctl.server.opcua.users import ANONYMOUS, PROTOCOL, SessionUser, UserManager
+from labctl.server.opcua.values import HISTORY_READ, READ, WRITE
+from labctl.server.opcua.writes import PVAttributeService
 
 if TYPE_CHECKING:
-    from ioc.database import Database
-    from server.opcua.address_space import SiteNodes
-    from server.opcua.control import OpcUaControl
+    from labctl.ioc.database import Database
+    from labctl.server.opcua.address_space import SiteNodes
+    from labctl.server.opcua.calls import OpcUaControl
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """OPC UA users: who a session is, from a password, a certificate, or nobody.
 
-Theory of operation. The site file lists accounts (:class:`ioc.config.UserConfig`): a
-name, roles, a salted scrypt hash (:mod:`server.passwords`) and/or an X.509 user
-certificate. :class:`UserDirectory` turns a login into an :class:`~ioc.types.Identity`
-whose roles the core's :class:`~ioc.access.RolePolicy` reads on every write; nothing in
+Theory of operation. The site file lists accounts (:class:`labctl.ioc.config.access.UserConfig`): a
+name, roles, a salted scrypt hash (:mod:`labctl.server.passwords`) and/or an X.509 user
+certificate. :class:`UserDirectory` turns a login into an :class:`~labctl.ioc.types.Identity`
+whose roles the core's :class:`~labctl.ioc.access.RolePolicy` reads on every write; nothing in
 the OPC UA adapter decides what a role may do.
 
 * User name and password: checked against the hash; an unknown name is checked against
@@ -35,11 +35,10 @@ from asyncua.crypto import uacrypto
 from asyncua.crypto.permission_rules import User, UserRole
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-
-from ioc.config import UserConfig
-from ioc.errors import ConfigError
-from ioc.types import Identity
-from server.passwords import PasswordHashError, dummy_hash, verify_password
+from labctl.ioc.config.access import UserConfig
+from labctl.ioc.errors import ConfigError
+from labctl.ioc.types import Identity
+from labctl.server.passwords import PasswordHashError, dummy_hash, verify_password
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +182,7 @@ class UserManager:
 
     asyncua calls :meth:`get_user` synchronously while activating a session and only
     learns "no"; the refusal's reason is kept in :attr:`last_refusal` for the session
-    to audit (:class:`server.opcua.sessions.LabctlSession`).
+    to audit (:class:`labctl.server.opcua.sessions.LabctlSession`).
     """
 
     def __init__(self, directory: UserDirectory) -> None:

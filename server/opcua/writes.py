@@ -4,7 +4,7 @@ Theory of operation. asyncua's per-node asynchronous point is the attribute serv
 ``write`` (one StatusCode per node of a Write request); value setters are synchronous
 and a PreWrite callback can only fail a whole request. :class:`PVAttributeService`
 replaces asyncua's attribute service and sends each PV Value write to
-:func:`write_pv`, which awaits :meth:`ioc.database.Database.write` with the session's
+:func:`write_pv`, which awaits :meth:`labctl.ioc.database.Database.write` with the session's
 identity, so roles, locks, limits and interlocks decide and every write, accepted or
 refused, is audited by the core.
 
@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING, Any
 from asyncua import ua
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.address_space import AttributeService
-
-from ioc.errors import (
+from labctl.ioc.errors import (
     DriverError,
     DriverTimeout,
     Interlocked,
@@ -39,12 +38,12 @@ from ioc.errors import (
     WriteRefused,
     WrongType,
 )
-from ioc.types import SYSTEM, Identity, PVType
-from server.opcua.users import SessionUser
+from labctl.ioc.types import SYSTEM, Identity, PVType
+from labctl.server.opcua.users import SessionUser
 
 if TYPE_CHECKING:
-    from ioc.database import Database
-    from server.opcua.address_space import PVNode, SiteNodes
+    from labctl.ioc.database import Database
+    from labctl.server.opcua.address_space import PVNode, SiteNodes
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-
-from ioc.config import parse_site
-from server.app import Server
-from server.passwords import hash_password
+from labctl.server.app import Server
+from labctl.server.passwords import hash_password
+from labctl.server.site import parse_site
 
 PASSWORDS = {"viewer": "viewer-pw", "operator": "operator-pw"}
 

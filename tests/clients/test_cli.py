@@ -15,11 +15,10 @@ import os
 import sys
 
 import pytest
-
-from clients.cli import UsageError, parse_value
-from clients.session import Metadata
-from ioc.types import PVType
-from server.cli import main
+from labctl.clients.cli.arguments import UsageError, parse_value
+from labctl.clients.values import Metadata
+from labctl.ioc.types import PVType
+from labctl.server.cli import main
 
 from .conftest import PASSWORDS
 
@@ -127,7 +126,7 @@ def test_parse_value_by_type():
 
 async def _labctl_process(url: str, *args: str, env: dict | None = None) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server.cli", *args, "--url", url,
+        sys.executable, "-m", "labctl", *args, "--url", url,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, **(env or {})},
     )

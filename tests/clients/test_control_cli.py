@@ -17,10 +17,10 @@ import sys
 import time
 
 import pytest
+from labctl.clients.cli.arguments import parse_duration, parse_param, parse_since
+from labctl.ioc.types import Identity
+from labctl.server.cli import main
 
-from clients.cli import parse_duration, parse_param, parse_since
-from ioc.types import Identity
-from server.cli import main
 from tests.helpers import wait_for
 from tests.protocol.opcua.control_support import (  # noqa: F401 -- fixtures
     USERS,
@@ -93,7 +93,7 @@ async def test_durations_params_and_times():
 async def test_lock_holds_and_renews_until_interrupted_then_releases(served):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LABCTL_")} | {"LABCTL_PASSWORD": USERS["alice"][1]}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server.cli", "lock", "laser", "--for", "1.5s", "--url", served.url, "--user", "alice",
+        sys.executable, "-m", "labctl", "lock", "laser", "--for", "1.5s", "--url", served.url, "--user", "alice",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
     )  # fmt: skip
     try:
@@ -237,7 +237,7 @@ async def test_alarms_ack_shelve_and_interlocks(served, labctl):
 
 async def test_the_sync_session_mirrors_the_control_calls(served):
     """The blocking wrapper (its own loop thread), driven from a worker thread as a script would."""
-    from clients.sync import connect
+    from labctl.clients.sync import connect
 
     def script() -> None:
         with connect(served.url, "bob", USERS["bob"][1], "None", timeout_s=10) as bob:

@@ -18,15 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from labctl.clients import history as history_module
+from labctl.clients import sync
+from labctl.clients.errors import NoSuchPV
+from labctl.clients.history import HistoryUnavailable
+from labctl.clients.session import connect
+from labctl.ioc.types import Severity, Status
+from labctl.server.app import Server
+from labctl.server.cli import main
+from labctl.server.site import parse_site
 
-from clients import history as history_module
-from clients import sync
-from clients.history import HistoryUnavailable
-from clients.session import NoSuchPV, connect
-from ioc.config import parse_site
-from ioc.types import Severity, Status
-from server.app import Server
-from server.cli import main
 from tests.historian.support import future_minute
 
 from .conftest import PASSWORDS, site_text

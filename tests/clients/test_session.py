@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from labctl.clients.errors import ConnectError, ConnectionLost, NoSuchPV, PutRefused
+from labctl.clients.monitor import Monitor
+from labctl.clients.session import connect
+from labctl.ioc.types import PVType, Severity, Status
 
-from clients.session import ConnectError, ConnectionLost, Monitor, NoSuchPV, PutRefused, connect
-from ioc.types import PVType, Severity, Status
 from tests.helpers import wait_for
 
 from .conftest import PASSWORDS
@@ -204,8 +206,8 @@ async def test_silent_server_times_out():
 
 
 async def test_security_not_offered(tmp_path):
-    from ioc.config import parse_site
-    from server.app import Server
+    from labctl.server.app import Server
+    from labctl.server.site import parse_site
 
     from .conftest import site_text
 
@@ -222,8 +224,8 @@ async def test_security_not_offered(tmp_path):
 
 
 async def test_monitor_ends_with_connection_lost_when_the_server_stops(tmp_path):
-    from ioc.config import parse_site
-    from server.app import Server
+    from labctl.server.app import Server
+    from labctl.server.site import parse_site
 
     from .conftest import site_text
 

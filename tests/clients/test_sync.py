@@ -6,9 +6,8 @@ import asyncio
 import threading
 
 import pytest
-
-from clients import sync
-from clients.session import PutRefused, RequestTimeout
+from labctl.clients import sync
+from labctl.clients.errors import PutRefused, RequestTimeout
 
 from .conftest import PASSWORDS
 

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from labctl.drivers.base import VisaDriver
+from labctl.drivers.registry import SIM_DIR
+from labctl.drivers.transport import VisaTransport
 
-from drivers.base import VisaDriver
-from drivers.registry import SIM_DIR
-from drivers.transport import VisaTransport
 from tests.drivers.fakes import FakeClock, ScriptedTransport
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from drivers.transport import Transport
-from ioc.errors import DriverFault, DriverTimeout
+from labctl.drivers.transport import Transport
+from labctl.ioc.errors import DriverFault, DriverTimeout
 
 
 class ScriptedTransport(Transport):

@@ -6,11 +6,11 @@ import itertools
 import math
 
 import pytest
+from labctl.drivers.cryostat import ACK, ENQ, NAK, CryostatOptions, CryostatPlant, UnknownCommand
+from labctl.drivers.registry import create_driver, create_plant, fault_injector
+from labctl.ioc.config.instruments import InstrumentConfig, SimulationConfig
+from labctl.ioc.errors import ConfigError, DriverFault, DriverTimeout
 
-from drivers.cryostat import ACK, ENQ, NAK, CryostatOptions, CryostatPlant, UnknownCommand
-from drivers.registry import create_driver, create_plant, fault_injector
-from ioc.config import InstrumentConfig, SimulationConfig
-from ioc.errors import ConfigError, DriverFault, DriverTimeout
 from tests.drivers.fakes import FakeClock
 
 BASE, COOLING, TAU_MXC = 0.010, 8.4e-3, 120.0

@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-
-from drivers.registry import (
+from labctl.drivers.registry import (
     DRIVERS,
     SIM_DIR,
     check_instrument,
@@ -15,10 +14,10 @@ from drivers.registry import (
     fault_injector,
     list_channels,
 )
-from drivers.transport import FaultyTransport, SimulationTransport, VisaTransport
-from ioc.config import InstrumentConfig, SimulationConfig
-from ioc.driver import Driver
-from ioc.errors import ConfigError, DriverTimeout
+from labctl.drivers.transport import FaultyTransport, SimulationTransport, VisaTransport
+from labctl.ioc.config.instruments import InstrumentConfig, SimulationConfig
+from labctl.ioc.driver import Driver
+from labctl.ioc.errors import ConfigError, DriverTimeout
 
 SIMULATIONS = {"cryo": SimulationConfig(model="cryostat")}
 

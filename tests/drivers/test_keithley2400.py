@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-
-from drivers.keithley2400 import Keithley2400
-from ioc.errors import DriverFault, OutOfRange
+from labctl.drivers.keithley2400 import Keithley2400
+from labctl.ioc.errors import DriverFault, OutOfRange
 
 K2400 = "GPIB0::24::INSTR"
 IDN = "KEITHLEY INSTRUMENTS INC.,MODEL 2400,4123456,C32   Oct  4 2010 14:20:11/A02  /S/K"

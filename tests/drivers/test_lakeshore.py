@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-
-from drivers.lakeshore import LakeShore336, LakeShore372
-from ioc.errors import DriverFault, DriverTimeout, NotWritable, OutOfRange, WrongType
+from labctl.drivers.lakeshore import LakeShore336, LakeShore372
+from labctl.ioc.errors import DriverFault, DriverTimeout, NotWritable, OutOfRange, WrongType
 
 LS336 = "TCPIP0::127.0.0.1::7777::SOCKET"
 LS372 = "GPIB0::13::INSTR"

@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
-
-from drivers.registry import check_instrument, create_driver
-from drivers.scpi import ParseSpecError, ScpiDriver, build_channel, build_parser
-from ioc.config import InstrumentConfig, parse_site
-from ioc.errors import ConfigError, DriverFault, WrongType
-from ioc.types import PVType
+from labctl.drivers.registry import check_instrument, create_driver
+from labctl.drivers.scpi import ParseSpecError, ScpiDriver, build_channel, build_parser
+from labctl.ioc.config.instruments import InstrumentConfig
+from labctl.ioc.errors import ConfigError, DriverFault, WrongType
+from labctl.ioc.types import PVType
+from labctl.server.site import parse_site
 
 SITE = """
 site: bench

@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-
-from drivers.tpg import ACK, ENQ, NAK, TPG
-from ioc.errors import DriverFault
+from labctl.drivers.tpg import ACK, ENQ, NAK, TPG
+from labctl.ioc.errors import DriverFault
 
 GAUGE = "ASRL4::INSTR"
 FAULTY_GAUGE = "ASRL5::INSTR"

@@ -6,11 +6,10 @@ import asyncio
 import threading
 
 import pytest
-
-from drivers.scpi import ScpiDriver
-from drivers.transport import FaultyTransport, SimulationTransport, VisaTransport
-from ioc.config import InstrumentConfig
-from ioc.errors import DriverFault, DriverTimeout
+from labctl.drivers.scpi import ScpiDriver
+from labctl.drivers.transport import FaultyTransport, SimulationTransport, VisaTransport
+from labctl.ioc.config.instruments import InstrumentConfig
+from labctl.ioc.errors import DriverFault, DriverTimeout
 
 PSU = "TCPIP0::127.0.0.1::5025::SOCKET"
 

@@ -1,7 +1,7 @@
 """Fixtures of the historian tests: archive URLs for every backend, a running historian.
 
 The databases are real: SQLite files in the test's temporary directory, and a fresh
-database per test on throwaway PostgreSQL clusters of ``tests/pgcluster.py`` (declared
+database per test on throwaway PostgreSQL clusters of :mod:`tests.pg.cluster` (declared
 once as a plugin by the top-level conftest) -- one with TimescaleDB preloaded, and one
 without, for plain PostgreSQL.
 """
@@ -9,31 +9,29 @@ without, for plain PostgreSQL.
 from __future__ import annotations
 
 import itertools
-import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from labctl.ioc.database import Database
+from labctl.server.historian import Historian
+from labctl.server.historian.config import HistorianConfig
 
-from ioc.config import HistorianConfig
-from ioc.database import Database
-from server.historian import Historian
 from tests.historian.support import make_db
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: where pgcluster.py lives
-import pgcluster  # noqa: E402
+from tests.pg.availability import require_postgres
+from tests.pg.cluster import PgCluster
 
 
 @pytest.fixture(scope="session")
-def plain_pg_cluster() -> Iterator[pgcluster.PgCluster]:
+def plain_pg_cluster() -> Iterator[PgCluster]:
     """A PostgreSQL cluster *without* TimescaleDB preloaded (the extension cannot be enabled)."""
-    pgcluster.require_postgres()
-    with pgcluster.PgCluster(timescaledb=False) as cluster:
+    require_postgres()
+    with PgCluster(timescaledb=False) as cluster:
         yield cluster
 
 
 @pytest.fixture
-def plain_pg_url(plain_pg_cluster: pgcluster.PgCluster) -> Iterator[str]:
+def plain_pg_url(plain_pg_cluster: PgCluster) -> Iterator[str]:
     """A fresh database on the plain PostgreSQL cluster, for one test."""
     name = f"plain{next(_databases)}"
     plain_pg_cluster.start()

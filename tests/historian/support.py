@@ -6,9 +6,9 @@ import math
 import time
 from collections.abc import Callable
 
-from ioc.config import parse_site
-from ioc.database import Database
-from ioc.site import build_database
+from labctl.ioc.build import build_database
+from labctl.ioc.database import Database
+from labctl.server.site import parse_site
 
 SITE = """
 site: archive_test

@@ -12,13 +12,14 @@ import random
 import time
 
 import pytest
+from labctl.ioc.errors import PermissionDenied, UnknownPV, WrongType
+from labctl.ioc.types import Identity, Reading, Severity, Status
+from labctl.server.historian import Historian, HistorianError, SchemaTooNew, query
+from labctl.server.historian.encoding import to_us
+from labctl.server.historian.ingest import apply_retention
+from labctl.server.historian.schema import SCHEMA_VERSION, pv, pv_meta, sample_rollup, schema_version
 from sqlalchemy import create_engine, func, inspect, select, update
 
-from ioc.errors import PermissionDenied, UnknownPV, WrongType
-from ioc.types import Identity, Reading, Severity, Status
-from server.historian import Historian, HistorianError, SchemaTooNew, query
-from server.historian.ingest import apply_retention
-from server.historian.schema import SCHEMA_VERSION, pv, pv_meta, sample_rollup, schema_version, to_us
 from tests.helpers import wait_for
 from tests.historian.support import SITE, future_minute, make_db
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from labctl.ioc.pv import PVInfo
+from labctl.ioc.types import PVType
+from labctl.server.historian.backend import open_backend
+from labctl.server.historian.catalogue import register_catalogue
+from labctl.server.historian.schema import ensure_schema, pv, pv_meta
 from sqlalchemy import select
-
-from ioc.pv import PVInfo
-from ioc.types import PVType
-from server.historian.backend import open_backend
-from server.historian.schema import ensure_schema, pv, pv_meta, register_catalogue
 
 COUNT = 12_000  # more ids than one chunked update takes
 

@@ -1,4 +1,4 @@
-"""The throwaway PostgreSQL 15 / TimescaleDB cluster of tests/pgcluster.py works as the
+"""The throwaway PostgreSQL 15 / TimescaleDB cluster of tests/pg/ works as the
 historian tests need it: reachable by URL, TimescaleDB (Apache edition) loadable,
 hypertables, COPY ingest, time_bucket, and data surviving the server going away."""
 
@@ -10,7 +10,8 @@ import re
 import psycopg
 import pytest
 
-from tests import pgcluster
+from tests.pg.availability import postgres_available, require_postgres, require_timescaledb, timescaledb_available
+from tests.pg.cluster import PgCluster
 
 T0 = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
 
@@ -132,8 +133,8 @@ def test_stop_start_keeps_data(pg_cluster_factory, mode):
 
 
 def test_cleanup_removes_everything():
-    pgcluster.require_postgres()
-    cluster = pgcluster.PgCluster(timescaledb=False)
+    require_postgres()
+    cluster = PgCluster(timescaledb=False)
     cluster.start()
     base = cluster.base
     assert base.is_dir() and cluster.is_running()
@@ -156,11 +157,11 @@ def _fake_bindir(tmp_path):
 
 
 def test_availability_messages(tmp_path):
-    ok, why = pgcluster.postgres_available(tmp_path / "nowhere")
+    ok, why = postgres_available(tmp_path / "nowhere")
     assert not ok and "apt-get install postgresql-15" in why
-    ok, why = pgcluster.timescaledb_available(_fake_bindir(tmp_path))
+    ok, why = timescaledb_available(_fake_bindir(tmp_path))
     assert not ok and "bash scripts/install-timescaledb.sh" in why
-    ok, version = pgcluster.timescaledb_available()
+    ok, version = timescaledb_available()
     assert not ok or re.fullmatch(r"\d+\.\d+\.\d+", version)
 
 
@@ -168,7 +169,7 @@ def test_missing_timescaledb_skips_locally_fails_in_ci(tmp_path, monkeypatch):
     monkeypatch.setenv("LABCTL_PG_BINDIR", str(_fake_bindir(tmp_path)))
     monkeypatch.delenv("CI", raising=False)
     with pytest.raises(pytest.skip.Exception, match="scripts/install-timescaledb.sh"):
-        pgcluster.require_timescaledb()
+        require_timescaledb()
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="CI=true"):
-        pgcluster.require_timescaledb()
+        require_timescaledb()

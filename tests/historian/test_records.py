@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from labctl.ioc.access import AuditRecord
+from labctl.ioc.alarms import Alarm, AlarmEvent
+from labctl.ioc.jobs import Job, JobState, Result
+from labctl.ioc.types import Identity, Severity, Status
+from labctl.server.historian.schema import SCHEMA_VERSION, V2_TABLES, schema_version
 from sqlalchemy import create_engine, inspect, select, text, update
 
-from ioc.access import AuditRecord
-from ioc.alarms import Alarm, AlarmEvent
-from ioc.jobs import Job, JobState, Result
-from ioc.types import Identity, Severity, Status
-from server.historian.schema import SCHEMA_VERSION, V2_TABLES, schema_version
 from tests.helpers import free_port
 from tests.historian.support import make_db
 

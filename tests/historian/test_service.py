@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 
 import pytest
+from labctl.server.app import Server
+from labctl.server.historian import HistorianError, HistorianService
+from labctl.server.site import parse_site
 
-from ioc.config import parse_site
-from server.app import Server
-from server.historian import HistorianError, HistorianService
 from tests.helpers import free_port
 from tests.historian.support import future_minute, make_db
 
@@ -80,8 +80,8 @@ async def test_a_bad_url_is_refused_with_a_reason(url, message, start_historian)
 
 
 async def test_queries_need_a_running_historian(tmp_path):
-    from ioc.config import HistorianConfig
-    from server.historian import Historian
+    from labctl.server.historian import Historian
+    from labctl.server.historian.config import HistorianConfig
 
     h = Historian(make_db(), HistorianConfig(), tmp_path)
     assert h.endpoints() == [f"historian sqlite:///{tmp_path}/history.sqlite (not started)"]

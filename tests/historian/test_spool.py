@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 
-from server.historian.spool import Batch, Spool
+from labctl.server.historian.spool import Batch, Spool
 
 
 def batch(first: int, n: int, *, audits: int = 0, name: str = "PV:A") -> Batch:
@@ -60,7 +60,7 @@ def test_segments_keep_their_order_across_reopening_and_torn_writes_are_ignored(
 def test_a_full_spool_drops_the_oldest_samples_keeps_events_and_says_so(tmp_path, caplog):
     one = len(batch(0, 100).encode())
     spool = Spool(tmp_path / "spool", int(one * 3.5))
-    caplog.set_level(logging.WARNING, logger="server.historian.spool")
+    caplog.set_level(logging.WARNING, logger="labctl.server.historian.spool")
     spool.append(batch(0, 100))
     spool.append(batch(100, 100, audits=2))  # its audit records must outlive its samples
     for k in range(2, 8):
@@ -90,7 +90,7 @@ def test_a_full_spool_drops_the_oldest_samples_keeps_events_and_says_so(tmp_path
 def test_events_are_dropped_only_when_nothing_else_is_left(tmp_path, caplog):
     one = len(batch(0, 0, audits=50).encode())
     spool = Spool(tmp_path / "spool", int(one * 2.5))
-    caplog.set_level(logging.ERROR, logger="server.historian.spool")
+    caplog.set_level(logging.ERROR, logger="labctl.server.historian.spool")
     for k in range(4):
         spool.append(batch(k, 0, audits=50))
     assert spool.dropped_events == 100 and spool.events == 100
@@ -100,7 +100,7 @@ def test_events_are_dropped_only_when_nothing_else_is_left(tmp_path, caplog):
 def test_a_refused_segment_is_quarantined_with_its_reason(tmp_path, caplog):
     spool = Spool(tmp_path / "spool", 10**6)
     seg = spool.append(batch(0, 3))
-    caplog.set_level(logging.ERROR, logger="server.historian.spool")
+    caplog.set_level(logging.ERROR, logger="labctl.server.historian.spool")
     moved = spool.quarantine(seg, "IntegrityError: NOT NULL constraint failed")
     assert spool.empty and spool.rejected_segments == 1
     assert moved.parent.name == "rejected" and moved.exists()

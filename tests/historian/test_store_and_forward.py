@@ -11,14 +11,14 @@ import asyncio
 import logging
 
 import pytest
+from labctl.ioc.database import Database
+from labctl.ioc.types import Reading
+from labctl.server.historian import Historian, HistorianUnavailable
+from labctl.server.historian.backend import open_backend
+from labctl.server.historian.config import HistorianConfig
+from labctl.server.historian.ingest import Capture, Ingestor
+from labctl.server.historian.spool import Batch, Spool
 
-from ioc.config import HistorianConfig
-from ioc.database import Database
-from ioc.types import Reading
-from server.historian import Historian, HistorianUnavailable
-from server.historian.backend import open_backend
-from server.historian.ingest import Capture, Ingestor
-from server.historian.spool import Batch, Spool
 from tests.helpers import wait_for
 from tests.historian.support import future_minute, make_db
 
@@ -69,7 +69,7 @@ async def assert_rollups_match(h: Historian, name: str, t0: float, n: int) -> No
 
 @pytest.mark.timescaledb
 async def test_an_outage_is_back_filled_exactly_once_and_in_order(pg_cluster_factory, start_historian, caplog):
-    caplog.set_level(logging.INFO, logger="server.historian")
+    caplog.set_level(logging.INFO, logger="labctl.server.historian")
     cluster = pg_cluster_factory(timescaledb=True)
     db = make_db()
     h = await start_historian(db, cluster.url, batch_age_s=0.1)
@@ -139,7 +139,7 @@ async def test_a_restarted_historian_back_fills_the_spool_of_its_predecessor(pg_
 
 @pytest.mark.timescaledb
 async def test_a_full_spool_keeps_the_newest_samples_and_counts_the_rest(pg_cluster_factory, start_historian, caplog):
-    caplog.set_level(logging.INFO, logger="server.historian")
+    caplog.set_level(logging.INFO, logger="labctl.server.historian")
     cluster = pg_cluster_factory(timescaledb=True)
     db = make_db()
     h = await start_historian(db, cluster.url, batch_age_s=0.05, spool_max_mb=0.02)
@@ -187,7 +187,7 @@ async def test_a_replayed_segment_neither_doubles_samples_nor_rollups(archive_ur
     spool.append(Batch([("CRYO:RAW", None, 0, 1.0, None, None, None, 0, 0, 0)], types={"CRYO:RAW": "float64"}))  # refused
     spool.append(Batch(rows[8:], types={"CRYO:RAW": "float64"}))
 
-    caplog.set_level(logging.ERROR, logger="server.historian")
+    caplog.set_level(logging.ERROR, logger="labctl.server.historian")
     h2 = await start_historian(db, archive_url, state_dir=state)
     await wait_for(h2.flush, 30, "the back-fill")
     page = await h2.read_raw("CRYO:RAW", t0, t0 + 60)
@@ -205,7 +205,7 @@ async def test_a_stuck_writer_costs_the_oldest_queued_updates_counted_and_logged
     db = make_db()
     backend = open_backend(f"sqlite:///{tmp_path}/h.sqlite")
     ingestor = Ingestor(backend, Spool(tmp_path / "spool", 10**6), db.infos(), batch_size=100, batch_age_s=0.1, max_pending=5)
-    caplog.set_level(logging.ERROR, logger="server.historian")
+    caplog.set_level(logging.ERROR, logger="labctl.server.historian")
     t0 = future_minute()
     for i in range(8):  # the worker is not running: as stuck as it gets
         ingestor.put("CRYO:RAW", Reading(float(i + 1), t0 + i))

@@ -10,10 +10,10 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 from caproto import ChannelType
 from caproto.asyncio.client import Context
+from labctl.ioc.types import Identity
+from labctl.server.app import Overrides, Server
+from labctl.server.site import parse_site
 
-from ioc.config import parse_site
-from ioc.types import Identity
-from server.app import Overrides, Server
 from tests.helpers import free_port, free_tcp_udp_port, wait_for
 
 OP = Identity("olga", frozenset({"operator"}), "test")

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port, free_tcp_udp_port, wait_for_sync
+from tests.helpers import wait_for_sync
+from tests.served import Served
 
 ROOT = Path(__file__).resolve().parents[2]
-LABCTL = [sys.executable, "-m", "server.cli"]
+LABCTL = [sys.executable, "-m", "labctl"]
 
 
 def run(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -42,45 +41,12 @@ def test_check_a_malformed_site_names_file_line_and_key(tmp_path):
     assert p.returncode == 2 and f"{bad}:2:1 flavour: unknown key" in p.stderr
 
 
-class Served:
-    """`labctl serve` in a subprocess; lines of its log collected as they come."""
-
-    def __init__(self, tmp: Path, name: str) -> None:
-        self.ua_port, self.ca_port = free_port(), free_tcp_udp_port()
-        env = {**os.environ, "LABCTL_LOG_LEVEL": "INFO"}
-        self.proc = subprocess.Popen(
-            [*LABCTL, "serve", "config/demo.yaml", "--state-dir", str(tmp / name), "--opcua-port", str(self.ua_port),
-             "--ca-port", str(self.ca_port), "--ca-interfaces", "127.0.0.1"],
-            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
-        )  # fmt: skip
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip())
-
-    def saw(self, text: str) -> bool:
-        return any(text in line for line in self.lines)
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        rc = self.proc.wait(timeout=30)
-        self._reader.join(timeout=5)
-        assert self.proc.stderr is not None
-        self.proc.stderr.close()
-        return rc
-
-
 @pytest.fixture
 def served(tmp_path):
     started: list[Served] = []
 
     def start(name: str) -> Served:
-        s = Served(tmp_path, name)
+        s = Served([*LABCTL, "serve", "config/demo.yaml"], tmp_path / name, cwd=ROOT)
         started.append(s)
         return s
 

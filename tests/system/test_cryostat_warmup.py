@@ -7,11 +7,11 @@ layer) with fast plant time constants, so a warm-up takes about a second.
 from __future__ import annotations
 
 import pytest
+from labctl.ioc.interlocks import state_pv
+from labctl.ioc.jobs import JobState
+from labctl.ioc.types import Identity, Severity, Status
+from labctl.server.app import Overrides, Server
 
-from ioc.interlocks import state_pv
-from ioc.jobs import JobState
-from ioc.types import Identity, Severity, Status
-from server.app import Overrides, Server
 from tests.helpers import wait_for
 from tests.sites import FAST_CRYOSTAT
 
@@ -54,7 +54,7 @@ VIEWER = Identity("vic", frozenset({"viewer"}), "test")
 
 @pytest.fixture
 async def server(tmp_path):
-    from ioc.config import parse_site
+    from labctl.server.site import parse_site
 
     site = parse_site(SITE.replace("STATE", str(tmp_path / "var")), "fridge.yaml")
     site = Overrides(no_opcua=True, no_ca=True, no_historian=True).apply(site)
@@ -103,7 +103,7 @@ async def test_warm_up_trips_the_interlock_and_cooling_plus_reset_resumes(server
     plant.start_compressor()
     await wait_for(lambda: ctl.interlocks.state("mxc_warm") == "RESET_NEEDED", timeout=10, what="cleared")
     assert running.paused and queued.state is JobState.QUEUED
-    from ioc.alarms import AlarmError
+    from labctl.ioc.alarms import AlarmError
 
     with pytest.raises(AlarmError, match="may not acknowledge"):
         ctl.alarms.acknowledge("CRYO:MXC:TEMP", VIEWER)

@@ -4,11 +4,11 @@ comes back, while the others keep updating."""
 from __future__ import annotations
 
 import pytest
+from labctl.drivers.registry import fault_injector
+from labctl.ioc.types import Severity, Status
+from labctl.server.app import Overrides, Server
+from labctl.server.site import parse_site
 
-from drivers.registry import fault_injector
-from ioc.config import parse_site
-from ioc.types import Severity, Status
-from server.app import Overrides, Server
 from tests.helpers import wait_for
 
 SITE = """
@@ -70,7 +70,7 @@ async def test_a_dead_instrument_goes_invalid_comm_and_recovers_while_the_others
 
 
 async def test_writes_reach_the_simulated_instrument_and_read_back(server):
-    from ioc.types import Identity
+    from labctl.ioc.types import Identity
 
     op = Identity("olga", frozenset({"operator"}), "test")
     r = await server.db.write("SMU:VOLT:SP", 2.5, op)

@@ -12,13 +12,13 @@ import functools
 from pathlib import Path
 
 import pytest
+from labctl.clients.session import connect
+from labctl.ioc.jobs import JobState
+from labctl.ioc.types import Identity, Severity, Status
+from labctl.server.app import Server
+from labctl.server.passwords import hash_password
+from labctl.server.site import parse_site
 
-from clients.session import connect
-from ioc.config import parse_site
-from ioc.jobs import JobState
-from ioc.types import Identity, Severity, Status
-from server.app import Server
-from server.passwords import hash_password
 from tests.helpers import wait_for
 
 OP = Identity("olga", frozenset({"operator"}), "test")

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from labctl.server.app import Overrides, Server
+from labctl.server.passwords import hash_password
+from labctl.server.site import SiteConfig, parse_site
 
-from ioc.config import SiteConfig, parse_site
-from server.app import Overrides, Server
-from server.passwords import hash_password
 from tests.helpers import wait_for
 
 DEMO_SITE = Path(__file__).resolve().parents[2] / "config" / "demo.yaml"
@@ -72,7 +72,7 @@ async def tui_demo(tmp_path: Path) -> AsyncIterator[TuiDemo]:
 @pytest.fixture
 def tui_app(tui_demo: TuiDemo) -> Callable[..., Any]:
     """``tui_app(user="operator", **kw)``: a LabctlApp for the demo server (not yet running)."""
-    from clients.tui.app import LabctlApp
+    from labctl.clients.tui.app import LabctlApp
 
     def make(user: str | None = "operator", **kw: Any) -> LabctlApp:
         kw.setdefault("reconnect_min_s", 0.05)
@@ -217,7 +217,7 @@ def tui_utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 @pytest.fixture
 def tui_snap_server(tmp_path: Path, tui_utc: None) -> Iterator[ThreadedServer]:
     """The snapshot site with a frozen clock, a broken gauge, the laser locked by expert and one job done."""
-    from ioc.types import Identity, Status
+    from labctl.ioc.types import Identity, Status
 
     def prepare(server: Server) -> None:
         freeze(server)
@@ -240,7 +240,7 @@ def tui_snap_server(tmp_path: Path, tui_utc: None) -> Iterator[ThreadedServer]:
 @pytest.fixture
 def tui_snap_app(tui_snap_server: ThreadedServer) -> Callable[..., Any]:
     """``tui_snap_app(**kw)``: a LabctlApp of operator on the snapshot site."""
-    from clients.tui.app import LabctlApp
+    from labctl.clients.tui.app import LabctlApp
 
     def make(**kw: Any) -> LabctlApp:
         kw.setdefault("theme", "textual-dark")

@@ -20,16 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from labctl.clients.gui.layout import Layout, load_layout, parse_layout
+from labctl.clients.gui.link import Link
+from labctl.clients.gui.qtcompat import check_bindings
+from labctl.clients.gui.style import SEVERITY_COLORS, STALE_COLORS
+from labctl.clients.gui.window import MainWindow
+from labctl.ioc.types import Identity, Severity
+from labctl.server.app import Overrides, Server
+from labctl.server.passwords import hash_password
+from labctl.server.site import SiteConfig, parse_site
 
-from clients.gui.layout import Layout, load_layout, parse_layout
-from clients.gui.link import Link
-from clients.gui.qtcompat import check_bindings
-from clients.gui.style import SEVERITY_COLORS, STALE_COLORS
-from clients.gui.window import MainWindow
-from ioc.config import SiteConfig, parse_site
-from ioc.types import Identity, Severity
-from server.app import Overrides, Server
-from server.passwords import hash_password
 from tests.sites import FAST_CRYOSTAT
 
 pytestmark = pytest.mark.gui
@@ -193,7 +193,7 @@ def gui_history_server(tmp_path: Path, gui_pki_cache: Path) -> Iterator[GuiServe
 @pytest.fixture(scope="module")
 def gui_demo_server(tmp_path_factory: pytest.TempPathFactory, gui_pki_cache: Path) -> Iterator[GuiServerThread]:
     """The simulated demo site (config/demo.yaml) on a free port, shared by the tests that only look at it."""
-    from ioc.config import load_site
+    from labctl.server.site import load_site
 
     state = tmp_path_factory.mktemp("gui-demo") / "var"
     site = Overrides(opcua_port=0, no_ca=True, state_dir=str(state)).apply(load_site(ROOT / "config" / "demo.yaml"))

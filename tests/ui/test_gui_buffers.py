@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from clients.gui.buffers import History, Ring, Trace, clean
+from labctl.clients.gui.buffers import History, Ring, Trace, clean
 
 
 def test_gui_ring_views_are_contiguous_and_keep_the_newest():

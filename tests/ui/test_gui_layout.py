@@ -7,12 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from clients.gui.layout import ChartPanel, ValuesPanel, default_layout, load_layout, parse_layout, wants_log
-from clients.session import Metadata
-from ioc.errors import ConfigError
-from ioc.types import PVType, Reading
-from server.cli import main
+from labctl.clients.gui.layout import ChartPanel, ValuesPanel, default_layout, load_layout, parse_layout, wants_log
+from labctl.clients.values import Metadata
+from labctl.ioc.errors import ConfigError
+from labctl.ioc.types import PVType, Reading
+from labctl.server.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_LAYOUT = ROOT / "config" / "layouts" / "demo.yaml"

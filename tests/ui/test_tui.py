@@ -13,14 +13,14 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from labctl.clients.tui.app import LabctlApp
+from labctl.clients.tui.link import LinkState
+from labctl.clients.tui.screens import AlarmsScreen, BrowserScreen, HelpScreen, LocksScreen, WriteDialog
+from labctl.clients.tui.widgets import Banner, DetailPane, PVTable
+from labctl.ioc.access import AuditRecord
+from labctl.ioc.errors import LockedBy
+from labctl.ioc.types import Identity, Severity
 
-from clients.tui.app import LabctlApp
-from clients.tui.link import LinkState
-from clients.tui.screens import AlarmsScreen, BrowserScreen, HelpScreen, LocksScreen, WriteDialog
-from clients.tui.widgets import Banner, DetailPane, PVTable
-from ioc.access import AuditRecord
-from ioc.errors import LockedBy
-from ioc.types import Identity, Severity
 from tests.helpers import wait_for
 
 SIZE = (140, 40)

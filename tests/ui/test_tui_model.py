@@ -5,10 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-
-from clients.session import Metadata
-from clients.tui.link import LinkState, LinkStatus, is_login_refusal
-from clients.tui.model import (
+from labctl.clients.tui.link import LinkState, LinkStatus, is_login_refusal
+from labctl.clients.tui.model import (
     AlarmSummary,
     Backoff,
     InputError,
@@ -25,9 +23,10 @@ from clients.tui.model import (
     select,
     value_text,
 )
-from clients.tui.widgets.status import banner_content, status_content
-from ioc.errors import LockedBy
-from ioc.types import PVType, Reading, Severity, Status
+from labctl.clients.tui.widgets.status import banner_content, status_content
+from labctl.clients.values import Metadata
+from labctl.ioc.errors import LockedBy
+from labctl.ioc.types import PVType, Reading, Severity, Status
 
 TEMP = Metadata("CRYO:MXC:TEMP", PVType.FLOAT64, "mixing chamber temperature", "K", display=(0.0, 0.5), path="demo/bridge/temperature:6")
 SETP = Metadata("CRYO:MXC:SETP", PVType.FLOAT64, "setpoint", "K", display=(0.0, 0.3), writable=True, path="demo/bridge/setpoint:0")
@@ -174,7 +173,7 @@ def test_status_line_and_banner():
 
 
 def test_login_refusals_are_told_apart():
-    from clients.session import ConnectError
+    from labctl.clients.errors import ConnectError
 
     assert is_login_refusal(ConnectError("opc.tcp://h: login refused for user 'x' (BadUserAccessDenied): wrong user name or password"))
     assert not is_login_refusal(ConnectError("cannot connect to opc.tcp://h: connection refused (is a labctl server running there?)"))

@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from ioc.errors import DriverFault
+from labctl.ioc.errors import DriverFault
 
 
 class MemoryInstrument:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
-from ioc.config import AlarmConfig
-from ioc.pv import AlarmEvaluator, limit_alarm
-from ioc.types import Severity, Status
+from labctl.ioc.config.pvs import AlarmConfig
+from labctl.ioc.pv import AlarmEvaluator, limit_alarm
+from labctl.ioc.types import Severity, Status
 
 CFG = AlarmConfig(lolo=1.0, low=2.0, high=8.0, hihi=9.0, hysteresis=0.5)
 

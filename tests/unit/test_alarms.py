@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from ioc.alarms import AlarmError, AlarmTable, RateLimiter
-from ioc.types import Reading, Severity, Status
+from labctl.ioc.alarms import AlarmError, AlarmTable, RateLimiter
+from labctl.ioc.types import Reading, Severity, Status
 
 OK = (Severity.NO_ALARM, Status.NO_ALARM)
 HIGH = (Severity.MINOR, Status.HIGH)

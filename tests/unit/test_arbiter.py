@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
-from ioc.arbiter import Arbiter, Lease, LockError, Waiter
-from ioc.config import ResourceConfig
-from ioc.errors import LockedBy
-from ioc.types import SYSTEM, Identity
+from labctl.ioc.arbiter import Arbiter, Lease, LockError, Waiter
+from labctl.ioc.config.access import ResourceConfig
+from labctl.ioc.errors import LockedBy
+from labctl.ioc.types import SYSTEM, Identity
 
 
 def who(name: str, *roles: str) -> Identity:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-
-from ioc.config import load_site, parse_site
-from ioc.errors import ConfigError
+from labctl.ioc.errors import ConfigError
+from labctl.server.site import load_site, parse_site
 
 GOOD = """
 site: lab1
@@ -158,7 +157,7 @@ def test_a_range_entry_declares_numbered_pvs_in_order():
 
 
 def test_numbered_pvs_build_a_database_with_their_own_names_and_inputs():
-    from ioc.site import build_database
+    from labctl.ioc.build import build_database
 
     db = build_database(parse_site(NUMBERED, "daq.yaml"))
     assert len(db.names("DAQ:*")) == 64

@@ -6,10 +6,9 @@ import asyncio
 import math
 
 import pytest
-
-from ioc.access import AuditRecord
-from ioc.config import parse_site
-from ioc.errors import (
+from labctl.ioc.access import AuditRecord
+from labctl.ioc.build import build_database
+from labctl.ioc.errors import (
     DriverFault,
     Interlocked,
     LockedBy,
@@ -19,8 +18,9 @@ from ioc.errors import (
     UnknownPV,
     WrongType,
 )
-from ioc.site import build_database
-from ioc.types import EventMask, Identity, Severity, Status
+from labctl.ioc.types import EventMask, Identity, Severity, Status
+from labctl.server.site import parse_site
+
 from tests.helpers import wait_for
 from tests.unit.memdriver import MemoryInstrument
 
@@ -280,7 +280,7 @@ pvs:
 """,
         "c.yaml",
     )
-    from ioc.errors import ConfigError
+    from labctl.ioc.errors import ConfigError
 
     with pytest.raises(ConfigError, match="cycle: A -> B -> A|cycle: B -> A -> B"):
         build_database(site, source="c.yaml")

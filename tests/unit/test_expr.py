@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-
-from ioc.expr import EvaluationError, Expression, ExpressionError, Table
+from labctl.ioc.expr import EvaluationError, Expression, ExpressionError, Table
 
 CAL = {"rox": Table.from_points("rox", [(1000.0, 4.0), (2000.0, 1.0), (5000.0, 0.1)])}
 

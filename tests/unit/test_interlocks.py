@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from labctl.ioc.build import build_database
+from labctl.ioc.config.interlocks import InterlockConfig
+from labctl.ioc.errors import Interlocked
+from labctl.ioc.interlocks import InterlockError, InterlockManager, InterlockRule, state_pv
+from labctl.ioc.types import Identity, Reading, Severity, Status
+from labctl.server.site import parse_site
 
-from ioc.config import InterlockConfig, parse_site
-from ioc.errors import Interlocked
-from ioc.interlocks import InterlockError, InterlockManager, InterlockRule, state_pv
-from ioc.site import build_database
-from ioc.types import Identity, Reading, Severity, Status
 from tests.helpers import wait_for
 
 SITE = """

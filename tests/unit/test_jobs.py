@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from labctl.ioc.arbiter import Arbiter
+from labctl.ioc.build import build_database
+from labctl.ioc.jobs import JobError, JobManager, JobState, MemoryJobStore
+from labctl.ioc.types import Identity
+from labctl.server.site import parse_site
 
-from ioc.arbiter import Arbiter
-from ioc.config import parse_site
-from ioc.jobs import JobError, JobManager, JobState, MemoryJobStore
-from ioc.site import build_database
-from ioc.types import Identity
 from tests.helpers import wait_for
 
 SITE = """

@@ -6,11 +6,10 @@ import math
 
 import numpy as np
 import pytest
-
-from ioc.config import AlarmConfig
-from ioc.errors import OutOfRange, WrongType
-from ioc.pv import Deadbands, PVInfo, canonical, coerce
-from ioc.types import EventMask, PVType, Reading, Severity, Status
+from labctl.ioc.config.pvs import AlarmConfig
+from labctl.ioc.errors import OutOfRange, WrongType
+from labctl.ioc.pv import Deadbands, PVInfo, canonical, coerce
+from labctl.ioc.types import EventMask, PVType, Reading, Severity, Status
 
 
 def pv(t: PVType, **kw) -> PVInfo:

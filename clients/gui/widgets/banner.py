@@ -20,10 +20,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from labctl.clients.gui.style import DIM, Theme, severity_colors
+from labctl.ioc.types import Reading, Severity
 from PySide6 import QtCore, QtGui, QtWidgets
-
-from clients.gui.style import DIM, Theme, severity_colors
-from ioc.types import Reading, Severity
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """A strip chart: several PVs over time, opening with their history and going on live.
 
-Theory of operation. Each PV is a :class:`~clients.gui.buffers.Trace` drawn by two
+Theory of operation. Each PV is a :class:`~labctl.clients.gui.buffers.Trace` drawn by two
 curves with one pen: a *history* curve (redrawn only when an answer from the historian
 arrives) and a *live* curve (redrawn from the ring's copy-free views on each display tick
 that brought it points). Both downsample to the screen ("peak": the min and max of each
@@ -30,13 +30,12 @@ from typing import Any
 
 import numpy as np
 import pyqtgraph as pg
+from labctl.clients.gui.buffers import Trace
+from labctl.clients.gui.layout import ChartPanel, PVEntry
+from labctl.clients.gui.style import CURVE_COLORS, DIM, Theme
+from labctl.clients.values import Metadata
+from labctl.ioc.types import PVType, Reading
 from PySide6 import QtWidgets
-
-from clients.gui.buffers import Trace
-from clients.gui.layout import ChartPanel, PVEntry
-from clients.gui.style import CURVE_COLORS, DIM, Theme
-from clients.session import Metadata
-from ioc.types import PVType, Reading
 
 #: Ask for raw history up to this span; longer spans ask for aggregates (``every``).
 RAW_SPAN_S = 7200.0

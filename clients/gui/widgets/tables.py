@@ -16,12 +16,11 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from labctl.clients.gui.layout import InterlocksPanel, JobsPanel, LocksPanel
+from labctl.clients.gui.style import INTERLOCK_SEVERITY, Theme, severity_colors
+from labctl.clients.values import Metadata, format_value
+from labctl.ioc.types import Reading, Severity
 from PySide6 import QtGui, QtWidgets
-
-from clients.gui.layout import InterlocksPanel, JobsPanel, LocksPanel
-from clients.gui.style import INTERLOCK_SEVERITY, Theme, severity_colors
-from clients.session import Metadata, format_value
-from ioc.types import Reading, Severity
 
 LOCK_PV = re.compile(r"^ARB:(?P<res>.+):OWNER$")
 INTERLOCK_PV = re.compile(r"^ILK:(?P<name>.+):STATE$")

@@ -2,7 +2,7 @@
 
 Each PV is a tile: its label, the value in a large font with the unit beside it, and a
 status line (alarm status and severity, or why there is no value). The tile's colours
-are the severity's (see :mod:`clients.gui.style`); while the display has no connection
+are the severity's (see :mod:`labctl.clients.gui.style`); while the display has no connection
 the last value stays visible but grey, so nobody mistakes it for a current one. A tile
 restyles only when its colour state changes: setting a style sheet is not free, values
 change far more often than severities.
@@ -13,12 +13,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from labctl.clients.gui.layout import PVEntry, ValuesPanel
+from labctl.clients.gui.style import BORDER, Theme, severity_colors
+from labctl.clients.values import Metadata, format_value
+from labctl.ioc.types import PVType, Reading, Severity, Status
 from PySide6 import QtCore, QtGui, QtWidgets
-
-from clients.gui.layout import PVEntry, ValuesPanel
-from clients.gui.style import BORDER, Theme, severity_colors
-from clients.session import Metadata, format_value
-from ioc.types import PVType, Reading, Severity, Status
 
 
 def format_reading(reading: Reading | None, meta: Metadata | None, fmt: str | None = None) -> str:

@@ -1,11 +1,11 @@
 """Screens of the terminal UI: one per mode (PVs, alarms, locks, jobs) and the dialogs."""
 
-from clients.tui.screens.alarms import AlarmsScreen
-from clients.tui.screens.base import LiveScreen
-from clients.tui.screens.browser import BrowserScreen
-from clients.tui.screens.help import HelpScreen
-from clients.tui.screens.jobs import JobsScreen
-from clients.tui.screens.locks import LocksScreen
-from clients.tui.screens.write import WriteDialog, WriteOutcome
+from labctl.clients.tui.screens.alarms import AlarmsScreen
+from labctl.clients.tui.screens.base import LiveScreen
+from labctl.clients.tui.screens.browser import BrowserScreen
+from labctl.clients.tui.screens.help import HelpScreen
+from labctl.clients.tui.screens.jobs import JobsScreen
+from labctl.clients.tui.screens.locks import LocksScreen
+from labctl.clients.tui.screens.write import WriteDialog, WriteOutcome
 
 __all__ = ["AlarmsScreen", "BrowserScreen", "HelpScreen", "JobsScreen", "LiveScreen", "LocksScreen", "WriteDialog", "WriteOutcome"]

@@ -11,6 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from labctl.clients.errors import ClientError
+from labctl.clients.tui.model import ALARM_SUMMARY, AlarmRow, AlarmSummary, alarm_row_of, alarm_rows, time_text
+from labctl.clients.tui.screens.base import LiveScreen, api
+from labctl.clients.tui.widgets.pv_table import severity_style
+from labctl.ioc.types import Reading, Severity
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -18,12 +23,6 @@ from textual.containers import Horizontal, Vertical
 from textual.content import Content
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Input, Static
-
-from clients.session import ClientError
-from clients.tui.model import ALARM_SUMMARY, AlarmRow, AlarmSummary, alarm_row_of, alarm_rows, time_text
-from clients.tui.screens.base import LiveScreen, api
-from clients.tui.widgets.pv_table import severity_style
-from ioc.types import Reading, Severity
 
 COLUMNS = (("SOURCE", "source"), ("LATCHED", "severity"), ("NOW", "current"), ("STATUS", "status"), ("ACK", "ack"), ("SINCE", "since"), ("MESSAGE", "message"))
 

@@ -14,16 +14,17 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from labctl.clients.errors import ClientError, ConnectionLost
+from labctl.clients.session import Session
+from labctl.clients.tui.link import LinkState, LinkStatus
+from labctl.clients.tui.model import AlarmSummary
+from labctl.clients.tui.widgets import Banner, StatusLine
+from labctl.clients.values import Metadata
+from labctl.ioc.types import Reading
 from textual.app import ComposeResult
 from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer
-
-from clients.session import ClientError, ConnectionLost, Metadata, Session
-from clients.tui.link import LinkState, LinkStatus
-from clients.tui.model import AlarmSummary
-from clients.tui.widgets import Banner, StatusLine
-from ioc.types import Reading
 
 
 def api(session: Session | None, name: str) -> Callable[..., Any] | None:

@@ -13,20 +13,20 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 
+from labctl.clients.errors import ClientError
+from labctl.clients.tui.model import carried_forward, numeric, select, time_text
+from labctl.clients.tui.screens.base import LiveScreen, api
+from labctl.clients.tui.screens.write import WriteDialog, WriteOutcome
+from labctl.clients.tui.widgets import DetailPane, PVTable, PVTree
+from labctl.clients.tui.widgets.detail import POINTS
+from labctl.clients.values import Metadata, format_value
+from labctl.ioc.types import Reading
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.timer import Timer
 from textual.widgets import DataTable, Input, Tree
-
-from clients.session import ClientError, Metadata, format_value
-from clients.tui.model import carried_forward, numeric, select, time_text
-from clients.tui.screens.base import LiveScreen, api
-from clients.tui.screens.write import WriteDialog, WriteOutcome
-from clients.tui.widgets import DetailPane, PVTable, PVTree
-from clients.tui.widgets.detail import POINTS
-from ioc.types import Reading
 
 #: Seconds of history the sparkline starts with.
 HISTORY_S = 600.0

@@ -12,6 +12,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from labctl.clients.errors import ClientError
+from labctl.clients.session import Session
+from labctl.clients.tui.model import time_text
+from labctl.clients.tui.screens.base import LiveScreen, api
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -20,10 +24,6 @@ from textual.content import Content
 from textual.screen import ModalScreen
 from textual.timer import Timer
 from textual.widgets import Button, DataTable, Input, Label, OptionList, Static
-
-from clients.session import ClientError, Session
-from clients.tui.model import time_text
-from clients.tui.screens.base import LiveScreen, api
 
 #: Seconds between refreshes while the panel is in front.
 REFRESH_S = 2.0

@@ -12,18 +12,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from labctl.clients.errors import ClientError
+from labctl.clients.tui.model import LockRow, lock_pvs, lock_row_of, lock_rows, time_text
+from labctl.clients.tui.screens.base import LiveScreen, api
+from labctl.clients.tui.screens.write import LOCK_DURATION_S
+from labctl.ioc.types import Reading
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.content import Content
 from textual.widgets import DataTable, Static
-
-from clients.session import ClientError
-from clients.tui.model import LockRow, lock_pvs, lock_row_of, lock_rows, time_text
-from clients.tui.screens.base import LiveScreen, api
-from clients.tui.screens.write import LOCK_DURATION_S
-from ioc.types import Reading
 
 COLUMNS = (("RESOURCE", "resource"), ("HOLDER", "owner"), ("UNTIL", "until"), ("QUEUE", "queue"), ("MINE", "mine"))
 

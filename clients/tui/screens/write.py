@@ -2,8 +2,8 @@
 
 Theory of operation. The typed text is parsed into the PV's type (numbers, true/false,
 a state name or index, text, a list of numbers) and checked against the states and the
-drive limits before anything is sent (:func:`~clients.tui.model.parse_input`,
-:func:`~clients.tui.model.check_limits`); a number outside the range the server
+drive limits before anything is sent (:func:`~labctl.clients.tui.model.parse_input`,
+:func:`~labctl.clients.tui.model.check_limits`); a number outside the range the server
 publishes asks for a second Enter, since that range may be the display range rather than
 the drive limits. The server stays the judge: when it refuses, the dialog shows its
 status and its sentence word for word (who holds the lock and until when, which limit,
@@ -16,16 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from textual import on, work
-from textual.app import ComposeResult
-from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
-from textual.content import Content
-from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Static
-
-from clients.session import ClientError, Metadata, PutRefused, Session, format_value
-from clients.tui.model import (
+from labctl.clients.errors import ClientError, PutRefused
+from labctl.clients.session import Session
+from labctl.clients.tui.model import (
     InputError,
     check_limits,
     parse_input,
@@ -35,8 +28,16 @@ from clients.tui.model import (
     time_text,
     value_text,
 )
-from clients.tui.screens.base import api
-from ioc.types import PVType, Reading
+from labctl.clients.tui.screens.base import api
+from labctl.clients.values import Metadata, format_value
+from labctl.ioc.types import PVType, Reading
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.content import Content
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, Static
 
 #: Seconds a lock taken from the write dialog lasts (renewed from the locks panel).
 LOCK_DURATION_S = 600.0

@@ -10,15 +10,14 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
+from labctl.clients.tui.model import alarm_text, as_float, limits, numeric, range_text, time_text, value_text
+from labctl.clients.tui.widgets.pv_table import severity_style
+from labctl.clients.values import Metadata
+from labctl.ioc.types import Reading
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.content import Content
 from textual.widgets import Sparkline, Static
-
-from clients.session import Metadata
-from clients.tui.model import alarm_text, as_float, limits, numeric, range_text, time_text, value_text
-from clients.tui.widgets.pv_table import severity_style
-from ioc.types import Reading
 
 #: Values the sparkline keeps.
 POINTS = 120

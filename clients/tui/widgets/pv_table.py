@@ -13,13 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from labctl.clients.tui.model import alarm_text, time_text, value_text
+from labctl.clients.values import Metadata
+from labctl.ioc.types import Reading, Severity
 from textual.content import Content
 from textual.widgets import DataTable
 from textual.widgets.data_table import CellDoesNotExist, ColumnKey
-
-from clients.session import Metadata
-from clients.tui.model import alarm_text, time_text, value_text
-from ioc.types import Reading, Severity
 
 #: Content style of each severity (theme variables, so the theme decides the colour).
 SEVERITY_STYLES = {

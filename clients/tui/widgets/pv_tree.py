@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
+from labctl.clients.tui.model import folder_of, folders
+from labctl.clients.values import Metadata
 from textual.widgets import Tree
 from textual.widgets.tree import TreeNode
-
-from clients.session import Metadata
-from clients.tui.model import folder_of, folders
 
 
 class PVTree(Tree[str]):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+from labctl.clients.tui.link import LinkState, LinkStatus
+from labctl.clients.tui.model import AlarmSummary, time_text
+from labctl.clients.tui.widgets.pv_table import severity_style
+from labctl.ioc.types import Severity
 from textual.content import Content
 from textual.widgets import Static
-
-from clients.tui.link import LinkState, LinkStatus
-from clients.tui.model import AlarmSummary, time_text
-from clients.tui.widgets.pv_table import severity_style
-from ioc.types import Severity
 
 STATE_STYLES = {
     LinkState.CONNECTING: "$warning",

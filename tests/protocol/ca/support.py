@@ -2,7 +2,7 @@
 
 * :func:`serve` starts a database (soft PVs from a site file, optionally a test driver)
   and the CA service on a port free for TCP and UDP, with beacons to another free port.
-* :func:`serve_server` starts a whole :class:`~server.app.Server` for a site file: the
+* :func:`serve_server` starts a whole :class:`~labctl.server.app.Server` for a site file: the
   control layer (arbiter) and the CA service wired as in production.
 * :class:`PyEpics` runs ``pyepics_worker.py`` in a subprocess pinned to that port (libca
   reads its environment once per process) and talks to it in JSON lines; its answers and
@@ -28,15 +28,15 @@ from typing import Any
 
 from caproto import SubscriptionType
 from caproto.asyncio.client import Context
+from labctl.ioc.access import AuditRecord
+from labctl.ioc.build import build_database
+from labctl.ioc.database import Database
+from labctl.ioc.errors import DriverFault, DriverTimeout
+from labctl.server.app import Server
+from labctl.server.ca.service import CAService
+from labctl.server.control import ControlService
+from labctl.server.site import SiteConfig, parse_site
 
-from ioc.access import AuditRecord
-from ioc.config import SiteConfig, parse_site
-from ioc.database import Database
-from ioc.errors import DriverFault, DriverTimeout
-from ioc.site import build_database
-from server.app import Server
-from server.ca.service import CAService
-from server.control import ControlService
 from tests.helpers import free_port
 
 WORKER = Path(__file__).with_name("pyepics_worker.py")

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from caproto import AccessRights
-
-from ioc.config import CAAccessConfig, CAAccessRule, parse_site
-from ioc.site import build_database
-from server.ca.access import AccessRules, Client, access_rights
+from labctl.ioc.build import build_database
+from labctl.server.ca.access import AccessRules, Client, access_rights
+from labctl.server.ca.config import CAAccessConfig, CAAccessRule
+from labctl.server.site import parse_site
 
 ACCESS = CAAccessConfig(
     user_groups={"operators": ("alice", "bob"), "experts": ("carol", "ops-*")},

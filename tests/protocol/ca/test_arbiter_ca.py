@@ -19,14 +19,14 @@ import pytest
 from asyncua import Client as UaClient
 from asyncua import ua
 from caproto import AccessRights, ChannelType
+from labctl.ioc.arbiter import Arbiter
+from labctl.ioc.errors import LockedBy, PermissionDenied
+from labctl.ioc.types import Identity
+from labctl.server.ca.access import Client
+from labctl.server.ca.arbiter import LockRequest, client_id, command_pv_names, parse_request
+from labctl.server.ca.context import CAStartError
+from labctl.server.passwords import hash_password
 
-from ioc.arbiter import Arbiter
-from ioc.errors import LockedBy, PermissionDenied
-from ioc.types import Identity
-from server.ca.access import Client
-from server.ca.arbiter import LockRequest, client_id, command_pv_names, parse_request
-from server.ca.context import CAStartError
-from server.passwords import hash_password
 from tests.helpers import wait_for
 from tests.protocol.ca.support import (
     PyEpics,

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 from caproto import AccessRights, ChannelType, SubscriptionType
+from labctl.ioc.types import Severity, Status
 
-from ioc.types import Severity, Status
 from tests.helpers import wait_for
 from tests.protocol.ca.support import Recorder, client, connect, serve, site_yaml
 

@@ -7,13 +7,15 @@ import math
 
 import pytest
 from caproto import SubscriptionType
+from labctl.ioc.config.pvs import AlarmConfig
+from labctl.ioc.pv import PVInfo
+from labctl.ioc.types import EventMask, PVType, Reading, Update
+from labctl.server.ca.channels import dbe_flags, subscription_backlog
+from labctl.server.ca.context import put_status
+from labctl.server.ca.metadata import numeric_metadata, record_type, states_of
+from labctl.server.ca.service import UpdateQueue
+from labctl.server.ca.wire import clip_utf8
 
-from ioc.config import AlarmConfig
-from ioc.pv import PVInfo
-from ioc.types import EventMask, PVType, Reading, Update
-from server.ca.channels import clip_utf8, dbe_flags, numeric_metadata, record_type, states_of, subscription_backlog
-from server.ca.context import put_status
-from server.ca.service import UpdateQueue
 from tests.helpers import wait_for
 
 
@@ -81,7 +83,15 @@ def test_large_arrays_queue_fewer_updates_per_subscriber():
 
 
 def test_put_status_table():
-    from ioc.errors import DriverTimeout, Interlocked, LockedBy, NotWritable, OutOfRange, PermissionDenied, WrongType
+    from labctl.ioc.errors import (
+        DriverTimeout,
+        Interlocked,
+        LockedBy,
+        NotWritable,
+        OutOfRange,
+        PermissionDenied,
+        WrongType,
+    )
 
     assert put_status(PermissionDenied("X", "eve", "soft")).name == "ECA_NOWTACCESS"
     assert put_status(LockedBy("X", "cryostat", "bob", None)).name == "ECA_NOWTACCESS"

@@ -8,9 +8,9 @@ import socket
 import pytest
 from caproto import CLIENT, Beacon, Broadcaster, SearchRequest, SearchResponse, VersionRequest
 from caproto.server import common
+from labctl.server.ca.config import CAConfig
+from labctl.server.ca.env import MAX_LATENCY_S, WARN_LATENCY_S, CASettingsError, resolve, tune_latency
 
-from ioc.config import CAConfig
-from server.ca.env import MAX_LATENCY_S, WARN_LATENCY_S, CASettingsError, resolve, tune_latency
 from tests.helpers import free_port, free_tcp_udp_port
 from tests.protocol.ca.support import serve, site_yaml
 
@@ -188,7 +188,7 @@ async def test_ignored_clients_get_no_search_reply(monkeypatch):
 
 
 async def test_an_address_not_on_this_host_is_a_clear_error():
-    from server.ca.context import CAStartError
+    from labctl.server.ca.context import CAStartError
 
     site = site_yaml(free_tcp_udp_port(), free_port(socket.SOCK_DGRAM), interfaces="[192.0.2.1]")
     with pytest.raises(CAStartError, match=r"cannot bind UDP 192\.0\.2\.1:\d+"):

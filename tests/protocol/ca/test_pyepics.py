@@ -15,8 +15,8 @@ import pwd
 import socket
 
 import pytest
+from labctl.ioc.types import Severity, Status
 
-from ioc.types import Severity, Status
 from tests.protocol.ca.support import GatedDriver, PyEpics, pyepics, serve, site_yaml
 
 #: What libca reports: the user of this uid and this machine's host name.
@@ -360,7 +360,7 @@ async def test_access_rights_change_on_open_channels(ports):
         holder: str | None = ME
 
         def check_write(self, identity, pv, resource, now):
-            from ioc.errors import LockedBy
+            from labctl.ioc.errors import LockedBy
 
             if identity.user != self.holder:
                 raise LockedBy(pv, resource, self.holder or "", None)

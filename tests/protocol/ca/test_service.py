@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from caproto import AccessRights
+from labctl.server.app import Server
+from labctl.server.ca import CAService
+from labctl.server.ca.access import Client
+from labctl.server.site import parse_site
 
-from ioc.config import parse_site
-from server.app import Server
-from server.ca import CAService
-from server.ca.access import Client
 from tests.helpers import wait_for
 from tests.protocol.ca.support import client, connect, site_yaml
 

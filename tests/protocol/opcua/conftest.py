@@ -16,15 +16,14 @@ from typing import Any
 
 import pytest
 from asyncua import Client, ua
-
-from ioc.access import AuditRecord
-from ioc.config import SiteConfig, parse_site
-from ioc.database import Database
-from ioc.errors import DriverError
-from ioc.site import build_database
-from server.app import Server
-from server.opcua import OpcUaService
-from server.passwords import hash_password
+from labctl.ioc.access import AuditRecord
+from labctl.ioc.build import build_database
+from labctl.ioc.database import Database
+from labctl.ioc.errors import DriverError
+from labctl.server.app import Server
+from labctl.server.opcua import OpcUaService
+from labctl.server.passwords import hash_password
+from labctl.server.site import SiteConfig, parse_site
 
 SITE = "lab"
 NAMESPACE = f"urn:labctl:{SITE}"
@@ -165,8 +164,7 @@ async def open_client(url: str, user: str | None = None, password: str | None = 
     if security is not None:
         from asyncua.crypto import uacrypto
         from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
-
-        from clients.session import application_certificate
+        from labctl.clients.connection import application_certificate
 
         cert, key = application_certificate()
         mode = ua.MessageSecurityMode.Sign if security == "Sign" else ua.MessageSecurityMode.SignAndEncrypt
@@ -237,7 +235,7 @@ instruments:
 
 @dataclass
 class Host:
-    """What a service needs of :class:`server.app.Server` (database, site, directories),
+    """What a service needs of :class:`labctl.server.app.Server` (database, site, directories),
     for sites whose instruments are :class:`ScriptedInstrument` rather than registry drivers."""
 
     site: SiteConfig

@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from asyncua import Client, ua
+from labctl.ioc.access import AuditRecord
+from labctl.server.app import Server
+from labctl.server.passwords import hash_password
+from labctl.server.site import parse_site
 
-from ioc.access import AuditRecord
-from ioc.config import parse_site
-from server.app import Server
-from server.passwords import hash_password
 from tests.helpers import wait_for
 from tests.protocol.opcua.conftest import open_client
 
@@ -155,7 +155,7 @@ async def open_ua_fixture() -> AsyncIterator[Callable[..., Any]]:
 @pytest_asyncio.fixture(name="open_session", loop_scope="module")
 async def open_session_fixture() -> AsyncIterator[Callable[..., Any]]:
     """``await open_session(url, user)``: a labctl client session, closed at the end."""
-    from clients.session import connect
+    from labctl.clients.session import connect
 
     opened: list[Any] = []
 

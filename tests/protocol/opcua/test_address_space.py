@@ -10,13 +10,14 @@ from asyncua import Server as UaServer
 from asyncua import ua
 from asyncua.server.internal_server import InternalServer
 from asyncua.ua.ua_binary import struct_to_binary
-
-from clients.session import quality
-from ioc.pv import PVInfo
-from ioc.types import PVType, Reading, Severity, Status
-from server.app import Server
-from server.opcua.address_space import MAX_CHILDREN, QUALITY, Builder, build, folder_layout, status_code
-from server.opcua.units import eu_information, unit_id
+from labctl.clients.values import quality
+from labctl.ioc.pv import PVInfo
+from labctl.ioc.types import PVType, Reading, Severity, Status
+from labctl.server.app import Server
+from labctl.server.opcua.address_space import MAX_CHILDREN, build, folder_layout
+from labctl.server.opcua.builders import Builder
+from labctl.server.opcua.units import eu_information, unit_id
+from labctl.server.opcua.values import QUALITY, status_code
 
 from .conftest import NAMESPACE, SITE, make_site, ns, pv_node
 

@@ -11,9 +11,9 @@ import asyncio
 
 import pytest
 from asyncua import ua
+from labctl.clients.errors import AccessDenied, CommandRefused
+from labctl.ioc.interlocks import STATES
 
-from clients.session import AccessDenied, CommandRefused
-from ioc.interlocks import STATES
 from tests.helpers import wait_for
 from tests.protocol.opcua.control_support import (  # noqa: F401 -- fixtures
     NAMESPACE,

@@ -12,11 +12,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
-
-from clients.session import application_certificate
-from ioc.types import Identity
-from server.app import Server
-from server.opcua.users import FREE_FAILURES, Refusal, UserDirectory
+from labctl.clients.connection import application_certificate
+from labctl.ioc.types import Identity
+from labctl.server.app import Server
+from labctl.server.opcua.users import FREE_FAILURES, Refusal, UserDirectory
 
 from .conftest import PASSWORDS, SITE, AuditLog, make_site, ns, password_hash, pv_node
 

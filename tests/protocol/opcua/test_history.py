@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 from asyncua import Client, ua
+from labctl.ioc.types import Reading, Severity, Status
+from labctl.server.app import Server
+from labctl.server.opcua.history import CALCULATED, INFO_DATAVALUE, PARTIAL
+from labctl.server.opcua.values import HISTORY_READ, status_code
+from labctl.server.site import parse_site
 
-from ioc.config import parse_site
-from ioc.types import Reading, Severity, Status
-from server.app import Server
-from server.opcua.address_space import HISTORY_READ, status_code
-from server.opcua.history import CALCULATED, INFO_DATAVALUE, PARTIAL
 from tests.historian.support import future_minute
 
 from .conftest import NAMESPACE, SITE, pv_node, site_text

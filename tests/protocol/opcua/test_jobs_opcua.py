@@ -11,9 +11,9 @@ import time
 
 import pytest
 from asyncua import ua
+from labctl.clients.errors import AccessDenied, CommandRefused
+from labctl.ioc.jobs import JobState
 
-from clients.session import AccessDenied, CommandRefused
-from ioc.jobs import JobState
 from tests.helpers import wait_for
 from tests.protocol.opcua.control_support import (  # noqa: F401 -- fixtures
     b,

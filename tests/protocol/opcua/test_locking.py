@@ -14,10 +14,10 @@ import textwrap
 
 import pytest
 from asyncua import ua
+from labctl.clients.errors import LockUnavailable, LockWaitTimeout, PutRefused
+from labctl.ioc.errors import LockedBy
+from labctl.ioc.types import Identity
 
-from clients.session import LockUnavailable, LockWaitTimeout, PutRefused
-from ioc.errors import LockedBy
-from ioc.types import Identity
 from tests.helpers import wait_for
 from tests.protocol.opcua.control_support import (  # noqa: F401 -- fixtures
     NAMESPACE,

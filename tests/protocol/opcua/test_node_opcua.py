@@ -13,8 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from server.opcua.units import unit_id
+from labctl.server.opcua.units import unit_id
 
 from .conftest import NAMESPACE, PASSWORDS, SITE
 

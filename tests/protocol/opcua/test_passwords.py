@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from ioc.config import PASSWORD_HASH, load_site
-from server.cli import main
-from server.passwords import PasswordHashError, hash_password, parse_hash, verify_password
+from labctl.ioc.config.access import PASSWORD_HASH
+from labctl.server.cli import main
+from labctl.server.passwords import PasswordHashError, hash_password, parse_hash, verify_password
+from labctl.server.site import load_site
 
 DEMO = Path(__file__).resolve().parents[3] / "config" / "demo.yaml"
 

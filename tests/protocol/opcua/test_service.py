@@ -11,12 +11,11 @@ import pytest
 from asyncua import ua
 from asyncua.server import monitored_item_service
 from cryptography import x509
-
-from ioc.errors import LabctlError
-from server.app import Overrides, Server
-from server.opcua.address_space import application_uri
-from server.opcua.pki import CERT_FILE, ensure_certificate
-from server.opcua.publisher import _snapshot, install_copy_fastpath
+from labctl.ioc.errors import LabctlError
+from labctl.server.app import Overrides, Server
+from labctl.server.opcua.address_space import application_uri
+from labctl.server.opcua.pki import CERT_FILE, ensure_certificate
+from labctl.server.opcua.publisher import _snapshot, install_copy_fastpath
 
 from .conftest import SITE, make_site, pv_node
 
@@ -75,7 +74,7 @@ def test_certificate_is_made_once_and_kept(tmp_path, caplog):
     assert uri in san.get_values_for_type(x509.UniformResourceIdentifier)
     # A renamed site needs a certificate naming its new ApplicationUri; the key stays.
     key_bytes = key.read_bytes()
-    with caplog.at_level(logging.WARNING, logger="server.opcua.pki"):
+    with caplog.at_level(logging.WARNING, logger="labctl.server.opcua.pki"):
         ensure_certificate(pki, application_uri("other"), "labctl other")
     assert "clients must trust it again" in caplog.text
     assert (pki / CERT_FILE).read_bytes() != first and key.read_bytes() == key_bytes

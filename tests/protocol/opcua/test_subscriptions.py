@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from asyncua import ua
+from labctl.ioc.types import EventMask, Status
 
-from ioc.types import EventMask, Status
 from tests.helpers import wait_for
 
 from .conftest import pv_node

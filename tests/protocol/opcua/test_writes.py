@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 from asyncua import ua
 from asyncua.ua.uaerrors import UaStatusCodeError
-
-from ioc.errors import DriverFault, DriverTimeout, Interlocked, LockedBy
-from ioc.types import Identity
-from server.opcua.writes import REFUSALS, status_of
+from labctl.ioc.errors import DriverFault, DriverTimeout, Interlocked, LockedBy
+from labctl.ioc.types import Identity
+from labctl.server.opcua.writes import REFUSALS, status_of
 
 from .conftest import SITE, ns, pv_node
 

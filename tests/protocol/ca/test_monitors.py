@@ -1,4 +1,4 @@
-"""Monitor updates sent directly (server.ca.events): the same bytes as caproto's, in order, bounded."""
+"""Monitor updates sent directly (server.ca.monitors): the same bytes as caproto's, in order, bounded."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import socket
 import caproto as ca
 import pytest
 from caproto import ChannelType, SubscriptionType
+from labctl.ioc.build import build_database
+from labctl.ioc.types import EventMask, Reading, Severity, Status
+from labctl.server.ca.channels import ServedChannel, build_channel
+from labctl.server.ca.monitors import HIGH_WATER_BYTES, EventEncoder, Outbox, epics_stamp, fast_type
+from labctl.server.site import parse_site
 
-from ioc.config import parse_site
-from ioc.site import build_database
-from ioc.types import EventMask, Reading, Severity, Status
-from server.ca.channels import ServedChannel, build_channel
-from server.ca.events import HIGH_WATER_BYTES, EventEncoder, Outbox, epics_stamp, fast_type
 from tests.helpers import wait_for
 from tests.protocol.ca.support import client, connect, serve, site_yaml
 

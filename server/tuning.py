@@ -1,4 +1,4 @@
-"""Building many long-lived objects at once without the cyclic garbage collector's rescans.
+"""The server's process tuning: many long-lived objects without the cyclic garbage collector's rescans.
 
 Theory of operation. CPython's collector runs a full collection whenever the objects that
 survived earlier collections grow by a quarter, and each full collection traverses every

@@ -17,10 +17,10 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ioc.driver import Driver, readable
-from ioc.errors import DriverError, DriverFault, DriverTimeout
-from ioc.pv import PVInfo
-from ioc.types import Status
+from labctl.ioc.driver import Driver, readable
+from labctl.ioc.errors import DriverError, DriverFault, DriverTimeout
+from labctl.ioc.pv import PVInfo
+from labctl.ioc.types import Status
 
 log = logging.getLogger(__name__)
 

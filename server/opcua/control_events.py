@@ -5,7 +5,7 @@ generic clients (UaExpert's event view, SCADA alarm lists) subscribe to; its
 SourceNode and SourceName say what it is about. Three kinds:
 
 * **Alarm conditions** (Part 9 Alarms & Conditions, as far as asyncua carries it): each
-  :class:`ioc.alarms.AlarmEvent` (raised, changed, returned, cleared, acknowledged,
+  :class:`labctl.ioc.alarms.AlarmEvent` (raised, changed, returned, cleared, acknowledged,
   shelved, unshelved) becomes an ``AlarmConditionType`` event of the PV's condition.
   SourceNode/InputNode are the PV's node, SourceName and ConditionName its name, the
   ConditionId (the event field ``NodeId``) is ``ns=<site>;s=<PV>.Alarm``, Severity maps
@@ -13,7 +13,7 @@ SourceNode and SourceName say what it is about. Three kinds:
   now), AckedState, LatchedState, SuppressedOrShelved, Retain (the alarm still needs
   attention), Quality, Comment and ClientUserId follow the alarm. The conditions are not
   nodes of the address space (Part 9 allows that); retained ones are kept by asyncua for
-  ConditionRefresh, and :mod:`server.opcua.control` answers the standard Acknowledge
+  ConditionRefresh, and :mod:`labctl.server.opcua.methods` answers the standard Acknowledge
   method called on a ConditionId.
 * **Interlock transitions**: an ``InterlockEventType`` event (labctl namespace, subtype
   of BaseEventType, fields Interlock, FromState, ToState, Reason) from the interlock's
@@ -40,12 +40,11 @@ from asyncua import ua
 from asyncua.common.event_objects import AlarmCondition, BaseEvent
 from asyncua.server.address_space import AttributeValue
 from asyncua.server.internal_server import InternalServer
-
-from ioc.alarms import Alarm, AlarmEvent
-from ioc.arbiter import LeaseEvent
-from ioc.interlocks import Transition, state_pv
-from ioc.types import Reading, Severity
-from server.opcua.address_space import status_code
+from labctl.ioc.alarms import Alarm, AlarmEvent
+from labctl.ioc.arbiter import LeaseEvent
+from labctl.ioc.interlocks import Transition, state_pv
+from labctl.ioc.types import Reading, Severity
+from labctl.server.opcua.values import status_code
 
 log = logging.getLogger(__name__)
 

@@ -9,153 +9,36 @@ same port with its data kept, so a test can take the database away and bring it 
 As root, the server runs as the ``postgres`` system user (created by Debian's PostgreSQL
 packages; ``LABCTL_PG_OS_USER`` picks another), as any other user it runs as that user.
 
-Pytest use: declare the plugin once in ``tests/conftest.py`` (``tests`` is a package, so
-the module is ``tests.pgcluster``)::
+In pytest, use the fixtures of :mod:`tests.pg.fixtures`. Without pytest: ``with
+PgCluster() as c: ...``, or ``python -m tests.pg.cluster`` (starts one and prints its URL
+until Ctrl-C).
 
-    pytest_plugins = ["tests.pgcluster"]
-
-which provides these fixtures:
-
-``pg_cluster`` (session)
-    the shared :class:`PgCluster`; ``.url`` is
-    ``postgresql+psycopg://postgres@127.0.0.1:<port>/labctl_test``, ``.conninfo()`` the
-    libpq string for psycopg. TimescaleDB is preloaded when installed; tests that need it
-    use the fixtures below, which turn its absence into a skip (locally) or failure (CI).
-``timescaledb_cluster`` (session)
-    the same cluster, but requires TimescaleDB: skips locally with the command to run,
-    FAILS under ``CI=true``.
-``pg_database`` / ``timescaledb_database`` (function)
-    a fresh database on that cluster per test (with the ``timescaledb`` extension created
-    for the latter), as a :class:`PgDatabase` (``.url``, ``.conninfo``, ``.name``); dropped after.
-``pg_cluster_factory`` (function)
-    ``factory(**kwargs) -> PgCluster``: a private, started cluster for tests that stop and
-    restart the server (database outage tests); all are removed after the test.
-
-and ``from tests.pgcluster import PgCluster, require_timescaledb, timescaledb_available``
-for anything else. Without pytest: ``with PgCluster() as c: ...``, or
-``python -m tests.pgcluster`` (starts one and prints its URL until Ctrl-C).
-
-(PYTEST_DONT_REWRITE: this module has no assertions; the marker lets a conftest or test
-module import it before or after it is declared in ``pytest_plugins`` without pytest's
-"already imported so cannot be rewritten" warning, which the suite turns into an error.)
-
-Environment: ``LABCTL_PG_BINDIR`` (default ``/usr/lib/postgresql/15/bin``),
+Environment: ``LABCTL_PG_BINDIR`` (see :mod:`tests.pg.availability`),
 ``LABCTL_PG_OS_USER`` (as root; default ``postgres``), ``LABCTL_PG_TMPDIR`` (parent of the
-temporary directories; default /dev/shm when it has 2 GiB free, else $TMPDIR or /tmp),
-``CI`` (``true``: a missing PostgreSQL or TimescaleDB fails the test, never skips it).
+temporary directories; default /dev/shm when it has 2 GiB free, else $TMPDIR or /tmp).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import itertools
 import os
 import pwd
-import re
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
-try:  # the helper also works outside pytest (benchmarks, a shell)
-    import pytest
-except ImportError:  # pragma: no cover
-    pytest = None  # type: ignore[assignment]
+from tests.pg.availability import PG_MAJOR, PgClusterError, pg_bindir, postgres_available, timescaledb_available
 
-PG_MAJOR = 15
-DEFAULT_BINDIR = f"/usr/lib/postgresql/{PG_MAJOR}/bin"
 SUPERUSER = "postgres"
 DEFAULT_DBNAME = "labctl_test"
-INSTALL_TIMESCALEDB = "sudo bash scripts/install-timescaledb.sh"  # or: bash scripts/install-test-deps.sh (root)
 
 _SHUTDOWN_SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
-
-
-class PgClusterError(RuntimeError):
-    """The throwaway cluster could not be created, started or stopped (message says why)."""
-
-
-# --------------------------------------------------------------------------- availability
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
-
-
-def pg_bindir() -> Path:
-    return Path(os.environ.get("LABCTL_PG_BINDIR", DEFAULT_BINDIR))
-
-
-def postgres_available(bindir: Path | None = None) -> tuple[bool, str]:
-    """(True, "") when PostgreSQL's server binaries are there, else (False, what to run)."""
-    bindir = Path(bindir or pg_bindir())
-    missing = [n for n in ("postgres", "initdb", "pg_config") if not (bindir / n).is_file()]
-    if missing:
-        return False, (
-            f"PostgreSQL {PG_MAJOR} server binaries not found in {bindir} (missing {', '.join(missing)}); "
-            f"run: sudo apt-get install postgresql-{PG_MAJOR} (or set LABCTL_PG_BINDIR)"
-        )
-    return True, ""
-
-
-@cache
-def _pg_config(bindir: str) -> dict[str, str]:
-    out = subprocess.run(
-        [str(Path(bindir) / "pg_config"), "--sharedir", "--pkglibdir", "--version"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.splitlines()
-    return {"sharedir": out[0], "pkglibdir": out[1], "version": out[2]}
-
-
-def timescaledb_available(bindir: Path | None = None) -> tuple[bool, str]:
-    """(True, version) when TimescaleDB is installed for this PostgreSQL, else (False, what to run)."""
-    bindir = Path(bindir or pg_bindir())
-    ok, why = postgres_available(bindir)
-    if not ok:
-        return False, why
-    cfg = _pg_config(str(bindir))
-    control = Path(cfg["sharedir"]) / "extension" / "timescaledb.control"
-    library = Path(cfg["pkglibdir"]) / "timescaledb.so"
-    if not (control.is_file() and library.is_file()):
-        return False, (
-            f"TimescaleDB is not installed for {cfg['version']} (no {control if not control.is_file() else library}); "
-            f"run: {INSTALL_TIMESCALEDB}  (or, as root: bash scripts/install-test-deps.sh)"
-        )
-    m = re.search(r"default_version\s*=\s*'([^']+)'", control.read_text())
-    return True, m.group(1) if m else "unknown"
-
-
-def skip_or_fail(message: str) -> None:
-    """Skip the current test with ``message`` -- or fail it when running under ``CI=true``."""
-    if pytest is None:  # pragma: no cover
-        raise PgClusterError(message)
-    if in_ci():
-        pytest.fail(f"{message} [CI=true: a missing test dependency is an error, not a skip]", pytrace=False)
-    pytest.skip(message)
-
-
-def require_postgres() -> None:
-    ok, why = postgres_available()
-    if not ok:
-        skip_or_fail(why)
-
-
-def require_timescaledb() -> None:
-    ok, why = timescaledb_available()
-    if not ok:
-        skip_or_fail(why)
-
-
-# --------------------------------------------------------------------------- the cluster
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
@@ -472,7 +355,7 @@ class PgCluster:
             conf["shared_preload_libraries"] = "timescaledb"
         conf.update(self.settings)
         with open(self.datadir / "postgresql.conf", "a") as f:
-            f.write("\n# --- labctl throwaway test cluster (tests/pgcluster.py)\n")
+            f.write("\n# --- labctl throwaway test cluster (tests/pg/cluster.py)\n")
             f.writelines(f"{k} = {_quote_conf(v)}\n" for k, v in conf.items())
         self.port = _free_port(self.host)
 
@@ -534,69 +417,7 @@ class _PortInUse(Exception):
     pass
 
 
-# --------------------------------------------------------------------------- pytest fixtures
-
-if pytest is not None:
-    _db_counter = itertools.count(1)
-
-    def _db_name(request: pytest.FixtureRequest) -> str:
-        stem = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower()).strip("_")
-        return f"t{next(_db_counter)}_{stem}"[:63]
-
-    @pytest.fixture(scope="session")
-    def pg_cluster() -> Iterator[PgCluster]:
-        """Session-wide throwaway PostgreSQL 15 cluster (TimescaleDB preloaded when installed)."""
-        require_postgres()
-        with PgCluster() as cluster:
-            yield cluster
-
-    @pytest.fixture(scope="session")
-    def timescaledb_cluster(pg_cluster: PgCluster) -> PgCluster:
-        """``pg_cluster``, requiring TimescaleDB: skip locally / FAIL under CI=true when missing."""
-        require_timescaledb()
-        if not pg_cluster.timescaledb:  # pragma: no cover - installed after the session started
-            skip_or_fail(f"TimescaleDB was installed after the test cluster started; re-run. ({INSTALL_TIMESCALEDB})")
-        return pg_cluster
-
-    @pytest.fixture
-    def pg_database(pg_cluster: PgCluster, request: pytest.FixtureRequest) -> Iterator[PgDatabase]:
-        """A fresh, empty database on ``pg_cluster`` for one test (``.url``, ``.conninfo``)."""
-        pg_cluster.start()  # a previous test may have stopped it
-        db = pg_cluster.create_database(_db_name(request))
-        yield db
-        if pg_cluster.is_running():
-            pg_cluster.drop_database(db.name)
-
-    @pytest.fixture
-    def timescaledb_database(timescaledb_cluster: PgCluster, request: pytest.FixtureRequest) -> Iterator[PgDatabase]:
-        """A fresh database with the timescaledb extension created, for one test."""
-        timescaledb_cluster.start()
-        db = timescaledb_cluster.create_database(_db_name(request), timescaledb=True)
-        yield db
-        if timescaledb_cluster.is_running():
-            timescaledb_cluster.drop_database(db.name)
-
-    @pytest.fixture
-    def pg_cluster_factory() -> Iterator[Callable[..., PgCluster]]:
-        """``factory(**PgCluster kwargs)`` -> a started private cluster, removed after the test.
-        For tests that stop/restart the server. ``timescaledb=True`` skips/fails like
-        ``timescaledb_cluster`` when it is missing."""
-        require_postgres()
-        clusters: list[PgCluster] = []
-
-        def factory(**kwargs: object) -> PgCluster:
-            if kwargs.get("timescaledb"):
-                require_timescaledb()
-            cluster = PgCluster(**kwargs)  # type: ignore[arg-type]
-            clusters.append(cluster)
-            return cluster.start()
-
-        yield factory
-        for cluster in clusters:
-            cluster.cleanup()
-
-
-if __name__ == "__main__":  # python -m tests.pgcluster: a cluster to poke at by hand
+if __name__ == "__main__":  # python -m tests.pg.cluster: a cluster to poke at by hand
     with PgCluster() as c:
         print(f"{c!r}\nSQLAlchemy: {c.url}\npsql:       psql '{c.conninfo()}'")
         print(

@@ -1,8 +1,10 @@
-"""Build a :class:`~ioc.database.Database` from a validated site file (no drivers yet).
+"""Build a :class:`~labctl.ioc.database.Database` from a validated site file (no drivers yet).
 
 The server layer attaches drivers afterwards (``ioc`` knows no driver module); this
 module only turns configuration into runtime objects: PV descriptions, calibration
-tables, the role policy.
+tables, the role policy. A large site is a million long-lived objects: the server builds
+it with the cyclic garbage collector paused (:func:`labctl.server.tuning.gc_paused`),
+process tuning being the server's business, not the core's.
 """
 
 from __future__ import annotations
@@ -11,19 +13,18 @@ import csv
 from collections.abc import Callable
 from pathlib import Path
 
-from ioc.access import RolePolicy
-from ioc.alarms import summary_pv_infos
-from ioc.arbiter import lock_pv_infos
-from ioc.bulk import gc_paused
-from ioc.config import SiteConfig
-from ioc.database import Database
-from ioc.errors import ConfigError, LabctlError
-from ioc.expr import ExpressionError, Table
-from ioc.interlocks import state_pv_info
-from ioc.pv import PVInfo
+from labctl.ioc.access import RolePolicy
+from labctl.ioc.alarms import summary_pv_infos
+from labctl.ioc.arbiter import lock_pv_infos
+from labctl.ioc.config.site import CoreSiteConfig
+from labctl.ioc.database import Database
+from labctl.ioc.errors import ConfigError, LabctlError
+from labctl.ioc.expr import ExpressionError, Table
+from labctl.ioc.interlocks import state_pv_info
+from labctl.ioc.pv import PVInfo
 
 
-def pv_infos(site: SiteConfig) -> list[PVInfo]:
+def pv_infos(site: CoreSiteConfig) -> list[PVInfo]:
     """Every PV of the site as runtime descriptions, in file order, then the server's own.
 
     The server's own PVs are the alarm summary and one state PV per interlock.
@@ -38,7 +39,7 @@ def pv_infos(site: SiteConfig) -> list[PVInfo]:
     return infos
 
 
-def load_tables(site: SiteConfig, base_dir: Path, source: str = "site file") -> dict[str, Table]:
+def load_tables(site: CoreSiteConfig, base_dir: Path, source: str = "site file") -> dict[str, Table]:
     """Calibration tables, reading CSV files relative to ``base_dir``."""
     tables: dict[str, Table] = {}
     problems: list[str] = []
@@ -69,14 +70,13 @@ def _read_csv(path: Path, name: str) -> list[tuple[float, float]]:
 
 
 def build_database(
-    site: SiteConfig, base_dir: Path | str = ".", *, clock: Callable[[], float] | None = None, source: str = "site file"
+    site: CoreSiteConfig, base_dir: Path | str = ".", *, clock: Callable[[], float] | None = None, source: str = "site file"
 ) -> Database:
     """A database with every PV of ``site``; drivers are attached by the caller."""
     tables = load_tables(site, Path(base_dir), source)
     kwargs = {"clock": clock} if clock is not None else {}
     try:
-        with gc_paused():  # a large site is a million long-lived objects (see ioc.bulk)
-            return Database(pv_infos(site), policy=RolePolicy(site.all_roles), tables=tables, **kwargs)
+        return Database(pv_infos(site), policy=RolePolicy(site.all_roles), tables=tables, **kwargs)
     except ExpressionError as e:
         raise ConfigError(source, [f"{source}: derived PV expression: {e}"]) from None
     except LabctlError as e:

@@ -1,0 +1,167 @@
+"""The PV commands of ``labctl``: ``ls``, ``get``, ``put`` and ``monitor``.
+
+Theory of operation. ``ls [PATTERN]`` lists PVs with type, unit, access and description;
+``get PV...`` reads PVs with their alarm state, unit and time in one request; ``put PV
+VALUE`` parses VALUE by the PV's type (:func:`~labctl.clients.cli.arguments.parse_value`),
+writes it through the server's roles, locks and limits, and shows the PV afterwards;
+``monitor PV... [--count N]`` prints changes until Ctrl-C. Output is a table for people,
+or JSON with ``--json`` (one document for ``ls``/``get``/``put``, one JSON object per line
+for ``monitor``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import sys
+from typing import Any
+
+from labctl.clients.cli.arguments import parse_value
+from labctl.clients.cli.output import format_time, print_table
+from labctl.clients.cli.runner import run
+from labctl.clients.session import Session
+from labctl.clients.values import Metadata, PVValue, Sample, format_value
+from labctl.ioc.types import PVType, Reading
+
+
+def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add the PV commands (``common``: the shared connection options)."""
+    p = subparsers.add_parser("ls", parents=[common], help="list PVs (optionally matching a glob PATTERN)")
+    p.add_argument("pattern", nargs="?", help="glob on PV names, e.g. 'CRYO:*'")
+    p.set_defaults(func=cmd_ls)
+
+    p = subparsers.add_parser("get", parents=[common], help="read PVs with their alarm state and units")
+    p.add_argument("pvs", nargs="+", metavar="PV")
+    p.set_defaults(func=cmd_get)
+
+    p = subparsers.add_parser("put", parents=[common], help="write a PV (through the server's roles, locks and limits)")
+    p.add_argument("pv", metavar="PV")
+    p.add_argument("value", metavar="VALUE", help="number, true/false, enum state, text, or [1, 2, 3]")
+    p.set_defaults(func=cmd_put)
+
+    p = subparsers.add_parser("monitor", parents=[common], help="print PV changes as they happen (Ctrl-C stops)")
+    p.add_argument("pvs", nargs="+", metavar="PV")
+    p.add_argument("--count", type=int, metavar="N", help="stop after N samples")
+    p.set_defaults(func=cmd_monitor)
+
+
+# ---- ls ---------------------------------------------------------------------------------
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    """List PVs with type, unit, access and description."""
+
+    async def body(s: Session) -> int:
+        metas = await s.list_pvs(args.pattern)
+        if args.json:
+            print(json.dumps([_meta_json(m) for m in metas], indent=2))
+            return 0
+        if not metas:
+            print(f"no PVs match {args.pattern!r}" if args.pattern else "the server has no PVs", file=sys.stderr)
+            return 0
+        rows = [(m.name, m.type.value if m.type else "?", m.unit, "rw" if m.user_writable else "r", m.description) for m in metas]
+        print_table(("NAME", "TYPE", "UNIT", "ACCESS", "DESCRIPTION"), rows)
+        return 0
+
+    return run(args, body)
+
+
+def _meta_json(m: Metadata) -> dict[str, Any]:
+    return {
+        "name": m.name,
+        "type": m.type.value if m.type else None,
+        "unit": m.unit,
+        "description": m.description,
+        "display": list(m.display) if m.display else None,
+        "states": list(m.states),
+        "writable": m.writable,
+        "user_writable": m.user_writable,
+        "path": m.path,
+    }
+
+
+# ---- get --------------------------------------------------------------------------------
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    """Read PVs."""
+
+    async def body(s: Session) -> int:
+        values = await s.get_many(args.pvs)
+        if args.json:
+            print(json.dumps([_value_json(v.name, v.reading, v.meta) for v in values], indent=2))
+        else:
+            print_table(("NAME", "VALUE", "UNIT", "SEVERITY", "STATUS", "TIME"), [_value_row(v) for v in values])
+        return 0
+
+    return run(args, body)
+
+
+def _value_row(v: PVValue) -> tuple[str, ...]:
+    r = v.reading
+    return (v.name, v.display_value, v.meta.unit, r.severity.name, r.status.name, format_time(r.timestamp))
+
+
+def _value_json(name: str, r: Reading, meta: Metadata) -> dict[str, Any]:
+    value = list(r.value) if isinstance(r.value, tuple) else r.value
+    out: dict[str, Any] = {"name": name, "value": value}
+    if meta.type is PVType.ENUM and isinstance(r.value, int) and r.value < len(meta.states):
+        out["state"] = meta.states[r.value]
+    out.update(
+        unit=meta.unit,
+        severity=r.severity.name,
+        status=r.status.name,
+        timestamp=_dt.datetime.fromtimestamp(r.timestamp, _dt.UTC).isoformat(),
+    )
+    return out
+
+
+# ---- put --------------------------------------------------------------------------------
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    """Write a PV and show it afterwards."""
+
+    async def body(s: Session) -> int:
+        meta = await s.info(args.pv)
+        await s.put(args.pv, parse_value(meta, args.value))
+        v = await s.get(args.pv)
+        if args.json:
+            print(json.dumps(_value_json(v.name, v.reading, v.meta), indent=2))
+        else:
+            print(f"{v.name} = {v.display_value}{' ' + v.meta.unit if v.meta.unit else ''}")
+        return 0
+
+    return run(args, body)
+
+
+# ---- monitor ----------------------------------------------------------------------------
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    """Print changes until Ctrl-C (or --count samples)."""
+
+    async def body(s: Session) -> int:
+        metas = {n: await s.info(n) for n in args.pvs}
+        width = max(len(n) for n in args.pvs)
+        seen = 0
+        async with s.monitor(args.pvs) as mon:
+            async for sample in mon:
+                _print_sample(sample, metas[sample.name], width, args.json)
+                seen += 1
+                if args.count is not None and seen >= args.count:
+                    break
+        return 0
+
+    return run(args, body)
+
+
+def _print_sample(sample: Sample, meta: Metadata, width: int, as_json: bool) -> None:
+    r = sample.reading
+    if as_json:
+        print(json.dumps(_value_json(sample.name, r, meta)), flush=True)
+        return
+    alarm = "" if r.severity.name == "NO_ALARM" else f"  {r.severity.name} {r.status.name}"
+    unit = f" {meta.unit}" if meta.unit else ""
+    print(f"{format_time(r.timestamp)}  {sample.name:<{width}}  {format_value(meta, r.value)}{unit}{alarm}", flush=True)

@@ -1,0 +1,154 @@
+"""Opening the OPC UA connection to a labctl server: security, application certificate, login.
+
+Theory of operation. :func:`open_client` opens an asyncua client session to a server's
+endpoint as a user (or anonymously), with the security the caller asks for (``auto``
+picks the most secure Basic256Sha256 mode the server offers, else None). Basic256Sha256
+needs a client application certificate: the caller's, or one made once per process
+(:func:`application_certificate`). Every failure -- no answer, connection refused, login
+refused, security not offered -- becomes one :class:`~labctl.clients.errors.ConnectError`
+whose sentence says which, and the half-open client is disconnected.
+
+:func:`labctl.clients.session.connect` builds a :class:`~labctl.clients.session.Session`
+on the client this opens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import socket
+from typing import Any
+
+from asyncua import Client, ua
+from asyncua.crypto import uacrypto
+from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
+from asyncua.ua.uaerrors import UaError, UaStatusCodeError
+from labctl.clients.errors import ConnectError
+from labctl.clients.values import status_name
+
+log = logging.getLogger(__name__)
+
+CLIENT_URI = "urn:labctl:client"
+#: Security choices: ``auto`` picks the most secure one the server offers.
+SECURITY = ("auto", "None", "Sign", "SignAndEncrypt")
+_MODES = {
+    "Sign": ua.MessageSecurityMode.Sign,
+    "SignAndEncrypt": ua.MessageSecurityMode.SignAndEncrypt,
+    "Basic256Sha256_Sign": ua.MessageSecurityMode.Sign,
+    "Basic256Sha256_SignAndEncrypt": ua.MessageSecurityMode.SignAndEncrypt,
+}
+
+_S = ua.StatusCodes
+
+
+@functools.cache
+def application_certificate() -> tuple[bytes, bytes]:
+    """A self-signed application certificate and its key (DER) for this process, made once.
+
+    Basic256Sha256 needs a client application certificate. labctl servers accept any (users
+    authenticate separately); for a server that checks, pass a trusted one to :func:`labctl.clients.session.connect`.
+    """
+    from asyncua.crypto.cert_gen import generate_private_key, generate_self_signed_app_certificate
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    key = generate_private_key()
+    names = [x509.UniformResourceIdentifier(CLIENT_URI), x509.DNSName(socket.gethostname())]
+    cert = generate_self_signed_app_certificate(
+        key, "labctl client", {"organizationName": "labctl"}, names, extended=[ExtendedKeyUsageOID.CLIENT_AUTH], days=365
+    )
+    return cert.public_bytes(Encoding.DER), key.private_bytes(Encoding.DER, PrivateFormat.PKCS8, NoEncryption())
+
+
+async def open_client(
+    url: str,
+    user: str | None = None,
+    password: str | None = None,
+    security: str = "auto",
+    *,
+    timeout_s: float = 10.0,
+    certificate: str | None = None,
+    private_key: str | None = None,
+) -> Client:
+    """Open an asyncua client session to a server (arguments as :func:`labctl.clients.session.connect`).
+
+    Raises:
+        ConnectError: unreachable, login refused, or the security is not offered.
+    """
+    if security not in SECURITY and security not in _MODES:
+        raise ConnectError(f"unknown security {security!r}; choose one of {', '.join(SECURITY)}")
+    client = Client(url, timeout=timeout_s)
+    client.name = client.description = "labctl client"
+    client.application_uri = CLIENT_URI
+    client.session_timeout = 600_000  # what labctl servers grant at most; avoids a revision warning
+    if user:
+        client.set_user(user)
+        client.set_password(password or "")
+    try:
+        async with asyncio.timeout(timeout_s * 2):
+            mode = await _choose_security(client, security)
+            if mode is not None:
+                if certificate is not None and private_key is not None:
+                    cert: Any = uacrypto.CertProperties(certificate)
+                    key: Any = uacrypto.CertProperties(private_key)
+                else:
+                    cert_der, key_der = await asyncio.to_thread(application_certificate)
+                    cert, key = uacrypto.CertProperties(cert_der, "der"), uacrypto.CertProperties(key_der, "der")
+                await client.set_security(SecurityPolicyBasic256Sha256, cert, key, mode=mode)
+            await client.connect()
+    except TimeoutError:
+        await disconnect_quietly(client)
+        raise ConnectError(f"{url}: no answer within {timeout_s * 2:g} s") from None
+    except ConnectError:
+        await disconnect_quietly(client)
+        raise
+    except UaStatusCodeError as e:
+        await disconnect_quietly(client)
+        raise ConnectError(_login_error(url, user, e)) from None
+    except ConnectionRefusedError:
+        await disconnect_quietly(client)
+        raise ConnectError(f"cannot connect to {url}: connection refused (is a labctl server running there?)") from None
+    except (OSError, UaError) as e:
+        await disconnect_quietly(client)
+        raise ConnectError(f"cannot connect to {url}: {e}") from None
+    return client
+
+
+async def _choose_security(client: Client, security: str) -> ua.MessageSecurityMode | None:
+    if security == "None":
+        return None
+    endpoints = await client.connect_and_get_server_endpoints()
+    offered = {e.SecurityMode for e in endpoints if e.SecurityPolicyUri == SecurityPolicyBasic256Sha256.URI}
+    has_none = any(e.SecurityMode == ua.MessageSecurityMode.None_ for e in endpoints)
+    if security == "auto":
+        for mode in (ua.MessageSecurityMode.SignAndEncrypt, ua.MessageSecurityMode.Sign):
+            if mode in offered:
+                return mode
+        if has_none:
+            return None
+        raise ConnectError(f"{client.server_url.geturl()} offers neither None nor Basic256Sha256 security")
+    mode = _MODES[security]
+    if mode not in offered:
+        raise ConnectError(f"{client.server_url.geturl()} does not offer Basic256Sha256 {mode.name}")
+    return mode
+
+
+def _login_error(url: str, user: str | None, e: UaStatusCodeError) -> str:
+    code = e.code
+    who = f"user {user!r}" if user else "anonymous login"
+    if code in (_S.BadUserAccessDenied, _S.BadIdentityTokenInvalid, _S.BadIdentityTokenRejected):
+        if user:
+            return f"{url}: login refused for {who} ({status_name(code)}): wrong user name or password, or the account is locked for a while"
+        return f"{url}: {who} refused ({status_name(code)}): the server requires a user name"
+    return f"{url}: {status_name(code)}: {ua.StatusCode(code).doc}"
+
+
+async def disconnect_quietly(client: Client) -> None:
+    """Disconnect a client whose connection may already be broken."""
+    try:
+        await client.disconnect()
+    except Exception as e:  # the connection is already broken; nothing more to release
+        log.debug("disconnect after a failed connect: %s", e)
+

@@ -1,0 +1,113 @@
+"""Procedures users submit as jobs: parameters, the resources they lock, and their steps.
+
+A step is one of a fixed set of kinds (set, ramp, wait, read, sleep, repeat, log),
+configured as data; :mod:`labctl.ioc.procedure` checks a procedure against the site and
+:mod:`labctl.ioc.jobs` runs it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from labctl.ioc.config.base import Model, PositiveSeconds
+from pydantic import Field, model_validator
+
+
+class ParamConfig(Model):
+    """A procedure parameter."""
+
+    type: Literal["float64", "int", "bool", "string", "float64[]"] = "float64"
+    default: Any = None
+    """Value when the submitter gives none (no default: the parameter is required)."""
+    description: str = ""
+    min: float | None = None
+    max: float | None = None
+
+
+class SetStep(Model):
+    """Write a PV. ``value`` is a number/string/list, or an expression over parameters in ``=...``."""
+
+    pv: str
+    value: Any
+
+
+class RampStep(Model):
+    """Move a PV to a target at a rate, writing every ``step_s``."""
+
+    pv: str
+    to: Any
+    """Target (a value or ``=expression``)."""
+    rate: float = Field(gt=0)
+    """Units per second."""
+    step_s: PositiveSeconds = 1.0
+
+
+class WaitStep(Model):
+    """Wait until a condition over PVs holds (fails the job after ``timeout_s``)."""
+
+    until: str
+    """Expression over ``inputs`` and the parameters, e.g. ``t < sp * 1.05``."""
+    inputs: dict[str, str] = {}
+    """Expression variable -> PV name."""
+    timeout_s: PositiveSeconds
+    hold_s: float = Field(0.0, ge=0)
+    """The condition must hold this long without interruption."""
+
+
+class ReadStep(Model):
+    """Read PVs into the job's results."""
+
+    pvs: tuple[str, ...]
+    label: str = ""
+    """Tag for the results (may use ``{param}`` placeholders)."""
+
+
+class RepeatStep(Model):
+    """Run ``steps`` once per value in ``values``, binding each to ``var``."""
+
+    var: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    values: Any
+    """A list, or ``=expression`` naming a float64[] parameter."""
+    steps: tuple[Step, ...]
+
+
+class Step(Model):
+    """One step: exactly one of the keys."""
+
+    set: SetStep | None = None
+    ramp: RampStep | None = None
+    wait: WaitStep | None = None
+    read: ReadStep | None = None
+    sleep: float | None = Field(None, ge=0)
+    """Seconds to wait."""
+    repeat: RepeatStep | None = None
+    log: str | None = None
+    """A line for the job's log (``{param}`` placeholders allowed)."""
+
+    @model_validator(mode="after")
+    def _one(self) -> Step:
+        given = [k for k in ("set", "ramp", "wait", "read", "sleep", "repeat", "log") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a step has exactly one of set, ramp, wait, read, sleep, repeat, log; got {given or 'none'}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """The step's key."""
+        return next(k for k in ("set", "ramp", "wait", "read", "sleep", "repeat", "log") if getattr(self, k) is not None)
+
+
+RepeatStep.model_rebuild()
+
+
+class ProcedureConfig(Model):
+    """A procedure users submit as jobs: parameters, the resources it locks, its steps."""
+
+    description: str = ""
+    resources: tuple[str, ...] = ()
+    """Resources the job must hold (locked for its whole run)."""
+    params: dict[str, ParamConfig] = {}
+    steps: tuple[Step, ...]
+    roles: tuple[str, ...] = ("operator", "expert", "admin")
+    """Roles allowed to submit it."""
+

@@ -1,0 +1,275 @@
+"""The ``Control`` object's methods over OPC UA: jobs, alarms, interlocks, locks listing, audit.
+
+Theory of operation. ``Objects/<site>/Control`` carries the methods of
+:data:`CONTROL_METHODS`; :class:`ControlMethods` answers them for the caller's session
+(:class:`labctl.server.opcua.calls.OpcUaControl` routes the calls here). Every decision is
+the core's (:class:`labctl.server.control.ControlService`, with the caller's identity), the
+adapter only translates arguments, results and refusals. Structured results are JSON
+strings (:func:`job_json`, :func:`lock_json`; schemas in ``docs/decisions/opcua-control.md``).
+
+It also answers Part 9's ``Acknowledge(EventId, Comment)`` called on an alarm's
+ConditionId (:data:`ACKNOWLEDGE`): the EventId must be one of that condition's recent
+events (:meth:`ControlMethods.remember_event`, fed with the condition events of
+:mod:`labctl.server.opcua.control_events`).
+
+*Refusals.* A refused call ends Bad, the code picked by asking the core's own predicates
+(roles, owner), never deciding here: :data:`BadUserAccessDenied` for roles,
+:data:`BadInvalidArgument` for an unknown procedure, job, alarm or interlock or bad
+parameters, :data:`BadInvalidState` for a state that does not allow it; its sentence is
+kept for the session in ``Objects/<site>/Session/LastCallRefusal``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from asyncua import ua
+from labctl.ioc.alarms import AlarmError
+from labctl.ioc.interlocks import InterlockError
+from labctl.ioc.jobs import Job, JobError
+from labctl.ioc.types import Severity, Status
+from labctl.server.control import ControlDenied
+from labctl.server.opcua.arguments import (
+    BOOLEAN,
+    BYTES,
+    DOUBLE,
+    INT32,
+    INT64,
+    JSON_RESULT,
+    STRING,
+    TEXT,
+    Caller,
+    MethodSpec,
+    Refused,
+    to_json,
+)
+
+if TYPE_CHECKING:
+    from labctl.server.control import ControlService
+
+_S = ua.StatusCodes
+
+#: Part 9's Acknowledge method (AcknowledgeableConditionType), called on a ConditionId.
+ACKNOWLEDGE = ua.NodeId(ua.ObjectIds.AcknowledgeableConditionType_Acknowledge)
+
+#: How many recent events of each condition an Acknowledge may name.
+RECENT_EVENTS = 16
+
+CONTROL_METHODS: tuple[MethodSpec, ...] = (
+    MethodSpec("ListLocks", (), JSON_RESULT, "every resource's lock: holder, expiry, queue"),
+    MethodSpec("ListProcedures", (), JSON_RESULT, "the procedures jobs run, with their parameters"),
+    MethodSpec("SubmitTask", (("Procedure", STRING, "procedure name"), ("ParamsJson", STRING, "parameters as a JSON object"), ("Priority", INT32, "higher runs first")), (("JobId", INT64, "the new job's id"),), "queue a job"),
+    MethodSpec("CancelTask", (("JobId", INT64, "the job"),), (), "cancel a queued or running job: its owner or an admin"),
+    MethodSpec("ListJobs", (("MineOnly", BOOLEAN, "only this user's jobs"),), JSON_RESULT, "jobs, newest first"),
+    MethodSpec("GetJob", (("JobId", INT64, "the job"),), JSON_RESULT, "a job with its log and results: its owner or an admin"),
+    MethodSpec("ListAudit", (("SinceUnix", DOUBLE, "UNIX seconds"), ("User", STRING, "only this user (empty: all)"), ("PV", STRING, "only this PV or target (empty: all)")), JSON_RESULT, "the audit trail"),
+    MethodSpec("ListAlarms", (("ActiveOnly", BOOLEAN, "only alarms that need attention"),), JSON_RESULT, "alarm states"),
+    MethodSpec("AcknowledgeAlarm", (("Source", STRING, "the PV in alarm"), ("Comment", STRING, "why, what was done")), (), "acknowledge an alarm"),
+    MethodSpec("ShelveAlarm", (("Source", STRING, "the PV in alarm"), ("DurationS", DOUBLE, "seconds"), ("Reason", STRING, "why (required)")), (), "silence an alarm for a while: experts"),
+    MethodSpec("UnshelveAlarm", (("Source", STRING, "the PV"),), (), "end shelving early: experts"),
+    MethodSpec("ListInterlocks", (), JSON_RESULT, "interlock states"),
+    MethodSpec("ResetInterlock", (("Name", STRING, "the interlock"),), (), "reset an interlock waiting for it: its reset roles"),
+)  # fmt: skip
+
+ACKNOWLEDGE_SPEC = MethodSpec("Acknowledge", (("EventId", BYTES, ""), ("Comment", TEXT, "")), (), "Part 9 Acknowledge")
+
+# ---- JSON views of the core's state ------------------------------------------------------------------
+
+
+def job_json(job: Job, *, detail: bool = False) -> dict[str, Any]:
+    """A job as JSON data; ``detail`` adds its log and results."""
+    out = job.summary()
+    if detail:
+        out["log"] = [[t, line] for t, line in job.log]
+        out["results"] = [
+            {"time": r.time, "pv": r.pv, "value": r.value, "severity": Severity(r.severity).name, "status": Status(r.status).name, "label": r.label}
+            for r in job.results
+        ]
+    return out
+
+
+def lock_json(control: ControlService, resource: str) -> dict[str, Any]:
+    """A resource's lock state as JSON data."""
+    arbiter = control.arbiter
+    cfg = arbiter.resources[resource]
+    lease = arbiter.holder(resource) if cfg.lockable else None
+    live = lease is not None and lease.expires_at > control.db.clock()
+    return {
+        "resource": resource,
+        "description": cfg.description,
+        "lockable": cfg.lockable,
+        "max_lease_s": cfg.max_lease_s,
+        "owner": lease.user if live and lease else "",
+        "client": lease.client if live and lease else "",
+        "priority": lease.priority if live and lease else None,
+        "job": lease.job if live and lease else None,
+        "expires_at": lease.expires_at if live and lease else None,
+        "queue": [{"user": w.user, "priority": w.priority, "client": w.client, "requested_at": w.requested_at} for w in (arbiter.queue(resource) if cfg.lockable else [])],
+    }  # fmt: skip
+
+
+class ControlMethods:
+    """The answers to the ``Control`` object's method calls (and to Part 9's Acknowledge)."""
+
+    def __init__(self, control: ControlService) -> None:
+        self.control = control
+        self.db = control.db
+        self.recent_events: dict[str, deque[bytes]] = {}
+        """The EventIds of each condition's recent events, which an Acknowledge may name."""
+
+    def handlers(self) -> dict[str, Callable[..., Any]]:
+        """The answer to each method of :data:`CONTROL_METHODS`, called with the caller and the arguments."""
+        return {s.name: getattr(self, f"_m_{s.name}") for s in CONTROL_METHODS}
+
+    def remember_event(self, source: str, event_id: bytes) -> None:
+        """Note the EventId of a condition event of ``source``'s alarm."""
+        self.recent_events.setdefault(source, deque(maxlen=RECENT_EVENTS)).append(event_id)
+
+    # ---- locks, jobs, audit -----------------------------------------------------------------------------
+
+    def _m_ListLocks(self, c: Caller) -> list[ua.Variant]:  # noqa: N802
+        return [to_json([lock_json(self.control, r) for r in self.control.arbiter.resources])]
+
+    def _m_ListProcedures(self, c: Caller) -> list[ua.Variant]:  # noqa: N802
+        policy, out = self.db.policy, []
+        for name, proc in self.control.jobs.procedures.items():
+            params = {p: {"type": cfg.type, "default": cfg.default, "description": cfg.description, "min": cfg.min, "max": cfg.max} for p, cfg in proc.params.items()}
+            allowed = bool(set(c.identity.roles) & set(proc.roles)) or policy.can(c.identity, "admin")
+            out.append({"name": name, "description": proc.description, "resources": list(proc.resources), "params": params, "roles": list(proc.roles), "may_submit": allowed})
+        return [to_json(out)]
+
+    def _m_SubmitTask(self, c: Caller, procedure: str, params_json: str, priority: int) -> list[ua.Variant]:  # noqa: N802
+        try:
+            params = json.loads(params_json) if params_json.strip() else {}
+        except ValueError as e:
+            raise Refused(_S.BadInvalidArgument, f"ParamsJson is not JSON: {e}") from e
+        if not isinstance(params, dict):
+            raise Refused(_S.BadInvalidArgument, f"ParamsJson must be a JSON object of parameters, got {type(params).__name__}")
+        try:
+            job = self.control.submit_job(procedure, params, c.identity, priority=priority)
+        except JobError as e:
+            proc = self.control.jobs.procedures.get(procedure)
+            denied = proc is not None and not (set(c.identity.roles) & set(proc.roles)) and not self.db.policy.can(c.identity, "admin")
+            raise Refused(_S.BadUserAccessDenied if denied else _S.BadInvalidArgument, str(e)) from e
+        return [ua.Variant(job.id, ua.VariantType.Int64)]
+
+    def _m_CancelTask(self, c: Caller, job_id: int) -> list[ua.Variant]:  # noqa: N802
+        try:
+            self.control.cancel_job(job_id, c.identity)
+        except JobError as e:
+            job = self.control.jobs.jobs.get(job_id)
+            if job is None:
+                code = _S.BadInvalidArgument
+            elif job.owner != c.identity.user and not self.db.policy.can(c.identity, "admin"):
+                code = _S.BadUserAccessDenied
+            else:
+                code = _S.BadInvalidState
+            raise Refused(code, str(e)) from e
+        return []
+
+    def _m_ListJobs(self, c: Caller, mine_only: bool) -> list[ua.Variant]:  # noqa: N802
+        jobs = self.control.jobs.list(c.identity.user if mine_only else None)
+        return [to_json([job_json(j) for j in jobs])]
+
+    def _m_GetJob(self, c: Caller, job_id: int) -> list[ua.Variant]:  # noqa: N802
+        try:
+            job = self.control.job_detail(job_id, c.identity)
+        except JobError as e:
+            raise Refused(_S.BadInvalidArgument, str(e)) from e
+        except ControlDenied as e:
+            raise Refused(_S.BadUserAccessDenied, str(e)) from e
+        return [to_json(job_json(job, detail=True))]
+
+    async def _m_ListAudit(self, c: Caller, since: float, user: str, pv: str) -> list[ua.Variant]:  # noqa: N802
+        try:
+            records = await self.control.read_audit(c.identity, since, user=user or None, target=pv or None)
+        except ControlDenied as e:
+            raise Refused(_S.BadUserAccessDenied, str(e)) from e
+        keys = ("time", "action", "user", "protocol", "host", "target", "old", "new", "accepted", "reason")
+        return [to_json([{k: getattr(r, k) for k in keys} for r in records])]
+
+    # ---- alarms and interlocks -------------------------------------------------------------------------
+
+    def _m_ListAlarms(self, c: Caller, active_only: bool) -> list[ua.Variant]:  # noqa: N802
+        table = self.control.alarms.table
+        now = self.db.clock()
+        alarms = table.active(now, include_shelved=True) if active_only else table.all()
+        out = [
+            {
+                "source": a.source, "severity": a.latched.name, "current": a.current.name, "status": a.status.name,
+                "acked": a.acked, "active": a.active, "latch": a.latch, "value": a.value, "message": a.message,
+                "guidance": a.guidance, "since": a.since, "shelved_until": a.shelved_until if a.shelved(now) else None,
+                "shelved_by": a.shelved_by, "shelve_reason": a.shelve_reason,
+            }
+            for a in alarms
+        ]  # fmt: skip
+        return [to_json(out)]
+
+    def _alarm_refusal(self, e: AlarmError, c: Caller, source: str, capability: str, state_code: int = _S.BadInvalidState) -> Refused:
+        if not self.db.policy.can(c.identity, capability):  # type: ignore[arg-type]
+            return Refused(_S.BadUserAccessDenied, str(e))
+        if source not in self.control.alarms.table:
+            return Refused(_S.BadInvalidArgument, str(e))
+        return Refused(state_code, str(e))
+
+    def _m_AcknowledgeAlarm(self, c: Caller, source: str, comment: str) -> list[ua.Variant]:  # noqa: N802
+        try:
+            self.control.alarms.acknowledge(source, c.identity, comment)
+        except AlarmError as e:
+            raise self._alarm_refusal(e, c, source, "acknowledge") from e
+        return []
+
+    def acknowledge_condition(self, c: Caller, source: str, event_id: bytes, comment: str) -> list[ua.Variant]:
+        """Part 9's Acknowledge called on the ConditionId of ``source``'s alarm."""
+        if event_id not in self.recent_events.get(source, ()):
+            raise Refused(_S.BadEventIdUnknown, f"{source}: EventId {event_id.hex() if event_id else '(empty)'} is not one of this condition's recent events")
+        table = self.control.alarms.table
+        if source in table and table.get(source).acked and self.db.policy.can(c.identity, "acknowledge"):
+            raise Refused(_S.BadConditionBranchAlreadyAcked, f"{source} is already acknowledged")
+        try:
+            self.control.alarms.acknowledge(source, c.identity, comment)
+        except AlarmError as e:
+            raise self._alarm_refusal(e, c, source, "acknowledge") from e
+        return []
+
+    def _m_ShelveAlarm(self, c: Caller, source: str, duration_s: float, reason: str) -> list[ua.Variant]:  # noqa: N802
+        try:
+            self.control.alarms.shelve(source, c.identity, duration_s, reason)
+        except AlarmError as e:
+            raise self._alarm_refusal(e, c, source, "shelve", _S.BadInvalidArgument) from e
+        return []
+
+    def _m_UnshelveAlarm(self, c: Caller, source: str) -> list[ua.Variant]:  # noqa: N802
+        try:
+            self.control.alarms.unshelve(source, c.identity)
+        except AlarmError as e:
+            raise self._alarm_refusal(e, c, source, "shelve") from e
+        return []
+
+    def _m_ListInterlocks(self, c: Caller) -> list[ua.Variant]:  # noqa: N802
+        out = []
+        for name, rule in self.control.interlocks.rules.items():
+            cfg = rule.cfg
+            out.append({
+                "name": name, "state": rule.state, "reason": rule.reason, "description": cfg.description, "since": rule.since,
+                "reset": cfg.reset, "reset_roles": list(cfg.reset_roles), "engaged": rule.engaged,
+            })  # fmt: skip
+        return [to_json(out)]
+
+    def _m_ResetInterlock(self, c: Caller, name: str) -> list[ua.Variant]:  # noqa: N802
+        try:
+            self.control.interlocks.reset(name, c.identity)
+        except InterlockError as e:
+            rule = self.control.interlocks.rules.get(name)
+            if rule is None:
+                code = _S.BadInvalidArgument
+            elif not (set(c.identity.roles) & set(rule.cfg.reset_roles)) and not self.db.policy.can(c.identity, "admin"):
+                code = _S.BadUserAccessDenied
+            else:
+                code = _S.BadInvalidState
+            raise Refused(code, str(e)) from e
+        return []
+

@@ -1,0 +1,70 @@
+"""The complete site file: the core's sections and the server's, read with positions in every error.
+
+Theory of operation: :class:`~labctl.ioc.config.site.CoreSiteConfig` holds what the
+process database is built from; the server adds the sections of its own parts -- the
+process settings and protocol adapters (``server``: :class:`ServerConfig`, with
+:class:`~labctl.server.opcua.config.OpcUaConfig` and :class:`~labctl.server.ca.config.CAConfig`),
+the historian (:class:`~labctl.server.historian.config.HistorianConfig`) and alarm
+notifications (:class:`~labctl.server.notify.NotificationsConfig`) -- and the checks
+that span them and the core's (a role named by a Channel Access rule). A new adapter adds
+its section here and never touches ``ioc/``. Reading is the core's loader
+(:mod:`labctl.ioc.config.loader`) with this model: the same YAML rules and the same
+``file:line:col key.path: message`` lines.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from labctl.ioc.config import loader
+from labctl.ioc.config.base import Model
+from labctl.ioc.config.site import CoreSiteConfig
+from labctl.server.ca.config import CAConfig
+from labctl.server.historian.config import HistorianConfig
+from labctl.server.notify import NotificationsConfig
+from labctl.server.opcua.config import OpcUaConfig
+
+
+class ServerConfig(Model):
+    """Process-level settings."""
+
+    state_dir: str = "./var"
+    """Where the server keeps its state (history, spool, certificates), relative to the working directory."""
+    opcua: OpcUaConfig = OpcUaConfig()
+    ca: CAConfig = CAConfig()
+
+
+class SiteConfig(CoreSiteConfig):
+    """The whole site."""
+
+    server: ServerConfig = ServerConfig()
+    historian: HistorianConfig = HistorianConfig()
+    notifications: NotificationsConfig = NotificationsConfig()
+    """Alarm notification sinks and rate limits."""
+
+    def state_path(self) -> Path:
+        """The state directory."""
+        return Path(self.server.state_dir)
+
+    def cross_check(self) -> list[tuple[tuple[Any, ...], str]]:
+        """Problems that span several keys, as (key path, message): the core's, then the server's."""
+        problems = super().cross_check()
+        roles = self.all_roles
+        for ri, rule in enumerate(self.server.ca.access.rules):
+            for r in rule.roles:
+                if r not in roles:
+                    problems.append(
+                        (("server", "ca", "access", "rules", ri, "roles"), f"unknown role {r!r}; defined: {sorted(roles)}")
+                    )
+        return problems
+
+
+def parse_site(text: str, source: str = "<site>") -> SiteConfig:
+    """Validate the YAML text of a site file; raise ConfigError listing every problem."""
+    return loader.parse_site(text, source, SiteConfig)
+
+
+def load_site(path: str | Path) -> SiteConfig:
+    """Read and validate a site file."""
+    return loader.load_site(path, SiteConfig)
