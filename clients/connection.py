@@ -6,7 +6,8 @@ picks the most secure Basic256Sha256 mode the server offers, else None). Basic25
 needs a client application certificate: the caller's, or one made once per process
 (:func:`application_certificate`). Every failure -- no answer, connection refused, login
 refused, security not offered -- becomes one :class:`~labctl.clients.errors.ConnectError`
-whose sentence says which, and the half-open client is disconnected.
+whose sentence says which (a refused login is its subclass
+:class:`~labctl.clients.errors.LoginRefused`), and the half-open client is disconnected.
 
 :func:`labctl.clients.session.connect` builds a :class:`~labctl.clients.session.Session`
 on the client this opens.
@@ -24,7 +25,7 @@ from asyncua import Client, ua
 from asyncua.crypto import uacrypto
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError
-from labctl.clients.errors import ConnectError
+from labctl.clients.errors import ConnectError, LoginRefused
 from labctl.clients.values import status_name
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ async def open_client(
         raise
     except UaStatusCodeError as e:
         await disconnect_quietly(client)
-        raise ConnectError(_login_error(url, user, e)) from None
+        raise _login_error(url, user, e) from None
     except ConnectionRefusedError:
         await disconnect_quietly(client)
         raise ConnectError(f"cannot connect to {url}: connection refused (is a labctl server running there?)") from None
@@ -135,14 +136,15 @@ async def _choose_security(client: Client, security: str) -> ua.MessageSecurityM
     return mode
 
 
-def _login_error(url: str, user: str | None, e: UaStatusCodeError) -> str:
+def _login_error(url: str, user: str | None, e: UaStatusCodeError) -> ConnectError:
+    """The error for a refused activation: LoginRefused when the credentials were refused."""
     code = e.code
     who = f"user {user!r}" if user else "anonymous login"
     if code in (_S.BadUserAccessDenied, _S.BadIdentityTokenInvalid, _S.BadIdentityTokenRejected):
         if user:
-            return f"{url}: login refused for {who} ({status_name(code)}): wrong user name or password, or the account is locked for a while"
-        return f"{url}: {who} refused ({status_name(code)}): the server requires a user name"
-    return f"{url}: {status_name(code)}: {ua.StatusCode(code).doc}"
+            return LoginRefused(f"{url}: login refused for {who} ({status_name(code)}): wrong user name or password, or the account is locked for a while")
+        return LoginRefused(f"{url}: {who} refused ({status_name(code)}): the server requires a user name")
+    return ConnectError(f"{url}: {status_name(code)}: {ua.StatusCode(code).doc}")
 
 
 async def disconnect_quietly(client: Client) -> None:

@@ -305,15 +305,15 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 def rows(h: History) -> tuple[list[str], list[list[Any]]]:
     """Column names and rows of a history, values as plain Python data (times as ISO 8601 UTC)."""
-    times = [_utc(t).isoformat(timespec="microseconds").replace("+00:00", "Z") for t in h.times]
+    times = [_utc(t).isoformat(timespec="microseconds") for t in h.times]  # "+00:00", as every --json time
     sev = [Severity(int(s)).name for s in h.severities]
     sta = [Status(int(s)).name for s in h.statuses]
 
     def plain(x: Any) -> Any:
         if isinstance(x, (float, np.floating)):
-            return None if math.isnan(x) else float(x)
-        if isinstance(x, tuple):
-            return list(x)
+            return float(x) if math.isfinite(x) else None  # strict JSON: no NaN or infinities
+        if isinstance(x, (tuple, list)):
+            return [plain(v) for v in x]
         return x
 
     if h.processed:
@@ -339,7 +339,12 @@ def print_history(h: History, fmt: str, out: Any = None) -> None:
     header, body = rows(h)
     if fmt == "json":
         doc = {"pv": h.name, "unit": h.meta.unit, "every": h.every, "rows": [dict(zip(header, r, strict=True)) for r in body]}
-        print(json.dumps(doc, indent=2), file=out)
+        if h.meta.type is PVType.ENUM and not h.processed:
+            states = h.meta.states
+            for row in doc["rows"]:  # the state's name beside its index, as `labctl get --json`
+                v = row["value"]
+                row["state"] = states[v] if isinstance(v, int) and 0 <= v < len(states) else None
+        print(json.dumps(doc, indent=2, allow_nan=False), file=out)  # strict: NaN is already None
         return
     if fmt == "csv":
         writer = csv.writer(out, lineterminator="\n")

@@ -52,6 +52,8 @@ class AlarmInfo:
     guidance: str
     since: float
     shelved_until: float | None
+    value: Any = None
+    """The PV's value now (an enum's state index: name it with the PV's metadata)."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,8 @@ class InterlockInfo:
     state: str
     reason: str
     description: str
+    since: float | None = None
+    """When it entered its state (UNIX s; None or 0 if never since start-up)."""
 
 
 @dataclass
@@ -119,12 +123,12 @@ def decode_lock(d: dict[str, Any]) -> LockInfo:
 def decode_alarm(d: dict[str, Any]) -> AlarmInfo:
     """A ``ListAlarms`` entry."""
     return AlarmInfo(d["source"], d["severity"], d["current"], d["status"], bool(d["acked"]), bool(d["active"]), d["message"],
-                     d["guidance"], d["since"], d["shelved_until"])  # fmt: skip
+                     d["guidance"], d["since"], d["shelved_until"], d.get("value"))  # fmt: skip
 
 
 def decode_interlock(d: dict[str, Any]) -> InterlockInfo:
     """A ``ListInterlocks`` entry."""
-    return InterlockInfo(d["name"], d["state"], d["reason"], d["description"])
+    return InterlockInfo(d["name"], d["state"], d["reason"], d["description"], d.get("since"))
 
 
 def decode_procedure(d: dict[str, Any]) -> ProcedureInfo:

@@ -11,9 +11,11 @@ needs no browsing to get or put.
 * :meth:`Session.get` reads value and metadata (DataType, ValueRank, EngineeringUnits,
   EURange, EnumStrings, access levels) in one Read; metadata is cached per session
   (decoded by :mod:`labctl.clients.values`).
-* :meth:`Session.put` writes a Variant of the PV's type. A refused write raises
-  :class:`~labctl.clients.errors.PutRefused` with the server's StatusCode and its reason,
-  which the server keeps per session in ``Objects/<site>/Session/LastWriteRefusal``.
+* :meth:`Session.put` writes a Variant of the PV's type. A refused write raises the
+  :class:`~labctl.clients.errors.PutRefused` of the refusal's kind (``PutForbidden``,
+  ``PutConflict``, ``PutInvalid``...), with its fields: the server sends the refusal as
+  data in the Write response's DiagnosticInfo, which the session asks for (no second
+  round trip, nothing another request could overwrite meanwhile).
 * :meth:`Session.monitor` subscribes to PVs; the returned
   :class:`~labctl.clients.monitor.Monitor` is an async iterator of
   :class:`~labctl.clients.values.Sample` (the current values first, then every change),
@@ -22,10 +24,10 @@ needs no browsing to get or put.
 The control layer (locks, jobs, alarms, interlocks, the audit trail) is reached through
 the server's methods (``Objects/<site>/Control`` and each lockable resource's
 ``Objects/<site>/Resources/<resource>/Lock``), whose structured answers are JSON and come
-back as the frozen dataclasses of :mod:`labctl.clients.records`. A refused call raises
-:class:`~labctl.clients.errors.CommandRefused` (or its subclasses ``AccessDenied``,
-``LockUnavailable``) with the server's StatusCode and its reason, which the server keeps
-per session in ``Objects/<site>/Session/LastCallRefusal``. :meth:`Session.lock` with
+back as the frozen dataclasses of :mod:`labctl.clients.records`. A refused call raises the
+:class:`~labctl.clients.errors.CommandRefused` of the refusal's kind (``AccessDenied``,
+``CommandNotFound``, ``CommandConflict``, ``LockUnavailable``...) with its fields, sent as
+data in the Call response's DiagnosticInfo. :meth:`Session.lock` with
 ``wait=True`` queues and waits for the grant, watching the lock's ``LockingClient``
 variable; :meth:`Session.hold_lock` keeps a lease renewed (every third of its duration)
 for as long as a ``with`` block runs.
@@ -49,6 +51,7 @@ from typing import Any
 
 from asyncua import Client, ua
 from asyncua.common.subscription import DataChangeEvent, StatusChangeEvent
+from asyncua.ua.ua_binary import struct_from_binary
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 from labctl.clients.connection import disconnect_quietly, open_client
 from labctl.clients.errors import (
@@ -62,6 +65,7 @@ from labctl.clients.errors import (
     NoSuchPV,
     PutRefused,
     RequestTimeout,
+    refusal_from_dict,
 )
 from labctl.clients.monitor import Monitor
 from labctl.clients.records import (
@@ -98,6 +102,9 @@ NAMESPACE = re.compile(r"^urn:labctl:([A-Za-z_][A-Za-z0-9_\-]*)$")
 READ_CHUNK = 2000
 
 _S = ua.StatusCodes
+
+#: RequestHeader.ReturnDiagnostics bit for operation-level AdditionalInfo (OPC UA Part 4, DiagnosticsMask).
+OPERATION_ADDITIONAL_INFO = 0x80
 
 
 async def connect(
@@ -289,59 +296,61 @@ class Session:
     # ---- commands -------------------------------------------------------------------
 
     async def put(self, name: str, value: Any) -> None:
-        """Write a PV. Raises NoSuchPV, or PutRefused with the server's status and reason."""
+        """Write a PV. Raises NoSuchPV, or a PutRefused of the refusal's kind with its fields."""
         meta = await self.info(name)
         wv = ua.WriteValue()
         wv.NodeId = self._node_id(name)
         wv.AttributeId = ua.AttributeIds.Value
         wv.Value = ua.DataValue(to_variant(meta, value))
-        params = ua.WriteParameters()
-        params.NodesToWrite.append(wv)
-        status = (await self._call(self.client.uaclient.write(params)))[0]
+        request = ua.WriteRequest()
+        request.Parameters.NodesToWrite.append(wv)
+        response = await self._diagnosed(request, ua.WriteResponse)
+        status = response.Results[0]
         if status.is_good():
             return
         code = status.value
-        reason = await self._refusal(name)
-        raise PutRefused(name, status_name(code), code, reason or ua.StatusCode(code).doc)
+        refusal = _refusal_data(response.DiagnosticInfos)
+        if refusal is not None:
+            raise refusal_from_dict(refusal, status=status_name(code), code=code)
+        raise PutRefused(name, status_name(code), code, ua.StatusCode(code).doc or status_name(code))
 
-    async def _refusal(self, name: str) -> str:
-        """The server's sentence for this session's last refused write, if it is about ``name``."""
-        (dv,) = await self._read([(self._node_id(f"/{self.site}/Session/LastWriteRefusal"), ua.AttributeIds.Value)])
-        text = dv.Value.Value if dv.Value is not None and isinstance(dv.Value.Value, str) else ""
-        prefix = f"{name}: "
-        if not text.startswith(prefix):
-            return ""
-        text = text[len(prefix) :]
-        for opening in ("write refused: ", "write failed: "):
-            if text.startswith(opening):
-                return text[len(opening) :]
-        return text
+    async def _diagnosed(self, request: Any, response_type: type) -> Any:
+        """Send a Write or Call asking for the operations' diagnostics: the server sends each refusal as data."""
+        request.RequestHeader.ReturnDiagnostics = OPERATION_ADDITIONAL_INFO
+        data = await self._call(self.client.uaclient.protocol.send_request(request))
+        response = struct_from_binary(response_type, data)
+        response.ResponseHeader.ServiceResult.check()
+        return response
 
     # ---- control: calls -------------------------------------------------------------
 
     async def _command(self, path: str, method: str, *args: ua.Variant) -> list[Any]:
-        """Call ``Objects/<site>/<path>/<method>``; the output values, or CommandRefused with the server's reason."""
+        """Call ``Objects/<site>/<path>/<method>``; the output values, or a CommandRefused of the refusal's kind."""
+        outputs, _ = await self._command_diagnosed(path, method, *args)
+        return outputs
+
+    async def _command_diagnosed(self, path: str, method: str, *args: ua.Variant) -> tuple[list[Any], dict[str, Any] | None]:
+        """:meth:`_command`, with the refusal data a Good answer carries (Part 100's status outputs)."""
         base = f"/{self.site}/{path}"
         req = ua.CallMethodRequest()
         req.ObjectId = self._node_id(base)
         req.MethodId = self._node_id(f"{base}/{method}")
         req.InputArguments = list(args)
-        (res,) = await self._call(self.client.uaclient.call([req]))
+        request = ua.CallRequest()
+        request.Parameters.MethodsToCall = [req]
+        response = await self._diagnosed(request, ua.CallResponse)
+        (res,) = response.Results
+        refusal = _refusal_data(response.DiagnosticInfos)
         if res.StatusCode.is_good():
-            return [v.Value for v in res.OutputArguments]
+            return [v.Value for v in res.OutputArguments], refusal
         code = res.StatusCode.value
-        reason = await self._call_refusal(method)
-        if code == _S.BadMethodInvalid or code == _S.BadNodeIdInvalid or code == _S.BadNodeIdUnknown:
-            reason = reason or f"the server has no method {path}/{method} (not a labctl server with the control layer?)"
+        if refusal is not None:
+            raise refusal_from_dict(refusal, status=status_name(code), code=code, command=method)
+        reason = ua.StatusCode(code).doc or status_name(code)
+        if code in (_S.BadMethodInvalid, _S.BadNodeIdInvalid, _S.BadNodeIdUnknown):
+            reason = f"the server has no method {path}/{method} (not a labctl server with the control layer?)"
         cls = {_S.BadUserAccessDenied: AccessDenied, _S.BadLocked: LockUnavailable}.get(code, CommandRefused)
-        raise cls(method, status_name(code), code, reason or ua.StatusCode(code).doc or status_name(code))
-
-    async def _call_refusal(self, method: str) -> str:
-        """The server's sentence for this session's last refused call, if it is about ``method``."""
-        (dv,) = await self._read([(self._node_id(f"/{self.site}/Session/LastCallRefusal"), ua.AttributeIds.Value)])
-        text = dv.Value.Value if dv.Value is not None and isinstance(dv.Value.Value, str) else ""
-        prefix = f"{method}: "
-        return text[len(prefix) :] if text.startswith(prefix) else ""
+        raise cls(method, status_name(code), code, reason)
 
     async def _json(self, method: str, *args: ua.Variant) -> Any:
         (text,) = await self._command("Control", method, *args)
@@ -412,6 +421,16 @@ class Session:
         """Renew a lease from now (for ``duration_s``, or its own duration). Raises CommandRefused if it was lost."""
         (expires_at,) = await self._command(f"Resources/{resource}/Lock", "RenewLease", _string(token), _double(duration_s or 0.0))
         return Lease(resource, token, expires_at)
+
+    async def break_lock(self, resource: str) -> None:
+        """Break whoever holds a resource's lock (admins; the holder is told, the break audited).
+
+        Raises AccessDenied without the right, CommandConflict if nobody holds the lock.
+        """
+        (status,), refusal = await self._command_diagnosed(f"Resources/{resource}/Lock", "BreakLock")
+        if status != 0:
+            raise refusal_from_dict(refusal or {"kind": "conflict", "action": "lock.break", "target": resource,
+                                                "message": f"{resource}: the resource is not locked"}, command="BreakLock")  # fmt: skip
 
     async def unlock(self, resource: str, token: str | None = None) -> None:
         """Release a lease or withdraw a queued request (by token, else this user's own on the resource)."""
@@ -532,3 +551,15 @@ def _double(v: float) -> ua.Variant:
         raise ValueError(f"expected a finite number, got {v}")
     return ua.Variant(v, ua.VariantType.Double)
 
+
+
+def _refusal_data(infos: list[ua.DiagnosticInfo] | None) -> dict[str, Any] | None:
+    """The refusal the server sent as data with the (one) operation of a response, if any."""
+    for info in infos or []:
+        if info is not None and info.AdditionalInfo:
+            try:
+                data = json.loads(info.AdditionalInfo)
+            except ValueError:
+                return None
+            return data if isinstance(data, dict) else None
+    return None

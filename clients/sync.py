@@ -140,6 +140,10 @@ class SyncSession:
         """Release a lease or withdraw a queued request (by token, else your own)."""
         self._run(self.session.unlock(resource, token))
 
+    def break_lock(self, resource: str) -> None:
+        """Break whoever holds a resource's lock (admins)."""
+        self._run(self.session.break_lock(resource))
+
     @contextlib.contextmanager
     def hold_lock(
         self, resource: str, duration_s: float = 60.0, *, priority: int = 0, wait: bool = False, timeout_s: float | None = None

@@ -1,52 +1,18 @@
-"""Who may do what: roles, and the audit record of every write.
+"""The write path's hooks, and the audit record of every action.
 
 The write path (see :mod:`labctl.ioc.database`) asks, in order: is the PV writable at all, do
-the identity's roles allow writing its resource, does the identity hold the resource's
-lock, is the value acceptable, does an interlock forbid it. This module answers the role
-question and defines the hooks for the others, so the arbiter and the interlocks plug in
-without the database knowing their internals.
+the identity's roles allow writing its resource (:mod:`labctl.ioc.policy` decides), does the
+identity hold the resource's lock, is the value acceptable, does an interlock forbid it.
+This module defines the hooks for the lock and interlock checks, so the arbiter and the
+interlocks plug in without the database knowing their internals, and the audit record.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-from labctl.ioc.config.access import RoleConfig
-from labctl.ioc.errors import PermissionDenied
 from labctl.ioc.types import Identity
-
-Capability = Literal["acknowledge", "shelve", "admin"]
-
-
-class RolePolicy:
-    """Role-based permissions from the site file's roles.
-
-    The ``system`` role (the server acting on its own: interlocks, start-up) may do
-    everything; an identity with no known role may do nothing but read.
-    """
-
-    def __init__(self, roles: Mapping[str, RoleConfig]) -> None:
-        self.roles = dict(roles)
-
-    def may_write(self, identity: Identity, resource: str) -> bool:
-        """Whether ``identity``'s roles allow writing PVs of ``resource``."""
-        if "system" in identity.roles:
-            return True
-        return any(self.roles[r].may_write(resource) for r in identity.roles if r in self.roles)
-
-    def check_write(self, identity: Identity, pv: str, resource: str) -> None:
-        """Raise PermissionDenied unless the roles allow the write."""
-        if not self.may_write(identity, resource):
-            raise PermissionDenied(pv, identity.user, resource)
-
-    def can(self, identity: Identity, capability: Capability) -> bool:
-        """Whether any of the identity's roles grants ``capability`` (admins have all)."""
-        if "system" in identity.roles:
-            return True
-        granted = [self.roles[r] for r in identity.roles if r in self.roles]
-        return any(r.admin or getattr(r, capability) for r in granted)
 
 
 class LockCheck(Protocol):

@@ -21,20 +21,39 @@ notifies (through a :class:`RateLimiter`, so a flapping PV cannot flood anyone).
 
 from __future__ import annotations
 
+import math
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from labctl.ioc.errors import LabctlError
+from labctl.ioc.errors import Conflict, InvalidArgument, NotFound, Refused
 from labctl.ioc.pv import PVInfo
 from labctl.ioc.types import PVType, Reading, Severity, Status
 
 EventKind = Literal["raised", "changed", "cleared", "acknowledged", "shelved", "unshelved", "returned"]
 
 
-class AlarmError(LabctlError):
-    """An alarm operation was refused (unknown alarm, not allowed, nothing to acknowledge)."""
+class AlarmRefused(Refused):
+    """An alarm operation was refused. Subclasses say why."""
+
+    FIELDS: tuple[str, ...] = ("source",)
+
+    def __init__(self, reason: str, *, source: str, action: str) -> None:
+        self.source = source
+        super().__init__(reason, action=action, target=source)
+
+
+class NoSuchAlarm(AlarmRefused, NotFound):
+    """No alarm has that source."""
+
+
+class AlarmStateConflict(AlarmRefused, Conflict):
+    """The alarm's state does not allow it (not in alarm, already acknowledged, not shelved)."""
+
+
+class BadShelving(AlarmRefused, InvalidArgument):
+    """A shelving's duration or reason is not acceptable."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,12 +101,15 @@ class AlarmEvent:
     reason: str = ""
 
 
-def describe(source: str, reading: Reading, unit: str = "") -> str:
-    """A message a person reads: ``CRYO:MXC:TEMP HIHI (MAJOR): 0.12 K``."""
+def describe(source: str, reading: Reading, unit: str = "", states: Sequence[str] = ()) -> str:
+    """A message a person reads: ``CRYO:MXC:TEMP HIHI (MAJOR): 0.12 K``; an enum's value by its state name."""
     if reading.severity is Severity.NO_ALARM:
         return f"{source} back to normal"
     value = reading.value
-    shown = f"{value:.4g}" if isinstance(value, float) else repr(value)
+    if states and isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(states):
+        shown = states[value]
+    else:
+        shown = f"{value:.4g}" if isinstance(value, float) else repr(value)
     tail = f": {shown}{' ' + unit if unit else ''}" if reading.status not in (Status.COMM, Status.UDF, Status.TIMEOUT) else ""
     return f"{source} {reading.status.name} ({reading.severity.name}){tail}"
 
@@ -95,20 +117,21 @@ def describe(source: str, reading: Reading, unit: str = "") -> str:
 class AlarmTable:
     """Alarm states of every alarmed PV, driven by readings, acknowledges and shelving."""
 
-    def __init__(self, sources: Mapping[str, tuple[bool, str, str]]) -> None:
-        """``sources``: PV name -> (latch, guidance, unit)."""
+    def __init__(self, sources: Mapping[str, tuple[bool, str, str]], states: Mapping[str, Sequence[str]] | None = None) -> None:
+        """``sources``: PV name -> (latch, guidance, unit); ``states``: an enum PV's state names, for messages."""
         self._alarms = {name: Alarm(name, latch=latch, guidance=guidance) for name, (latch, guidance, _) in sources.items()}
         self._units = {name: unit for name, (_, _, unit) in sources.items()}
+        self._states = dict(states or {})
 
     def __contains__(self, source: object) -> bool:
         return source in self._alarms
 
-    def get(self, source: str) -> Alarm:
-        """One alarm's state (raise AlarmError)."""
+    def get(self, source: str, action: str = "alarm.list") -> Alarm:
+        """One alarm's state (raise NoSuchAlarm)."""
         try:
             return self._alarms[source]
         except KeyError:
-            raise AlarmError(f"no alarm for {source!r}") from None
+            raise NoSuchAlarm(f"no alarm for {source!r}", source=source, action=action) from None
 
     def all(self) -> list[Alarm]:
         """Every alarm's state."""
@@ -141,7 +164,7 @@ class AlarmTable:
             if old.value != reading.value:
                 self._alarms[source] = replace(old, value=reading.value)
             return []
-        msg = describe(source, reading, self._units.get(source, ""))
+        msg = describe(source, reading, self._units.get(source, ""), self._states.get(source, ()))
         if sev > old.latched or (sev > Severity.NO_ALARM and old.latched == Severity.NO_ALARM):
             latched, acked = sev, False  # worse than anything seen: needs a new acknowledge
         elif old.latch and not old.acked:
@@ -162,11 +185,11 @@ class AlarmTable:
 
     def acknowledge(self, source: str, user: str, now: float, comment: str = "") -> list[AlarmEvent]:
         """Acknowledge an active alarm; a latched one whose value recovered then clears."""
-        old = self.get(source)
+        old = self.get(source, "alarm.ack")
         if not old.active:
-            raise AlarmError(f"{source} is not in alarm; nothing to acknowledge")
+            raise AlarmStateConflict("not in alarm; nothing to acknowledge", source=source, action="alarm.ack")
         if old.acked:
-            raise AlarmError(f"{source} is already acknowledged")
+            raise AlarmStateConflict("already acknowledged", source=source, action="alarm.ack")
         latched = old.current  # the latch lets go of what has recovered
         new = replace(old, acked=True, latched=latched)
         self._alarms[source] = new
@@ -177,20 +200,20 @@ class AlarmTable:
 
     def shelve(self, source: str, user: str, now: float, duration_s: float, reason: str) -> list[AlarmEvent]:
         """Silence an alarm for ``duration_s`` (a reason is required)."""
-        old = self.get(source)
-        if duration_s <= 0:
-            raise AlarmError(f"shelving {source}: the duration must be positive, got {duration_s}")
+        old = self.get(source, "alarm.shelve")
+        if not (duration_s > 0 and math.isfinite(duration_s)):
+            raise BadShelving(f"shelving: the duration must be a positive number of seconds, got {duration_s}", source=source, action="alarm.shelve")
         if not reason.strip():
-            raise AlarmError(f"shelving {source}: give a reason")
+            raise BadShelving("shelving: give a reason", source=source, action="alarm.shelve")
         new = replace(old, shelved_until=now + duration_s, shelved_by=user, shelve_reason=reason)
         self._alarms[source] = new
         return [AlarmEvent("shelved", new, now, user, reason)]
 
     def unshelve(self, source: str, user: str, now: float) -> list[AlarmEvent]:
         """End shelving early."""
-        old = self.get(source)
+        old = self.get(source, "alarm.unshelve")
         if old.shelved_until is None:
-            raise AlarmError(f"{source} is not shelved")
+            raise AlarmStateConflict("not shelved", source=source, action="alarm.unshelve")
         new = replace(old, shelved_until=None, shelved_by="", shelve_reason="")
         self._alarms[source] = new
         return [AlarmEvent("unshelved", new, now, user)]

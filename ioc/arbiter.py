@@ -10,26 +10,76 @@ adapters) publishes, audits and notifies without this module knowing how.
 
 The arbiter is also the write path's lock check (:class:`labctl.ioc.access.LockCheck`): on a
 lockable resource only the holder may write, and a refusal names holder and expiry.
+
+A refused call raises a :class:`LockRefused` of the fitting kind (:class:`NoSuchResource`,
+:class:`NotLockable`, :class:`BadLease`, :class:`LockHeld`, :class:`NoLease`). Leases that
+lapsed before the refusal are still freed and handed on by that call: their events travel
+on the exception (:attr:`LockRefused.events`), so the shell publishes them on the refusing
+path too and no lapse or grant goes unannounced.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from labctl.ioc.config.access import ResourceConfig
-from labctl.ioc.errors import LabctlError, LockedBy
+from labctl.ioc.errors import Conflict, InvalidArgument, LockedBy, NotFound, Refused, utc_clock
 from labctl.ioc.pv import PVInfo
 from labctl.ioc.types import Identity, PVType
 
 EventKind = Literal["granted", "renewed", "released", "expired", "broken", "queued", "withdrawn"]
 
 
-class LockError(LabctlError):
-    """A lock operation was refused (unknown resource, not the holder, bad token...)."""
+class LockRefused(Refused):
+    """A lock operation was refused. Subclasses say why (and which kind of refusal)."""
+
+    FIELDS: tuple[str, ...] = ("resource",)
+
+    def __init__(self, reason: str, *, resource: str, action: str) -> None:
+        self.resource = resource
+        self.events: list[LeaseEvent] = []
+        """Lease events the refused call caused before it refused (lapsed leases, grants to waiters)."""
+        super().__init__(reason, action=action, target=resource)
+
+
+class NoSuchResource(LockRefused, NotFound):
+    """No resource has that name."""
+
+
+class NotLockable(LockRefused, InvalidArgument):
+    """The resource has no lock (anyone with the role writes it)."""
+
+
+class BadLease(LockRefused, InvalidArgument):
+    """A lease's duration (or priority) is not acceptable."""
+
+
+class LockHeld(LockRefused, Conflict):
+    """Someone else holds (or waits first for) the lock, and the caller would not wait."""
+
+    FIELDS = ("resource", "owner", "until", "job")
+
+    def __init__(self, resource: str, owner: str, until: float | None, job: int | None, *, action: str) -> None:
+        self.owner = owner
+        self.until = until
+        self.job = job
+        who = owner + (f" (job {job})" if job is not None else "")
+        when = f" until {utc_clock(until)}" if until is not None else ""
+        super().__init__(f"resource {resource!r} is locked by {who}{when}", resource=resource, action=action)
+
+
+class NoLease(LockRefused, Conflict):
+    """No lease (or queued request) matches: a wrong or lapsed token, nothing held, not locked."""
+
+
+def _with(err: LockRefused, events: list[LeaseEvent]) -> LockRefused:
+    err.events = events
+    return err
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,11 +179,11 @@ class Arbiter:
                 return st.lease
         return None
 
-    def _state(self, resource: str) -> _ResourceState:
+    def _state(self, resource: str, action: str = "lock.request") -> _ResourceState:
         try:
             return self._res[resource]
         except KeyError:
-            raise LockError(f"unknown resource {resource!r}; resources are {sorted(self._res)}") from None
+            raise NoSuchResource(f"unknown resource {resource!r}; resources are {sorted(self._res)}", resource=resource, action=action) from None
 
     # ---- the write path's check ------------------------------------------------------------
 
@@ -165,20 +215,22 @@ class Arbiter:
         client: str = "",
         wait: bool = True,
         job: int | None = None,
+        exclusive: bool = False,
     ) -> tuple[Lease | Waiter, list[LeaseEvent]]:
         """Ask for a resource's lock.
 
         Returns the lease if granted now, else the queued waiter (``wait=True``). A holder
-        asking again renews. Raises LockError for an unknown or unlockable resource or a
-        bad duration, and LockedBy when held by someone else and ``wait`` is false.
+        asking again renews (or, ``exclusive``, is refused: Part 100's InitLock). Raises for an unknown or unlockable resource or a
+        bad duration (:class:`NoSuchResource`, :class:`NotLockable`, :class:`BadLease`), and
+        :class:`LockHeld` when held by someone else and ``wait`` is false.
         """
         st = self._state(resource)
         if not st.config.lockable:
-            raise LockError(f"resource {resource!r} is not lockable")
-        duration = self._duration(st, duration_s)
+            raise NotLockable(f"resource {resource!r} is not lockable", resource=resource, action="lock.request")
+        duration = self._duration(st, duration_s, "lock.request")
         events = self.expire(now)
         lease = st.lease
-        if lease is not None and lease.user == who.user and lease.client == client:
+        if lease is not None and lease.user == who.user and lease.client == client and not exclusive:
             renewed, ev = self._renew(st, now, duration)
             return renewed, events + ev
         for w in st.waiters:
@@ -189,7 +241,7 @@ class Arbiter:
             return granted, [*events, self._event("granted", granted, now)]
         if not wait:
             holder = lease or st.waiters[0]
-            raise LockedBy("", resource, holder.user, lease.expires_at if lease else None, holder.job)
+            raise _with(LockHeld(resource, holder.user, lease.expires_at if lease else None, holder.job, action="lock.request"), events)
         waiter = Waiter(resource, who.user, client, priority, _token(), now, duration, next(self._seq), job)
         st.waiters.append(waiter)
         st.waiters.sort(key=Waiter.sort_key)
@@ -197,19 +249,22 @@ class Arbiter:
         return waiter, events
 
     def renew(self, resource: str, token: str, now: float, duration_s: float | None = None) -> tuple[Lease, list[LeaseEvent]]:
-        """Extend a lease by its duration (or a new one) from now. Raises LockError if not held with ``token``."""
-        st = self._state(resource)
+        """Extend a lease by its duration (or a new one) from now. Raises :class:`NoLease` if not held with ``token``."""
+        st = self._state(resource, "lock.renew")
         events = self.expire(now)
         lease = st.lease
         if lease is None or not secrets.compare_digest(lease.token, token):
-            raise LockError(f"resource {resource!r}: no lease with that token (it may have lapsed or been broken)")
-        duration = self._duration(st, duration_s if duration_s is not None else lease.duration_s)
+            raise _with(NoLease("no lease with that token (it may have lapsed or been broken)", resource=resource, action="lock.renew"), events)
+        try:
+            duration = self._duration(st, duration_s if duration_s is not None else lease.duration_s, "lock.renew")
+        except LockRefused as e:
+            raise _with(e, events) from None
         renewed, ev = self._renew(st, now, duration)
         return renewed, events + ev
 
     def release(self, resource: str, token: str, now: float) -> list[LeaseEvent]:
         """Give up a lease, or withdraw a queued request, by token."""
-        st = self._state(resource)
+        st = self._state(resource, "lock.release")
         events = self.expire(now)
         lease = st.lease
         if lease is not None and secrets.compare_digest(lease.token, token):
@@ -220,26 +275,36 @@ class Arbiter:
             if secrets.compare_digest(w.token, token):
                 st.waiters.remove(w)
                 return [*events, LeaseEvent("withdrawn", resource, w.user, w.client, w.token, now)]
-        raise LockError(f"resource {resource!r}: no lease or request with that token")
+        raise _with(NoLease("no lease or request with that token", resource=resource, action="lock.release"), events)
+
+    def token_of(self, resource: str, user: str, client: str) -> str | None:
+        """The token of ``client``'s lease (or queued request) on ``resource``, or None."""
+        st = self._res.get(resource)
+        if st is None:
+            return None
+        if st.lease is not None and st.lease.user == user and st.lease.client == client:
+            return st.lease.token
+        return next((w.token for w in st.waiters if w.user == user and w.client == client), None)
 
     def release_user(self, resource: str, user: str, now: float, client: str | None = None) -> list[LeaseEvent]:
         """Release ``user``'s lease or request on a resource (protocols that carry no token, like CA)."""
-        st = self._state(resource)
+        st = self._state(resource, "lock.release")
+        events = self.expire(now)
         lease = st.lease
         if lease is not None and lease.user == user and (client is None or lease.client == client):
-            return self.release(resource, lease.token, now)
+            return events + self.release(resource, lease.token, now)
         for w in st.waiters:
             if w.user == user and (client is None or w.client == client):
-                return self.release(resource, w.token, now)
-        raise LockError(f"resource {resource!r}: {user} holds no lease and waits for none")
+                return events + self.release(resource, w.token, now)
+        raise _with(NoLease(f"{user} holds no lease and waits for none", resource=resource, action="lock.release"), events)
 
     def break_lock(self, resource: str, who: Identity, now: float, reason: str = "") -> list[LeaseEvent]:
         """Take a lease away from its holder (the caller checks who may). The next waiter gets it."""
-        st = self._state(resource)
+        st = self._state(resource, "lock.break")
         events = self.expire(now)
         lease = st.lease
         if lease is None:
-            raise LockError(f"resource {resource!r} is not locked")
+            raise _with(NoLease("the resource is not locked", resource=resource, action="lock.break"), events)
         st.lease = None
         events.append(self._event("broken", lease, now, by=who.user, reason=reason))
         return events + self._promote(st, now)
@@ -262,9 +327,9 @@ class Arbiter:
 
     # ---- internals -----------------------------------------------------------------------
 
-    def _duration(self, st: _ResourceState, duration_s: float) -> float:
-        if not duration_s > 0:
-            raise LockError(f"lease duration must be positive, got {duration_s}")
+    def _duration(self, st: _ResourceState, duration_s: float, action: str) -> float:
+        if not (duration_s > 0 and math.isfinite(duration_s)):
+            raise BadLease(f"lease duration must be a positive number of seconds, got {duration_s}", resource=st.config.name, action=action)
         return min(max(duration_s, self.min_lease_s), st.config.max_lease_s)
 
     def _grant(self, st, user, client, priority, duration, now, job) -> Lease:

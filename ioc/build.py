@@ -13,7 +13,6 @@ import csv
 from collections.abc import Callable
 from pathlib import Path
 
-from labctl.ioc.access import RolePolicy
 from labctl.ioc.alarms import summary_pv_infos
 from labctl.ioc.arbiter import lock_pv_infos
 from labctl.ioc.config.site import CoreSiteConfig
@@ -21,6 +20,7 @@ from labctl.ioc.database import Database
 from labctl.ioc.errors import ConfigError, LabctlError
 from labctl.ioc.expr import ExpressionError, Table
 from labctl.ioc.interlocks import state_pv_info
+from labctl.ioc.policy import Policy
 from labctl.ioc.pv import PVInfo
 
 
@@ -76,7 +76,7 @@ def build_database(
     tables = load_tables(site, Path(base_dir), source)
     kwargs = {"clock": clock} if clock is not None else {}
     try:
-        return Database(pv_infos(site), policy=RolePolicy(site.all_roles), tables=tables, **kwargs)
+        return Database(pv_infos(site), policy=Policy(site.all_roles), tables=tables, **kwargs)
     except ExpressionError as e:
         raise ConfigError(source, [f"{source}: derived PV expression: {e}"]) from None
     except LabctlError as e:

@@ -20,20 +20,22 @@ audited with its reason before it is raised.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from labctl.ioc.access import AuditRecord, InterlockCheck, LockCheck, NoInterlocks, NoLocks, RolePolicy
+from labctl.ioc.access import AuditRecord, InterlockCheck, LockCheck, NoInterlocks, NoLocks
 from labctl.ioc.driver import Driver, readable
-from labctl.ioc.errors import DriverError, LabctlError, NotWritable, UnknownPV, WriteRefused, WrongType
+from labctl.ioc.errors import DriverError, LabctlError, NotWritable, Refused, UnknownPV, WriteRefused, WrongType
 from labctl.ioc.expr import EvaluationError, Expression, Table
 from labctl.ioc.links import InstrumentLink
+from labctl.ioc.policy import Policy
 from labctl.ioc.pv import AlarmEvaluator, Deadbands, PVInfo, canonical, coerce
 from labctl.ioc.subscription import Callback, Monitor
 from labctl.ioc.types import EventMask, Identity, PVType, Reading, Severity, Status, Update
@@ -63,7 +65,7 @@ class Database:
         self,
         pvs: Iterable[PVInfo],
         *,
-        policy: RolePolicy,
+        policy: Policy,
         tables: Mapping[str, Table] | None = None,
         clock: Callable[[], float] = time.time,
         locks: LockCheck | None = None,
@@ -290,13 +292,36 @@ class Database:
             self._audit_sinks.remove(sink)
 
     def audit(self, record: AuditRecord) -> None:
-        """Send an audit record to every sink (and the log)."""
-        log.log(logging.INFO if record.accepted else logging.WARNING, "audit: %s", record)
+        """Send an audit record to every sink, and to the log at INFO (a refusal is expected, not a warning)."""
+        log.info("audit: %s", record)
         for sink in self._audit_sinks:
             try:
                 sink(record)
             except Exception:  # an audit sink's bug must not fail the write it records
                 log.exception("audit sink %r failed", sink)
+
+    def refuse(self, who: Identity, err: Refused, *, old: Any = None, new: Any = None) -> Refused:
+        """Audit a refusal once (a second call for the same error does nothing) and return it, to raise.
+
+        Every refusal of every action goes through here: the write path's, the control
+        layer's (through :meth:`refusals_audited`), and those the protocol adapters meet
+        before an action reaches the core (a write to an attribute that is not a PV's value,
+        a node a client may not add), so each leaves exactly one record, alike on every protocol.
+        """
+        if not getattr(err, "audited", False):
+            err.audited = True  # type: ignore[attr-defined]
+            action = str(err.action) or "refused"
+            self.audit(AuditRecord.of(self.clock(), action, who, err.target, old=old, new=new, accepted=False, reason=err.reason))
+        return err
+
+    @contextlib.contextmanager
+    def refusals_audited(self, who: Identity, *, new: Any = None) -> Iterator[None]:
+        """Audit (once) any :class:`Refused` raised inside the block, then let it propagate."""
+        try:
+            yield
+        except Refused as e:
+            self.refuse(who, e, new=new)
+            raise
 
     def check_write(self, name: str, value: Any, identity: Identity) -> Any:
         """Run the write path's checks without writing; return the canonical value."""
@@ -335,8 +360,7 @@ class Database:
         try:
             v = self.check_write(name, value, identity)
         except WriteRefused as e:
-            self.audit(AuditRecord.of(self.clock(), "write", identity, name, old=old, new=_plain(value), accepted=False, reason=e.reason))
-            raise
+            raise self.refuse(identity, e, old=old, new=_plain(value)) from None
         if info.instrument is None:
             self.post(name, v)
         else:
@@ -348,9 +372,8 @@ class Database:
                 try:
                     readback = await link.write(info.channel, v)
                 except WriteRefused as e:  # the instrument's own limits: say it in the PV's terms
-                    e.pv, e.args = name, (f"{name}: write refused: {e.reason}",)
-                    self.audit(AuditRecord.of(self.clock(), "write", identity, name, old=old, new=v, accepted=False, reason=e.reason))
-                    raise
+                    e.pv, e.target, e.args = name, name, (f"{name}: write refused: {e.reason}",)
+                    raise self.refuse(identity, e, old=old, new=v) from None
                 if readback is not None:
                     self.post(name, readback)
                 elif readable(link.driver, info.channel):

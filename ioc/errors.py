@@ -74,7 +74,7 @@ def _plain(value: Any) -> Any:
 class Refused(LabctlError):
     """An action the rules refuse. Subclasses say which kind of refusal, and carry its fields.
 
-    ``action`` is what was refused (``pv.write``, ``lock.request``, ``job.cancel``...; see
+    ``action`` is what was refused (``write``, ``lock.request``, ``job.cancel``...; see
     :class:`labctl.ioc.policy.Action`), ``target`` what it was aimed at (a PV, a resource,
     ``job:42``, an alarm's source, an interlock), ``reason`` the sentence that says why.
     """
@@ -94,13 +94,14 @@ class Refused(LabctlError):
         return {name: _plain(getattr(self, name, None)) for name in self.FIELDS}
 
     def to_dict(self) -> dict[str, Any]:
-        """The refusal as data for clients: kind, error type, action, target, fields and the sentence."""
+        """The refusal as data for clients: kind, error type, action, target, fields, the reason and the whole sentence."""
         return {
             "kind": self.kind,
             "error": type(self).__name__,
             "action": self.action,
             "target": self.target,
             "fields": self.fields(),
+            "reason": self.reason,
             "message": str(self),
         }
 
@@ -151,7 +152,7 @@ class WriteRefused(Refused):
     def __init__(self, pv: str, reason: str) -> None:
         self.pv = pv
         # Refused's, not super()'s: the kind class that follows in a subclass's MRO takes other arguments
-        Refused.__init__(self, reason, action="pv.write", target=pv, message=f"{pv}: write refused: {reason}")
+        Refused.__init__(self, reason, action="write", target=pv, message=f"{pv}: write refused: {reason}")
 
     def fields(self) -> dict[str, Any]:
         """The PV and the subclass's fields."""
@@ -190,7 +191,8 @@ class NotWritable(WriteRefused, Forbidden):
         WriteRefused.__init__(self, pv, "the PV is read-only")
 
 
-def _utc(ts: float) -> str:
+def utc_clock(ts: float) -> str:
+    """A time as refusals say it: ``14:05:03 UTC``."""
     return _dt.datetime.fromtimestamp(ts, _dt.UTC).strftime("%H:%M:%S UTC")
 
 
@@ -207,7 +209,7 @@ class LockedBy(WriteRefused, Conflict):
         who = owner + (f" (job {job})" if job is not None else "")
         reason = f"resource {resource!r} is locked by {who}"
         if until is not None:
-            reason += f" until {_utc(until)}"
+            reason += f" until {utc_clock(until)}"
         elif owner == "":
             reason = f"resource {resource!r} is lockable: take its lock before writing"
         WriteRefused.__init__(self, pv, reason)

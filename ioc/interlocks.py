@@ -28,11 +28,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from labctl.ioc.access import AuditRecord, RolePolicy
+from labctl.ioc.access import AuditRecord
 from labctl.ioc.config.interlocks import InterlockConfig
 from labctl.ioc.database import Database
-from labctl.ioc.errors import DriverError, Interlocked, LabctlError, WriteRefused
+from labctl.ioc.errors import Conflict, DriverError, Interlocked, NotFound, Refused, WriteRefused
 from labctl.ioc.expr import EvaluationError, Expression
+from labctl.ioc.policy import Action, Policy, Target
 from labctl.ioc.pv import PVInfo
 from labctl.ioc.types import SYSTEM, EventMask, Identity, PVType, Reading, Severity, Status, Update
 
@@ -43,8 +44,28 @@ State = Literal["OK", "WARN", "PENDING", "TRIPPED", "CLEARING", "RESET_NEEDED"]
 ENGAGED: frozenset[str] = frozenset({"TRIPPED", "CLEARING", "RESET_NEEDED"})
 
 
-class InterlockError(LabctlError):
-    """An interlock operation was refused (unknown interlock, reset not allowed or too early)."""
+class InterlockRefused(Refused):
+    """An interlock operation was refused. Subclasses say why."""
+
+    FIELDS: tuple[str, ...] = ("interlock",)
+
+    def __init__(self, reason: str, *, interlock: str) -> None:
+        self.interlock = interlock
+        super().__init__(reason, action=Action.INTERLOCK_RESET, target=interlock)
+
+
+class NoSuchInterlock(InterlockRefused, NotFound):
+    """No interlock has that name."""
+
+
+class NotResettable(InterlockRefused, Conflict):
+    """The interlock is not waiting for a reset (not tripped, or its condition has not cleared)."""
+
+    FIELDS = ("interlock", "state")
+
+    def __init__(self, reason: str, *, interlock: str, state: str) -> None:
+        self.state = state
+        super().__init__(reason, interlock=interlock)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,8 +192,8 @@ class InterlockRule:
         """Release a rule waiting for a manual reset."""
         if self.state != "RESET_NEEDED":
             if self.engaged:
-                raise InterlockError(f"interlock {self.cfg.name!r} cannot be reset yet: its condition has not cleared ({self.state})")
-            raise InterlockError(f"interlock {self.cfg.name!r} is not tripped")
+                raise NotResettable(f"interlock {self.cfg.name!r} cannot be reset yet: its condition has not cleared ({self.state})", interlock=self.cfg.name, state=self.state)
+            raise NotResettable(f"interlock {self.cfg.name!r} is not tripped", interlock=self.cfg.name, state=self.state)
         t = Transition(self.cfg.name, self.state, "OK", now, "reset")
         self.state, self.since = "OK", now
         return t
@@ -196,7 +217,7 @@ class InterlockManager:
         db: Database,
         rules: Iterable[InterlockConfig],
         *,
-        policy: RolePolicy,
+        policy: Policy,
         queue: QueueHold | None = None,
     ) -> None:
         self.db = db
@@ -304,14 +325,15 @@ class InterlockManager:
     # ---- commands --------------------------------------------------------------------------------
 
     def reset(self, name: str, who: Identity) -> Transition:
-        """Reset a rule waiting for it; needs one of the rule's reset roles (or admin)."""
-        rule = self.rules.get(name)
-        if rule is None:
-            raise InterlockError(f"no interlock {name!r}; interlocks are {sorted(self.rules)}")
-        if not (set(who.roles) & set(rule.cfg.reset_roles)) and not self.policy.can(who, "admin"):
-            self.db.audit(AuditRecord.of(self.db.clock(), "interlock.reset", who, name, accepted=False, reason="role not allowed"))
-            raise InterlockError(f"user {who.user!r} may not reset interlock {name!r} (needs one of {list(rule.cfg.reset_roles)})")
-        t = rule.reset(self.db.clock())
+        """Reset a rule waiting for it; one of the rule's reset roles (or admin) may: the policy decides.
+
+        A refusal is audited once, by the core."""
+        with self.db.refusals_audited(who):
+            rule = self.rules.get(name)
+            if rule is None:
+                raise NoSuchInterlock(f"no interlock {name!r}; interlocks are {sorted(self.rules)}", interlock=name)
+            self.policy.decide(who, Action.INTERLOCK_RESET, Target(name, roles=frozenset(rule.cfg.reset_roles)))
+            t = rule.reset(self.db.clock())
         self.db.audit(AuditRecord.of(t.time, "interlock.reset", who, name, new="OK"))
         self._apply(rule, Transition(name, "RESET_NEEDED", "OK", t.time, f"reset by {who.user}"))
         return t

@@ -27,12 +27,21 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from labctl.ioc.access import AuditRecord, RolePolicy
-from labctl.ioc.arbiter import Arbiter, Lease, LeaseEvent, LockError
+from labctl.ioc.access import AuditRecord
+from labctl.ioc.arbiter import Arbiter, Lease, LeaseEvent, LockRefused
 from labctl.ioc.config.procedures import ProcedureConfig, Step
 from labctl.ioc.database import Database
-from labctl.ioc.errors import DriverError, LabctlError, LockedBy, WriteRefused
+from labctl.ioc.errors import (
+    Conflict,
+    DriverError,
+    InvalidArgument,
+    LabctlError,
+    NotFound,
+    Refused,
+    WriteRefused,
+)
 from labctl.ioc.expr import EvaluationError, Expression
+from labctl.ioc.policy import Action, Policy, Target
 from labctl.ioc.procedure import bind_params, compile_value, evaluate
 from labctl.ioc.types import EventMask, Identity
 
@@ -64,7 +73,40 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 
 
 class JobError(LabctlError):
-    """A job operation was refused (unknown job, not yours, bad parameters...)."""
+    """A running job failed a step (a wait that timed out, a ramp with nothing to ramp from...)."""
+
+
+class JobRefused(Refused):
+    """A job operation was refused. Subclasses say why (and which kind of refusal)."""
+
+    FIELDS: tuple[str, ...] = ("job", "procedure")
+
+    def __init__(self, reason: str, *, action: str, job: int | None = None, procedure: str | None = None) -> None:
+        self.job = job
+        self.procedure = procedure
+        super().__init__(reason, action=action, target=f"job:{job}" if job is not None else (procedure or ""))
+
+
+class NoSuchJob(JobRefused, NotFound):
+    """No job has that id."""
+
+
+class NoSuchProcedure(JobRefused, NotFound):
+    """No procedure has that name."""
+
+
+class BadParameters(JobRefused, InvalidArgument):
+    """The parameters do not fit the procedure's declaration."""
+
+
+class JobFinished(JobRefused, Conflict):
+    """The job has ended already (done, failed or cancelled)."""
+
+    FIELDS = ("job", "procedure", "state")
+
+    def __init__(self, reason: str, *, action: str, job: int, procedure: str, state: str) -> None:
+        self.state = state
+        super().__init__(reason, action=action, job=job, procedure=procedure)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +204,7 @@ class JobManager:
         arbiter: Arbiter,
         procedures: Mapping[str, ProcedureConfig],
         *,
-        policy: RolePolicy,
+        policy: Policy,
         store: JobStore | None = None,
         lease_s: float = 30.0,
     ) -> None:
@@ -240,16 +282,19 @@ class JobManager:
     # ---- commands ------------------------------------------------------------------------
 
     def submit(self, procedure: str, params: Mapping[str, Any], who: Identity, *, priority: int = 0) -> Job:
-        """Queue a job; raise JobError for an unknown procedure, a role not allowed, bad parameters."""
+        """Queue a job; raise NoSuchProcedure, Forbidden (the policy) or BadParameters, audited once."""
+        with self.db.refusals_audited(who, new=priority):
+            return self._submit(procedure, params, who, priority)
+
+    def _submit(self, procedure: str, params: Mapping[str, Any], who: Identity, priority: int) -> Job:
         proc = self.procedures.get(procedure)
         if proc is None:
-            raise JobError(f"unknown procedure {procedure!r}; procedures are {sorted(self.procedures)}")
-        if not (set(who.roles) & set(proc.roles)) and not self.policy.can(who, "admin"):
-            raise JobError(f"user {who.user!r} may not submit {procedure!r} (needs one of the roles {list(proc.roles)})")
+            raise NoSuchProcedure(f"unknown procedure {procedure!r}; procedures are {sorted(self.procedures)}", action=Action.JOB_SUBMIT, procedure=procedure)
+        self.policy.decide(who, Action.JOB_SUBMIT, Target(procedure, roles=frozenset(proc.roles)))
         try:
             bound = bind_params(procedure, proc, params)
         except ValueError as e:
-            raise JobError(str(e)) from None
+            raise BadParameters(str(e), action=Action.JOB_SUBMIT, procedure=procedure) from None
         job = Job(
             id=next(self._ids),
             procedure=procedure,
@@ -268,12 +313,15 @@ class JobManager:
         return job
 
     def cancel(self, job_id: int, who: Identity) -> Job:
-        """Cancel a queued or running job: its owner or an admin."""
-        job = self.get(job_id)
-        if job.owner != who.user and not self.policy.can(who, "admin"):
-            raise JobError(f"job {job_id} belongs to {job.owner}; only they or an admin may cancel it")
+        """Cancel a queued or running job: its owner or an admin (the policy decides); a refusal is audited once."""
+        with self.db.refusals_audited(who):
+            return self._cancel(job_id, who)
+
+    def _cancel(self, job_id: int, who: Identity) -> Job:
+        job = self.get(job_id, Action.JOB_CANCEL)
+        self.policy.decide(who, Action.JOB_CANCEL, Target(f"job:{job_id}", owner=job.owner))
         if job.state.final:
-            raise JobError(f"job {job_id} is already {job.state.value}")
+            raise JobFinished(f"job {job_id} is already {job.state.value}", action=Action.JOB_CANCEL, job=job_id, procedure=job.procedure, state=job.state.value)
         task = self._tasks.get(job_id)
         if task is not None:
             self._cancel_notes[job_id] = f"by {who.user}"
@@ -282,12 +330,19 @@ class JobManager:
             self._transition(job, JobState.CANCELLED, f"by {who.user}")
         return job
 
-    def get(self, job_id: int) -> Job:
-        """A job by id (raise JobError)."""
+    def get(self, job_id: int, action: str = Action.JOB_VIEW) -> Job:
+        """A job by id (raise NoSuchJob)."""
         try:
             return self.jobs[job_id]
         except KeyError:
-            raise JobError(f"no job {job_id}") from None
+            raise NoSuchJob(f"no job {job_id}", action=action, job=job_id) from None
+
+    def view(self, job_id: int, who: Identity) -> Job:
+        """A job with its log and results, for ``who`` (its owner or an admin: the policy decides)."""
+        with self.db.refusals_audited(who):
+            job = self.get(job_id)
+            self.policy.decide(who, Action.JOB_VIEW, Target(f"job:{job_id}", owner=job.owner))
+        return job
 
     def list(self, user: str | None = None) -> list[Job]:
         """Jobs (optionally one user's), newest first."""
@@ -361,7 +416,8 @@ class JobManager:
                 lease, ev = self.arbiter.request(
                     res, job.identity, now, duration_s=self.lease_s, priority=job.priority, client=f"job:{job.id}", wait=False, job=job.id
                 )
-            except (LockedBy, LockError):
+            except LockRefused as e:
+                events += e.events
                 for g in got:
                     events += self.arbiter.release(g.resource, g.token, now)
                 self._lease_events(events)
@@ -387,8 +443,8 @@ class JobManager:
         for lease in leases:
             try:
                 events += self.arbiter.release(lease.resource, lease.token, now)
-            except LockError:
-                pass  # broken or lapsed meanwhile
+            except LockRefused as e:  # broken or lapsed meanwhile
+                events += e.events
         self._lease_events(events)
 
     async def _run(self, job: Job, leases: list[Lease]) -> None:
@@ -422,7 +478,8 @@ class JobManager:
                 try:
                     _, ev = self.arbiter.renew(lease.resource, lease.token, now)
                     self._lease_events(ev)
-                except LockError:
+                except LockRefused as e:
+                    self._lease_events(e.events)
                     log.warning("job lease on %s was lost", lease.resource)
 
     async def stop(self) -> None:

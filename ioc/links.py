@@ -22,6 +22,8 @@ from labctl.ioc.errors import DriverError, DriverFault, DriverTimeout
 from labctl.ioc.pv import PVInfo
 from labctl.ioc.types import Status
 
+from labctl.backoff import Backoff
+
 log = logging.getLogger(__name__)
 
 #: post(pv name, value, timestamp) and invalidate(pv names, status, message)
@@ -49,6 +51,8 @@ class InstrumentLink:
         self.timeout_s = timeout_s
         self.reconnect_min_s = reconnect_min_s
         self.reconnect_max_s = reconnect_max_s
+        self.backoff = Backoff(reconnect_min_s, reconnect_max_s)
+        """Delays between connection attempts (reset once connected)."""
         self.connected = False
         self.last_error: str = ""
         self.connects = 0
@@ -91,14 +95,13 @@ class InstrumentLink:
         await asyncio.wait_for(self._connected_event.wait(), timeout_s)
 
     async def _run(self) -> None:
-        backoff = self.reconnect_min_s
+        self.backoff.reset()
         while True:
             try:
                 await self._call(self.driver.connect(), "connect")
             except DriverError as e:
                 self._lost(e, "cannot connect")
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.reconnect_max_s)
+                await asyncio.sleep(self.backoff.next())
                 continue
             self.connected = True
             self.connects += 1
@@ -108,7 +111,7 @@ class InstrumentLink:
             else:
                 log.info("%s: connected", self.name)
             self.last_error = ""
-            backoff = self.reconnect_min_s
+            self.backoff.reset()
             try:
                 await self._scan_all()
             except DriverError as e:
@@ -117,7 +120,7 @@ class InstrumentLink:
                 self.connected = False
                 self._connected_event.clear()
                 await self._close()
-            await asyncio.sleep(backoff)
+            await asyncio.sleep(self.backoff.next())
 
     def _lost(self, error: DriverError, what: str) -> None:
         message = str(error)

@@ -20,7 +20,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from labctl.ioc.access import AuditRecord
-from labctl.ioc.alarms import SUMMARY_PVS, Alarm, AlarmError, AlarmEvent, AlarmTable, RateLimiter
+from labctl.ioc.alarms import SUMMARY_PVS, Alarm, AlarmEvent, AlarmTable, RateLimiter
+from labctl.ioc.policy import Action, Target
 from labctl.ioc.types import EventMask, Identity, Update
 from labctl.server.notify import Notifier
 
@@ -36,13 +37,15 @@ class AlarmService:
     def __init__(self, server: Server) -> None:
         self.db = server.db
         site = server.site
-        sources = {}
+        sources, states = {}, {}
         for info in self.db.infos():
             if info.name in SUMMARY_PVS or info.resource == "arbiter":
                 continue
             cfg = info.alarm
             sources[info.name] = (bool(cfg and cfg.latch), cfg.guidance if cfg else "", info.unit)
-        self.table = AlarmTable(sources)
+            if info.states:
+                states[info.name] = info.states
+        self.table = AlarmTable(sources, states)
         n = site.notifications
         self.limiter = RateLimiter(n.burst, n.window_s, n.global_burst)
         self.notifier = Notifier(n, site.site)
@@ -118,34 +121,32 @@ class AlarmService:
     # ---- commands -----------------------------------------------------------------------------------
 
     def acknowledge(self, source: str, who: Identity, comment: str = "") -> Alarm:
-        """Acknowledge an alarm (needs a role that may); audited either way."""
+        """Acknowledge an alarm (the policy decides who may); a refusal is audited once, by the core."""
         now = self.db.clock()
-        if not self.db.policy.can(who, "acknowledge"):
-            self.db.audit(AuditRecord.of(now, "alarm.ack", who, source, accepted=False, reason="role may not acknowledge"))
-            raise AlarmError(f"user {who.user!r} may not acknowledge alarms (roles {sorted(who.roles)})")
-        events = self.table.acknowledge(source, who.user, now, comment)
+        with self.db.refusals_audited(who):
+            self.db.policy.decide(who, Action.ALARM_ACK, Target(source))
+            events = self.table.acknowledge(source, who.user, now, comment)
         self.db.audit(AuditRecord.of(now, "alarm.ack", who, source, new=self.table.get(source).latched.name, reason=comment))
         self._handle(events)
         return self.table.get(source)
 
     def shelve(self, source: str, who: Identity, duration_s: float, reason: str) -> Alarm:
-        """Shelve an alarm (experts); audited either way."""
+        """Shelve an alarm (experts); a refusal is audited once, by the core."""
         now = self.db.clock()
-        if not self.db.policy.can(who, "shelve"):
-            self.db.audit(AuditRecord.of(now, "alarm.shelve", who, source, accepted=False, reason="role may not shelve"))
-            raise AlarmError(f"user {who.user!r} may not shelve alarms (roles {sorted(who.roles)})")
-        events = self.table.shelve(source, who.user, now, duration_s, reason)
+        with self.db.refusals_audited(who, new=duration_s):
+            self.db.policy.decide(who, Action.ALARM_SHELVE, Target(source))
+            events = self.table.shelve(source, who.user, now, duration_s, reason)
         self.db.audit(AuditRecord.of(now, "alarm.shelve", who, source, new=duration_s, reason=reason))
         self._handle(events)
         self._arm_shelving()
         return self.table.get(source)
 
     def unshelve(self, source: str, who: Identity) -> Alarm:
-        """End shelving early (experts)."""
-        if not self.db.policy.can(who, "shelve"):
-            raise AlarmError(f"user {who.user!r} may not unshelve alarms")
+        """End shelving early (experts); a refusal is audited once, by the core."""
         now = self.db.clock()
-        events = self.table.unshelve(source, who.user, now)
+        with self.db.refusals_audited(who):
+            self.db.policy.decide(who, Action.ALARM_UNSHELVE, Target(source))
+            events = self.table.unshelve(source, who.user, now)
         self.db.audit(AuditRecord.of(now, "alarm.unshelve", who, source))
         self._handle(events)
         self._arm_shelving()

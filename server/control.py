@@ -22,16 +22,18 @@ from :attr:`ControlService.audit_log`, a bounded ring of the most recent
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from labctl.ioc.access import AuditRecord
-from labctl.ioc.arbiter import Arbiter, Lease, LeaseEvent, Waiter, lock_pv_names
-from labctl.ioc.errors import LabctlError, PermissionDenied
+from labctl.ioc.arbiter import Arbiter, Lease, LeaseEvent, LockRefused, Waiter, lock_pv_names
+from labctl.ioc.errors import LabctlError
 from labctl.ioc.interlocks import InterlockManager
-from labctl.ioc.jobs import Job, JobError, JobManager
+from labctl.ioc.jobs import Job, JobManager
+from labctl.ioc.policy import Action, Target
 from labctl.ioc.types import Identity
 from labctl.server.alarms import AlarmService
 
@@ -42,10 +44,6 @@ log = logging.getLogger("labctl.control")
 
 #: How many recent audit records :attr:`ControlService.audit_log` keeps for listing.
 AUDIT_RING = 20_000
-
-
-class ControlDenied(LabctlError):
-    """The caller may not see or do this (read someone else's job, list the audit trail anonymously)."""
 
 
 AUDITED_LEASE_EVENTS = {"granted": "lock.grant", "renewed": "lock.renew", "released": "lock.release",
@@ -155,63 +153,79 @@ class ControlService:
                 pass
 
     # ---- lock commands (protocols call these with the caller's identity) --------------------------------
+    #
+    # Each command: the policy decides (permission before state), then the arbiter; a refusal
+    # is audited once, by the core, and the lease events the refused call caused (leases that
+    # lapsed meanwhile) are published all the same.
+
+    @contextlib.contextmanager
+    def _lock_command(self, who: Identity, action: Action, resource: str) -> Iterator[None]:
+        with self.db.refusals_audited(who):
+            self.db.policy.decide(who, action, Target(resource, resource=resource))
+            try:
+                yield
+            except LockRefused as e:
+                self.lease_events(e.events)
+                raise
 
     def request_lock(
-        self, resource: str, who: Identity, *, duration_s: float, priority: int = 0, client: str = "", wait: bool = True
+        self, resource: str, who: Identity, *, duration_s: float, priority: int = 0, client: str = "", wait: bool = True, exclusive: bool = False
     ) -> Lease | Waiter:
-        """Take (or queue for) a resource's lock."""
-        if not self.db.policy.may_write(who, resource):
-            self.db.audit(AuditRecord.of(self.db.clock(), "lock.grant", who, resource, accepted=False, reason="role may not write it"))
-            raise PermissionDenied(f"resource {resource}", who.user, resource)
-        got, events = self.arbiter.request(resource, who, self.db.clock(), duration_s=duration_s, priority=priority, client=client, wait=wait)
+        """Take (or queue for) a resource's lock (``exclusive``: refuse a holder asking again, as Part 100's InitLock)."""
+        with self._lock_command(who, Action.LOCK_REQUEST, resource):
+            got, events = self.arbiter.request(
+                resource, who, self.db.clock(), duration_s=duration_s, priority=priority, client=client, wait=wait, exclusive=exclusive
+            )
         self.lease_events(events)
         return got
 
-    def renew_lock(self, resource: str, token: str, duration_s: float | None = None) -> Lease:
-        """Renew a lease by token."""
-        lease, events = self.arbiter.renew(resource, token, self.db.clock(), duration_s)
+    def renew_lock(self, resource: str, token: str | None, who: Identity, duration_s: float | None = None, *, client: str = "") -> Lease:
+        """Renew a lease by token (None: the lease ``client`` holds, for protocols that carry no token)."""
+        with self._lock_command(who, Action.LOCK_RENEW, resource):
+            if token is None:
+                token = self.arbiter.token_of(resource, who.user, client) or ""
+            lease, events = self.arbiter.renew(resource, token, self.db.clock(), duration_s)
         self.lease_events(events)
         return lease
 
     def release_lock(self, resource: str, token: str | None, who: Identity, client: str | None = None) -> None:
         """Release a lease (by token, or the caller's own when the protocol carries none)."""
         now = self.db.clock()
-        events = self.arbiter.release(resource, token, now) if token else self.arbiter.release_user(resource, who.user, now, client)
+        with self._lock_command(who, Action.LOCK_RELEASE, resource):
+            events = self.arbiter.release(resource, token, now) if token else self.arbiter.release_user(resource, who.user, now, client)
         self.lease_events(events)
 
     def break_lock(self, resource: str, who: Identity, reason: str = "") -> None:
-        """Break someone's lease: admins only; audited, the holder is told through the events."""
-        if not self.db.policy.can(who, "admin"):
-            self.db.audit(AuditRecord.of(self.db.clock(), "lock.break", who, resource, accepted=False, reason="not an admin"))
-            raise PermissionDenied(f"resource {resource}", who.user, resource)
-        self.lease_events(self.arbiter.break_lock(resource, who, self.db.clock(), reason))
+        """Break someone's lease (the policy: admins); audited, the holder is told through the events."""
+        with self._lock_command(who, Action.LOCK_BREAK, resource):
+            events = self.arbiter.break_lock(resource, who, self.db.clock(), reason)
+        self.lease_events(events)
 
     # ---- jobs (protocols call these with the caller's identity) -------------------------------------------
 
     def submit_job(self, procedure: str, params: dict[str, Any], who: Identity, *, priority: int = 0) -> Job:
-        """Submit a job; a refusal (JobError) is audited before it is raised."""
-        try:
+        """Submit a job; a refusal is audited once, by the core."""
+        with self.db.refusals_audited(who, new=priority):
             return self.jobs.submit(procedure, params, who, priority=priority)
-        except JobError as e:
-            self.db.audit(AuditRecord.of(self.db.clock(), "job.submit", who, procedure, new=priority, accepted=False, reason=str(e)))
-            raise
 
     def cancel_job(self, job_id: int, who: Identity) -> Job:
-        """Cancel a job (its owner or an admin); a refusal (JobError) is audited before it is raised."""
-        try:
+        """Cancel a job (its owner or an admin); a refusal is audited once, by the core."""
+        with self.db.refusals_audited(who):
             return self.jobs.cancel(job_id, who)
-        except JobError as e:
-            self.db.audit(AuditRecord.of(self.db.clock(), "job.cancel", who, f"job:{job_id}", accepted=False, reason=str(e)))
-            raise
+
+    # ---- interlocks ----------------------------------------------------------------------------------------
+
+    def reset_interlock(self, name: str, who: Identity) -> None:
+        """Reset an interlock waiting for it (its reset roles or an admin); a refusal is audited once, by the core."""
+        with self.db.refusals_audited(who):
+            self.interlocks.reset(name, who)
 
     # ---- reading jobs and the audit trail (protocols call these with the caller's identity) ------------
 
     def job_detail(self, job_id: int, who: Identity) -> Job:
-        """A job with its log and results: its owner's and admins' to read (raise JobError, ControlDenied)."""
-        job = self.jobs.get(job_id)
-        if job.owner != who.user and not self.db.policy.can(who, "admin"):
-            raise ControlDenied(f"job {job_id} belongs to {job.owner}; only they or an admin may read its log and results")
-        return job
+        """A job with its log and results: its owner's and admins' to read (the policy decides)."""
+        with self.db.refusals_audited(who):
+            return self.jobs.view(job_id, who)
 
     async def read_audit(
         self, who: Identity, since: float, *, user: str | None = None, target: str | None = None, limit: int = 5000
@@ -222,8 +236,8 @@ class ControlService:
         else from the in-memory ring. Any logged-in user may list them; anonymous
         sessions (no role) may not.
         """
-        if not who.roles:
-            raise ControlDenied(f"user {who.user!r} has no role; log in to read the audit trail")
+        with self.db.refusals_audited(who):
+            self.db.policy.decide(who, Action.AUDIT_READ, Target("audit"))
         store = self.audit_store
         if store is not None:
             try:
@@ -238,8 +252,8 @@ class ControlService:
         self, who: Identity, since: float, *, user: str | None = None, target: str | None = None, limit: int = 5000
     ) -> list[AuditRecord]:
         """Audit records kept in memory since ``since`` (UNIX s), optionally of one user and one target, oldest first, the last ``limit``."""
-        if not who.roles:
-            raise ControlDenied(f"user {who.user!r} has no role; log in to read the audit trail")
+        with self.db.refusals_audited(who):
+            self.db.policy.decide(who, Action.AUDIT_READ, Target("audit"))
         out = [
             r
             for r in self.audit_log

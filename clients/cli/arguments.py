@@ -1,10 +1,11 @@
 """The command line's input: connection options and argument types of the client commands.
 
-Theory of operation. Connection options are shared by every client command: ``--url``
-(``LABCTL_URL``, default ``opc.tcp://localhost:4840``), ``--user`` (``LABCTL_USER``;
-anonymous when absent), ``--security`` (``LABCTL_SECURITY``, default ``auto``),
-``--timeout`` and ``--json``. The password is never an argument, where it would land in
-the shell history: :mod:`labctl.clients.cli.runner` takes it from ``LABCTL_PASSWORD`` or,
+Theory of operation. Connection options are shared by every client command, the same
+everywhere: ``--url`` (``LABCTL_URL``, default ``opc.tcp://localhost:4840``), ``--user``
+(``LABCTL_USER``; the login, anonymous when absent -- no command uses ``--user`` for
+anything else), ``--security`` (``LABCTL_SECURITY``, default ``auto``), ``--timeout`` and
+``--json`` (strict JSON: see :mod:`labctl.clients.cli.output`). The password is never an
+argument, where it would land in the shell history: :mod:`labctl.clients.cli.runner` takes it from ``LABCTL_PASSWORD`` or,
 on a terminal, a prompt.
 
 Argument types: :func:`parse_value` parses ``put``'s VALUE by the PV's type: numbers,
@@ -36,13 +37,15 @@ DEFAULT_URL = "opc.tcp://localhost:4840"
 class UsageError(ClientError):
     """The command line itself is wrong (exit status 2)."""
 
+    kind = "usage"
 
-def connection_options(user_flag: str = "--user") -> argparse.ArgumentParser:
-    """The shared connection options (``audit`` logs in with ``--login``: its ``--user`` filters)."""
+
+def connection_options() -> argparse.ArgumentParser:
+    """The shared connection options: every client command logs in with ``--user``."""
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("connection")
     g.add_argument("--url", default=os.environ.get("LABCTL_URL", DEFAULT_URL), help=f"server endpoint (LABCTL_URL; default {DEFAULT_URL})")
-    g.add_argument(user_flag, dest="user", default=os.environ.get("LABCTL_USER"),
+    g.add_argument("--user", dest="user", default=os.environ.get("LABCTL_USER"),
                    help="user name (LABCTL_USER); the password comes from LABCTL_PASSWORD or a prompt")  # fmt: skip
     g.add_argument(
         "--security",
@@ -51,7 +54,8 @@ def connection_options(user_flag: str = "--user") -> argparse.ArgumentParser:
         help="channel security, Basic256Sha256 (LABCTL_SECURITY; default auto: the most secure offered)",
     )
     g.add_argument("--timeout", type=float, default=10.0, metavar="S", help="seconds each request may take (default 10)")
-    g.add_argument("--json", action="store_true", help="machine-readable output")
+    g.add_argument("--json", action="store_true",
+                   help="strict JSON output (times ISO 8601 UTC, no NaN); a failure is one JSON object on standard error")  # fmt: skip
     return common
 
 

@@ -3,15 +3,21 @@
 Control commands: ``locks``, ``lock RESOURCE [--for 10m] [--priority N] [--wait]`` (holds
 the lock, renewing it every third of the lease, until Ctrl-C or SIGTERM, then releases
 it), ``unlock``, ``submit PROCEDURE --param k=v ... [--priority N]``, ``jobs [--mine]``,
-``job ID`` (state, log, results), ``cancel ID``, ``audit --since 1h [--user U] [--pv P]``
-(which logs in with ``--login`` or ``LABCTL_USER``, since its ``--user`` filters),
-``alarms [--all]``, ``ack SOURCE [--comment ...]``, ``shelve SOURCE --for 1h --reason ...``,
-``unshelve SOURCE``, ``interlocks``, ``reset-interlock NAME``. Durations are written
-``30s``, ``10m``, ``2h``, ``1d`` (or combined, ``1h30m``; a bare number is seconds).
+``job ID`` (state, log, results), ``cancel ID``, ``procedures`` (parameters with their
+types, defaults and descriptions), ``audit --since 1h [--by USER] [--pv P]``, ``alarms
+[--all]``, ``ack SOURCE [--comment ...]``, ``shelve SOURCE --for 1h --reason ...``,
+``unshelve SOURCE``, ``interlocks``, ``reset-interlock NAME``. Every command logs in with
+``--user`` (``LABCTL_USER``). Durations are written ``30s``, ``10m``, ``2h``, ``1d`` (or
+combined, ``1h30m``; a bare number is seconds).
 
 Theory of operation. Each command is one call of the session's control layer
 (:class:`labctl.clients.session.Session`) run by :func:`labctl.clients.cli.runner.run`;
-it prints a table for people or, with ``--json``, the records as JSON.
+it prints a table for people or, with ``--json``, the records as strict JSON (times ISO
+8601 UTC, see :mod:`labctl.clients.cli.output`). Enum values are named by their states,
+from the PV's metadata: an enum write in the audit trail (``OFF -> HIGH``; JSON adds
+``old_state``/``new_state``), an alarm on an enum PV such as an interlock's
+``ILK:<NAME>:STATE`` (JSON adds ``state``). A time the server does not know (an alarm
+never active since start-up) is ``-`` in a table and ``null`` in JSON.
 """
 
 from __future__ import annotations
@@ -24,20 +30,25 @@ import json
 import signal
 import sys
 import threading
+from typing import Any
 
-from labctl.clients.cli.arguments import connection_options, parse_duration, parse_param, parse_since
+from labctl.clients.cli.arguments import parse_duration, parse_param, parse_since
 from labctl.clients.cli.output import (
     format_clock,
     format_plain,
     format_span,
     format_time,
     format_time_left,
+    iso_time,
     print_json,
     print_table,
+    with_times,
 )
 from labctl.clients.cli.runner import run
-from labctl.clients.errors import ClientError
+from labctl.clients.errors import Conflict, NoSuchPV
 from labctl.clients.session import Session
+from labctl.clients.values import Metadata, format_value
+from labctl.ioc.types import PVType
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -54,9 +65,11 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     p.add_argument("--wait-timeout", type=parse_duration, metavar="DURATION", help="give up waiting after this long")
     p.set_defaults(func=cmd_lock)
 
-    p = subparsers.add_parser("unlock", parents=[common], help="release your lock on a resource (or withdraw your request)")
+    p = subparsers.add_parser("unlock", parents=[common], help="release your lock on a resource (or withdraw your request); --break: anyone's (admins)")
     p.add_argument("resource", metavar="RESOURCE")
-    p.add_argument("--token", help="the lease's token (default: your own lease on the resource)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--token", help="the lease's token (default: your own lease on the resource)")
+    how.add_argument("--break", dest="break_", action="store_true", help="break whoever holds it (admins; the holder is told, the break audited)")
     p.set_defaults(func=cmd_unlock)
 
     p = subparsers.add_parser("submit", parents=[common], help="queue a job running a procedure")
@@ -78,9 +91,12 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     p.add_argument("job_id", type=int, metavar="ID")
     p.set_defaults(func=cmd_cancel)
 
-    p = subparsers.add_parser("audit", parents=[connection_options("--login")], help="the audit trail: writes, locks, jobs, alarms, logins")
+    p = subparsers.add_parser("procedures", parents=[common], help="the procedures jobs run, with their parameters")
+    p.set_defaults(func=cmd_procedures)
+
+    p = subparsers.add_parser("audit", parents=[common], help="the audit trail: writes, locks, jobs, alarms, logins")
     p.add_argument("--since", type=parse_since, default=parse_since("1h"), metavar="WHEN", help="a duration ago (1h) or a date and time (default 1h)")
-    p.add_argument("--user", dest="audit_user", metavar="U", help="only this user's records")
+    p.add_argument("--by", dest="by", metavar="USER", help="only the records of this user's actions")
     p.add_argument("--pv", metavar="P", help="only records of this PV (or resource, alarm, job:ID)")
     p.set_defaults(func=cmd_audit)
 
@@ -120,7 +136,7 @@ def cmd_locks(args: argparse.Namespace) -> int:
     async def body(s: Session) -> int:
         locks = await s.locks()
         if args.json:
-            print_json([dataclasses.asdict(lk) for lk in locks])
+            print_json([with_times(dataclasses.asdict(lk), "expires_at") for lk in locks])
             return 0
         rows = []
         for lk in locks:
@@ -155,7 +171,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
             async with s.hold_lock(args.resource, args.duration, priority=args.priority, wait=args.wait, timeout_s=args.wait_timeout) as held:
                 lease = held.lease
                 if args.json:
-                    print(json.dumps({"resource": lease.resource, "token": lease.token, "expires_at": lease.expires_at}), flush=True)
+                    print_json({"resource": lease.resource, "token": lease.token, "expires_at": iso_time(lease.expires_at)}, indent=None)
                 else:
                     print(f"locked {lease.resource} until {format_clock(lease.expires_at)}, renewed every {format_span(args.duration / 3)}; "
                           f"Ctrl-C releases it", flush=True)  # fmt: skip
@@ -163,7 +179,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), 1.0)  # wake now and then to notice a lost lease
                 if held.lost is not None:
-                    raise ClientError(f"lost the lock of {args.resource}: {held.lost}")
+                    raise Conflict(f"lost the lock of {args.resource}: {held.lost}", action="lock.renew", target=args.resource)
             if not args.json:
                 print(f"released {args.resource}", flush=True)
             return 0
@@ -178,6 +194,15 @@ def cmd_unlock(args: argparse.Namespace) -> int:
     """Release a lock."""
 
     async def body(s: Session) -> int:
+        if args.break_:
+            holder = next((lk for lk in await s.locks() if lk.resource == args.resource), None)
+            await s.break_lock(args.resource)
+            owner = holder.owner if holder is not None else ""
+            if args.json:
+                print_json({"resource": args.resource, "broken": True, "owner": owner or None})
+            else:
+                print(f"broke the lock on {args.resource}" + (f" (held by {owner})" if owner else ""))
+            return 0
         await s.unlock(args.resource, args.token)
         if args.json:
             print_json({"resource": args.resource, "released": True})
@@ -208,7 +233,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     async def body(s: Session) -> int:
         jobs = await s.jobs(mine=args.mine)
         if args.json:
-            print_json([dataclasses.asdict(j) for j in jobs])
+            print_json([_job_json(j) for j in jobs])
             return 0
         if not jobs:
             print("no jobs", file=sys.stderr)
@@ -229,7 +254,7 @@ def cmd_job(args: argparse.Namespace) -> int:
     async def body(s: Session) -> int:
         j = await s.job(args.job_id)
         if args.json:
-            print_json(dataclasses.asdict(j))
+            print_json(_job_json(j))
             return 0
         params = ", ".join(f"{k}={v!r}" for k, v in j.params.items()) or "-"
         for key, value in (
@@ -266,25 +291,103 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return run(args, body)
 
 
+def _job_json(j: Any) -> dict[str, Any]:
+    """A job (and its log and results, if it has them) as JSON data with ISO times."""
+    out = with_times(dataclasses.asdict(j), "submitted_at", "started_at", "ended_at")
+    if "log" in out:
+        out["log"] = [{"time": iso_time(t), "line": line} for t, line in j.log]
+        out["results"] = [
+            {"time": iso_time(t), "pv": pv, "value": v, "severity": sev, "status": st, "label": label}
+            for t, pv, v, sev, st, label in j.results
+        ]
+    return out
+
+
+def cmd_procedures(args: argparse.Namespace) -> int:
+    """List the procedures jobs run, with their parameters."""
+
+    async def body(s: Session) -> int:
+        procedures = await s.procedures()
+        if args.json:
+            print_json([dataclasses.asdict(p) for p in procedures])
+            return 0
+        if not procedures:
+            print("the server has no procedures", file=sys.stderr)
+            return 0
+        rows = []
+        for p in procedures:
+            rows.append((p.name, ", ".join(p.resources) or "-", "", "", "", p.description))
+            for name, spec in p.params.items():
+                rows.append((f"  {name}", "", str(spec.get("type", "")), _param_default(spec), _param_range(spec), spec.get("description") or ""))
+        print_table(("PROCEDURE/PARAM", "RESOURCES", "TYPE", "DEFAULT", "RANGE", "DESCRIPTION"), rows)
+        return 0
+
+    return run(args, body)
+
+
+def _param_default(spec: dict[str, Any]) -> str:
+    if "default" not in spec or spec["default"] is None:
+        return "(required)"
+    return format_plain(spec["default"])
+
+
+def _param_range(spec: dict[str, Any]) -> str:
+    low, high = spec.get("min"), spec.get("max")
+    if low is None and high is None:
+        return ""
+    return f"[{'' if low is None else format_plain(low)}, {'' if high is None else format_plain(high)}]"
+
+
+#: Audit actions that are PV writes (their old and new values are the PV's).
+WRITE_ACTIONS = ("write", "pv.write")
+
+
+async def _metadata(s: Session, names: Any) -> dict[str, Metadata]:
+    """The metadata of those of ``names`` the server still has (one lookup per name, cached by the session)."""
+    out = {}
+    for name in dict.fromkeys(names):
+        try:
+            out[name] = await s.info(name)
+        except NoSuchPV:
+            continue  # a PV the site no longer has: its values stay numbers
+    return out
+
+
+def _state(meta: Metadata | None, value: Any) -> str | None:
+    """An enum value's state name (None if not an enum PV's index)."""
+    if meta is None or meta.type is not PVType.ENUM or not isinstance(value, int) or isinstance(value, bool):
+        return None
+    return meta.states[value] if 0 <= value < len(meta.states) else None
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     """List the audit trail."""
 
     async def body(s: Session) -> int:
-        records = await s.audit(args.since, user=args.audit_user, pv=args.pv)
+        records = await s.audit(args.since, user=args.by, pv=args.pv)
+        metas = await _metadata(s, [r["target"] for r in records if r["action"] in WRITE_ACTIONS])
         if args.json:
-            print_json(records)
+            out = []
+            for r in records:
+                item = with_times(r, "time")
+                meta = metas.get(r["target"]) if r["action"] in WRITE_ACTIONS else None
+                if meta is not None and meta.type is PVType.ENUM:
+                    item.update(old_state=_state(meta, r["old"]), new_state=_state(meta, r["new"]))
+                out.append(item)
+            print_json(out)
             return 0
         if not records:
             print(f"no audit records since {format_clock(args.since)}", file=sys.stderr)
             return 0
         rows = []
         for r in records:
-            if r["action"] == "write":
-                detail = f"{format_plain(r['old'])} -> {format_plain(r['new'])}"
+            if r["action"] in WRITE_ACTIONS:
+                meta = metas.get(r["target"])
+                detail = f"{_audit_value(meta, r['old'])} -> {_audit_value(meta, r['new'])}"
             else:
                 detail = "" if r["new"] is None else format_plain(r["new"])
             verdict = "ok" if r["accepted"] else f"REFUSED: {r['reason']}"
-            if r["accepted"] and r["reason"] and r["action"] != "write" and r["reason"] not in detail:
+            if r["accepted"] and r["reason"] and r["action"] not in WRITE_ACTIONS and r["reason"] not in detail:
                 verdict = f"ok: {r['reason']}"
             rows.append((format_time(r["time"]), r["action"], r["user"], r["protocol"], r["host"] or "-", r["target"], detail, verdict))
         print_table(("TIME", "ACTION", "USER", "VIA", "HOST", "TARGET", "DETAIL", "RESULT"), rows)
@@ -293,13 +396,31 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return run(args, body)
 
 
+def _audit_value(meta: Metadata | None, value: Any) -> str:
+    state = _state(meta, value)
+    return state if state is not None else format_plain(value)
+
+
+def _since(ts: float | None) -> float | None:
+    """An alarm's or interlock's ``since``: None when it never changed since start-up (the server sends 0)."""
+    return ts if ts else None
+
+
 def cmd_alarms(args: argparse.Namespace) -> int:
     """List alarms."""
 
     async def body(s: Session) -> int:
         alarms = await s.alarms(active_only=not args.all)
+        metas = await _metadata(s, [a.source for a in alarms])
         if args.json:
-            print_json([dataclasses.asdict(a) for a in alarms])
+            out = []
+            for a in alarms:
+                item = dataclasses.asdict(a) | {"since": iso_time(_since(a.since)), "shelved_until": iso_time(a.shelved_until)}
+                meta = metas.get(a.source)
+                if meta is not None and meta.type is PVType.ENUM:
+                    item["state"] = _state(meta, a.value)
+                out.append(item)
+            print_json(out)
             return 0
         if not alarms:
             print("no alarms" if not args.all else "no alarmed PVs", file=sys.stderr)
@@ -307,8 +428,10 @@ def cmd_alarms(args: argparse.Namespace) -> int:
         rows = []
         for a in alarms:
             state = ("acked" if a.acked else "UNACKED") + (f", shelved until {format_clock(a.shelved_until)}" if a.shelved_until else "")
-            rows.append((a.source, a.severity, a.current, a.status, state, format_clock(a.since), a.message))
-        print_table(("SOURCE", "SEVERITY", "NOW", "STATUS", "STATE", "SINCE", "MESSAGE"), rows)
+            meta = metas.get(a.source)
+            value = "-" if meta is None or a.value is None else format_value(meta, a.value) + (f" {meta.unit}" if meta.unit else "")
+            rows.append((a.source, a.severity, a.current, a.status, value, state, format_clock(_since(a.since)), a.guidance))
+        print_table(("SOURCE", "SEVERITY", "NOW", "STATUS", "VALUE", "STATE", "SINCE", "GUIDANCE"), rows)
         return 0
 
     return run(args, body)
@@ -356,7 +479,7 @@ def cmd_interlocks(args: argparse.Namespace) -> int:
     async def body(s: Session) -> int:
         interlocks = await s.interlocks()
         if args.json:
-            print_json([dataclasses.asdict(i) for i in interlocks])
+            print_json([dataclasses.asdict(i) | {"since": iso_time(_since(i.since))} for i in interlocks])
             return 0
         if not interlocks:
             print("the server has no interlocks", file=sys.stderr)

@@ -5,20 +5,19 @@ Theory of operation. ``ls [PATTERN]`` lists PVs with type, unit, access and desc
 VALUE`` parses VALUE by the PV's type (:func:`~labctl.clients.cli.arguments.parse_value`),
 writes it through the server's roles, locks and limits, and shows the PV afterwards;
 ``monitor PV... [--count N]`` prints changes until Ctrl-C. Output is a table for people,
-or JSON with ``--json`` (one document for ``ls``/``get``/``put``, one JSON object per line
-for ``monitor``).
+or strict JSON with ``--json`` (one document for ``ls``/``get``/``put``, one JSON object
+per line for ``monitor``; NaN as ``null``, times ISO 8601 UTC, an enum's ``state`` beside
+its ``value``).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import sys
 from typing import Any
 
 from labctl.clients.cli.arguments import parse_value
-from labctl.clients.cli.output import format_time, print_table
+from labctl.clients.cli.output import format_time, iso_time, print_json, print_table
 from labctl.clients.cli.runner import run
 from labctl.clients.session import Session
 from labctl.clients.values import Metadata, PVValue, Sample, format_value
@@ -55,7 +54,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     async def body(s: Session) -> int:
         metas = await s.list_pvs(args.pattern)
         if args.json:
-            print(json.dumps([_meta_json(m) for m in metas], indent=2))
+            print_json([_meta_json(m) for m in metas])
             return 0
         if not metas:
             print(f"no PVs match {args.pattern!r}" if args.pattern else "the server has no PVs", file=sys.stderr)
@@ -90,7 +89,7 @@ def cmd_get(args: argparse.Namespace) -> int:
     async def body(s: Session) -> int:
         values = await s.get_many(args.pvs)
         if args.json:
-            print(json.dumps([_value_json(v.name, v.reading, v.meta) for v in values], indent=2))
+            print_json([_value_json(v.name, v.reading, v.meta) for v in values])
         else:
             print_table(("NAME", "VALUE", "UNIT", "SEVERITY", "STATUS", "TIME"), [_value_row(v) for v in values])
         return 0
@@ -112,7 +111,7 @@ def _value_json(name: str, r: Reading, meta: Metadata) -> dict[str, Any]:
         unit=meta.unit,
         severity=r.severity.name,
         status=r.status.name,
-        timestamp=_dt.datetime.fromtimestamp(r.timestamp, _dt.UTC).isoformat(),
+        timestamp=iso_time(r.timestamp),
     )
     return out
 
@@ -128,7 +127,7 @@ def cmd_put(args: argparse.Namespace) -> int:
         await s.put(args.pv, parse_value(meta, args.value))
         v = await s.get(args.pv)
         if args.json:
-            print(json.dumps(_value_json(v.name, v.reading, v.meta), indent=2))
+            print_json(_value_json(v.name, v.reading, v.meta))
         else:
             print(f"{v.name} = {v.display_value}{' ' + v.meta.unit if v.meta.unit else ''}")
         return 0
@@ -160,7 +159,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 def _print_sample(sample: Sample, meta: Metadata, width: int, as_json: bool) -> None:
     r = sample.reading
     if as_json:
-        print(json.dumps(_value_json(sample.name, r, meta)), flush=True)
+        print_json(_value_json(sample.name, r, meta), indent=None)
         return
     alarm = "" if r.severity.name == "NO_ALARM" else f"  {r.severity.name} {r.status.name}"
     unit = f" {meta.unit}" if meta.unit else ""

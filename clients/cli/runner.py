@@ -3,7 +3,10 @@
 Theory of operation. Each command connects with :func:`labctl.clients.session.connect`,
 does one thing and exits: :func:`run` returns 0 on success, 1 with one line
 ``labctl <command>: <reason>`` on standard error when the server refuses or cannot be
-reached, 2 for bad arguments (:class:`~labctl.clients.cli.arguments.UsageError`). The
+reached, 2 for bad arguments (:class:`~labctl.clients.cli.arguments.UsageError`). With
+``--json`` that line is one JSON object instead, still on standard error
+(:func:`~labctl.clients.cli.output.error_object`: ``kind``, ``error``, ``action``,
+``target``, ``fields``, ``message``), so standard output holds results only. The
 password comes from ``LABCTL_PASSWORD`` or, on a terminal, a prompt; never from an
 argument, where it would land in the shell history.
 """
@@ -12,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import getpass
 import logging
-import os
 import sys
 from typing import Any
 
-from labctl.clients.cli.arguments import UsageError
+from labctl.clients.cli.output import error_object, json_text
+from labctl.clients.credentials import password_for as _password
 from labctl.clients.errors import ClientError
 from labctl.clients.session import connect
 
@@ -29,12 +31,17 @@ def run(args: argparse.Namespace, body: Any) -> int:
     logging.getLogger("asyncua").setLevel(logging.CRITICAL)  # its errors become our one-line reasons
     try:
         return asyncio.run(_with_session(args, body))
-    except UsageError as e:
-        print(f"labctl {args.command}: {e}", file=sys.stderr)
-        return 2
     except ClientError as e:
-        print(f"labctl {args.command}: {e}", file=sys.stderr)
-        return 1
+        report(args, e)
+        return 2 if e.kind == "usage" else 1  # UsageError, NoPassword
+
+
+def report(args: argparse.Namespace, error: Exception) -> None:
+    """Print a failure on standard error: one line, or with ``--json`` one JSON object."""
+    if getattr(args, "json", False):
+        print(json_text(error_object(error), indent=None), file=sys.stderr, flush=True)
+    else:
+        print(f"labctl {args.command}: {error}", file=sys.stderr, flush=True)
 
 
 async def _with_session(args: argparse.Namespace, body: Any) -> int:
@@ -44,14 +51,3 @@ async def _with_session(args: argparse.Namespace, body: Any) -> int:
         return await body(session)
     finally:
         await session.close()
-
-
-def _password(user: str | None) -> str | None:
-    if not user:
-        return None
-    password = os.environ.get("LABCTL_PASSWORD")
-    if password is not None:
-        return password
-    if not sys.stdin.isatty():
-        raise UsageError(f"no password for user {user!r}: set LABCTL_PASSWORD or run on a terminal to be prompted")
-    return getpass.getpass(f"password for {user}: ")

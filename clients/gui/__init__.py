@@ -17,11 +17,12 @@ Qt is loaded when ``labctl gui`` runs.
 from __future__ import annotations
 
 import argparse
-import getpass
 import logging
 import os
 import sys
 from pathlib import Path
+
+from labctl.clients.credentials import password_for
 
 DEFAULT_URL = "opc.tcp://localhost:4840"
 
@@ -53,18 +54,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_gui)
 
 
-def password_for(user: str | None) -> str | None:
-    """The password from LABCTL_PASSWORD or a terminal prompt; None when neither (the window asks)."""
-    if not user:
-        return None
-    password = os.environ.get("LABCTL_PASSWORD")
-    if password is not None:
-        return password
-    if sys.stdin.isatty():
-        return getpass.getpass(f"password for {user}: ")
-    return None
-
-
 def cmd_gui(args: argparse.Namespace) -> int:
     """Run the display until its window closes."""
     from labctl.extras import MissingExtra, require
@@ -87,7 +76,7 @@ def cmd_gui(args: argparse.Namespace) -> int:
         return run(
             args.url,
             args.user,
-            password_for(args.user),
+            password_for(args.user, required=False),  # without a terminal, the window asks
             args.security,
             layout=layout,
             large=args.large,

@@ -1,10 +1,11 @@
 """Control-room layouts: which panels go where on the screen, described in YAML.
 
-Theory of operation. A layout file is validated the way a site file is: the YAML is
-composed (so every key keeps its line and column), loaded with the safe loader, and
-validated into frozen pydantic models that forbid unknown keys. Each problem becomes one
-line ``wall.yaml:12:9 panels[2].pvs[1].color: ...`` and all of them are raised together
-in one :class:`~labctl.ioc.errors.ConfigError`, which ``labctl`` prints before any window opens.
+Theory of operation. A layout file is read by the same loader as a site file
+(:func:`labctl.yamlmodel.parse_model`): the safe loader with YAML 1.2 booleans (a title
+``ON`` or a label ``no`` stays text; only ``true``/``false`` are booleans), validated into
+frozen pydantic models that forbid unknown keys. Each problem becomes one line
+``wall.yaml:12:9 panels[2].pvs[1].color: ...`` and all of them are raised together in one
+:class:`~labctl.ioc.errors.ConfigError`, which ``labctl`` prints before any window opens.
 
 A layout is a grid of ``columns`` columns. Each panel takes ``colspan`` x ``rowspan``
 cells, at ``row``/``col`` when both are given, otherwise at the first free place in
@@ -43,12 +44,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from labctl.clients.values import Metadata
-from labctl.ioc.errors import ConfigError
 from labctl.ioc.types import PVType, Reading
-from labctl.ioc.yamlpos import at_key, key_positions
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from labctl import yamlmodel
 
 PV_NAME = re.compile(r"^[A-Za-z0-9_\-\[\]<>;]+(:[A-Za-z0-9_\-\[\]<>;]+)*$")
 COLOR = re.compile(r"^(#[0-9a-fA-F]{6}|#[0-9a-fA-F]{3}|[a-z]+)$")
@@ -246,45 +246,30 @@ class _PlacementError(Exception):
 # ---- loading ------------------------------------------------------------------------
 
 
-def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
-    # A discriminated union puts the tag ('chart') after the panel's index; pydantic also
-    # names function validators in loc. Neither is a key of the file.
-    out: list[Any] = []
-    for i, part in enumerate(loc):
-        if isinstance(part, str) and i >= 2 and loc[i - 2] == "panels" and isinstance(loc[i - 1], int) and part in PANEL_TYPES:
-            continue
-        if isinstance(part, str) and ("[" in part or "function-" in part):
-            continue
-        out.append(part)
-    return tuple(out)
-
-
-def _describe(err: Mapping[str, Any]) -> tuple[tuple[Any, ...], str]:
-    """The key path and one sentence for a pydantic error."""
-    loc = _clean_loc(tuple(err["loc"]))
+def _describe(err: Mapping[str, Any], data: Any) -> tuple[tuple[Any, ...], str]:
+    """The key path and one sentence for a pydantic error (the layout's own wording, else the shared one)."""
+    loc = yamlmodel.clean_loc(err["loc"])
+    # A discriminated union puts the tag ('chart') after the panel's index: no key of the file.
+    loc = tuple(
+        part
+        for i, part in enumerate(loc)
+        if not (isinstance(part, str) and i >= 2 and loc[i - 2] == "panels" and isinstance(loc[i - 1], int) and part in PANEL_TYPES)
+    )
     kind = err["type"]
-    got = err.get("input")
     kinds = ", ".join(PANEL_TYPES)
     if kind == "union_tag_invalid":
         return loc + ("type",), f"unknown panel type {err['ctx']['tag']!r}; expected one of {kinds}"
     if kind == "union_tag_not_found":
         return loc, f"a panel needs a 'type': one of {kinds}"
-    if kind == "extra_forbidden":
-        return loc, "unknown key (not part of the layout schema)"
-    if kind == "missing":
-        return loc, "required key is missing"
-    msg = str(err["msg"])
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, ") :]
-    msg = msg[0].lower() + msg[1:]
+    key = str(loc[-1]) if loc else ""
+    if key == "pv" and isinstance(_at(data, loc[:-1]), str):
+        loc = loc[:-1]  # the PV was given as a plain name: there is no 'pv' key to point at
     if kind == "string_pattern_mismatch":
         what = {"pv": "a PV name (colon-separated, e.g. CRYO:MXC:TEMP)", "color": "a colour: #rrggbb or a name"}.get(
-            str(loc[-1]) if loc else "", "the expected form"
+            key, "the expected form"
         )
-        return loc, f"expected {what}, got {got!r}"
-    if got is not None and not isinstance(got, (dict, list)) and kind not in ("value_error", "assertion_error"):
-        return loc, f"{msg}, got {got!r}"
-    return loc, msg
+        return loc, f"expected {what}, got {err.get('input')!r}"
+    return loc, yamlmodel.describe(err, "layout")[1]
 
 
 def _at(data: Any, path: tuple[Any, ...]) -> Any:
@@ -298,43 +283,14 @@ def _at(data: Any, path: tuple[Any, ...]) -> Any:
 
 def parse_layout(text: str, source: str = "<layout>") -> Layout:
     """Validate the YAML text of a layout; raise ConfigError listing every problem with file:line:col and key."""
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise ConfigError(source, [f"{source}{where} not valid YAML: {e.problem or e}"]) from None
-    except yaml.YAMLError as e:
-        raise ConfigError(source, [f"{source}: not valid YAML: {e}"]) from None
-    if not isinstance(data, dict):
-        got = "an empty file" if data is None else type(data).__name__
-        raise ConfigError(source, [f"{source}: expected a mapping of layout keys (title, columns, panels...) at the top level, got {got}"])
-    positions = key_positions(node)
-    try:
-        layout = Layout.model_validate(data)
-    except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            loc, message = _describe(err)
-            if loc and loc[-1] == "pv" and isinstance(_at(data, loc[:-1]), str):
-                loc = loc[:-1]  # the PV was given as a plain name: there is no 'pv' key to point at
-            lines.append(f"{at_key(source, loc, positions)}: {message}")
-        raise ConfigError(source, list(dict.fromkeys(lines))) from None
-    problems = layout.cross_check()
-    if problems:
-        raise ConfigError(source, [f"{at_key(source, p, positions)}: {m}" for p, m in problems])
-    return layout
+    return yamlmodel.parse_model(
+        text, source, Layout, schema="layout", top_keys="layout keys (title, columns, panels...)", describe_error=_describe
+    )
 
 
 def load_layout(path: str | Path) -> Layout:
     """Read and validate a layout file."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(str(p), [f"{p}: cannot read the layout file: {e.strerror or e}"]) from None
-    return parse_layout(text, str(p))
+    return parse_layout(yamlmodel.read_text(path, "layout file"), str(Path(path)))
 
 
 # ---- the default layout ---------------------------------------------------------------

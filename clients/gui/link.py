@@ -16,11 +16,15 @@ and a few thread-safe requests:
   :meth:`Link.watch`, :meth:`Link.request_history`, :meth:`Link.acknowledge` and
   :meth:`Link.poll_now`, which only hand work to the loop with ``call_soon_threadsafe``.
 
-Reconnection: any lost connection (a monitor that ends, a request that fails or times
-out, a watchdog read every ``watchdog_s``) closes the session and connects again with
-backoff from ``reconnect_min_s`` to ``reconnect_max_s``; the watched PVs are subscribed
-again and the display is told (:class:`Disconnected`, then :class:`Connected`). A login
-the server refuses is not retried (retrying a wrong password only locks the account).
+Connecting, the subscription and reconnection are the shared :class:`labctl.clients.link.Link`'s,
+run on this thread's loop: any lost connection (a monitor that ends, a request that
+fails or times out, a watchdog read every ``watchdog_s``) closes the session and
+connects again with backoff from ``reconnect_min_s`` to ``reconnect_max_s``; the watched
+PVs are subscribed again and the display is told (:class:`Disconnected`, then
+:class:`Connected`). The subscription opens once the server's PV list is known, so
+:class:`Connected` comes before any sample, and watched names the server lacks are
+reported (:class:`Missing`) rather than subscribed. A login the server refuses is not
+retried (retrying a wrong password only locks the account).
 
 Optional session features (``history``, ``alarms``, ``acknowledge``, ``locks``, ``jobs``)
 are used when the session has them; :attr:`Connected.features` says which, so the
@@ -40,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from labctl.clients import session as _session
+from labctl.clients import link as _link
 from labctl.clients.errors import ClientError, ConnectError, ConnectionLost, RequestTimeout
 from labctl.clients.session import Session
 from labctl.clients.values import Metadata, Sample
@@ -157,15 +161,6 @@ class Inbox:
             return out
 
 
-def is_login_refusal(e: ConnectError) -> bool:
-    """The server refused the credentials (not worth retrying)."""
-    refused = getattr(_session, "LoginRefused", None)
-    if isinstance(refused, type) and isinstance(e, refused):
-        return True
-    text = str(e)
-    return "login refused" in text or "requires a user name" in text
-
-
 def unix_times(times: Any) -> np.ndarray:
     """History times as float UNIX seconds, whether floats, datetime64 or datetimes."""
     t = np.asarray(times)
@@ -212,15 +207,24 @@ class Link:
     ) -> None:
         self.url = url
         self.user = user
-        self._password = password
-        self.security = security
         self.inbox = inbox or Inbox()
         self.timeout_s = timeout_s
         self.watchdog_s = watchdog_s
         self.poll_s = poll_s
-        self.reconnect_min_s = reconnect_min_s
-        self.reconnect_max_s = reconnect_max_s
-        self.publishing_interval_ms = publishing_interval_ms
+        self._core = _link.Link(
+            url,
+            user,
+            password,
+            security,
+            timeout_s=timeout_s,
+            reconnect_min_s=reconnect_min_s,
+            reconnect_max_s=reconnect_max_s,
+            publishing_interval_ms=publishing_interval_ms,
+            queue_size=50_000,
+            on_status=self._status,
+            on_sample=self._sample,
+            on_session=self._session,
+        )
         self._lock = threading.Lock()
         self._watched: dict[str, None] = {}
         self._next_id = 0
@@ -230,11 +234,16 @@ class Link:
         self._task: asyncio.Task[None] | None = None
         # loop-side state (touched only on the loop)
         self._commands: asyncio.Queue[_Command] | None = None
-        self._watch_changed: asyncio.Event | None = None
         self._poll_now: asyncio.Event | None = None
         self._history_slots = asyncio.Semaphore(history_concurrency)
-        self.connects = 0
+        self._metas: dict[str, Metadata] | None = None
+        self._system: list[str] = []
+        self._told_missing: set[str] = set()
+
+    @property
+    def connects(self) -> int:
         """Sessions opened so far (for status display and tests)."""
+        return self._core.connects
 
     # ---- display-thread API -----------------------------------------------------------
 
@@ -260,7 +269,7 @@ class Link:
                 self._watched[n] = None
             changed = len(self._watched) != before
         if changed:
-            self._call(lambda: self._watch_changed.set() if self._watch_changed else None)
+            self._call(self._subscribe)
 
     def request_history(self, name: str, since: float, until: float, every: float | None = None) -> int:
         """Ask for a PV's history in ``[since, until]`` (UNIX s); the answer is a :class:`HistoryResult` with the returned id."""
@@ -293,9 +302,8 @@ class Link:
         loop = self._loop
         asyncio.set_event_loop(loop)
         self._commands = asyncio.Queue()
-        self._watch_changed = asyncio.Event()
         self._poll_now = asyncio.Event()
-        self._task = loop.create_task(self._main(), name="labctl-gui-link")
+        self._task = loop.create_task(self._core.run(), name="labctl-gui-link")
         self._started.set()
         try:
             loop.run_until_complete(self._task)
@@ -310,78 +318,62 @@ class Link:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
-    async def _main(self) -> None:
-        delay = self.reconnect_min_s
-        while True:
-            try:
-                session = await _session.connect(self.url, self.user, self._password, self.security, timeout_s=self.timeout_s)
-            except ConnectError as e:
-                if is_login_refusal(e):
-                    self.inbox.put_event(Disconnected(str(e), None))
-                    return
-                self.inbox.put_event(Disconnected(str(e), delay))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.reconnect_max_s)
-                continue
-            self.connects += 1
-            reason = "connection lost"
-            try:
-                await self._run(session)
-            except* ClientError as eg:
-                reason = str(eg.exceptions[0])
-            except* (OSError, TimeoutError) as eg:
-                reason = f"connection lost: {eg.exceptions[0]}"
-            except* Exception as eg:  # a bug: one traceback here, then carry on connecting
-                log.error("display link failed", exc_info=eg.exceptions[0])
-                reason = f"internal error: {eg.exceptions[0]!r}"
-            finally:
-                await self._close(session)
-            delay = self.reconnect_min_s
-            self.inbox.put_event(Disconnected(reason, delay))
-            await asyncio.sleep(delay)
+    def _status(self, status: _link.LinkStatus) -> None:
+        """The shared link's state changed: the display hears of losses; Connected comes from :meth:`_session`."""
+        if status.state is _link.LinkState.CONNECTED:
+            # Subscribe once the PV list is known (below), so Connected comes before any sample.
+            self._metas = None
+            self._core.watch(())
+        elif status.state is _link.LinkState.FAILED:
+            self.inbox.put_event(Disconnected(status.reason, None))
+        else:
+            self.inbox.put_event(Disconnected(status.reason, status.retry_in_s))
 
-    async def _close(self, session: Session) -> None:
+    def _sample(self, sample: Sample) -> None:
+        self.inbox.put_sample(sample)
+        if sample.name.startswith(("ALARM:", "ARB:")) and self._poll_now is not None:
+            self._poll_now.set()
+
+    def _subscribe(self) -> None:
+        """Hand the shared link the watched PVs this server has (and say which it lacks)."""
+        metas = self._metas
+        if metas is None:  # not connected: the next session subscribes them
+            return
+        with self._lock:
+            wanted = list(dict.fromkeys(list(self._watched) + self._system))
+        missing = [n for n in wanted if n not in metas and n not in self._told_missing]
+        if missing:
+            self._told_missing.update(missing)
+            self.inbox.put_event(Missing(tuple(missing)))
+        self._core.watch(n for n in wanted if n in metas and metas[n].type is not None)
+
+    async def _session(self, session: Session) -> str:
+        """Everything but the subscription, for one session: returns why the session is lost."""
+        reason = "connection lost"
         try:
-            async with asyncio.timeout(3.0):
-                await session.close()
-        except (TimeoutError, OSError, ClientError) as e:  # the connection is gone anyway
-            log.debug("closing a broken session: %s", e)
-
-    async def _run(self, session: Session) -> None:
-        metas = {m.name: m for m in await session.list_pvs()}
-        typed = [n for n, m in metas.items() if m.type is not None]
-        readings = {v.name: v.reading for v in await session.get_many(typed)} if typed else {}
-        features = frozenset(f for f in FEATURES if callable(getattr(session, f, None)))
-        self.inbox.put_event(Connected(self.url, session.site, session.user, session.roles, metas, readings, features))
-        system = [n for n in metas if n.startswith(SYSTEM_PREFIXES)]
-        assert self._watch_changed is not None
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._watchdog(session))
-            tg.create_task(self._poller(session, features))
-            tg.create_task(self._serve_commands(session, features, tg))
-            subscribed: set[str] = set()
-            while True:
-                self._watch_changed.clear()
-                with self._lock:
-                    wanted = [n for n in list(self._watched) + system if n not in subscribed]
-                missing = [n for n in wanted if n not in metas]
-                if missing:
-                    self.inbox.put_event(Missing(tuple(missing)))
-                new = [n for n in dict.fromkeys(wanted) if n in metas and metas[n].type is not None]
-                subscribed.update(wanted)
-                if new:
-                    monitor = session.monitor(new, queue_size=50_000, publishing_interval_ms=self.publishing_interval_ms)
-                    await monitor.start()
-                    tg.create_task(self._read(monitor))
-                await self._watch_changed.wait()
-
-    async def _read(self, monitor: Any) -> None:
-        put = self.inbox.put_sample
-        async with monitor:
-            async for sample in monitor:
-                put(sample)
-                if sample.name.startswith(("ALARM:", "ARB:")) and self._poll_now is not None:
-                    self._poll_now.set()
+            metas = {m.name: m for m in await session.list_pvs()}
+            typed = [n for n, m in metas.items() if m.type is not None]
+            readings = {v.name: v.reading for v in await session.get_many(typed)} if typed else {}
+            features = frozenset(f for f in FEATURES if callable(getattr(session, f, None)))
+            self.inbox.put_event(Connected(self.url, session.site, session.user, session.roles, metas, readings, features))
+            self._metas = metas
+            self._system = [n for n in metas if n.startswith(SYSTEM_PREFIXES)]
+            self._told_missing = set()
+            self._subscribe()
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._watchdog(session))
+                tg.create_task(self._poller(session, features))
+                tg.create_task(self._serve_commands(session, features, tg))
+        except* ClientError as eg:
+            reason = str(eg.exceptions[0])
+        except* (OSError, TimeoutError) as eg:
+            reason = f"connection lost: {eg.exceptions[0]}"
+        except* Exception as eg:  # a bug: one traceback here, then carry on connecting
+            log.error("display link failed", exc_info=eg.exceptions[0])
+            reason = f"internal error: {eg.exceptions[0]!r}"
+        finally:
+            self._metas = None
+        return reason
 
     async def _watchdog(self, session: Session) -> None:
         # A server that dies without closing its sockets leaves a monitor silent: ask.

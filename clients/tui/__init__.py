@@ -9,9 +9,10 @@ the password comes from ``LABCTL_PASSWORD`` or a prompt, never from the command 
 from __future__ import annotations
 
 import argparse
-import getpass
 import os
 import sys
+
+from labctl.clients.credentials import NoPassword, password_for
 
 DEFAULT_URL = "opc.tcp://localhost:4840"
 
@@ -34,22 +35,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="Textual theme (LABCTL_TUI_THEME; default auto: ansi-dark on 16-colour terminals, else textual-dark)",
     )
     p.set_defaults(func=cmd_tui)
-
-
-class NoPassword(Exception):
-    """A user was given but no password can be had (no LABCTL_PASSWORD, no terminal)."""
-
-
-def password_for(user: str | None) -> str | None:
-    """The password of ``user``: LABCTL_PASSWORD, else a prompt on a terminal (NoPassword otherwise)."""
-    if not user:
-        return None
-    password = os.environ.get("LABCTL_PASSWORD")
-    if password is not None:
-        return password
-    if not sys.stdin.isatty():
-        raise NoPassword(f"no password for user {user!r}: set LABCTL_PASSWORD or run on a terminal to be prompted")
-    return getpass.getpass(f"password for {user}: ")
 
 
 def cmd_tui(args: argparse.Namespace) -> int:

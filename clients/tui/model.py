@@ -12,8 +12,7 @@ so it is tested without an app:
 * a write dialog's checks: the text parsed into the PV's type, enum states, and the
   range the server publishes; and the resource a lock refusal names;
 * lock rows from ``ARB:<RES>:*`` PVs and alarm rows from per-PV severities, for servers
-  (or session libraries) that do not offer the lock and alarm calls;
-* the reconnect backoff.
+  (or session libraries) that do not offer the lock and alarm calls.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from labctl.clients.cli.arguments import UsageError, parse_value
+from labctl.clients.errors import Refused
 from labctl.clients.values import Metadata, format_value
 from labctl.ioc.types import PVType, Reading, Severity, Status
 
@@ -44,8 +44,6 @@ ALARM_SUMMARY = (
 #: Suffixes of a lockable resource's lock PVs ``ARB:<RES>:<suffix>``.
 LOCK_FIELDS = ("OWNER", "EXPIRES", "QUEUE")
 _LOCK_PV = re.compile(r"^ARB:(?P<res>.+):(?P<field>OWNER|EXPIRES|QUEUE)$")
-#: How a lock refusal names its resource (``resource 'cryostat' is locked by ...``).
-_REFUSED_RESOURCE = re.compile(r"resource '(?P<res>[^']+)' is (?:locked by|lockable)")
 _MISSING = "…"
 
 
@@ -225,10 +223,12 @@ def range_warning(meta: Metadata, value: Any) -> str:
     return f"{value:g} is outside the published range {range_text(meta.display, meta.unit)}"
 
 
-def refused_resource(reason: str) -> str | None:
-    """The lockable resource a refusal is about (``resource 'cryostat' is locked by ...``)."""
-    m = _REFUSED_RESOURCE.search(reason)
-    return m.group("res") if m else None
+def refused_resource(refusal: Refused) -> str | None:
+    """The lockable resource a write was refused for (its lock held by someone else, or not taken): from its fields."""
+    if refusal.error == "LockedBy" or refusal.status == "BadLocked":
+        resource = refusal.fields.get("resource")
+        return str(resource) if resource else None
+    return None
 
 
 # ---- locks and alarms from plain PVs ----------------------------------------------------
@@ -373,25 +373,3 @@ class AlarmSummary:
     def total_unacked(self) -> int:
         """Unacknowledged alarms of any severity."""
         return sum(self.unacked)
-
-
-# ---- reconnecting -----------------------------------------------------------------------
-
-
-@dataclass
-class Backoff:
-    """Delays between reconnect attempts: doubling from ``min_s`` up to ``max_s``."""
-
-    min_s: float = 0.25
-    max_s: float = 5.0
-    attempt: int = 0
-
-    def next(self) -> float:
-        """The delay before the next attempt (and count it)."""
-        delay = min(self.max_s, self.min_s * (2**self.attempt))
-        self.attempt += 1
-        return delay
-
-    def reset(self) -> None:
-        """Start again from ``min_s`` (after a success)."""
-        self.attempt = 0

@@ -13,7 +13,7 @@ PASSWORD_HASH = re.compile(r"^scrypt\$\d+\$\d+\$\d+\$[0-9a-f]{32}\$[0-9a-f]{64}$
 
 #: Roles every site has unless it redefines them.
 DEFAULT_ROLES: dict[str, dict[str, Any]] = {
-    "viewer": {"description": "reads everything, writes nothing"},
+    "viewer": {"description": "reads PVs, history, locks, jobs, alarms and the audit trail; writes nothing"},
     "operator": {"description": "writes the apparatus, acknowledges alarms", "write": ["*"], "acknowledge": True},
     "expert": {
         "description": "an operator who may also shelve alarms and reset interlocks",

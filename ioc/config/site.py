@@ -21,7 +21,8 @@ from labctl.ioc.config.procedures import ProcedureConfig
 from labctl.ioc.config.pvs import PVConfig
 from labctl.ioc.expr import Expression, ExpressionError
 from labctl.ioc.procedure import check_procedure
-from labctl.ioc.yamlpos import dotted
+
+from labctl.yamlmodel import dotted
 
 
 class CoreSiteConfig(Model):

@@ -53,10 +53,10 @@ from typing import Any, Literal, NoReturn, Protocol
 
 from caproto import AccessRights, ChannelString, ChannelType
 from caproto._dbr import native_type
-from labctl.ioc.access import AuditRecord
-from labctl.ioc.arbiter import Arbiter, Lease, LeaseEvent, LockError, Waiter, lock_pv_names
+from labctl.ioc.arbiter import Arbiter, Lease, LeaseEvent, Waiter, lock_pv_names
 from labctl.ioc.database import Database
-from labctl.ioc.errors import WrongType
+from labctl.ioc.errors import InvalidArgument, WrongType
+from labctl.ioc.policy import Action as PolicyAction
 from labctl.ioc.types import Identity
 from labctl.server.ca.access import AccessRules, Client
 from labctl.server.ca.context import LabctlContext
@@ -264,48 +264,32 @@ class ArbiterChannels:
     ) -> str:
         """Carry out a put to a command channel for ``client``; return the command as read back."""
         who = self.rules.identity(client)
-        action = "lock.grant" if channel.action == "request" else "lock.release"
+        action = PolicyAction.LOCK_REQUEST if channel.action == "request" else PolicyAction.LOCK_RELEASE
+
+        def refuse(reason: str, value: Any = None) -> NoReturn:  # a put this adapter cannot read: audited once, by the core
+            raise self.db.refuse(who, InvalidArgument(reason, action=action, target=channel.resource), new=value)
+
         if native_type(data_type) not in VALUE_TYPES:  # alarm acknowledgements (PUT_ACKS/ACKT)
-            self._refuse(
-                action, who, channel, None, WrongType(channel.pvname, f"cannot write a {data_type.name} value")
-            )
+            refuse(f"{channel.pvname}: cannot write a {data_type.name} value")
         try:
             text = command_text(data, data_type)
         except ValueError:
-            self._refuse(action, who, channel, None, WrongType(channel.pvname, f"expected UTF-8 text, got {data!r}"))
+            refuse(f"{channel.pvname}: expected UTF-8 text, got {data!r}")
+        # the control layer decides (the policy, then the arbiter) and audits its refusals
         if channel.action == "request":
             try:
                 request = parse_request(text)
             except ValueError as e:
-                self._refuse(action, who, channel, text, WrongType(channel.pvname, str(e), text))
-            try:
-                # PermissionDenied is audited by the control layer; LockError is not.
-                self.control.request_lock(
-                    channel.resource,
-                    who,
-                    duration_s=request.duration_s,
-                    priority=request.priority,
-                    client=client_id(who),
-                )
-            except LockError as e:
-                self._refuse(action, who, channel, str(request), e)
+                refuse(f"{channel.pvname}: {e}", text)
+            self.control.request_lock(
+                channel.resource, who, duration_s=request.duration_s, priority=request.priority, client=client_id(who)
+            )
             accepted = str(request)
         else:
-            try:
-                self.control.release_lock(channel.resource, None, who, client=client_id(who))
-            except LockError as e:
-                self._refuse(action, who, channel, text, e)
+            self.control.release_lock(channel.resource, None, who, client=client_id(who))
             accepted = text
         if self.publish is not None:
             for name in lock_pv_names(channel.resource).values():
                 await self.publish(name)
         await self._refresh_own(channel.resource, address)
         return accepted
-
-    def _refuse(self, action: str, who: Identity, channel: CommandChannel, value: Any, error: Exception) -> NoReturn:
-        """Audit a command refused here (the control layer audits its own refusals), then raise."""
-        reason = getattr(error, "reason", str(error))
-        self.db.audit(
-            AuditRecord.of(self.db.clock(), action, who, channel.resource, new=value, accepted=False, reason=reason)
-        )
-        raise error

@@ -54,8 +54,7 @@ from caproto.asyncio.utils import (
     _UdpTransportWrapper,
 )
 from caproto.server.common import DisconnectedCircuit
-from labctl.ioc.arbiter import LockError
-from labctl.ioc.errors import DriverError, LabctlError, LockedBy, NotWritable, PermissionDenied, UnknownPV, WriteRefused
+from labctl.ioc.errors import DriverError, Forbidden, LabctlError, LockedBy, Refused, UnknownPV
 from labctl.server.ca.env import CASettings
 from labctl.server.ca.monitors import Outbox
 
@@ -63,13 +62,11 @@ log = logging.getLogger("labctl.ca")
 
 #: How refused or failed puts are reported (the first class in the error's MRO wins).
 PUT_STATUS: dict[type[Exception], CAStatus] = {
-    PermissionDenied: CAStatus.ECA_NOWTACCESS,
-    NotWritable: CAStatus.ECA_NOWTACCESS,
+    Forbidden: CAStatus.ECA_NOWTACCESS,  # PermissionDenied, NotWritable, and lock/job commands refused by role
     LockedBy: CAStatus.ECA_NOWTACCESS,
-    WriteRefused: CAStatus.ECA_PUTFAIL,  # WrongType, OutOfRange, Interlocked
-    DriverError: CAStatus.ECA_PUTFAIL,  # DriverFault, DriverTimeout
     UnknownPV: CAStatus.ECA_PUTFAIL,
-    LockError: CAStatus.ECA_PUTFAIL,  # a lock command the arbiter refused (nothing to release...)
+    Refused: CAStatus.ECA_PUTFAIL,  # WrongType, OutOfRange, Interlocked, a lock command the arbiter refused...
+    DriverError: CAStatus.ECA_PUTFAIL,  # DriverFault, DriverTimeout
 }
 
 #: Beacons start this often and back off (doubling) to the configured period (CA spec).

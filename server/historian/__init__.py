@@ -9,8 +9,8 @@ batching worker), :mod:`~labctl.server.historian.query` (reads) and :mod:`~labct
 (the service and its async query API).
 """
 
-from labctl.server.historian.errors import HistorianError, HistorianUnavailable, SchemaTooNew
-from labctl.server.historian.query import Bucket, RawPage
+from labctl.server.archive import Bucket, HistorianError, HistorianUnavailable, SchemaTooNew
+from labctl.server.historian.query import RawPage
 from labctl.server.historian.service import Historian, HistorianService
 
 __all__ = ["Bucket", "Historian", "HistorianError", "HistorianService", "HistorianUnavailable", "RawPage", "SchemaTooNew"]

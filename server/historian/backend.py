@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from labctl.server.historian.errors import HistorianError
+from labctl.server.archive import HistorianError
 from labctl.server.historian.timescale import PLAIN, TimescaleInfo
 from sqlalchemy import create_engine, event
 from sqlalchemy import exc as sa_exc

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from labctl.ioc.types import PVType
-from labctl.server.historian.errors import HistorianError
+from labctl.server.archive import HistorianError
 
 # ---- time -------------------------------------------------------------------------------
 

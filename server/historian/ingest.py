@@ -55,11 +55,11 @@ from typing import Any
 from labctl.ioc.access import AuditRecord
 from labctl.ioc.pv import PVInfo
 from labctl.ioc.types import PVType, Reading
+from labctl.server.archive import HistorianError
 from labctl.server.historian import records, rollup, timescale
 from labctl.server.historian.backend import Backend, is_unreachable, short
 from labctl.server.historian.catalogue import ensure_pvs, register_catalogue
 from labctl.server.historian.encoding import encode_value, pack_array, utc_text
-from labctl.server.historian.errors import HistorianError
 from labctl.server.historian.schema import (
     SAMPLE_COLUMNS,
     alarm_event,
@@ -73,6 +73,8 @@ from labctl.server.historian.schema import (
 from labctl.server.historian.spool import Batch, Spool
 from sqlalchemy import delete, select, text
 from sqlalchemy.engine import Connection
+
+from labctl.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +266,7 @@ class Ingestor:
         self._thread: threading.Thread | None = None
         self._ids: dict[str, int] = {}
         self._up = False
-        self._retry_s = RETRY_MIN_S
+        self._backoff = Backoff(RETRY_MIN_S, RETRY_MAX_S)
         self._retry_at = 0.0
         self._next_retention = 0.0
         self._last_error = ""
@@ -379,7 +381,7 @@ class Ingestor:
                 ) from e
             self._last_error = short(e)
             self.outages += 1
-            self._retry_at = time.monotonic() + self._retry_s
+            self._retry_at = time.monotonic() + self._backoff.next()
             log.warning(
                 "historian database %s unreachable (%s); archiving to the spool %s until it is back",
                 self.backend.display_url, self._last_error, self.spool.directory,
@@ -490,8 +492,8 @@ class Ingestor:
                 self.backend.display_url, self._last_error, self.spool.directory,
             )
         self._up = False
-        self._retry_s = RETRY_MIN_S
-        self._retry_at = time.monotonic() + self._retry_s
+        self._backoff.reset()
+        self._retry_at = time.monotonic() + self._backoff.next()
         self.backend.engine.dispose()  # drop pooled connections to the server that went away
 
     def _reconnect(self) -> None:
@@ -502,8 +504,7 @@ class Ingestor:
             if not is_unreachable(e) and message != self._last_error:
                 log.error("historian database %s: cannot prepare the schema: %s; will retry", self.backend.display_url, message)
             self._last_error = message
-            self._retry_s = min(self._retry_s * 2, RETRY_MAX_S)
-            self._retry_at = time.monotonic() + self._retry_s
+            self._retry_at = time.monotonic() + self._backoff.next()
             return
         spooled = self.spool.samples
         log.info(
@@ -530,7 +531,7 @@ class Ingestor:
         self._ids = ids
         self._up = True
         self._prepared = True
-        self._retry_s = RETRY_MIN_S
+        self._backoff.reset()
         self._last_error = ""
 
     def _backfill(self, budget: int) -> None:

@@ -35,9 +35,9 @@ from dataclasses import dataclass
 from labctl.ioc.access import AuditRecord
 from labctl.ioc.errors import UnknownPV
 from labctl.ioc.types import PVType, Reading, Severity, Status
+from labctl.server.archive import Bucket, HistorianError
 from labctl.server.historian.backend import Backend
 from labctl.server.historian.encoding import AGGREGATABLE, from_us, value_decoder
-from labctl.server.historian.errors import HistorianError
 from labctl.server.historian.rollup import INVALID, WIDTHS_S, Aggregate
 from labctl.server.historian.schema import alarm_event, audit_event, pv, pv_meta, sample
 from labctl.server.historian.timescale import bucket_sql
@@ -66,26 +66,6 @@ class RawPage:
     readings: list[Reading]
     continuation: str | None = None
     """Pass back to get the next page; None when the range is exhausted."""
-
-
-@dataclass(frozen=True, slots=True)
-class Bucket:
-    """The aggregates of one processing interval ``[start, end)`` (seconds since the epoch).
-
-    Only valid samples count (severity below INVALID, a number present). An empty bucket
-    has ``count == 0`` and None elsewhere. Values are floats whatever the PV's type.
-    """
-
-    start: float
-    end: float
-    count: int
-    min: float | None = None
-    max: float | None = None
-    mean: float | None = None
-    first: float | None = None
-    last: float | None = None
-    first_time: float | None = None
-    last_time: float | None = None
 
 
 def catalogue(conn: Connection, names: Iterable[str], cache: dict[str, Entry]) -> list[Entry]:
@@ -545,7 +525,6 @@ def check_range(start_us: int, end_us: int) -> None:
 
 
 __all__ = [
-    "Bucket",
     "Entry",
     "RawPage",
     "catalogue",

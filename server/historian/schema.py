@@ -54,8 +54,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from labctl.server.archive import HistorianError, SchemaTooNew
 from labctl.server.historian.encoding import pack_array, unpack_array
-from labctl.server.historian.errors import HistorianError, SchemaTooNew
 from sqlalchemy import (
     BigInteger,
     Boolean,

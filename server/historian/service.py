@@ -48,13 +48,13 @@ from labctl.ioc.database import Database
 from labctl.ioc.jobs import Job
 from labctl.ioc.subscription import Callback
 from labctl.ioc.types import EventMask, Reading, Update
+from labctl.server.archive import Bucket, HistorianError, HistorianUnavailable
 from labctl.server.historian import query, records
 from labctl.server.historian.backend import Backend, is_unreachable, open_backend, short
 from labctl.server.historian.config import HistorianConfig
 from labctl.server.historian.encoding import to_us
-from labctl.server.historian.errors import HistorianError, HistorianUnavailable
 from labctl.server.historian.ingest import Ingestor, now_us
-from labctl.server.historian.query import Bucket, Entry, RawPage
+from labctl.server.historian.query import Entry, RawPage
 from labctl.server.historian.spool import Spool
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError

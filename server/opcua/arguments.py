@@ -19,11 +19,11 @@ the ObjectTypes the control layer adds (Part 100's LockingServicesType, the even
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from asyncua import ua
+from labctl.ioc.errors import Refused as CoreRefused
 from labctl.ioc.types import Identity
 
 if TYPE_CHECKING:
@@ -60,22 +60,29 @@ JSON_RESULT = (("Json", STRING, "the result as JSON (schema in the labctl docume
 
 
 class Refused(Exception):
-    """A method call refused with a StatusCode and a sentence."""
+    """A method call refused with a StatusCode OPC UA names specifically, for a refusal of the core.
 
-    def __init__(self, code: int, reason: str) -> None:
+    Most refusals need no such wrapper: the core's typed refusal propagates and
+    :func:`labctl.server.opcua.refusals.status_of` picks its code. This one is for the codes
+    a companion specification defines (Part 9's BadEventIdUnknown...); ``error`` is still
+    audited by the core and sent to the client as data.
+    """
+
+    def __init__(self, code: int, error: CoreRefused) -> None:
         self.code = code
-        self.reason = reason
-        super().__init__(reason)
+        self.error = error
+        super().__init__(str(error))
 
 
 @dataclass
 class Caller:
-    """Who calls, from which session; ``note`` is the reason of a non-zero Part 100 status."""
+    """Who calls, from which session; ``note`` is the reason of a non-zero Part 100 status, ``refusal`` its data."""
 
     session: LabctlSession
     identity: Identity
     client: str
     note: str = ""
+    refusal: CoreRefused | None = None
 
 
 def client_id(session: Any) -> str:
@@ -187,12 +194,6 @@ def coerce(variant: ua.Variant, dtype: int) -> Any:
     expected = {DOUBLE: "a number", INT32: "an integer", INT64: "an integer", BOOLEAN: "a Boolean", STRING: "a String",
                 TEXT: "a LocalizedText", BYTES: "a ByteString"}[dtype]  # fmt: skip
     raise TypeError(f"expected {expected}, got {type(v).__name__} {v!r}")
-
-
-def positive(name: str, value: float) -> None:
-    """Refuse (BadInvalidArgument) a duration that is not a positive number of seconds."""
-    if not math.isfinite(value) or value <= 0:
-        raise Refused(_S.BadInvalidArgument, f"{name} must be a positive number of seconds, got {value}")
 
 
 def int32_variant(v: int) -> ua.Variant:

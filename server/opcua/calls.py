@@ -21,12 +21,15 @@ it: :class:`~labctl.server.opcua.sessions.LabctlSession` hands the calls here).
 
 *Refusals.* Argument count and types are checked first (BadArgumentsMissing,
 BadTooManyArguments, BadInvalidArgument with BadTypeMismatch per argument). A refused
-call ends Bad (:data:`BadUserAccessDenied` for roles, :data:`BadLocked` for a lock held by
-someone else, :data:`BadInvalidArgument`, :data:`BadInvalidState`...) and its sentence is
-kept for the session in ``Objects/<site>/Session/LastCallRefusal`` as ``<Method>:
-<reason>``. Part 100's methods answer as the standard says, with a status output (0 OK,
--1 E_AlreadyLocked/E_NotLocked, -2 E_Invalid) and the reason in LastCallRefusal too. A
-bug in a handler is logged once with its traceback and answered BadInternalError.
+call ends Bad with the code of :mod:`labctl.server.opcua.refusals` (BadUserAccessDenied
+for permission, BadLocked for a lock held by someone else, BadInvalidArgument,
+BadInvalidState...); every refusal is audited once by the core, and the refusal itself
+(kind, fields, sentence) goes back with the response as the call's DiagnosticInfo. Part
+100's methods answer as the standard says, with a status output (0 OK, -1
+E_AlreadyLocked/E_NotLocked, -2 E_Invalid) and Good, the refusal still audited and sent as
+data. The sentence is also kept for the session in
+``Objects/<site>/Session/LastCallRefusal`` as ``<Method>: <reason>``. A bug in a handler is
+logged once with its traceback and answered BadInternalError.
 
 *Session end.* A closing session's leases and queued requests are handed to
 :meth:`labctl.server.opcua.locking.LockingServices.session_closed`.
@@ -43,7 +46,10 @@ from typing import TYPE_CHECKING, Any
 from asyncua import ua
 from labctl.ioc.alarms import AlarmEvent
 from labctl.ioc.arbiter import LeaseEvent
+from labctl.ioc.errors import InvalidArgument, LabctlError
+from labctl.ioc.errors import Refused as CoreRefused
 from labctl.ioc.interlocks import Transition
+from labctl.ioc.policy import Action
 from labctl.server.opcua import control_events
 from labctl.server.opcua.arguments import (
     STRING,
@@ -59,6 +65,7 @@ from labctl.server.opcua.arguments import (
 from labctl.server.opcua.builders import Builder
 from labctl.server.opcua.locking import LockingServices
 from labctl.server.opcua.methods import ACKNOWLEDGE, ACKNOWLEDGE_SPEC, CONTROL_METHODS, ControlMethods
+from labctl.server.opcua.refusals import status_of
 
 if TYPE_CHECKING:
     from labctl.server.control import ControlService
@@ -68,6 +75,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _S = ua.StatusCodes
+
+#: The action each method performs, for the audit record of a call refused before it
+#: reached the core (wrong arguments): the same action a refusal by the core names.
+METHOD_ACTIONS: dict[str, Action] = {
+    "InitLock": Action.LOCK_REQUEST, "RequestLock": Action.LOCK_REQUEST, "RenewLock": Action.LOCK_RENEW,
+    "RenewLease": Action.LOCK_RENEW, "ExitLock": Action.LOCK_RELEASE, "ReleaseLease": Action.LOCK_RELEASE,
+    "BreakLock": Action.LOCK_BREAK, "ListLocks": Action.LOCK_LIST, "ListProcedures": Action.PROCEDURE_LIST,
+    "SubmitTask": Action.JOB_SUBMIT, "CancelTask": Action.JOB_CANCEL, "ListJobs": Action.JOB_LIST, "GetJob": Action.JOB_VIEW,
+    "ListAudit": Action.AUDIT_READ, "ListAlarms": Action.ALARM_LIST, "AcknowledgeAlarm": Action.ALARM_ACK,
+    "Acknowledge": Action.ALARM_ACK, "ShelveAlarm": Action.ALARM_SHELVE, "UnshelveAlarm": Action.ALARM_UNSHELVE,
+    "ListInterlocks": Action.INTERLOCK_LIST, "ResetInterlock": Action.INTERLOCK_RESET,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -202,17 +221,18 @@ class OpcUaControl:
                 return _Target(ACKNOWLEDGE_SPEC, source=source)
         return None
 
-    async def call(self, session: LabctlSession, req: ua.CallMethodRequest) -> ua.CallMethodResult:
-        """Answer one method call of ``session``."""
+    async def call(self, session: LabctlSession, req: ua.CallMethodRequest) -> tuple[ua.CallMethodResult, LabctlError | None]:
+        """Answer one method call of ``session``: the result, and the refusal (or None) to send as data."""
         target = self._target(req)
         assert target is not None
         spec = target.spec
         result = ua.CallMethodResult()
         given = list(req.InputArguments or [])
+        what = target.resource or target.source or spec.name
         if len(given) != len(spec.inputs):
             code = _S.BadArgumentsMissing if len(given) < len(spec.inputs) else _S.BadTooManyArguments
-            reason = f"expected {len(spec.inputs)} argument(s) ({', '.join(a[0] for a in spec.inputs) or 'none'}), got {len(given)}"
-            return self._refuse(session, spec, result, code, reason)
+            reason = f"{spec.name}: expected {len(spec.inputs)} argument(s) ({', '.join(a[0] for a in spec.inputs) or 'none'}), got {len(given)}"
+            return self._refuse(session, spec, result, Refused(code, InvalidArgument(reason, action=METHOD_ACTIONS[spec.name], target=what)))
         values, problems = [], []
         for (name, dtype, _), variant in zip(spec.inputs, given, strict=True):
             try:
@@ -224,7 +244,7 @@ class OpcUaControl:
         if any(not p.is_good() for p in problems):
             result.InputArgumentResults = problems
             bad = "; ".join(v for v, p in zip(values, problems, strict=True) if not p.is_good())
-            return self._refuse(session, spec, result, _S.BadInvalidArgument, bad)
+            return self._refuse(session, spec, result, Refused(_S.BadInvalidArgument, InvalidArgument(f"{spec.name}: {bad}", action=METHOD_ACTIONS[spec.name], target=what)))
         caller = Caller(session, session.identity, client_id(session))
         try:
             if spec is ACKNOWLEDGE_SPEC:
@@ -235,19 +255,24 @@ class OpcUaControl:
                 outputs = self._handlers[spec.name](caller, *values)
             if inspect.isawaitable(outputs):
                 outputs = await outputs
-        except Refused as r:
-            return self._refuse(session, spec, result, r.code, r.reason)
+        except (Refused, CoreRefused) as r:
+            return self._refuse(session, spec, result, r)
         except Exception:  # a bug in the core or here: report it once, keep serving
             log.exception("OPC UA method %s by %s failed unexpectedly", spec.name, caller.identity)
-            return self._refuse(session, spec, result, _S.BadInternalError, "internal server error (see the server log)")
+            session.last_call_refusal = f"{spec.name}: internal server error (see the server log)"
+            result.StatusCode = ua.StatusCode(_S.BadInternalError)
+            return result, None
         result.OutputArguments = outputs
         result.InputArgumentResults = problems
         session.last_call_refusal = f"{spec.name}: {caller.note}" if caller.note else ""
-        return result
+        return result, caller.refusal
 
-    def _refuse(self, session: LabctlSession, spec: MethodSpec, result: ua.CallMethodResult, code: int, reason: str) -> ua.CallMethodResult:
-        session.last_call_refusal = f"{spec.name}: {reason}"
-        log.info("opcua call %s by %s -> %s: %s", spec.name, session.identity, ua.StatusCode(code).name, reason)
+    def _refuse(self, session: LabctlSession, spec: MethodSpec, result: ua.CallMethodResult, refusal: Refused | CoreRefused) -> tuple[ua.CallMethodResult, CoreRefused]:
+        """A refused call: audited once by the core (a no-op if the core refused it), Bad with its code."""
+        error = refusal.error if isinstance(refusal, Refused) else refusal
+        code = refusal.code if isinstance(refusal, Refused) else status_of(error)
+        self.db.refuse(session.identity, error)
+        session.last_call_refusal = f"{spec.name}: {error.reason}"
         result.StatusCode = ua.StatusCode(code)
-        return result
+        return result, error
 

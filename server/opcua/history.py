@@ -71,7 +71,7 @@ from asyncua.server.history import HistoryStorageInterface
 from labctl.ioc.errors import UnknownPV
 from labctl.ioc.pv import PVInfo
 from labctl.ioc.types import PVType, Reading
-from labctl.server.historian import Bucket, HistorianError, HistorianUnavailable
+from labctl.server.archive import Bucket, HistorianError, HistorianUnavailable
 from labctl.server.opcua.address_space import SiteNodes
 from labctl.server.opcua.values import status_code, variant
 

@@ -44,13 +44,12 @@ use a grant.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from asyncua import ua
-from labctl.ioc.arbiter import Lease, LeaseEvent, LockError, Waiter
-from labctl.ioc.errors import LockedBy, PermissionDenied
+from labctl.ioc.arbiter import Lease, LeaseEvent, LockHeld, LockRefused, NoLease, Waiter
+from labctl.ioc.errors import LockedBy
 from labctl.server.opcua import control_events
 from labctl.server.opcua.arguments import (
     BOOLEAN,
@@ -59,13 +58,11 @@ from labctl.server.opcua.arguments import (
     STRING,
     Caller,
     MethodSpec,
-    Refused,
     add_method,
     client_id,
     double_variant,
     initial,
     int32_variant,
-    positive,
     string_variant,
     type_item,
 )
@@ -270,7 +267,7 @@ class LockingServices:
             for token in tokens:
                 try:
                     self.control.release_lock(res, token, session.identity)
-                except LockError as e:  # gone meanwhile
+                except LockRefused as e:  # gone meanwhile
                     log.debug("releasing %s for a closed session: %s", res, e)
 
     # ---- Part 100 locking ---------------------------------------------------------------------------------
@@ -281,85 +278,63 @@ class LockingServices:
         waiter = next((w for w in arbiter.queue(res) if w.client == client), None)
         return (lease if lease is not None and lease.client == client else None), waiter
 
-    def _held_by(self, res: str) -> str:
-        lease = self.control.arbiter.holder(res)
-        if lease is None:
-            return f"resource {res!r} is not locked"
-        return LockedBy("", res, lease.user, lease.expires_at, lease.job).reason + f" (client {lease.client})"
+    # Part 100's methods answer a refusal of the lock's state with their status output
+    # (E_AlreadyLocked, E_NotLocked, E_Invalid) and Good; a refusal of permission ends Bad.
+    # Either way the core decided and audited it, once.
 
     def _m_InitLock(self, c: Caller, res: str, context: str) -> list[ua.Variant]:  # noqa: N802 -- the standard's name
-        arbiter = self.control.arbiter
-        if arbiter.holder(res) is not None or arbiter.queue(res):
-            c.note = self._held_by(res) if arbiter.holder(res) is not None else f"resource {res!r} has {len(arbiter.queue(res))} request(s) waiting"
-            return [int32_variant(E_ALREADY_LOCKED)]
         try:
-            self.control.request_lock(res, c.identity, duration_s=PART100_LEASE_S, client=c.client, wait=False)
-        except PermissionDenied as e:
-            raise Refused(_S.BadUserAccessDenied, f"user {c.identity.user!r} may not write resource {res!r}, so may not lock it") from e
-        except LockedBy as e:
-            c.note = e.reason
+            self.control.request_lock(res, c.identity, duration_s=PART100_LEASE_S, client=c.client, wait=False, exclusive=True)
+        except LockHeld as e:
+            c.note, c.refusal = f"{e.reason} (client {self.control.arbiter.holder(res).client})" if self.control.arbiter.holder(res) else e.reason, e
             return [int32_variant(E_ALREADY_LOCKED)]
-        except LockError as e:
-            c.note = str(e)
+        except LockRefused as e:
+            c.note, c.refusal = str(e), e
             return [int32_variant(E_INVALID)]
         if context:
             log.info("%s locked %s over OPC UA: %s", c.identity, res, context)
         return [int32_variant(E_OK)]
 
     def _m_RenewLock(self, c: Caller, res: str) -> list[ua.Variant]:  # noqa: N802
-        lease, _ = self._own(res, c.client)
-        if lease is None:
-            c.note = f"{self._held_by(res)}; this session holds no lock on it"
+        try:
+            self.control.renew_lock(res, None, c.identity, PART100_LEASE_S, client=c.client)
+        except NoLease as e:
+            c.note, c.refusal = f"{self._held_by(res)}; this session holds no lock on it", e
             return [int32_variant(E_NOT_LOCKED)]
-        self.control.renew_lock(res, lease.token, PART100_LEASE_S)
         return [int32_variant(E_OK)]
 
     def _m_ExitLock(self, c: Caller, res: str) -> list[ua.Variant]:  # noqa: N802
-        lease, waiter = self._own(res, c.client)
-        mine = lease or waiter
-        if mine is None:
-            c.note = f"{self._held_by(res)}; this session holds no lock on it"
+        try:
+            self.control.release_lock(res, None, c.identity, client=c.client)
+        except NoLease as e:
+            c.note, c.refusal = f"{self._held_by(res)}; this session holds no lock on it", e
             return [int32_variant(E_NOT_LOCKED)]
-        self.control.release_lock(res, mine.token, c.identity)
         return [int32_variant(E_OK)]
 
     def _m_BreakLock(self, c: Caller, res: str) -> list[ua.Variant]:  # noqa: N802
-        if self.control.arbiter.holder(res) is None:
-            c.note = f"resource {res!r} is not locked"
-            return [int32_variant(E_NOT_LOCKED)]
         try:
             self.control.break_lock(res, c.identity, f"BreakLock over OPC UA by {c.identity.user}")
-        except PermissionDenied as e:
-            raise Refused(_S.BadUserAccessDenied, f"user {c.identity.user!r} may not break locks (admins only)") from e
+        except NoLease as e:
+            c.note, c.refusal = f"resource {res!r} is not locked", e
+            return [int32_variant(E_NOT_LOCKED)]
         return [int32_variant(E_OK)]
 
+    def _held_by(self, res: str) -> str:
+        lease = self.control.arbiter.holder(res)
+        if lease is None:
+            return f"resource {res!r} is not locked"
+        return LockedBy("", res, lease.user, lease.expires_at, lease.job).reason + f" (client {lease.client})"
+
     def _m_RequestLock(self, c: Caller, res: str, duration_s: float, priority: int, wait: bool) -> list[ua.Variant]:  # noqa: N802
-        positive("DurationS", duration_s)
-        try:
-            got = self.control.request_lock(res, c.identity, duration_s=duration_s, priority=priority, client=c.client, wait=wait)
-        except PermissionDenied as e:
-            raise Refused(_S.BadUserAccessDenied, f"user {c.identity.user!r} may not write resource {res!r}, so may not lock it") from e
-        except LockedBy as e:
-            raise Refused(_S.BadLocked, e.reason) from e
-        except LockError as e:
-            raise Refused(_S.BadInvalidArgument, str(e)) from e
+        got = self.control.request_lock(res, c.identity, duration_s=duration_s, priority=priority, client=c.client, wait=wait)
         if isinstance(got, Lease):
             return [int32_variant(GRANTED), string_variant(got.token), double_variant(got.expires_at)]
         return [int32_variant(QUEUED), string_variant(got.token), double_variant(0.0)]
 
     def _m_RenewLease(self, c: Caller, res: str, token: str, duration_s: float) -> list[ua.Variant]:  # noqa: N802
-        if not math.isfinite(duration_s) or duration_s < 0:
-            raise Refused(_S.BadInvalidArgument, f"DurationS must be a positive number of seconds (0: the lease's own), got {duration_s}")
-        try:
-            lease = self.control.renew_lock(res, token, duration_s or None)
-        except LockError as e:
-            raise Refused(_S.BadInvalidState, str(e)) from e
+        lease = self.control.renew_lock(res, token, c.identity, duration_s or None)  # 0: the lease's own duration
         return [double_variant(lease.expires_at)]
 
     def _m_ReleaseLease(self, c: Caller, res: str, token: str) -> list[ua.Variant]:  # noqa: N802
-        try:
-            self.control.release_lock(res, token or None, c.identity)
-        except LockError as e:
-            raise Refused(_S.BadInvalidState, str(e)) from e
+        self.control.release_lock(res, token or None, c.identity)
         return []
-

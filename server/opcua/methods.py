@@ -12,11 +12,13 @@ ConditionId (:data:`ACKNOWLEDGE`): the EventId must be one of that condition's r
 events (:meth:`ControlMethods.remember_event`, fed with the condition events of
 :mod:`labctl.server.opcua.control_events`).
 
-*Refusals.* A refused call ends Bad, the code picked by asking the core's own predicates
-(roles, owner), never deciding here: :data:`BadUserAccessDenied` for roles,
-:data:`BadInvalidArgument` for an unknown procedure, job, alarm or interlock or bad
-parameters, :data:`BadInvalidState` for a state that does not allow it; its sentence is
-kept for the session in ``Objects/<site>/Session/LastCallRefusal``.
+*Refusals.* Every decision is the core's: its typed refusals (forbidden, not found,
+conflict, invalid, unavailable, with their fields) propagate to the call router
+(:mod:`labctl.server.opcua.calls`), which maps each to its StatusCode through the one table
+of :mod:`labctl.server.opcua.refusals` and sends it to the client as data. Where OPC UA names
+a more specific code (Part 9's BadEventIdUnknown, BadConditionBranchAlreadyAcked), the
+handler raises :class:`~labctl.server.opcua.arguments.Refused` with that code and the core's
+refusal, which is audited all the same.
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from asyncua import ua
-from labctl.ioc.alarms import AlarmError
-from labctl.ioc.interlocks import InterlockError
-from labctl.ioc.jobs import Job, JobError
+from labctl.ioc.alarms import AlarmStateConflict, NoSuchAlarm
+from labctl.ioc.errors import InvalidArgument
+from labctl.ioc.jobs import Job
+from labctl.ioc.policy import Action, Target
 from labctl.ioc.types import Severity, Status
-from labctl.server.control import ControlDenied
 from labctl.server.opcua.arguments import (
     BOOLEAN,
     BYTES,
@@ -137,7 +139,7 @@ class ControlMethods:
         policy, out = self.db.policy, []
         for name, proc in self.control.jobs.procedures.items():
             params = {p: {"type": cfg.type, "default": cfg.default, "description": cfg.description, "min": cfg.min, "max": cfg.max} for p, cfg in proc.params.items()}
-            allowed = bool(set(c.identity.roles) & set(proc.roles)) or policy.can(c.identity, "admin")
+            allowed = policy.allows(c.identity, Action.JOB_SUBMIT, Target(name, roles=frozenset(proc.roles)))
             out.append({"name": name, "description": proc.description, "resources": list(proc.resources), "params": params, "roles": list(proc.roles), "may_submit": allowed})
         return [to_json(out)]
 
@@ -145,29 +147,14 @@ class ControlMethods:
         try:
             params = json.loads(params_json) if params_json.strip() else {}
         except ValueError as e:
-            raise Refused(_S.BadInvalidArgument, f"ParamsJson is not JSON: {e}") from e
+            raise Refused(_S.BadInvalidArgument, InvalidArgument(f"ParamsJson is not JSON: {e}", action=Action.JOB_SUBMIT, target=procedure)) from e
         if not isinstance(params, dict):
-            raise Refused(_S.BadInvalidArgument, f"ParamsJson must be a JSON object of parameters, got {type(params).__name__}")
-        try:
-            job = self.control.submit_job(procedure, params, c.identity, priority=priority)
-        except JobError as e:
-            proc = self.control.jobs.procedures.get(procedure)
-            denied = proc is not None and not (set(c.identity.roles) & set(proc.roles)) and not self.db.policy.can(c.identity, "admin")
-            raise Refused(_S.BadUserAccessDenied if denied else _S.BadInvalidArgument, str(e)) from e
+            raise Refused(_S.BadInvalidArgument, InvalidArgument(f"ParamsJson must be a JSON object of parameters, got {type(params).__name__}", action=Action.JOB_SUBMIT, target=procedure))
+        job = self.control.submit_job(procedure, params, c.identity, priority=priority)
         return [ua.Variant(job.id, ua.VariantType.Int64)]
 
     def _m_CancelTask(self, c: Caller, job_id: int) -> list[ua.Variant]:  # noqa: N802
-        try:
-            self.control.cancel_job(job_id, c.identity)
-        except JobError as e:
-            job = self.control.jobs.jobs.get(job_id)
-            if job is None:
-                code = _S.BadInvalidArgument
-            elif job.owner != c.identity.user and not self.db.policy.can(c.identity, "admin"):
-                code = _S.BadUserAccessDenied
-            else:
-                code = _S.BadInvalidState
-            raise Refused(code, str(e)) from e
+        self.control.cancel_job(job_id, c.identity)
         return []
 
     def _m_ListJobs(self, c: Caller, mine_only: bool) -> list[ua.Variant]:  # noqa: N802
@@ -175,19 +162,10 @@ class ControlMethods:
         return [to_json([job_json(j) for j in jobs])]
 
     def _m_GetJob(self, c: Caller, job_id: int) -> list[ua.Variant]:  # noqa: N802
-        try:
-            job = self.control.job_detail(job_id, c.identity)
-        except JobError as e:
-            raise Refused(_S.BadInvalidArgument, str(e)) from e
-        except ControlDenied as e:
-            raise Refused(_S.BadUserAccessDenied, str(e)) from e
-        return [to_json(job_json(job, detail=True))]
+        return [to_json(job_json(self.control.job_detail(job_id, c.identity), detail=True))]
 
     async def _m_ListAudit(self, c: Caller, since: float, user: str, pv: str) -> list[ua.Variant]:  # noqa: N802
-        try:
-            records = await self.control.read_audit(c.identity, since, user=user or None, target=pv or None)
-        except ControlDenied as e:
-            raise Refused(_S.BadUserAccessDenied, str(e)) from e
+        records = await self.control.read_audit(c.identity, since, user=user or None, target=pv or None)
         keys = ("time", "action", "user", "protocol", "host", "target", "old", "new", "accepted", "reason")
         return [to_json([{k: getattr(r, k) for k in keys} for r in records])]
 
@@ -208,45 +186,29 @@ class ControlMethods:
         ]  # fmt: skip
         return [to_json(out)]
 
-    def _alarm_refusal(self, e: AlarmError, c: Caller, source: str, capability: str, state_code: int = _S.BadInvalidState) -> Refused:
-        if not self.db.policy.can(c.identity, capability):  # type: ignore[arg-type]
-            return Refused(_S.BadUserAccessDenied, str(e))
-        if source not in self.control.alarms.table:
-            return Refused(_S.BadInvalidArgument, str(e))
-        return Refused(state_code, str(e))
-
     def _m_AcknowledgeAlarm(self, c: Caller, source: str, comment: str) -> list[ua.Variant]:  # noqa: N802
-        try:
-            self.control.alarms.acknowledge(source, c.identity, comment)
-        except AlarmError as e:
-            raise self._alarm_refusal(e, c, source, "acknowledge") from e
+        self.control.alarms.acknowledge(source, c.identity, comment)
         return []
 
     def acknowledge_condition(self, c: Caller, source: str, event_id: bytes, comment: str) -> list[ua.Variant]:
         """Part 9's Acknowledge called on the ConditionId of ``source``'s alarm."""
+        self.db.policy.decide(c.identity, Action.ALARM_ACK, Target(source))  # permission before state
         if event_id not in self.recent_events.get(source, ()):
-            raise Refused(_S.BadEventIdUnknown, f"{source}: EventId {event_id.hex() if event_id else '(empty)'} is not one of this condition's recent events")
-        table = self.control.alarms.table
-        if source in table and table.get(source).acked and self.db.policy.can(c.identity, "acknowledge"):
-            raise Refused(_S.BadConditionBranchAlreadyAcked, f"{source} is already acknowledged")
+            raise Refused(_S.BadEventIdUnknown, NoSuchAlarm(f"EventId {event_id.hex() if event_id else '(empty)'} is not one of this condition's recent events", source=source, action=Action.ALARM_ACK))
         try:
             self.control.alarms.acknowledge(source, c.identity, comment)
-        except AlarmError as e:
-            raise self._alarm_refusal(e, c, source, "acknowledge") from e
+        except AlarmStateConflict as e:
+            if self.control.alarms.table.get(source).acked:
+                raise Refused(_S.BadConditionBranchAlreadyAcked, e) from None
+            raise
         return []
 
     def _m_ShelveAlarm(self, c: Caller, source: str, duration_s: float, reason: str) -> list[ua.Variant]:  # noqa: N802
-        try:
-            self.control.alarms.shelve(source, c.identity, duration_s, reason)
-        except AlarmError as e:
-            raise self._alarm_refusal(e, c, source, "shelve", _S.BadInvalidArgument) from e
+        self.control.alarms.shelve(source, c.identity, duration_s, reason)
         return []
 
     def _m_UnshelveAlarm(self, c: Caller, source: str) -> list[ua.Variant]:  # noqa: N802
-        try:
-            self.control.alarms.unshelve(source, c.identity)
-        except AlarmError as e:
-            raise self._alarm_refusal(e, c, source, "shelve") from e
+        self.control.alarms.unshelve(source, c.identity)
         return []
 
     def _m_ListInterlocks(self, c: Caller) -> list[ua.Variant]:  # noqa: N802
@@ -260,16 +222,5 @@ class ControlMethods:
         return [to_json(out)]
 
     def _m_ResetInterlock(self, c: Caller, name: str) -> list[ua.Variant]:  # noqa: N802
-        try:
-            self.control.interlocks.reset(name, c.identity)
-        except InterlockError as e:
-            rule = self.control.interlocks.rules.get(name)
-            if rule is None:
-                code = _S.BadInvalidArgument
-            elif not (set(c.identity.roles) & set(rule.cfg.reset_roles)) and not self.db.policy.can(c.identity, "admin"):
-                code = _S.BadUserAccessDenied
-            else:
-                code = _S.BadInvalidState
-            raise Refused(code, str(e)) from e
+        self.control.reset_interlock(name, c.identity)
         return []
-

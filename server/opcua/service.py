@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from asyncua import Server as UaServer
 from asyncua import ua
 from labctl.ioc.errors import LabctlError
 from labctl.server.opcua.address_space import (
@@ -55,6 +54,7 @@ from labctl.server.opcua.history import HistorianStorage
 from labctl.server.opcua.history import install as install_history
 from labctl.server.opcua.locking import DI_NAMESPACE
 from labctl.server.opcua.pki import ensure_certificate
+from labctl.server.opcua.processor import LabctlServer
 from labctl.server.opcua.publisher import Publisher, install_copy_fastpath
 from labctl.server.opcua.sessions import LabctlInternalServer
 from labctl.server.opcua.users import UserDirectory, UserManager
@@ -91,7 +91,7 @@ class OpcUaService:
         self.port: int | None = None
         """The bound TCP port once started (the real one when the site asks for port 0)."""
         self.nodes: SiteNodes | None = None
-        self.ua_server: UaServer | None = None
+        self.ua_server: LabctlServer | None = None
         self._iserver: LabctlInternalServer | None = None
         self._publisher: Publisher | None = None
         self._history_source: Any = None
@@ -114,7 +114,7 @@ class OpcUaService:
             library_log.setLevel(logging.WARNING)
         site = self.site.site
         iserver = LabctlInternalServer(UserManager(self.users))
-        ua_server = UaServer(iserver=iserver)
+        ua_server = LabctlServer(iserver=iserver)
         await ua_server.init()
         # no trailing "/": clients compare endpoint URLs with the one they dialled (node-opcua strictly)
         ua_server.set_endpoint(f"opc.tcp://{self.host}:{self.config.port}")
@@ -235,7 +235,7 @@ class OpcUaService:
         mark_historizing(self._iserver, self.nodes)
 
 
-def _announce_port(ua_server: UaServer, port: int) -> None:
+def _announce_port(ua_server: LabctlServer, port: int) -> None:
     """Put the port bound for "port 0" into the endpoint descriptions (they were made before binding)."""
 
     def with_port(url: str) -> str:
@@ -248,7 +248,7 @@ def _announce_port(ua_server: UaServer, port: int) -> None:
         edp.Server.DiscoveryUrls = [with_port(u) for u in edp.Server.DiscoveryUrls]
 
 
-async def _stop_clock(ua_server: UaServer) -> None:
+async def _stop_clock(ua_server: LabctlServer) -> None:
     """Cancel asyncua's once-a-second ServerStatus clock, which ``stop()`` would wait up to 1 s for."""
     task = ua_server.iserver.time_task
     if task is not None:

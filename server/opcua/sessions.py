@@ -154,14 +154,19 @@ class LabctlSession(InternalSession):
     async def call(self, params: list[ua.CallMethodRequest]) -> list[ua.CallMethodResult]:
         """The control methods answered for this session; any other method as asyncua does."""
         control = self.iserver.control
+        errors = self.user.operation_errors if isinstance(self.user, SessionUser) else []
+        errors.clear()
         if control is None or not any(control.handles(req) for req in params):
             return await super().call(params)
         results: list[ua.CallMethodResult] = []
         for req in params:
             if control.handles(req):
-                results.append(await control.call(self, req))
+                result, error = await control.call(self, req)
+                results.append(result)
+                errors.append(error)
             else:
                 results.extend(await super().call([req]))
+                errors.append(None)
         return results
 
     async def close_session(self, delete_subs: bool = True) -> None:

@@ -36,7 +36,7 @@ from asyncua.crypto.permission_rules import User, UserRole
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from labctl.ioc.config.access import UserConfig
-from labctl.ioc.errors import ConfigError
+from labctl.ioc.errors import ConfigError, LabctlError
 from labctl.ioc.types import Identity
 from labctl.server.passwords import PasswordHashError, dummy_hash, verify_password
 
@@ -57,6 +57,9 @@ class SessionUser(User):
     identity: Identity = ANONYMOUS
     last_refusal: str = ""
     """``<PV>: write refused: <reason>`` of the session's last refused write (read via Session/LastWriteRefusal)."""
+    operation_errors: list[LabctlError | None] = field(default_factory=list)
+    """The refusal (or failure) of each operation of the request being answered (a Write's nodes,
+    a Call's methods), None where it succeeded: returned as DiagnosticInfos with the response."""
 
 
 @dataclass

@@ -8,14 +8,16 @@ replaces asyncua's attribute service and sends each PV Value write to
 identity, so roles, locks, limits and interlocks decide and every write, accepted or
 refused, is audited by the core.
 
-A refusal is mapped to a StatusCode through the one table :data:`REFUSALS`, keyed by
-the error class (the most specific class in its MRO wins), and its sentence (``who
-holds the lock until when``, ``which limit``) is kept on the session, where the client
-reads it from ``Objects/<site>/Session/LastWriteRefusal``; the server log has it too.
+A refusal is mapped to a StatusCode through the one table of
+:mod:`labctl.server.opcua.refusals`, and the refusal itself (kind, fields, sentence: ``who
+holds the lock until when``, ``which limit``) goes back with the response as the node's
+DiagnosticInfo; the sentence is also kept on the session
+(``Objects/<site>/Session/LastWriteRefusal``, for people browsing with a generic client).
 
-Anything else is refused: other attributes of PV nodes and every attribute of other
-nodes, for every external session. asyncua's own default lets its ``Admin`` role write
-everything; only the server's internal session has that role here.
+Anything else is refused, and audited once by the core like any refusal: other
+attributes of PV nodes, part of a value (IndexRange), a StatusCode, and every attribute
+of other nodes, for every external session. asyncua's own default lets its ``Admin`` role
+write everything; only the server's internal session has that role here.
 """
 
 from __future__ import annotations
@@ -26,19 +28,10 @@ from typing import TYPE_CHECKING, Any
 from asyncua import ua
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.address_space import AttributeService
-from labctl.ioc.errors import (
-    DriverError,
-    DriverTimeout,
-    Interlocked,
-    LockedBy,
-    NotWritable,
-    OutOfRange,
-    PermissionDenied,
-    UnknownPV,
-    WriteRefused,
-    WrongType,
-)
+from labctl.ioc.errors import DriverError, Forbidden, InvalidArgument, LabctlError, Refused
+from labctl.ioc.policy import Action
 from labctl.ioc.types import SYSTEM, Identity, PVType
+from labctl.server.opcua.refusals import status_of
 from labctl.server.opcua.users import SessionUser
 
 if TYPE_CHECKING:
@@ -48,29 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _S = ua.StatusCodes
-
-#: Error class -> the StatusCode a Write returns for it.
-REFUSALS: dict[type[Exception], int] = {
-    NotWritable: _S.BadNotWritable,
-    PermissionDenied: _S.BadUserAccessDenied,
-    LockedBy: _S.BadLocked,
-    WrongType: _S.BadTypeMismatch,
-    OutOfRange: _S.BadOutOfRange,
-    Interlocked: _S.BadInvalidState,
-    WriteRefused: _S.BadUserAccessDenied,  # a refusal kind this table does not know yet
-    DriverTimeout: _S.BadTimeout,
-    DriverError: _S.BadCommunicationError,
-    UnknownPV: _S.BadNodeIdUnknown,
-}
-
-
-def status_of(error: Exception) -> int:
-    """The StatusCode of a refused or failed write."""
-    for cls in type(error).__mro__:
-        if cls in REFUSALS:
-            return REFUSALS[cls]
-    return _S.BadInternalError
-
 
 def python_value(node: PVNode, value: ua.Variant | None) -> Any:
     """The Python value a client wrote, for the core to check against the PV's type.
@@ -95,40 +65,39 @@ def identity_of(user: User) -> Identity:
     return Identity("anonymous", frozenset(), "opcua")
 
 
+def _note(user: User, error: LabctlError | None, text: str = "") -> None:
+    if isinstance(user, SessionUser):
+        user.last_refusal = text
+        user.operation_errors.append(error)
+
+
+def refuse(db: Database, user: User, error: Refused, code: int | None = None) -> ua.StatusCode:
+    """A Write of one node refused by this adapter: audited once by the core, noted for the response."""
+    db.refuse(identity_of(user), error)
+    _note(user, error, str(error))
+    return ua.StatusCode(code if code is not None else status_of(error))
+
+
 async def write_pv(db: Database, node: PVNode, wv: ua.WriteValue, user: User) -> ua.StatusCode:
     """Write one PV Value through the core; return the StatusCode for this node."""
     identity = identity_of(user)
     name = node.info.name
     if wv.IndexRange:
-        return _refuse(user, name, identity, _S.BadWriteNotSupported, "writing part of a value (IndexRange) is not supported")
+        return refuse(db, user, InvalidArgument("writing part of a value (IndexRange) is not supported", action=Action.PV_WRITE, target=name), _S.BadWriteNotSupported)
     dv = wv.Value
     if dv.StatusCode is not None and not dv.StatusCode.is_good():
-        return _refuse(user, name, identity, _S.BadWriteNotSupported, "writing a StatusCode is not supported")
+        return refuse(db, user, InvalidArgument("writing a StatusCode is not supported", action=Action.PV_WRITE, target=name), _S.BadWriteNotSupported)
     try:
         await db.write(name, python_value(node, dv.Value), identity)
-    except (WriteRefused, DriverError, UnknownPV) as e:
-        code = status_of(e)
-        text = str(e) if isinstance(e, WriteRefused) else f"{name}: write failed: {e}"
-        if isinstance(user, SessionUser):
-            user.last_refusal = text
-        log.info("opcua write by %s -> %s: %s", identity, ua.StatusCode(code).name, text)
-        return ua.StatusCode(code)
+    except (Refused, DriverError) as e:  # the core audited it and logged it once
+        _note(user, e, str(e) if isinstance(e, Refused) else f"{name}: write failed: {e}")
+        return ua.StatusCode(status_of(e))
     except Exception:  # a bug in a driver or the core: report it here, once, and keep serving
         log.exception("opcua write of %s by %s failed unexpectedly", name, identity)
-        if isinstance(user, SessionUser):
-            user.last_refusal = f"{name}: write failed: internal server error (see the server log)"
+        _note(user, None, f"{name}: write failed: internal server error (see the server log)")
         return ua.StatusCode(_S.BadInternalError)
-    if isinstance(user, SessionUser):
-        user.last_refusal = ""
+    _note(user, None)
     return ua.StatusCode()
-
-
-def _refuse(user: User, name: str, identity: Identity, code: int, reason: str) -> ua.StatusCode:
-    text = f"{name}: write refused: {reason}"
-    if isinstance(user, SessionUser):
-        user.last_refusal = text
-    log.info("opcua write by %s -> %s: %s", identity, ua.StatusCode(code).name, text)
-    return ua.StatusCode(code)
 
 
 class PVAttributeService(AttributeService):
@@ -147,17 +116,23 @@ class PVAttributeService(AttributeService):
     async def write(self, params: ua.WriteParameters, user: User = User(role=UserRole.Admin)) -> list[ua.StatusCode]:  # noqa: B008 -- asyncua's signature
         """One StatusCode per node: PV values through the core, the rest refused to clients."""
         results: list[ua.StatusCode] = []
+        if isinstance(user, SessionUser):
+            user.operation_errors = []
         for wv in params.NodesToWrite:
             node = self.nodes.pv(wv.NodeId) if self.nodes is not None else None
             if node is not None and self.db is not None:
                 if wv.AttributeId == ua.AttributeIds.Value:
                     results.append(await write_pv(self.db, node, wv, user))
                 else:
-                    results.append(ua.StatusCode(_S.BadNotWritable))
+                    attribute = ua.AttributeIds(wv.AttributeId).name if wv.AttributeId in ua.AttributeIds._value2member_map_ else str(wv.AttributeId)
+                    error = Forbidden(f"only its Value may be written, not its {attribute}", action=Action.PV_WRITE, target=node.info.name)
+                    results.append(refuse(self.db, user, error, _S.BadNotWritable))
             elif user.role is UserRole.Admin and not isinstance(user, SessionUser):
                 # the server's own internal session (asyncua start-up, server status nodes)
                 results.extend(await super().write(ua.WriteParameters(NodesToWrite=[wv]), user))
+            elif self.db is not None:
+                target = wv.NodeId.to_string()
+                results.append(refuse(self.db, user, Forbidden("not a PV's value: nothing else may be written", action="node.write", target=target)))
             else:
-                log.info("opcua write by %s of %s refused: not a PV value", identity_of(user), wv.NodeId.to_string())
                 results.append(ua.StatusCode(_S.BadUserAccessDenied))
         return results

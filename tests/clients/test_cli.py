@@ -9,8 +9,10 @@ subprocesses.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import io
 import json
+import math
 import os
 import sys
 
@@ -21,6 +23,22 @@ from labctl.ioc.types import PVType
 from labctl.server.cli import main
 
 from .conftest import PASSWORDS
+
+
+def _no_constant(name: str) -> None:
+    raise AssertionError(f"not strict JSON: {name}")
+
+
+def strict(text: str):
+    """Parse JSON refusing NaN and Infinity (Python's json module accepts them by default)."""
+    return json.loads(text, parse_constant=_no_constant)
+
+
+def utc(text: str) -> dt.datetime:
+    """An ISO 8601 time that says its zone, UTC."""
+    when = dt.datetime.fromisoformat(text)
+    assert when.tzinfo is not None and when.utcoffset() == dt.timedelta(0), text
+    return when
 
 
 @pytest.fixture
@@ -35,7 +53,10 @@ def labctl(url, monkeypatch, capsys):
         if user is not None:
             argv += ["--user", user]
             monkeypatch.setenv("LABCTL_PASSWORD", password if password is not None else PASSWORDS[user])
-        code = await asyncio.to_thread(main, argv)
+        try:
+            code = await asyncio.to_thread(main, argv)
+        except SystemExit as e:  # argparse refuses the command line
+            code = e.code
         out, err = capsys.readouterr()
         return code, out, err
 
@@ -49,7 +70,7 @@ async def test_ls_table_and_json(labctl):
     assert lines[0].split() == ["NAME", "TYPE", "UNIT", "ACCESS", "DESCRIPTION"]
     assert lines[1].split() == ["B:TEMP", "float64", "K", "r", "bench", "temperature"]
     code, out, _ = await labctl("ls", "B:T*", "--json", user="operator")
-    (entry,) = json.loads(out)
+    (entry,) = strict(out)
     assert entry | {"path": None} == {
         "name": "B:TEMP", "type": "float64", "unit": "K", "description": "bench temperature", "display": [0.0, 300.0],
         "states": [], "writable": True, "user_writable": True, "path": None,
@@ -68,10 +89,26 @@ async def test_get_table_and_json(server, labctl):
     assert rows[3][:4] == ["B:WAVE", "[1,", "2]", "(2)"]
     assert rows[4][:4] == ["B:NEW", "(invalid)", "INVALID", "UDF"]
     code, out, _ = await labctl("get", "B:MODE", "B:NEW", "--json")
-    mode, new = json.loads(out)
+    mode, new = strict(out)
     assert (mode["value"], mode["state"], mode["severity"]) == (0, "OFF", "NO_ALARM")
     assert (new["value"], new["severity"], new["status"]) == (None, "INVALID", "UDF")
-    assert new["timestamp"].endswith("+00:00")
+    assert abs(utc(mode["timestamp"]).timestamp() - server.db.read("B:MODE").timestamp) < 1e-3
+
+
+async def test_json_is_strict_for_nan_and_infinity(server, labctl):
+    server.db.post("B:TEMP", math.nan)
+    server.db.post("B:WAVE", (1.0, math.inf, -math.inf, math.nan))
+    code, out, err = await labctl("get", "B:TEMP", "B:WAVE", "--json")
+    assert code == 0, err
+    temp, wave = strict(out)
+    assert temp["value"] is None and wave["value"] == [1.0, None, None, None]
+    utc(temp["timestamp"])
+    code, out, err = await labctl("put", "B:TEMP", "nan", "--json", user="operator")
+    assert code in (0, 1), err  # accepted or refused: either way what it prints is strict JSON
+    if code == 0:
+        assert strict(out)["value"] is None
+    else:
+        assert out == "" and strict(err)["kind"] == "invalid"
 
 
 async def test_put_writes_and_shows_the_result(server, labctl):
@@ -99,13 +136,45 @@ async def test_put_writes_and_shows_the_result(server, labctl):
 async def test_failures_exit_non_zero_with_one_line(labctl, args, user, code, message):
     got, out, err = await labctl(*args, user=user)
     assert (got, out) == (code, "")
-    assert err == message + "\n"
+    assert err.count("\n") == 1 and err.startswith(f"labctl {args[0]}: ")
+    if code == 2:  # the command line's own errors: their text is ours
+        assert err == message + "\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "user", "code", "kind", "error", "fields"),
+    [
+        (("put", "B:TEMP", "400"), "operator", 1, "invalid", None, {"pv": "B:TEMP"}),
+        (("put", "B:TEMP", "1"), "viewer", 1, "forbidden", None, {"pv": "B:TEMP"}),
+        (("put", "B:PRES", "1"), "operator", 1, "forbidden", None, {"pv": "B:PRES"}),
+        (("put", "B:TEMP", "warm"), "operator", 2, "usage", "UsageError", {}),
+        (("get", "B:NOPE"), None, 1, "not_found", None, {"name": "B:NOPE"}),
+        (("put", "B:TEMP"), "operator", 2, "usage", "UsageError", {}),  # argparse: VALUE missing
+        (("history", "B:TEMP", "--since", "soon"), None, 2, "usage", "UsageError", {}),
+    ],
+)
+async def test_failures_with_json_are_one_error_object(labctl, args, user, code, kind, error, fields):
+    got, out, err = await labctl(*args, "--json", user=user)
+    assert (got, out) == (code, ""), "results only on standard output"
+    assert err.count("\n") == 1
+    obj = strict(err)
+    assert set(obj) >= {"kind", "error", "action", "target", "fields", "message"}
+    assert obj["kind"] == kind
+    assert isinstance(obj["error"], str) and obj["error"]
+    if error is not None:
+        assert obj["error"] == error
+    assert obj["fields"] | fields == obj["fields"], obj
+    if obj["kind"] != "usage":
+        assert obj["target"] == args[1]
 
 
 async def test_wrong_password_is_one_line(labctl):
     code, out, err = await labctl("get", "B:TEMP", user="operator", password="nope")
     assert code == 1 and out == ""
     assert err.count("\n") == 1 and "login refused for user 'operator'" in err
+    code, out, err = await labctl("get", "B:TEMP", "--json", user="operator", password="nope")
+    assert (code, out) == (1, "")
+    assert strict(err)["kind"] == "connection"
 
 
 async def test_no_password_and_no_terminal(labctl, monkeypatch, url):
@@ -146,7 +215,8 @@ async def test_monitor_streams_changes_as_json_lines(server, url):
             proc.kill()
             await proc.wait()
     assert proc.returncode == 0, err.decode()
-    samples = [json.loads(line) for line in out.decode().splitlines()]
+    samples = [strict(line) for line in out.decode().splitlines()]
+    assert all(utc(s["timestamp"]) for s in samples)
     assert [s["value"] for s in samples if s["name"] == "B:COUNT"] == [100 + i for i in range(11)]
     assert [(s["value"], s["state"]) for s in samples if s["name"] == "B:MODE"] == [(2, "HIGH")]
 
@@ -175,3 +245,7 @@ async def test_entry_point_exit_status_when_unreachable():
     assert proc.returncode == 1 and out == b""
     lines = err.decode().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"labctl get: cannot connect to opc.tcp://127.0.0.1:{port}")
+    proc = await _labctl_process(f"opc.tcp://127.0.0.1:{port}", "get", "B:TEMP", "--security", "None", "--json")
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert (proc.returncode, out) == (1, b"")
+    assert strict(err.decode())["kind"] == "connection"

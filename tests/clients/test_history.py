@@ -172,7 +172,7 @@ async def test_cli_history_formats(labctl, t0):
     assert code == 0, err
     assert list(csv.reader(io.StringIO(out))) == [
         ["time", "value", "severity", "status"],
-        *[[dt.datetime.fromtimestamp(t0 + i, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.000000Z"), f"{float(i)}", "NO_ALARM", "NO_ALARM"] for i in range(3)],
+        *[[dt.datetime.fromtimestamp(t0 + i, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.000000+00:00"), f"{float(i)}", "NO_ALARM", "NO_ALARM"] for i in range(3)],
     ]
     code, out, _ = await labctl("history", "B:TEMP", "--since", iso(t0 + 29), "--until", iso(t0 + 41), "--json")
     doc = json.loads(out)
@@ -185,6 +185,10 @@ async def test_cli_history_formats(labctl, t0):
     assert [line.split()[2] for line in lines[1:]] == ["0", "1", "2"]
     code, out, _ = await labctl("history", "B:MODE", "--since", iso(t0), "--until", iso(t0 + 30))
     assert [line.split()[2] for line in out.splitlines()[1:]] == ["LOW", "HIGH", "OFF"]
+    code, out, _ = await labctl("history", "B:MODE", "--since", iso(t0), "--until", iso(t0 + 30), "--json")
+    doc = json.loads(out, parse_constant=lambda name: pytest.fail(f"not strict JSON: {name}"))
+    assert [r["state"] for r in doc["rows"]] == ["LOW", "HIGH", "OFF"]
+    assert all(dt.datetime.fromisoformat(r["time"]).utcoffset() == dt.timedelta(0) for r in doc["rows"])
 
 
 async def test_cli_history_buckets(labctl, t0):

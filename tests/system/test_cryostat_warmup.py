@@ -7,6 +7,7 @@ layer) with fast plant time constants, so a warm-up takes about a second.
 from __future__ import annotations
 
 import pytest
+from labctl.ioc.errors import Forbidden
 from labctl.ioc.interlocks import state_pv
 from labctl.ioc.jobs import JobState
 from labctl.ioc.types import Identity, Severity, Status
@@ -103,10 +104,14 @@ async def test_warm_up_trips_the_interlock_and_cooling_plus_reset_resumes(server
     plant.start_compressor()
     await wait_for(lambda: ctl.interlocks.state("mxc_warm") == "RESET_NEEDED", timeout=10, what="cleared")
     assert running.paused and queued.state is JobState.QUEUED
-    from labctl.ioc.alarms import AlarmError
-
-    with pytest.raises(AlarmError, match="may not acknowledge"):
+    mark = len(server.audits)
+    with pytest.raises(Forbidden) as denied:
         ctl.alarms.acknowledge("CRYO:MXC:TEMP", VIEWER)
+    assert (denied.value.kind, denied.value.action, denied.value.target) == ("forbidden", "alarm.ack", "CRYO:MXC:TEMP")
+    assert denied.value.fields() == {"user": VIEWER.user, "needs": "a role that may acknowledge alarms"}
+    refusals = [(a.action, a.user, a.target) for a in server.audits[mark:] if not a.accepted]
+    assert refusals == [("alarm.ack", VIEWER.user, "CRYO:MXC:TEMP")]  # audited once, by the core
+    assert ctl.alarms.table.get("CRYO:MXC:TEMP").unacknowledged
     ctl.alarms.acknowledge("CRYO:MXC:TEMP", OP, "compressor restarted")
     ctl.interlocks.reset("mxc_warm", EXPERT)
     await wait_for(lambda: running.state.final and queued.state.final, timeout=10, what="jobs to finish")

@@ -129,3 +129,58 @@ def test_gui_command_is_registered_without_loading_qt():
         "assert not [m for m in sys.modules if m.startswith(('PySide6', 'pyqtgraph'))], 'Qt imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
+
+
+# ---- one loader for layouts and site files ----------------------------------------------------------
+
+
+def test_a_layout_and_a_site_read_on_off_yes_the_same_way(tmp_path):
+    """YAML 1.2 booleans in both: ON/OFF/yes/no stay text, only true/false are booleans."""
+    from labctl.server.site import parse_site
+
+    from labctl.yamlmodel import load
+
+    layout = parse_layout(
+        "title: ON\nbanner: false\npanels:\n"
+        "  - {type: values, title: off, pvs: [{pv: 'LAB:MODE', label: yes}, {pv: 'LAB:VALVE', label: no}]}\n",
+        "wall.yaml",
+    )
+    assert layout.title == "ON" and layout.banner is False
+    values = layout.panels[0]
+    assert isinstance(values, ValuesPanel) and values.title == "off"
+    assert [e.label for e in values.pvs] == ["yes", "no"]
+
+    site = parse_site(
+        "site: lab\n"
+        "pvs:\n"
+        "  - {name: 'LAB:MODE', type: enum, states: [OFF, ON], initial: ON, description: yes, writable: true}\n"
+        "  - {name: 'LAB:NOTE', type: string, initial: no, writable: false}\n",
+        "site.yaml",
+    )
+    mode, note = site.pvs
+    assert mode.states == ("OFF", "ON") and mode.initial == "ON" and mode.description == "yes" and mode.writable is True
+    assert note.initial == "no" and note.writable is False
+    assert load("[ON, off, yes, No, true, FALSE]") == ["ON", "off", "yes", "No", True, False]
+
+
+def test_layout_and_site_problems_share_one_format(tmp_path):
+    """The same mistake -- an unknown key, a file that is no mapping, a file that cannot be read -- reads alike in both."""
+    from labctl.server.site import load_site, parse_site
+
+    assert problems("panels:\n  - {type: locks, colour: red}\n") == [
+        "wall.yaml:2:19 panels[0].colour: unknown key (not part of the layout schema)"
+    ]
+    with pytest.raises(ConfigError) as site_error:
+        parse_site("site: lab\ncolour: red\n", "site.yaml")
+    assert site_error.value.problems == ["site.yaml:2:1 colour: unknown key (not part of the site file schema)"]
+
+    assert problems("") == ["wall.yaml: expected a mapping of layout keys (title, columns, panels...) at the top level, got an empty file"]
+    with pytest.raises(ConfigError) as site_error:
+        parse_site("- a\n", "site.yaml")
+    assert site_error.value.problems == ["site.yaml: expected a mapping of site keys at the top level, got list"]
+
+    missing = tmp_path / "none.yaml"
+    for load, what in ((load_layout, "layout file"), (load_site, "site file")):
+        with pytest.raises(ConfigError) as e:
+            load(missing)
+        assert e.value.problems == [f"{missing}: cannot read the {what}: No such file or directory"]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
-from labctl.clients.tui.link import LinkState, LinkStatus, is_login_refusal
+from labctl.clients.errors import refusal_from_dict
+from labctl.clients.tui.link import LinkState, LinkStatus
 from labctl.clients.tui.model import (
     AlarmSummary,
-    Backoff,
     InputError,
     alarm_rows,
     alarm_text,
@@ -25,7 +25,7 @@ from labctl.clients.tui.model import (
 )
 from labctl.clients.tui.widgets.status import banner_content, status_content
 from labctl.clients.values import Metadata
-from labctl.ioc.errors import LockedBy
+from labctl.ioc.errors import LockedBy, OutOfRange
 from labctl.ioc.types import PVType, Reading, Severity, Status
 
 TEMP = Metadata("CRYO:MXC:TEMP", PVType.FLOAT64, "mixing chamber temperature", "K", display=(0.0, 0.5), path="demo/bridge/temperature:6")
@@ -109,11 +109,12 @@ def test_published_range_only_warns():
     assert range_warning(COUNT, 10**6) == "", "no range published"
 
 
-def test_the_resource_a_refusal_names():
-    held = LockedBy("CRYO:MXC:SETP", "cryostat", "alice", 1_750_000_000.0).reason
-    free = LockedBy("CRYO:MXC:SETP", "cryostat", "", None).reason
+def test_the_resource_a_refusal_names_is_read_from_its_fields():
+    held = refusal_from_dict(LockedBy("CRYO:MXC:SETP", "cryostat", "alice", 1_750_000_000.0).to_dict(), status="BadLocked")
+    free = refusal_from_dict(LockedBy("CRYO:MXC:SETP", "cryostat", "", None).to_dict(), status="BadLocked")
     assert refused_resource(held) == refused_resource(free) == "cryostat"
-    assert refused_resource("1.0 is outside the drive limits [0, 0.3]") is None
+    out_of_range = refusal_from_dict(OutOfRange("CRYO:MXC:SETP", 1.0, 0, 0.3).to_dict(), status="BadOutOfRange")
+    assert refused_resource(out_of_range) is None
 
 
 def test_lock_rows_from_the_lock_pvs():
@@ -152,13 +153,6 @@ def test_history_buckets_carry_the_last_value():
     assert carried_forward([True, False]) == [1.0, 0.0]
 
 
-def test_backoff_doubles_to_a_ceiling_and_resets():
-    b = Backoff(0.25, 2.0)
-    assert [b.next() for _ in range(6)] == [0.25, 0.5, 1.0, 2.0, 2.0, 2.0]
-    b.reset()
-    assert b.next() == 0.25
-
-
 def test_status_line_and_banner():
     ok = LinkStatus(LinkState.CONNECTED, "opc.tcp://h:4840", "operator", ("operator",), "demo")
     alarms = AlarmSummary(Severity.MAJOR, (0, 1, 0), (0, 1, 0))
@@ -171,9 +165,3 @@ def test_status_line_and_banner():
     first = LinkStatus(LinkState.CONNECTING, "opc.tcp://h:4840")
     assert banner_content(first).plain == "Connecting to opc.tcp://h:4840 …"
 
-
-def test_login_refusals_are_told_apart():
-    from labctl.clients.errors import ConnectError
-
-    assert is_login_refusal(ConnectError("opc.tcp://h: login refused for user 'x' (BadUserAccessDenied): wrong user name or password"))
-    assert not is_login_refusal(ConnectError("cannot connect to opc.tcp://h: connection refused (is a labctl server running there?)"))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from labctl.ioc.alarms import AlarmError, AlarmTable, RateLimiter
+from labctl.ioc.alarms import AlarmStateConflict, AlarmTable, BadShelving, NoSuchAlarm, RateLimiter
 from labctl.ioc.types import Reading, Severity, Status
 
 OK = (Severity.NO_ALARM, Status.NO_ALARM)
@@ -51,7 +51,7 @@ def test_acknowledging_an_alarm_still_present_keeps_it_active_and_a_worse_one_ne
     table.acknowledge("L", "olga", 2)
     a = table.get("L")
     assert a.active and a.acked
-    with pytest.raises(AlarmError, match="already acknowledged"):
+    with pytest.raises(AlarmStateConflict, match="already acknowledged"):
         table.acknowledge("L", "olga", 3)
     table.update("L", r(4, 9.0, HIHI))
     assert table.get("L").unacknowledged
@@ -60,10 +60,12 @@ def test_acknowledging_an_alarm_still_present_keeps_it_active_and_a_worse_one_ne
 
 
 def test_acknowledge_needs_an_alarm(table):
-    with pytest.raises(AlarmError, match="not in alarm"):
+    with pytest.raises(AlarmStateConflict, match="not in alarm") as e:
         table.acknowledge("T", "olga", 1)
-    with pytest.raises(AlarmError, match="no alarm for 'X'"):
+    assert (e.value.kind, e.value.source, e.value.action) == ("conflict", "T", "alarm.ack")
+    with pytest.raises(NoSuchAlarm) as e:
         table.acknowledge("X", "olga", 1)
+    assert (e.value.kind, e.value.fields()) == ("not_found", {"source": "X"})
 
 
 def test_shelving_hides_from_the_summary_and_expires(table):
@@ -71,7 +73,7 @@ def test_shelving_hides_from_the_summary_and_expires(table):
     table.update("L", r(1, 5.0, HIGH))
     s = table.summary(1)
     assert (s["active_MAJOR"], s["active_MINOR"], s["unacked_MAJOR"], s["highest"]) == (1, 1, 1, 2)
-    with pytest.raises(AlarmError, match="give a reason"):
+    with pytest.raises(BadShelving, match="give a reason"):
         table.shelve("T", "erin", 2, 60, " ")
     assert kinds(table.shelve("T", "erin", 2, 60, "sensor being replaced")) == ["shelved"]
     s = table.summary(3)

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import pytest
-from labctl.ioc.arbiter import Arbiter, Lease, LockError, Waiter
+from labctl.ioc.arbiter import (
+    Arbiter,
+    BadLease,
+    Lease,
+    LockHeld,
+    NoLease,
+    NoSuchResource,
+    NotLockable,
+    Waiter,
+)
 from labctl.ioc.config.access import ResourceConfig
 from labctl.ioc.errors import LockedBy
 from labctl.ioc.types import SYSTEM, Identity
@@ -48,7 +57,7 @@ def test_a_lease_that_is_not_renewed_lapses_and_passes_on(arb):
     assert [(e.kind, e.user) for e in ev] == [("expired", "alice"), ("granted", "bob")]
     assert arb.holder("cryostat").user == "bob"
     assert arb.holder("cryostat").expires_at == 60.0
-    with pytest.raises(LockError, match="no lease with that token"):
+    with pytest.raises(NoLease, match="no lease with that token"):
         arb.renew("cryostat", lease.token, 31.0)
 
 
@@ -85,9 +94,19 @@ def test_break_hands_over_and_names_the_breaker(arb):
 
 def test_no_wait_raises_with_the_holder(arb):
     arb.request("cryostat", ALICE, 0.0, duration_s=60)
-    with pytest.raises(LockedBy) as e:
+    with pytest.raises(LockHeld) as e:
         arb.request("cryostat", BOB, 1.0, duration_s=60, wait=False)
-    assert e.value.owner == "alice"
+    assert (e.value.kind, e.value.owner, e.value.resource, e.value.action) == ("conflict", "alice", "cryostat", "lock.request")
+
+
+def test_a_refused_call_still_hands_on_leases_that_lapsed(arb):
+    """Events of leases that lapsed before a refusal travel on the refusal (nothing goes unannounced)."""
+    lease, _ = arb.request("cryostat", ALICE, 0.0, duration_s=10)
+    arb.request("cryostat", BOB, 1.0, duration_s=60)
+    with pytest.raises(NoLease) as e:
+        arb.renew("cryostat", "not-a-token", 20.0)
+    assert [(ev.kind, ev.user) for ev in e.value.events] == [("expired", "alice"), ("granted", "bob")]
+    assert arb.holder("cryostat").user == "bob"
 
 
 def test_withdraw_a_request_and_release_by_user(arb):
@@ -96,16 +115,16 @@ def test_withdraw_a_request_and_release_by_user(arb):
     assert [e.kind for e in arb.release("cryostat", w.token, 2.0)] == ["withdrawn"]
     assert arb.queue("cryostat") == []
     assert [e.kind for e in arb.release_user("cryostat", "alice", 3.0)] == ["released"]
-    with pytest.raises(LockError, match="holds no lease"):
+    with pytest.raises(NoLease, match="holds no lease"):
         arb.release_user("cryostat", "alice", 4.0)
 
 
 def test_bad_requests(arb):
-    with pytest.raises(LockError, match="unknown resource 'magnet'"):
+    with pytest.raises(NoSuchResource, match="unknown resource 'magnet'"):
         arb.request("magnet", ALICE, 0.0, duration_s=1)
-    with pytest.raises(LockError, match="not lockable"):
+    with pytest.raises(NotLockable, match="not lockable"):
         arb.request("table", ALICE, 0.0, duration_s=1)
-    with pytest.raises(LockError, match="positive"):
+    with pytest.raises(BadLease, match="positive"):
         arb.request("cryostat", ALICE, 0.0, duration_s=0)
     lease, _ = arb.request("cryostat", ALICE, 0.0, duration_s=10_000)
     assert lease.duration_s == 600  # capped at the resource's max_lease_s

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from labctl.ioc.build import build_database
 from labctl.ioc.config.interlocks import InterlockConfig
-from labctl.ioc.errors import Interlocked
-from labctl.ioc.interlocks import InterlockError, InterlockManager, InterlockRule, state_pv
+from labctl.ioc.errors import Forbidden, Interlocked
+from labctl.ioc.interlocks import InterlockManager, InterlockRule, NotResettable, state_pv
 from labctl.ioc.types import Identity, Reading, Severity, Status
 from labctl.server.site import parse_site
 
@@ -141,7 +141,7 @@ async def test_trip_after_grace_drives_safe_value_holds_queue_refuses_writes_and
     assert mgr.state("mxc_warm") == "TRIPPED"
     await db.write("MXC:T", 0.02, OP)
     assert mgr.state("mxc_warm") == "RESET_NEEDED" and "interlock:mxc_warm" in q.holds
-    with pytest.raises(InterlockError, match="may not reset"):
+    with pytest.raises(Forbidden, match="may not reset"):
         mgr.reset("mxc_warm", OP)
     mgr.reset("mxc_warm", EXPERT)
     assert mgr.state("mxc_warm") == "OK" and q.holds == {}
@@ -159,7 +159,7 @@ async def test_reset_before_clearing_is_refused(env):
     db, mgr, _, _ = env
     await db.write("IVC:P", 1.0, OP)
     assert mgr.state("ivc_bad") == "TRIPPED"
-    with pytest.raises(InterlockError, match="not tripped"):
+    with pytest.raises(NotResettable, match="not tripped"):
         mgr.reset("mxc_warm", EXPERT)
     await db.write("IVC:P", 1e-6, OP)
     assert mgr.state("ivc_bad") == "OK"  # auto reset

@@ -7,7 +7,8 @@ import asyncio
 import pytest
 from labctl.ioc.arbiter import Arbiter
 from labctl.ioc.build import build_database
-from labctl.ioc.jobs import JobError, JobManager, JobState, MemoryJobStore
+from labctl.ioc.errors import Forbidden
+from labctl.ioc.jobs import BadParameters, JobManager, JobState, MemoryJobStore, NoSuchProcedure
 from labctl.ioc.types import Identity
 from labctl.server.site import parse_site
 
@@ -109,8 +110,9 @@ async def test_only_the_owner_or_an_admin_cancels(env):
     running = jm.submit("gated", {}, ALICE)
     queued = jm.submit("sweep", {}, ALICE)
     await wait_for(lambda: running.state is JobState.RUNNING)
-    with pytest.raises(JobError, match="belongs to alice"):
+    with pytest.raises(Forbidden) as e:
         jm.cancel(queued.id, BOB)
+    assert (e.value.action, e.value.target, e.value.user) == ("job.cancel", f"job:{queued.id}", "bob")
     jm.cancel(queued.id, ALICE)
     assert queued.state is JobState.CANCELLED
     jm.cancel(running.id, ROOT)
@@ -121,15 +123,15 @@ async def test_only_the_owner_or_an_admin_cancels(env):
 
 async def test_submission_checks(env):
     _, _, jm, _ = env
-    with pytest.raises(JobError, match="unknown procedure 'nope'"):
+    with pytest.raises(NoSuchProcedure, match="unknown procedure 'nope'"):
         jm.submit("nope", {}, ALICE)
-    with pytest.raises(JobError, match="may not submit"):
+    with pytest.raises(Forbidden, match="may not submit"):
         jm.submit("sweep", {}, VIEWER)
-    with pytest.raises(JobError, match="no parameter 'colour'"):
+    with pytest.raises(BadParameters, match="no parameter 'colour'"):
         jm.submit("sweep", {"colour": 1}, ALICE)
-    with pytest.raises(JobError, match="needs parameter 'to'"):
+    with pytest.raises(BadParameters, match="needs parameter 'to'"):
         jm.submit("ramp", {}, ALICE)
-    with pytest.raises(JobError, match="above its maximum 10"):
+    with pytest.raises(BadParameters, match="above its maximum 10"):
         jm.submit("ramp", {"to": 11}, ALICE)
 
 

@@ -183,7 +183,7 @@ class WriteDialog(ModalScreen[WriteOutcome]):
         except PutRefused as e:
             self.refusal = e.reason
             self.say(f"refused ({e.status}): {e.reason}", "error")
-            resource = refused_resource(e.reason)
+            resource = refused_resource(e)
             can_lock = resource is not None and api(self.session, "lock") is not None and self.lease is None
             self.lock_resource = resource or ""
             button = self.query_one("#write-lock", Button)

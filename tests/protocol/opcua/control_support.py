@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from asyncua import Client, ua
+from asyncua.ua.ua_binary import struct_from_binary
 from labctl.ioc.access import AuditRecord
 from labctl.server.app import Server
 from labctl.server.passwords import hash_password
@@ -89,6 +90,14 @@ class Served:
     def records(self, action: str, **match: Any) -> list[AuditRecord]:
         """Audit records of ``action`` whose fields equal ``match``."""
         return [r for r in self.audit if r.action == action and all(getattr(r, k) == v for k, v in match.items())]
+
+    def mark(self) -> int:
+        """Where the audit trail ends now, for :meth:`refusals`."""
+        return len(self.audit)
+
+    def refusals(self, since: int) -> list[tuple[str, str, str]]:
+        """``(action, user, target)`` of each refusal audited since :meth:`mark` returned ``since``: one record per refusal."""
+        return [(r.action, r.user, r.target) for r in self.audit[since:] if not r.accepted]
 
 
 def module_server(body: str, *, historian: bool = False) -> Callable[..., Any]:
@@ -183,6 +192,23 @@ async def call(client: Client, path: str, method: str, *args: ua.Variant) -> ua.
     req.InputArguments = list(args)
     (res,) = await client.uaclient.call([req])
     return res
+
+
+async def call_diagnosed(client: Client, path: str, method: str, *args: ua.Variant) -> tuple[ua.CallMethodResult, dict[str, Any] | None]:
+    """:func:`call`, asking for the operation's diagnostics: the raw result and the refusal the server sent as data (or None)."""
+    idx = await client.get_namespace_index(NAMESPACE)
+    req = ua.CallMethodRequest()
+    req.ObjectId = ua.NodeId(f"/{SITE}/{path}", idx)
+    req.MethodId = ua.NodeId(f"/{SITE}/{path}/{method}", idx)
+    req.InputArguments = list(args)
+    request = ua.CallRequest()
+    request.Parameters.MethodsToCall = [req]
+    request.RequestHeader.ReturnDiagnostics = 0x80  # Part 4 DiagnosticsMask: operation-level AdditionalInfo
+    response = struct_from_binary(ua.CallResponse, await client.uaclient.protocol.send_request(request))
+    response.ResponseHeader.ServiceResult.check()
+    (res,) = response.Results
+    infos = [i for i in response.DiagnosticInfos or [] if i is not None and i.AdditionalInfo]
+    return res, (json.loads(infos[0].AdditionalInfo) if infos else None)
 
 
 async def call_json(client: Client, method: str, *args: ua.Variant) -> Any:

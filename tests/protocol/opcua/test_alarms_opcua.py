@@ -11,14 +11,14 @@ import asyncio
 
 import pytest
 from asyncua import ua
-from labctl.clients.errors import AccessDenied, CommandRefused
+from labctl.clients.errors import AccessDenied, CommandConflict, CommandInvalid, CommandNotFound
 from labctl.ioc.interlocks import STATES
 
 from tests.helpers import wait_for
 from tests.protocol.opcua.control_support import (  # noqa: F401 -- fixtures
     NAMESPACE,
     SITE,
-    call,
+    call_diagnosed,
     call_json,
     module_loop_leak_check,
     module_server,
@@ -118,9 +118,12 @@ async def test_a_warm_up_raises_alarm_events_trips_the_interlock_and_is_acknowle
     await wait_for(lambda: served.db.read("CRYO:STILL:HTR").value == 0.0, what="heater off")
 
     # A viewer's acknowledge is refused; an operator's (Part 9 Acknowledge on the condition) works.
-    res = await call(vic, "Control", "AcknowledgeAlarm", s("CRYO:MXC:TEMP"), s("seen"))
+    mark = served.mark()
+    res, denied = await call_diagnosed(vic, "Control", "AcknowledgeAlarm", s("CRYO:MXC:TEMP"), s("seen"))
     assert res.StatusCode.value == ua.StatusCodes.BadUserAccessDenied
-    assert await refusal(vic) == "AcknowledgeAlarm: user 'vic' may not acknowledge alarms (roles ['viewer'])"
+    assert (denied["kind"], denied["action"], denied["target"]) == ("forbidden", "alarm.ack", "CRYO:MXC:TEMP")
+    assert denied["fields"] == {"user": "vic", "needs": "a role that may acknowledge alarms"}
+    assert "CRYO:MXC:TEMP" in await refusal(vic)
     latest = [e for e in events.items if e.SourceName == "CRYO:MXC:TEMP"][-1]
     condition = alice.get_node(field(latest, "NodeId"))
     assert condition.nodeid == ua.NodeId("CRYO:MXC:TEMP.Alarm", idx)
@@ -139,11 +142,13 @@ async def test_a_warm_up_raises_alarm_events_trips_the_interlock_and_is_acknowle
 
     # Reset: not by an operator, not before the condition clears; by an expert after cooling.
     alice_s, erin_s = await open_session(served.url, "alice"), await open_session(served.url, "erin")
-    with pytest.raises(AccessDenied, match="may not reset interlock 'mxc_warm'"):
+    with pytest.raises(AccessDenied) as operator:
         await alice_s.reset_interlock("mxc_warm")
-    with pytest.raises(CommandRefused, match="cannot be reset yet") as early:
+    assert (operator.value.action, operator.value.target, operator.value.fields["user"]) == ("interlock.reset", "mxc_warm", "alice")
+    with pytest.raises(CommandConflict) as early:
         await erin_s.reset_interlock("mxc_warm")
-    assert early.value.status == "BadInvalidState"
+    assert (early.value.status, early.value.error, early.value.fields["interlock"]) == ("BadInvalidState", "NotResettable", "mxc_warm")
+    assert early.value.fields["state"] != "RESET_NEEDED"  # its condition has not cleared yet
     served.server.plants["cryo"].start_compressor()
     await wait_for(lambda: served.control.interlocks.state("mxc_warm") == "RESET_NEEDED", timeout=15, what="cleared")
     (info,) = await erin_s.interlocks()
@@ -153,8 +158,12 @@ async def test_a_warm_up_raises_alarm_events_trips_the_interlock_and_is_acknowle
     assert (await state.read_data_value(raise_on_bad_status=False)).Value.Value == STATES.index("OK")
     actions = [(r.action, r.user, r.accepted) for r in served.audit if r.action.startswith(("interlock.", "alarm."))]
     assert ("interlock.trip", "labctl", True) in actions
-    assert ("alarm.ack", "vic", False) in actions and ("alarm.ack", "alice", True) in actions
-    assert ("interlock.reset", "alice", False) in actions and ("interlock.reset", "erin", True) in actions
+    assert ("alarm.ack", "alice", True) in actions and ("interlock.reset", "erin", True) in actions
+    # Each refusal audited once: the viewer's, the unknown EventId, the second Acknowledge, the operator's and the early reset.
+    assert served.refusals(mark) == [
+        ("alarm.ack", "vic", "CRYO:MXC:TEMP"), ("alarm.ack", "alice", "CRYO:MXC:TEMP"), ("alarm.ack", "alice", "CRYO:MXC:TEMP"),
+        ("interlock.reset", "alice", "mxc_warm"), ("interlock.reset", "erin", "mxc_warm"),
+    ]  # fmt: skip
 
 
 async def test_a_latched_alarm_is_listed_acknowledged_and_shelved(served, open_session, open_ua):
@@ -165,23 +174,27 @@ async def test_a_latched_alarm_is_listed_acknowledged_and_shelved(served, open_s
     assert (alarm.severity, alarm.current, alarm.acked, alarm.active) == ("MAJOR", "NO_ALARM", False, True)
     assert alarm.guidance == "close the gate valve" and alarm.shelved_until is None
     assert "LAB:PRES" in {a.source for a in await alice.alarms(active_only=False)}
-    with pytest.raises(AccessDenied, match="may not acknowledge"):
+    mark = served.mark()
+    with pytest.raises(AccessDenied) as viewer:
         await vic.acknowledge("LAB:PRES", "seen")
+    assert (viewer.value.action, viewer.value.target, viewer.value.fields["user"]) == ("alarm.ack", "LAB:PRES", "vic")
     await alice.acknowledge("LAB:PRES", "vented on purpose")
     assert "LAB:PRES" not in {a.source for a in await alice.alarms()}
-    with pytest.raises(CommandRefused, match="not in alarm; nothing to acknowledge") as nothing:
+    with pytest.raises(CommandConflict) as nothing:
         await alice.acknowledge("LAB:PRES")
-    assert nothing.value.status == "BadInvalidState"
-    with pytest.raises(CommandRefused, match="no alarm for 'NOPE'") as unknown:
+    assert (nothing.value.status, nothing.value.error, nothing.value.fields) == ("BadInvalidState", "AlarmStateConflict", {"source": "LAB:PRES"})
+    assert "not in alarm" in nothing.value.reason  # not in alarm, or already acknowledged: the sentence says which
+    with pytest.raises(CommandNotFound) as unknown:
         await alice.acknowledge("NOPE")
-    assert unknown.value.status == "BadInvalidArgument"
+    assert (unknown.value.status, unknown.value.error, unknown.value.target) == ("BadInvalidArgument", "NoSuchAlarm", "NOPE")
 
     served.db.post("LAB:PRES", 5.0e-3)  # HIGH
-    with pytest.raises(AccessDenied, match="may not shelve"):
+    with pytest.raises(AccessDenied) as operator:
         await alice.shelve("LAB:PRES", 3600, "pumping down")
-    with pytest.raises(CommandRefused, match="give a reason") as no_reason:
+    assert (operator.value.action, operator.value.fields) == ("alarm.shelve", {"user": "alice", "needs": "a role that may shelve alarms"})
+    with pytest.raises(CommandInvalid) as no_reason:
         await erin.shelve("LAB:PRES", 3600, " ")
-    assert no_reason.value.status == "BadInvalidArgument"
+    assert (no_reason.value.status, no_reason.value.error, no_reason.value.action) == ("BadInvalidArgument", "BadShelving", "alarm.shelve")
     await erin.shelve("LAB:PRES", 3600, "pumping down")
     (shelved,) = [a for a in await alice.alarms() if a.source == "LAB:PRES"]
     assert shelved.shelved_until is not None and shelved.severity == "MINOR"
@@ -192,4 +205,10 @@ async def test_a_latched_alarm_is_listed_acknowledged_and_shelved(served, open_s
     served.db.post("LAB:PRES", 1.0e-6)
     await alice.acknowledge("LAB:PRES")
     shelving = [(r.action, r.user, r.accepted) for r in served.audit if r.action in ("alarm.shelve", "alarm.unshelve")]
-    assert shelving == [("alarm.shelve", "alice", False), ("alarm.shelve", "erin", True), ("alarm.unshelve", "erin", True)]
+    assert shelving == [
+        ("alarm.shelve", "alice", False), ("alarm.shelve", "erin", False), ("alarm.shelve", "erin", True), ("alarm.unshelve", "erin", True),
+    ]  # fmt: skip
+    assert served.refusals(mark) == [
+        ("alarm.ack", "vic", "LAB:PRES"), ("alarm.ack", "alice", "LAB:PRES"), ("alarm.ack", "alice", "NOPE"),
+        ("alarm.shelve", "alice", "LAB:PRES"), ("alarm.shelve", "erin", "LAB:PRES"),
+    ]  # fmt: skip

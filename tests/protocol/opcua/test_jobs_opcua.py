@@ -11,13 +11,15 @@ import time
 
 import pytest
 from asyncua import ua
-from labctl.clients.errors import AccessDenied, CommandRefused
+from labctl.clients.errors import AccessDenied, CommandConflict, CommandInvalid, CommandNotFound, PutConflict
 from labctl.ioc.jobs import JobState
+from labctl.ioc.types import Identity
 
 from tests.helpers import wait_for
 from tests.protocol.opcua.control_support import (  # noqa: F401 -- fixtures
     b,
     call,
+    call_diagnosed,
     call_json,
     d,
     i32,
@@ -64,6 +66,8 @@ procedures:
 
 served = module_server(BODY)
 
+ROOT = Identity("root", frozenset({"admin"}), "test")
+
 
 async def test_jobs_on_one_resource_run_in_priority_order_with_results_per_user(served, open_session):
     alice, bob, carol, root = [await open_session(served.url, u) for u in ("alice", "bob", "carol", "root")]
@@ -91,8 +95,14 @@ async def test_jobs_on_one_resource_run_in_priority_order_with_results_per_user(
     assert [line for _, line in mine.log][-3:] == ["set CRYO:SP = 0.7", "read CRYO:SP [sp=0.7]", "done"]
     assert [r[1:3] for r in (await bob.job(low)).results] == [("CRYO:SP", 0.2)]
     # ...readable by their owner and admins only.
-    with pytest.raises(AccessDenied, match=f"job {high} belongs to carol; only they or an admin may read"):
+    mark = served.mark()
+    with pytest.raises(AccessDenied) as denied:
         await bob.job(high)
+    assert (denied.value.status, denied.value.kind, denied.value.action, denied.value.target) == (
+        "BadUserAccessDenied", "forbidden", "job.view", f"job:{high}",
+    )  # fmt: skip
+    assert denied.value.fields["user"] == "bob" and "carol" in denied.value.fields["needs"]
+    assert served.refusals(mark) == [("job.view", "bob", f"job:{high}")]
     assert (await root.job(high)).results == mine.results
     assert [j.id for j in await bob.jobs(mine=True)] == [low]
     assert {j.owner for j in await bob.jobs()} >= {"alice", "bob", "carol"}
@@ -103,41 +113,63 @@ async def test_only_owners_and_admins_cancel(served, open_session):
     jobs = served.control.jobs
     served.db.post("LAB:GATE", False)
     running = await bob.submit("hold", {})
-    await wait_for(lambda: jobs.get(running).state is JobState.RUNNING, what="bob's job running")
-    queued = await bob.submit("measure", {"sp": 0.3})
-    with pytest.raises(AccessDenied, match=f"job {running} belongs to bob; only they or an admin may cancel it") as denied:
-        await carol.cancel(running)
-    assert denied.value.status == "BadUserAccessDenied"
-    await bob.cancel(queued)
-    assert jobs.get(queued).state is JobState.CANCELLED
-    with pytest.raises(CommandRefused, match="is already cancelled") as again:
+    try:
+        await wait_for(lambda: jobs.get(running).state is JobState.RUNNING, what="bob's job running")
+        queued = await bob.submit("measure", {"sp": 0.3})
+        mark = served.mark()
+        with pytest.raises(AccessDenied) as denied:
+            await carol.cancel(running)
+        assert (denied.value.status, denied.value.kind, denied.value.action, denied.value.target) == (
+            "BadUserAccessDenied", "forbidden", "job.cancel", f"job:{running}",
+        )  # fmt: skip
+        assert denied.value.fields["user"] == "carol" and "bob" in denied.value.fields["needs"]
+        assert jobs.get(running).state is JobState.RUNNING
         await bob.cancel(queued)
-    assert again.value.status == "BadInvalidState"
-    await root.cancel(running)  # admins cancel anyone's
-    await wait_for(lambda: jobs.get(running).state is JobState.CANCELLED, what="cancelled")
-    await wait_for(lambda: served.control.arbiter.holder("cryostat") is None, what="the job's lease released")
-    with pytest.raises(CommandRefused, match="no job 9999") as unknown:
-        await bob.cancel(9999)
-    assert unknown.value.status == "BadInvalidArgument"
-    refused = served.records("job.cancel", accepted=False)
-    assert [(r.user, r.target) for r in refused][:2] == [("carol", f"job:{running}"), ("bob", f"job:{queued}")]
-    transitions = [(r.user, r.new, r.reason) for r in served.records("job.state", target=f"job:{running}")]
-    assert transitions[-1] == ("bob", "cancelled", "by root")
+        assert jobs.get(queued).state is JobState.CANCELLED
+        with pytest.raises(CommandConflict) as again:
+            await bob.cancel(queued)
+        assert (again.value.status, again.value.error, again.value.action) == ("BadInvalidState", "JobFinished", "job.cancel")
+        assert again.value.fields == {"job": queued, "procedure": "measure", "state": "cancelled"}
+        await root.cancel(running)  # admins cancel anyone's
+        await wait_for(lambda: jobs.get(running).state is JobState.CANCELLED, what="cancelled")
+        await wait_for(lambda: served.control.arbiter.holder("cryostat") is None, what="the job's lease released")
+        with pytest.raises(CommandNotFound) as unknown:
+            await bob.cancel(9999)
+        assert (unknown.value.status, unknown.value.error, unknown.value.target) == ("BadInvalidArgument", "NoSuchJob", "job:9999")
+        assert served.refusals(mark) == [
+            ("job.cancel", "carol", f"job:{running}"), ("job.cancel", "bob", f"job:{queued}"), ("job.cancel", "bob", "job:9999"),
+        ]  # fmt: skip
+        transitions = [(r.user, r.new, r.reason) for r in served.records("job.state", target=f"job:{running}")]
+        assert transitions[-1] == ("bob", "cancelled", "by root")
+    finally:  # never leave the job waiting for the gate (and holding the cryostat) for the next test
+        if not jobs.get(running).state.final:
+            served.control.cancel_job(running, ROOT)
+            await wait_for(lambda: jobs.get(running).state.final, what="bob's job ended")
 
 
 async def test_submit_refusals_and_procedures(served, open_session, open_ua):
     bob, vic = await open_session(served.url, "bob"), await open_session(served.url, "vic")
-    with pytest.raises(CommandRefused, match="unknown procedure 'nope'") as unknown:
+    mark = served.mark()
+    with pytest.raises(CommandNotFound) as unknown:
         await bob.submit("nope", {})
-    assert unknown.value.status == "BadInvalidArgument"
-    with pytest.raises(CommandRefused, match=r"parameter 'sp': 2.0 is above its maximum 1.0") as bad:
+    assert (unknown.value.status, unknown.value.error, unknown.value.action, unknown.value.target) == (
+        "BadInvalidArgument", "NoSuchProcedure", "job.submit", "nope",
+    )  # fmt: skip
+    with pytest.raises(CommandInvalid) as bad:
         await bob.submit("measure", {"sp": 2})
-    assert bad.value.status == "BadInvalidArgument"
-    with pytest.raises(AccessDenied, match="may not submit 'admin_only'"):
+    assert (bad.value.status, bad.value.error, bad.value.fields["procedure"]) == ("BadInvalidArgument", "BadParameters", "measure")
+    assert "'sp'" in bad.value.reason  # which parameter: the sentence says
+    with pytest.raises(AccessDenied) as admins:
         await bob.submit("admin_only", {})
-    with pytest.raises(AccessDenied, match="may not submit 'measure'"):
+    assert (admins.value.action, admins.value.target, admins.value.fields) == (
+        "job.submit", "admin_only", {"user": "bob", "needs": "one of the roles ['admin']"},
+    )  # fmt: skip
+    with pytest.raises(AccessDenied) as viewer:
         await vic.submit("measure", {"sp": 0.1})
-    assert [(r.user, r.target) for r in served.records("job.submit", accepted=False)][-2:] == [("bob", "admin_only"), ("vic", "measure")]
+    assert (viewer.value.action, viewer.value.target, viewer.value.fields["user"]) == ("job.submit", "measure", "vic")
+    assert served.refusals(mark) == [
+        ("job.submit", "bob", "nope"), ("job.submit", "bob", "measure"), ("job.submit", "bob", "admin_only"), ("job.submit", "vic", "measure"),
+    ]  # fmt: skip
 
     procs = {p.name: p for p in await bob.procedures()}
     assert procs["measure"].resources == ["cryostat"]
@@ -145,9 +177,12 @@ async def test_submit_refusals_and_procedures(served, open_session, open_ua):
     assert procs["hold"].description == "wait for the gate, then read and set"
 
     raw = await open_ua(served.url, "bob")
-    res = await call(raw, "Control", "SubmitTask", s("measure"), s("[1, 2]"), i32(0))
+    mark = served.mark()
+    res, listed_params = await call_diagnosed(raw, "Control", "SubmitTask", s("measure"), s("[1, 2]"), i32(0))
     assert res.StatusCode.value == ua.StatusCodes.BadInvalidArgument
-    assert await refusal(raw) == "SubmitTask: ParamsJson must be a JSON object of parameters, got list"
+    assert (listed_params["kind"], listed_params["action"], listed_params["target"]) == ("invalid", "job.submit", "measure")
+    assert "ParamsJson" in await refusal(raw)
+    assert served.refusals(mark) == [("job.submit", "bob", "measure")]
     res = await call(raw, "Control", "SubmitTask", s("measure"), s('{"sp": 0.4}'), i32(1))
     assert res.StatusCode.is_good() and res.OutputArguments[0].VariantType == ua.VariantType.Int64
     job_id = res.OutputArguments[0].Value
@@ -164,8 +199,9 @@ async def test_audit_lists_writes_locks_and_jobs_with_filters(served, open_sessi
     alice, bob = await open_session(served.url, "alice"), await open_session(served.url, "bob")
     lease = await alice.lock("cryostat", duration_s=60)
     await alice.put("CRYO:SP", 0.25)
-    with pytest.raises(Exception, match="locked by alice"):
+    with pytest.raises(PutConflict) as locked:
         await bob.put("CRYO:SP", 0.5)
+    assert (locked.value.error, locked.value.fields["owner"], locked.value.fields["until"]) == ("LockedBy", "alice", lease.expires_at)
     await alice.unlock("cryostat", lease.token)
 
     records = await bob.audit(since)
@@ -178,13 +214,16 @@ async def test_audit_lists_writes_locks_and_jobs_with_filters(served, open_sessi
         ("lock.release", "alice", "cryostat", True),
     ]
     refused = [r for r in records if not r["accepted"]][0]
-    assert "locked by alice until" in refused["reason"] and (refused["old"], refused["new"]) == (0.25, 0.5)
+    assert "alice" in refused["reason"] and (refused["old"], refused["new"]) == (0.25, 0.5)
     assert [r["action"] for r in await bob.audit(since, user="bob") if r["action"] != "login"] == ["write"]
     assert [r["user"] for r in await bob.audit(since, pv="CRYO:SP")] == ["alice", "bob"]
     assert await bob.audit(time.time() + 3600) == []
 
     anonymous = await open_ua(served.url)
-    res = await call(anonymous, "Control", "ListAudit", d(since), s(""), s(""))
+    mark = served.mark()
+    res, denied = await call_diagnosed(anonymous, "Control", "ListAudit", d(since), s(""), s(""))
     assert res.StatusCode.value == ua.StatusCodes.BadUserAccessDenied
-    assert await refusal(anonymous) == "ListAudit: user 'anonymous' has no role; log in to read the audit trail"
+    assert (denied["kind"], denied["action"], denied["fields"]) == ("forbidden", "audit.read", {"user": "anonymous", "needs": "a role: log in"})
+    assert "audit" in await refusal(anonymous)
+    assert served.refusals(mark) == [("audit.read", "anonymous", "audit")]
     assert json.loads((await call(anonymous, "Control", "ListLocks")).OutputArguments[0].Value)[0]["resource"] == "cryostat"

@@ -14,8 +14,7 @@ import textwrap
 
 import pytest
 from asyncua import ua
-from labctl.clients.errors import LockUnavailable, LockWaitTimeout, PutRefused
-from labctl.ioc.errors import LockedBy
+from labctl.clients.errors import LockUnavailable, LockWaitTimeout, PutConflict
 from labctl.ioc.types import Identity
 
 from tests.helpers import wait_for
@@ -25,6 +24,7 @@ from tests.protocol.opcua.control_support import (  # noqa: F401 -- fixtures
     USERS,
     b,
     call,
+    call_diagnosed,
     d,
     i32,
     indexes,
@@ -105,26 +105,38 @@ async def test_part100_init_renew_exit_from_a_plain_client_by_browse_path(served
     assert (lease.user, lease.client, lease.duration_s) == ("alice", state["LockingClient"], 60.0)
 
     # Another client: InitLock is rejected (E_AlreadyLocked), RenewLock and ExitLock are not its to call.
+    # Each refusal answers Good with its status output, and is audited once, under the policy's action.
     bobs = await lock_node(bob, "cryostat")
+    mark = served.mark()
     assert await bobs.call_method(f"{di}:InitLock", s("")) == -1
-    assert "locked by alice until" in await refusal(bob)
+    assert "alice" in await refusal(bob)  # the sentence, for a person browsing with a generic client
+    res, held = await call_diagnosed(bob, "Resources/cryostat/Lock", "InitLock", s(""))  # the refusal as data, if asked for
+    assert res.StatusCode.is_good() and [v.Value for v in res.OutputArguments] == [-1]
+    assert (held["kind"], held["error"], held["action"], held["target"]) == ("conflict", "LockHeld", "lock.request", "cryostat")
+    assert (held["fields"]["owner"], held["fields"]["until"]) == ("alice", lease.expires_at)
     assert await bobs.call_method(f"{di}:RenewLock") == -1
-    assert await bobs.call_method(f"{di}:ExitLock") == -1
-    assert await refusal(bob) == "ExitLock: " + LockedBy("", "cryostat", "alice", lease.expires_at).reason + (
-        f" (client {lease.client}); this session holds no lock on it"
-    )
+    res, none = await call_diagnosed(bob, "Resources/cryostat/Lock", "ExitLock")
+    assert res.StatusCode.is_good() and [v.Value for v in res.OutputArguments] == [-1]
+    assert (none["kind"], none["error"], none["action"], none["target"]) == ("conflict", "NoLease", "lock.release", "cryostat")
     assert served.control.arbiter.holder("cryostat").token == lease.token
+    assert served.refusals(mark) == [
+        ("lock.request", "bob", "cryostat"), ("lock.request", "bob", "cryostat"), ("lock.renew", "bob", "cryostat"),
+        ("lock.release", "bob", "cryostat"),
+    ]  # fmt: skip
 
     # Alice renews (the lease restarts from now) and exits.
     assert await lock.call_method(f"{di}:RenewLock") == 0
     assert served.control.arbiter.holder("cryostat").expires_at >= lease.expires_at
     assert await lock.call_method(f"{di}:ExitLock") == 0
     assert (await values(alice, lock))["Locked"] is False
-    assert await lock.call_method(f"{di}:ExitLock") == -1
-    assert await refusal(alice) == "ExitLock: resource 'cryostat' is not locked; this session holds no lock on it"
-    assert [(r.action, r.user) for r in served.audit if r.action.startswith("lock.") and r.target == "cryostat"] == [
-        ("lock.grant", "alice"), ("lock.renew", "alice"), ("lock.release", "alice"),
-    ]  # fmt: skip
+    mark = served.mark()
+    res, none = await call_diagnosed(alice, "Resources/cryostat/Lock", "ExitLock")
+    assert res.StatusCode.is_good() and [v.Value for v in res.OutputArguments] == [-1]  # E_NotLocked
+    assert (none["error"], none["action"]) == ("NoLease", "lock.release")
+    assert "cryostat" in await refusal(alice)
+    assert served.refusals(mark) == [("lock.release", "alice", "cryostat")]
+    accepted = [(r.action, r.user) for r in served.audit if r.action.startswith("lock.") and r.target == "cryostat" and r.accepted]
+    assert accepted == [("lock.grant", "alice"), ("lock.renew", "alice"), ("lock.release", "alice")]
 
 
 async def test_the_types_method_called_on_an_instance_and_modelling_rules(served, open_ua):
@@ -145,23 +157,34 @@ async def test_refusals_of_lock_calls(served, open_ua):
     vic, alice = await open_ua(served.url, "vic"), await open_ua(served.url, "alice")
     _, di = await indexes(vic)
     lock = await lock_node(vic, "cryostat")
-    res = await call(vic, "Resources/cryostat/Lock", "InitLock", s(""))
-    assert res.StatusCode.value == ua.StatusCodes.BadUserAccessDenied
-    assert await refusal(vic) == "InitLock: user 'vic' may not write resource 'cryostat', so may not lock it"
-    assert served.records("lock.grant", user="vic", accepted=False)
-    with pytest.raises(ua.UaStatusCodeError):  # a generic client sees the Bad status
+    mark = served.mark()
+    res, denied = await call_diagnosed(vic, "Resources/cryostat/Lock", "InitLock", s(""))
+    assert res.StatusCode.value == ua.StatusCodes.BadUserAccessDenied  # permission: Bad, not a status output
+    assert (denied["kind"], denied["action"], denied["target"]) == ("forbidden", "lock.request", "cryostat")
+    assert denied["fields"] == {"user": "vic", "needs": "a role that may write 'cryostat'"}
+    assert "cryostat" in await refusal(vic)
+    with pytest.raises(ua.UaStatusCodeError) as generic:  # a generic client sees the Bad status
         await lock.call_method(f"{di}:InitLock", s(""))
+    assert generic.value.code == ua.StatusCodes.BadUserAccessDenied
+    assert served.refusals(mark) == [("lock.request", "vic", "cryostat")] * 2
 
-    res = await call(alice, "Resources/cryostat/Lock", "RequestLock", d(-1), i32(0), b(False))
+    mark = served.mark()
+    res, bad = await call_diagnosed(alice, "Resources/cryostat/Lock", "RequestLock", d(-1), i32(0), b(False))
     assert res.StatusCode.value == ua.StatusCodes.BadInvalidArgument
-    assert await refusal(alice) == "RequestLock: DurationS must be a positive number of seconds, got -1.0"
-    res = await call(alice, "Resources/cryostat/Lock", "RequestLock", s("60"), i32(0), b(False))
+    assert (bad["kind"], bad["error"], bad["action"], bad["target"]) == ("invalid", "BadLease", "lock.request", "cryostat")
+    # Wrong arguments are refused by the adapter, before the core: audited all the same.
+    res, mistyped = await call_diagnosed(alice, "Resources/cryostat/Lock", "RequestLock", s("60"), i32(0), b(False))
     assert res.StatusCode.value == ua.StatusCodes.BadInvalidArgument
     assert [r.value for r in res.InputArgumentResults] == [ua.StatusCodes.BadTypeMismatch, 0, 0]
-    assert await refusal(alice) == "RequestLock: DurationS: expected a number, got str '60'"
-    res = await call(alice, "Resources/cryostat/Lock", "RequestLock", d(60))
+    assert (mistyped["kind"], mistyped["action"], mistyped["target"]) == ("invalid", "lock.request", "cryostat")
+    assert "DurationS" in mistyped["message"]
+    res, missing = await call_diagnosed(alice, "Resources/cryostat/Lock", "RequestLock", d(60))
     assert res.StatusCode.value == ua.StatusCodes.BadArgumentsMissing
-    assert "expected 3 argument(s) (DurationS, Priority, Wait), got 1" in await refusal(alice)
+    assert (missing["kind"], missing["action"]) == ("invalid", "lock.request")
+    assert "DurationS, Priority, Wait" in await refusal(alice)
+    assert served.refusals(mark) == [
+        ("lock.request", "alice", "cryostat"), ("lock.request", "alice", "cryostat"), ("lock.request", "alice", "cryostat"),
+    ]  # fmt: skip
     assert served.control.arbiter.holder("cryostat") is None
 
 
@@ -189,24 +212,27 @@ async def test_user_access_level_flips_with_the_lock(served, open_ua, open_sessi
 async def test_a_refused_write_names_holder_and_expiry(served, open_ua, open_session):
     alice = await open_session(served.url, "alice")
     lease = await alice.lock("sample", duration_s=120)
-    expected = str(LockedBy("SAMPLE:ANGLE", "sample", "alice", lease.expires_at))
     bob_ua = await open_ua(served.url, "bob")
     idx, _ = await indexes(bob_ua)
+    mark = served.mark()
     with pytest.raises(ua.UaStatusCodeError) as raised:
         await bob_ua.get_node(ua.NodeId("SAMPLE:ANGLE", idx)).write_value(ua.DataValue(ua.Variant(0.5, ua.VariantType.Double)))
     assert raised.value.code == ua.StatusCodes.BadLocked
-    assert await refusal(bob_ua, "LastWriteRefusal") == expected
+    assert "alice" in await refusal(bob_ua, "LastWriteRefusal")  # a generic client's only channel: the sentence
     bob = await open_session(served.url, "bob")
-    with pytest.raises(PutRefused) as refused:
+    with pytest.raises(PutConflict) as refused:
         await bob.put("SAMPLE:ANGLE", 0.5)
-    assert (refused.value.status, refused.value.reason) == ("BadLocked", expected.split("write refused: ")[1])
+    assert (refused.value.status, refused.value.kind, refused.value.error, refused.value.action) == ("BadLocked", "conflict", "LockedBy", "write")
+    assert refused.value.fields == {"pv": "SAMPLE:ANGLE", "resource": "sample", "owner": "alice", "until": lease.expires_at, "job": None}
     (first, second) = served.records("write", target="SAMPLE:ANGLE", accepted=False)
-    assert (first.user, first.protocol) == ("bob", "opcua")
-    assert first.reason == second.reason == expected.split("write refused: ")[1]
+    assert (first.user, first.protocol, second.user) == ("bob", "opcua", "bob")
     # Asking for the lock without waiting: BadLocked with the same who and until when.
-    with pytest.raises(LockUnavailable, match="locked by alice until") as unavailable:
+    with pytest.raises(LockUnavailable) as unavailable:
         await bob.lock("sample", duration_s=10)
-    assert unavailable.value.status == "BadLocked"
+    held = unavailable.value
+    assert (held.status, held.kind, held.error, held.action, held.target) == ("BadLocked", "conflict", "LockHeld", "lock.request", "sample")
+    assert (held.fields["owner"], held.fields["until"]) == ("alice", lease.expires_at)
+    assert served.refusals(mark) == [("write", "bob", "SAMPLE:ANGLE"), ("write", "bob", "SAMPLE:ANGLE"), ("lock.request", "bob", "sample")]
     await alice.unlock("sample", lease.token)
     assert served.db.read("SAMPLE:ANGLE").value == 0.0
 
@@ -378,10 +404,16 @@ async def test_an_admin_break_is_audited_and_the_holder_is_told(served, open_ua)
     await seen.seen(lambda item: isinstance(item, tuple) and item[1] is True)
 
     bobs = await lock_node(bob, "valve")
+    mark = served.mark()
     with pytest.raises(ua.UaStatusCodeError) as refused:  # operators may not break locks
         await bobs.call_method(f"{di}:BreakLock")
     assert refused.value.code == ua.StatusCodes.BadUserAccessDenied
-    assert await refusal(bob) == "BreakLock: user 'bob' may not break locks (admins only)"
+    assert "valve" in await refusal(bob)
+    res, denied = await call_diagnosed(bob, "Resources/valve/Lock", "BreakLock")
+    assert res.StatusCode.value == ua.StatusCodes.BadUserAccessDenied
+    assert (denied["kind"], denied["action"], denied["target"]) == ("forbidden", "lock.break", "valve")
+    assert denied["fields"] == {"user": "bob", "needs": "the admin role"}
+    assert served.refusals(mark) == [("lock.break", "bob", "valve")] * 2
     roots = await lock_node(root, "valve")
     assert await roots.call_method(f"{di}:BreakLock") == 0
 
@@ -390,9 +422,14 @@ async def test_an_admin_break_is_audited_and_the_holder_is_told(served, open_ua)
     assert event.Message.Text == "valve: lock of alice broken by root (BreakLock over OPC UA by root)"
     await seen.seen(lambda item: isinstance(item, tuple) and item[1] is False)
     assert await lock.call_method(f"{di}:RenewLock") == -1  # alice learns it is gone
-    breaks = [(r.user, r.accepted, r.reason) for r in served.audit if r.action == "lock.break" and r.target == "valve"]
-    assert breaks == [("bob", False, "not an admin"), ("root", True, "BreakLock over OPC UA by root")]
-    assert await roots.call_method(f"{di}:BreakLock") == -1  # nothing left to break
+    breaks = [(r.user, r.reason) for r in served.audit if r.action == "lock.break" and r.target == "valve" and r.accepted]
+    assert breaks == [("root", "BreakLock over OPC UA by root")]
+    res, gone = await call_diagnosed(root, "Resources/valve/Lock", "BreakLock")
+    assert res.StatusCode.is_good() and [v.Value for v in res.OutputArguments] == [-1]  # E_NotLocked: nothing left to break
+    assert (gone["kind"], gone["error"], gone["action"]) == ("conflict", "NoLease", "lock.break")
+    assert served.refusals(mark) == [
+        ("lock.break", "bob", "valve"), ("lock.break", "bob", "valve"), ("lock.renew", "alice", "valve"), ("lock.break", "root", "valve"),
+    ]  # fmt: skip
     await sub.delete()
 
 

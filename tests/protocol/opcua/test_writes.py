@@ -7,7 +7,7 @@ from asyncua import ua
 from asyncua.ua.uaerrors import UaStatusCodeError
 from labctl.ioc.errors import DriverFault, DriverTimeout, Interlocked, LockedBy
 from labctl.ioc.types import Identity
-from labctl.server.opcua.writes import REFUSALS, status_of
+from labctl.server.opcua.refusals import BY_KIND, SPECIFIC, status_of
 
 from .conftest import SITE, ns, pv_node
 
@@ -228,4 +228,4 @@ def test_refusal_table_prefers_the_most_specific_class():
     assert status_of(DriverFault("x", "y")) == ua.StatusCodes.BadCommunicationError
     assert status_of(LockedBy("P", "r", "alice", None)) == ua.StatusCodes.BadLocked
     assert status_of(RuntimeError("bug")) == ua.StatusCodes.BadInternalError
-    assert all(ua.StatusCode(code).is_bad() for code in REFUSALS.values())
+    assert all(ua.StatusCode(code).is_bad() for code in [*SPECIFIC.values(), *BY_KIND.values()])

@@ -1,4 +1,11 @@
-"""Errors of the historian::
+"""What the rest of the server may know of the archive: processed-history buckets and the archive's errors.
+
+The historian (:mod:`labctl.server.historian`) archives and answers history queries; the
+protocol adapters serve those answers (OPC UA HistoryRead) without depending on the
+historian's internals: they see the shape of an answer (:class:`Bucket`) and its errors,
+defined here, and the query methods of the historian service they are handed.
+
+Errors::
 
     LabctlError                         (ioc.errors)
     ├── UnknownPV                       no PV (live or archived) has that name
@@ -12,6 +19,8 @@ the same request may succeed later.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from labctl.ioc.errors import LabctlError
 
@@ -34,3 +43,23 @@ class SchemaTooNew(HistorianError):
             f"the historian database has schema version {found}, but this labctl supports up to {supported}; "
             "upgrade labctl (or point historian.url at another database)"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """The aggregates of one processing interval ``[start, end)`` (seconds since the epoch).
+
+    Only valid samples count (severity below INVALID, a number present). An empty bucket
+    has ``count == 0`` and None elsewhere. Values are floats whatever the PV's type.
+    """
+
+    start: float
+    end: float
+    count: int
+    min: float | None = None
+    max: float | None = None
+    mean: float | None = None
+    first: float | None = None
+    last: float | None = None
+    first_time: float | None = None
+    last_time: float | None = None
