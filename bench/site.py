@@ -68,7 +68,7 @@ def site_data(
         "site": "bench",
         "server": {
             "state_dir": state_dir,
-            "opcua": {"enabled": opcua, "host": "127.0.0.1", "port": 0, "security": security, "anonymous": True},
+            "opcua": {"enabled": opcua, "host": "127.0.0.1", "port": 0, "security": security, "anonymous": True, "trust": "auto"},
             "ca": ca_cfg,
         },
         "historian": {"enabled": False} if historian_url is None else {"url": historian_url},

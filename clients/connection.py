@@ -18,7 +18,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import socket
+import time
+from pathlib import Path
 from typing import Any
 
 from asyncua import Client, ua
@@ -43,13 +46,55 @@ _MODES = {
 _S = ua.StatusCodes
 
 
+def client_pki_dir() -> Path:
+    """Where this user's client application certificate is kept: ``LABCTL_CLIENT_PKI``, else ``~/.config/labctl/pki``."""
+    env = os.environ.get("LABCTL_CLIENT_PKI")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "labctl" / "pki"
+
+
 @functools.cache
 def application_certificate() -> tuple[bytes, bytes]:
-    """A self-signed application certificate and its key (DER) for this process, made once.
+    """This user's application certificate and key (DER): made once, then kept in :func:`client_pki_dir`.
 
-    Basic256Sha256 needs a client application certificate. labctl servers accept any (users
-    authenticate separately); for a server that checks, pass a trusted one to :func:`labctl.clients.session.connect`.
+    Basic256Sha256 needs a client application certificate, and a server that keeps a trust
+    list (labctl's, UaExpert's...) trusts a certificate once: so the same one is used by every
+    command and session of this user (``client_cert.der``, with its key ``client_key.der``
+    readable by the user only), renewed when it is within a week of expiring. Where the
+    folder cannot be written, one is made for this process only (and said so in the log).
     """
+    from cryptography import x509
+
+    folder = client_pki_dir()
+    cert_path, key_path = folder / "client_cert.der", folder / "client_key.der"
+    try:
+        cert, key = cert_path.read_bytes(), key_path.read_bytes()
+        expires = x509.load_der_x509_certificate(cert).not_valid_after_utc.timestamp()
+        if expires - time.time() > 7 * 86400:
+            return cert, key
+    except (OSError, ValueError):
+        pass
+    cert, key = _new_certificate()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _write(key_path, key, 0o600)
+        _write(cert_path, cert, 0o644)
+    except OSError as e:
+        log.warning("cannot keep the client certificate in %s (%s); using one for this process only", folder, e)
+    return cert, key
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _new_certificate() -> tuple[bytes, bytes]:
     from asyncua.crypto.cert_gen import generate_private_key, generate_self_signed_app_certificate
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat

@@ -6,6 +6,7 @@
     ├── ConnectionLost              the connection broke (while monitoring, or mid-request)      kind "connection"
     ├── RequestTimeout (TimeoutError)   the server did not answer in time                        kind "timeout"
     ├── LockWaitTimeout (TimeoutError)  a queued lock request was not granted in time            kind "timeout"
+    ├── WriteUnconfirmed            a write was sent, but the instrument's read-back failed      kind "unconfirmed"
     └── Refused                     the server refused an action (its kind, action, target, fields)
         ├── Forbidden               the identity may not do this                                 kind "forbidden"
         │   └── AccessDenied        a control call refused for the user's roles (BadUserAccessDenied)
@@ -44,7 +45,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 #: Every kind of error, in the order the README lists them.
-KINDS = ("forbidden", "not_found", "conflict", "invalid", "unavailable", "connection", "timeout", "usage")
+KINDS = ("forbidden", "not_found", "conflict", "invalid", "unavailable", "unconfirmed", "connection", "timeout", "usage")
 
 #: StatusCode name -> the kind of refusal it stands for (when the server sent no refusal data).
 STATUS_KINDS: dict[str, str] = {
@@ -103,6 +104,51 @@ class LockWaitTimeout(ClientError, TimeoutError):
     """A queued lock request was not granted in time (the request is withdrawn)."""
 
     kind = "timeout"
+
+
+class WriteUnconfirmed(ClientError):
+    """A write the server sent to the instrument, whose read-back then failed: written, not confirmed.
+
+    Neither a refusal nor a failure: the instrument very likely holds ``value`` (do not
+    simply write again), but nothing confirmed it, and the PV reads INVALID until the
+    instrument is read again. The server answers such a write with
+    UncertainNoCommunicationLastUsableValue (``status``, ``code``); ``cause`` is why the
+    read-back failed, ``fields`` the server's data (``pv``, ``value``, ``cause``).
+    """
+
+    kind = "unconfirmed"
+
+    def __init__(
+        self,
+        pv: str,
+        *,
+        value: Any = None,
+        cause: str = "",
+        message: str | None = None,
+        fields: dict[str, Any] | None = None,
+        status: str = "",
+        code: int = 0,
+    ) -> None:
+        self.pv = pv
+        self.value = value
+        self.cause = cause
+        self.action = "write"
+        self.target = pv
+        self.error = "WrittenUnconfirmed"
+        self.fields: dict[str, Any] = dict(fields) if fields is not None else {"pv": pv, "value": value, "cause": cause}
+        self.status = status
+        self.code = code
+        super().__init__(message or f"{pv}: written, not confirmed: {cause or status or 'the read-back failed'}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, status: str = "", code: int = 0) -> WriteUnconfirmed:
+        """From the server's data (``kind`` ``unconfirmed``)."""
+        fields = dict(d.get("fields") or {})
+        pv = str(fields.get("pv") or d.get("target", ""))
+        return cls(
+            pv, value=fields.get("value"), cause=str(fields.get("cause", "")), message=str(d.get("message", "")) or None,
+            fields=fields, status=status, code=code,
+        )  # fmt: skip
 
 
 # ---- refusals -----------------------------------------------------------------------------------

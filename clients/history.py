@@ -8,10 +8,19 @@ labctl server answers from its historian:
   :data:`PAGE_SIZE` values per request, following continuation points until the range is
   exhausted. Each value's StatusCode becomes a severity and status as for live reads
   (:func:`labctl.clients.values.quality`); an INVALID value is NaN (numbers) or None.
-* **processed** (``every`` seconds): ReadProcessedDetails with the Average, Minimum,
-  Maximum and Count aggregates of the same node in one request per page -- one bucket
-  per ``every`` from ``since``, the last one cut at ``until``. A bucket without valid
-  samples has a count of 0, NaN elsewhere, and severity INVALID with status UDF.
+  By default (``bounds=True``) the read asks for ReturnBounds and keeps the start bound:
+  the value in force at ``since`` (the last one archived before it, with its own time)
+  comes first, so a PV that did not change in the range still shows its value; the end
+  bound (at or after ``until``) is dropped, and so is a bound the server did not find.
+* **processed** (``every`` seconds): ReadProcessedDetails with the TimeAverage2,
+  Minimum, Maximum, Count and StartBound aggregates of the same node in one request per
+  page -- one bucket per ``every`` from ``since``, the last one cut at ``until``. The
+  archive's values are stepped (a value holds until the next one), so a bucket carries
+  the value in force: its mean is weighted by time (TimeAverage2), its min and max
+  include the value held from its start (StartBound) as well as the samples inside
+  (Minimum, Maximum), and ``count`` is the number of samples inside. A bucket is INVALID
+  only where the PV had no valid value at all in it (status UDF when nothing was known,
+  else the status of the INVALID reading in force); elsewhere its severity is NO_ALARM.
 
 The result is a :class:`History`: ``times`` (UNIX seconds, float64), ``values`` (float64
 for numeric PVs -- int, bool and enum included -- else objects), ``severities`` and
@@ -19,8 +28,8 @@ for numeric PVs -- int, bool and enum included -- else objects), ``severities`` 
 for processed history ``minimum``, ``maximum`` and ``counts``. :meth:`History.to_dataframe`
 gives a pandas DataFrame indexed by UTC time.
 
-The command ``labctl history PV --since 1h [--until ...] [--every 1m] [--format
-table|csv|json]`` prints one.
+The command ``labctl history PV --since 1h [--until ...] [--every 1m] [--no-bounds]
+[--format table|csv|json]`` prints one.
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from asyncua import ua
 from labctl.clients.errors import ClientError
-from labctl.clients.values import Metadata, format_value, reading_of
+from labctl.clients.values import Metadata, format_value, quality, reading_of
 from labctl.ioc.types import PVType, Severity, Status
 
 if TYPE_CHECKING:
@@ -50,11 +59,14 @@ if TYPE_CHECKING:
 PAGE_SIZE = 10_000
 #: The aggregates of a processed read, in the order they are requested.
 AGGREGATES = (
-    ua.ObjectIds.AggregateFunction_Average,
+    ua.ObjectIds.AggregateFunction_TimeAverage2,
     ua.ObjectIds.AggregateFunction_Minimum,
     ua.ObjectIds.AggregateFunction_Maximum,
     ua.ObjectIds.AggregateFunction_Count,
+    ua.ObjectIds.AggregateFunction_StartBound,
 )
+#: HistorianBits Interpolated (Part 4 7.39): a StartBound that is the value held from before the bucket.
+_INTERPOLATED = 0x2
 _NUMERIC = (PVType.FLOAT64, PVType.INT, PVType.BOOL, PVType.ENUM)
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
 
@@ -135,9 +147,12 @@ def _unix(d: _dt.datetime | None) -> float:
 
 
 async def read_history(
-    session: Session, name: str, since: float | _dt.datetime, until: float | _dt.datetime | None = None, every: float | None = None
+    session: Session, name: str, since: float | _dt.datetime, until: float | _dt.datetime | None = None, every: float | None = None,
+    *, bounds: bool = True,
 ) -> History:
     """A PV's history from ``since`` to ``until`` (default: now), raw or in ``every``-second buckets.
+
+    ``bounds`` (raw only): start with the value in force at ``since`` (see the module docstring).
 
     Raises:
         NoSuchPV: the server has no such PV.
@@ -152,7 +167,7 @@ async def read_history(
         raise ValueError(f"every must be a positive number of seconds, got {every!r}")
     meta = await session.info(name)
     if every is None:
-        return await _raw(session, meta, start, end)
+        return await _raw(session, meta, start, end, bounds)
     if meta.type not in _NUMERIC:
         raise ValueError(f"{name} is a {meta.type.value if meta.type else 'non-numeric'} PV; buckets need a number")
     return await _processed(session, meta, start, end, every)
@@ -184,12 +199,12 @@ async def _history_read(session: Session, details: Any, items: list[tuple[ua.Nod
     return await session._call(session.client.uaclient.history_read(params))  # noqa: SLF001 -- the session's request wrapper
 
 
-async def _raw(session: Session, meta: Metadata, start: float, end: float) -> History:
+async def _raw(session: Session, meta: Metadata, start: float, end: float, bounds: bool) -> History:
     details = ua.ReadRawModifiedDetails()
     details.IsReadModified = False
     details.StartTime, details.EndTime = _utc(start), _utc(end)
     details.NumValuesPerNode = PAGE_SIZE
-    details.ReturnBounds = False
+    details.ReturnBounds = bounds
     nid = session._node_id(meta.name)  # noqa: SLF001 -- NodeIds are the session's
     readings = []
     cont: bytes | None = None
@@ -198,10 +213,16 @@ async def _raw(session: Session, meta: Metadata, start: float, end: float) -> Hi
         if result.StatusCode is not None and result.StatusCode.is_bad():
             raise _refused(meta.name, result.StatusCode)
         if result.HistoryData is not None:
-            readings += [reading_of(meta, dv) for dv in result.HistoryData.DataValues]
+            readings += [
+                reading_of(meta, dv)
+                for dv in result.HistoryData.DataValues
+                if not (bounds and dv.StatusCode is not None and dv.StatusCode.value == ua.StatusCodes.BadBoundNotFound)
+            ]
         cont = result.ContinuationPoint or None
         if cont is None:
             break
+    if bounds and readings and readings[-1].timestamp >= end:
+        readings.pop()  # the end bound: outside [since, until)
     numeric = meta.type in _NUMERIC
     values = np.array(
         [(math.nan if r.value is None else float(r.value)) for r in readings] if numeric else [r.value for r in readings],
@@ -240,29 +261,45 @@ async def _processed(session: Session, meta: Metadata, start: float, end: float,
                 pending[i] = result.ContinuationPoint
             else:
                 del pending[i]
-    mean, low, high, count = columns
+    mean, low, high, count, held = columns
     n = len(count)
     if not all(len(c) == n for c in columns):
         raise _refused(meta.name, ua.StatusCode(ua.StatusCodes.BadUnexpectedError))
 
     def numbers(dvs: list[ua.DataValue]) -> np.ndarray:
         return np.array(
-            [float(dv.Value.Value) if dv.StatusCode.is_good() and dv.Value is not None and dv.Value.Value is not None else math.nan for dv in dvs],
+            [float(dv.Value.Value) if not dv.StatusCode.is_bad() and dv.Value is not None and dv.Value.Value is not None else math.nan for dv in dvs],
             dtype=np.float64,
         )
 
     counts = np.array([int(dv.Value.Value) if dv.Value is not None and dv.Value.Value is not None else 0 for dv in count], dtype=np.int64)
-    empty = counts == 0
+    # The value held from before a bucket counts towards its min and max (a bound exactly at
+    # the bucket's start is a sample inside it, already in Minimum and Maximum).
+    carried = np.array(
+        [float(dv.Value.Value) if dv.StatusCode.is_good() and dv.StatusCode.value & _INTERPOLATED and dv.Value.Value is not None
+         else math.nan for dv in held],
+        dtype=np.float64,
+    )  # fmt: skip
+    bad = np.array([dv.StatusCode.is_bad() for dv in mean], dtype=bool)
+    severities = np.full(n, int(Severity.NO_ALARM), dtype=np.int8)
+    statuses = np.full(n, int(Status.NO_ALARM), dtype=np.int16)
+    for i in np.flatnonzero(bad):
+        bound = held[i].StatusCode  # the reading in force at the bucket's start, when it was INVALID
+        status = quality(bound.value)[1] if bound.is_bad() and bound.value != ua.StatusCodes.BadNoData else Status.UDF
+        severities[i], statuses[i] = int(Severity.INVALID), int(status)
+    with np.errstate(invalid="ignore"):
+        minimum = np.fmin(numbers(low), carried)
+        maximum = np.fmax(numbers(high), carried)
     return History(
         name=meta.name,
         meta=meta,
         times=np.array([_unix(dv.SourceTimestamp) for dv in count], dtype=np.float64),
         values=numbers(mean),
-        severities=np.where(empty, int(Severity.INVALID), int(Severity.NO_ALARM)).astype(np.int8),
-        statuses=np.where(empty, int(Status.UDF), int(Status.NO_ALARM)).astype(np.int16),
+        severities=severities,
+        statuses=statuses,
         every=every,
-        minimum=numbers(low),
-        maximum=numbers(high),
+        minimum=minimum,
+        maximum=maximum,
         counts=counts,
     )
 
@@ -281,6 +318,8 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     p.add_argument("--until", type=parse_since, default=None, metavar="WHEN", help="as --since (default: now)")
     p.add_argument("--every", type=parse_duration, default=None, metavar="DURATION",
                    help="buckets of this width (1m, 10s...): mean, min, max and count of each")  # fmt: skip
+    p.add_argument("--no-bounds", dest="bounds", action="store_false",
+                   help="raw values inside the range only (default: first the value in force at --since)")  # fmt: skip
     p.add_argument("--format", choices=("table", "csv", "json"), default=None, help="output format (default table; --json is json)")
     p.set_defaults(func=cmd_history)
 
@@ -294,7 +333,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
     async def body(s: Session) -> int:
         try:
-            h = await s.history(args.pv, args.since, args.until, args.every)
+            h = await s.history(args.pv, args.since, args.until, args.every, bounds=args.bounds)
         except ValueError as e:
             raise UsageError(str(e)) from None
         print_history(h, fmt)

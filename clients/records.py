@@ -58,7 +58,14 @@ class AlarmInfo:
 
 @dataclass(frozen=True)
 class JobInfo:
-    """A job's summary."""
+    """A job's summary.
+
+    ``phase`` is ``steps`` or ``cleanup`` while it runs (``cleanup`` also for a failed job
+    whose cleanup runs after a restart). ``waiting`` says, as data, what holds a queued (or
+    paused) job -- ``{"kind": "lock", "resource", "owner", "until", "job"}``,
+    ``{"kind": "interlock", "interlock", "reason"}`` or ``{"kind": "hold", "source",
+    "reason"}`` -- and ``waiting_reason`` says it for people.
+    """
 
     id: int
     procedure: str
@@ -72,6 +79,19 @@ class JobInfo:
     started_at: float | None
     ended_at: float | None
     error: str
+    phase: str = ""
+    waiting: dict | None = None
+    waiting_reason: str = ""
+
+    @property
+    def state_text(self) -> str:
+        """The state as a person reads it: ``running (cleanup)``, ``queued (held by interlock mxc_warm)``."""
+        notes = ["paused"] if self.paused else []
+        if self.phase == "cleanup":
+            notes.append("cleanup")
+        if self.waiting_reason:
+            notes.append(self.waiting_reason)
+        return self.state + (f" ({'; '.join(notes)})" if notes else "")
 
 
 @dataclass(frozen=True)
@@ -142,6 +162,7 @@ def decode_job(d: dict[str, Any]) -> JobInfo:
         id=int(d["id"]), procedure=d["procedure"], owner=d["owner"], state=d["state"], paused=bool(d["paused"]),
         priority=int(d["priority"]), params=dict(d["params"]), resources=list(d["resources"]),
         submitted_at=d["submitted_at"], started_at=d["started_at"], ended_at=d["ended_at"], error=d["error"],
+        phase=d.get("phase") or "", waiting=d.get("waiting") or None, waiting_reason=d.get("waiting_reason") or "",
     )  # fmt: skip
 
 

@@ -65,6 +65,7 @@ from labctl.clients.errors import (
     NoSuchPV,
     PutRefused,
     RequestTimeout,
+    WriteUnconfirmed,
     refusal_from_dict,
 )
 from labctl.clients.monitor import Monitor
@@ -296,7 +297,11 @@ class Session:
     # ---- commands -------------------------------------------------------------------
 
     async def put(self, name: str, value: Any) -> None:
-        """Write a PV. Raises NoSuchPV, or a PutRefused of the refusal's kind with its fields."""
+        """Write a PV. Raises NoSuchPV, a PutRefused of the refusal's kind with its fields, or WriteUnconfirmed.
+
+        WriteUnconfirmed: the instrument was sent the value but reading it back failed
+        (the value is very likely set; the PV reads INVALID until it is read again).
+        """
         meta = await self.info(name)
         wv = ua.WriteValue()
         wv.NodeId = self._node_id(name)
@@ -310,6 +315,10 @@ class Session:
             return
         code = status.value
         refusal = _refusal_data(response.DiagnosticInfos)
+        if status.is_uncertain():  # sent to the instrument, read-back failed: not refused, not confirmed
+            if refusal is not None:
+                raise WriteUnconfirmed.from_dict(refusal, status=status_name(code), code=code)
+            raise WriteUnconfirmed(name, value=value, status=status_name(code), code=code)
         if refusal is not None:
             raise refusal_from_dict(refusal, status=status_name(code), code=code)
         raise PutRefused(name, status_name(code), code, ua.StatusCode(code).doc or status_name(code))
@@ -442,8 +451,10 @@ class Session:
     ) -> AsyncIterator[HeldLock]:
         """Hold a resource's lock for the ``async with`` block, renewing it every third of ``duration_s``.
 
-        The lease is released when the block ends. If a renewal fails (the lock was
-        broken, or lapsed while the server was unreachable), renewing stops and the
+        The lease is released when the block ends. The lock's ``LockingClient`` is watched,
+        so a break is noticed at once (the lease is checked by renewing it when the holder
+        changes), not at the next renewal. If a renewal fails (the lock was broken, or
+        lapsed while the server was unreachable), renewing stops and the
         :class:`HeldLock` says why in ``lost``.
         """
         lease = await self.lock(resource, duration_s=duration_s, priority=priority, wait=wait, timeout_s=timeout_s)
@@ -459,14 +470,32 @@ class Session:
                     await asyncio.shield(self.unlock(resource, held.lease.token))
 
     async def _keep(self, held: HeldLock, duration_s: float) -> None:
-        while True:
-            await asyncio.sleep(duration_s / 3)
-            try:
-                held.lease = await self.renew(held.lease.resource, held.lease.token, duration_s)
-            except ClientError as e:
-                held.lost = str(e)
-                log.warning("lock of %s lost: %s", held.lease.resource, e)
-                return
+        changed = asyncio.Event()
+        sub = None
+        try:
+            try:  # tell a change of holder at once (a break); without it, the renewal finds out
+                sub = await self._call(self.client.create_subscription(100.0, _Changed(changed), queue_maxsize=10))
+                node = self.client.get_node(self._node_id(f"/{self.site}/Resources/{held.lease.resource}/Lock/LockingClient"))
+                await self._call(sub.subscribe_data_change(node, queuesize=1, sampling_interval=0.0))
+            except (ClientError, UaError) as e:
+                log.debug("not watching the holder of %s: %s", held.lease.resource, e)
+            while True:  # renew every third of the lease, and at once when the holder changes (a renewal is harmless)
+                try:
+                    async with asyncio.timeout(duration_s / 3):
+                        await changed.wait()
+                except TimeoutError:
+                    pass
+                changed.clear()
+                try:
+                    held.lease = await self.renew(held.lease.resource, held.lease.token, duration_s)
+                except ClientError as e:
+                    held.lost = str(e)
+                    log.warning("lock of %s lost: %s", held.lease.resource, e)
+                    return
+        finally:
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(sub.delete())
 
     # ---- control: alarms and interlocks ----------------------------------------------
 
@@ -523,13 +552,18 @@ class Session:
         """Audit records since ``since`` (UNIX s), oldest first: ``time, action, user, protocol, host, target, old, new, accepted, reason``."""
         return await self._json("ListAudit", _double(since), _string(user or ""), _string(pv or ""))
 
-    async def history(self, name: str, since: float | _dt.datetime, until: float | _dt.datetime | None = None, every: float | None = None) -> Any:
+    async def history(
+        self, name: str, since: float | _dt.datetime, until: float | _dt.datetime | None = None, every: float | None = None,
+        *, bounds: bool = True,
+    ) -> Any:  # fmt: skip
         """A PV's archived history over ``[since, until)`` (UNIX s or aware datetimes; ``until`` default now):
-        raw values, or mean/min/max/count per ``every`` seconds, as a :class:`labctl.clients.history.History`
-        (NumPy arrays, ``.to_dataframe()``). Raises NoSuchPV, HistoryUnavailable, ValueError."""
+        raw values (first the value in force at ``since`` unless ``bounds=False``), or per ``every``
+        seconds the time-weighted mean, min, max and count with the last value carried forward, as a
+        :class:`labctl.clients.history.History` (NumPy arrays, ``.to_dataframe()``). Raises NoSuchPV,
+        HistoryUnavailable, ValueError."""
         from labctl.clients.history import read_history  # the history module builds on this one
 
-        return await read_history(self, name, since, until, every)
+        return await read_history(self, name, since, until, every, bounds=bounds)
 
     def monitor(self, names: Iterable[str], *, queue_size: int = 10_000, publishing_interval_ms: float = 100.0) -> Monitor:
         """Watch PVs: an async iterator (and async context manager) of :class:`~labctl.clients.values.Sample`.
@@ -551,6 +585,16 @@ def _double(v: float) -> ua.Variant:
         raise ValueError(f"expected a finite number, got {v}")
     return ua.Variant(v, ua.VariantType.Double)
 
+
+
+class _Changed:
+    """An asyncua subscription handler that sets an event on every data change."""
+
+    def __init__(self, event: asyncio.Event) -> None:
+        self.event = event
+
+    def datachange_notification(self, node: Any, val: Any, data: Any) -> None:
+        self.event.set()
 
 
 def _refusal_data(infos: list[ua.DiagnosticInfo] | None) -> dict[str, Any] | None:

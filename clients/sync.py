@@ -205,11 +205,13 @@ class SyncSession:
         """Audit records since ``since`` (UNIX s)."""
         return self._run(self.session.audit(since, user=user, pv=pv))
 
-    def history(self, name: str, since: Any, until: Any = None, every: float | None = None, *, timeout_s: float | None = None) -> Any:
+    def history(
+        self, name: str, since: Any, until: Any = None, every: float | None = None, *, bounds: bool = True, timeout_s: float | None = None
+    ) -> Any:
         """A PV's history as :class:`labctl.clients.history.History` (see ``Session.history``); the whole
         read, every page of it, may take ``timeout_s`` (default: the session's, at least 60 s)."""
         limit = max(self.timeout_s, 60.0) if timeout_s is None else timeout_s
-        return self._run(self.session.history(name, since, until, every), limit)
+        return self._run(self.session.history(name, since, until, every, bounds=bounds), limit)
 
     def monitor(self, names: Iterable[str], *, queue_size: int = 10_000, publishing_interval_ms: float = 100.0) -> SyncMonitor:
         """Watch PVs; iterate the result (each sample waits at most ``timeout_s``) and close it."""

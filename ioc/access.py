@@ -14,6 +14,11 @@ from typing import Any, Protocol
 
 from labctl.ioc.types import Identity
 
+#: The audit action of a write the instrument took but whose read-back failed: not
+#: refused (``accepted`` is True), not confirmed either. A value of the ``action`` column,
+#: so the historian's audit table and every older record stay as they are.
+WRITE_UNCONFIRMED = "write.unconfirmed"
+
 
 class LockCheck(Protocol):
     """The arbiter's part of the write path."""
@@ -67,7 +72,16 @@ class AuditRecord:
         """Build from an identity."""
         return cls(time, action, who.user, who.protocol, who.host, target, **kw)
 
+    @property
+    def outcome(self) -> str:
+        """``accepted``, ``refused``, or ``written-unconfirmed`` (the instrument took it; the read-back failed)."""
+        if not self.accepted:
+            return "refused"
+        return "written-unconfirmed" if self.action == WRITE_UNCONFIRMED else "accepted"
+
     def __str__(self) -> str:
-        verdict = "accepted" if self.accepted else f"REFUSED ({self.reason})"
-        change = f" {self.old!r} -> {self.new!r}" if self.action == "write" else (f" {self.new}" if self.new is not None else "")
+        outcome = self.outcome
+        verdict = {"accepted": "accepted", "refused": f"REFUSED ({self.reason})"}.get(outcome, f"written, NOT CONFIRMED ({self.reason})")
+        is_write = self.action in ("write", WRITE_UNCONFIRMED)
+        change = f" {self.old!r} -> {self.new!r}" if is_write else (f" {self.new}" if self.new is not None else "")
         return f"{self.action} {self.target}{change} by {self.user}@{self.host or '-'} via {self.protocol}: {verdict}"

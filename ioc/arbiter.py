@@ -15,7 +15,13 @@ A refused call raises a :class:`LockRefused` of the fitting kind (:class:`NoSuch
 :class:`NotLockable`, :class:`BadLease`, :class:`LockHeld`, :class:`NoLease`). Leases that
 lapsed before the refusal are still freed and handed on by that call: their events travel
 on the exception (:attr:`LockRefused.events`), so the shell publishes them on the refusing
-path too and no lapse or grant goes unannounced.
+path too and no lapse or grant goes unannounced (``tests/unit/test_arbiter_stateful.py``
+checks this over random operation sequences).
+
+A lease (or queued request) records whether an internal actor holds it
+(``Identity.internal``, set only by code): ownership is the user name *and* that flag, so a
+Channel Access client reporting the internal actors' user name never writes under, renews
+or releases their leases. Internal actors pass the write path's lock check.
 """
 
 from __future__ import annotations
@@ -96,6 +102,8 @@ class Lease:
     expires_at: float
     duration_s: float
     job: int | None = None
+    internal: bool = False
+    """Held by one of the server's own actors (a client that reports the same user name is not its holder)."""
 
     def remaining(self, now: float) -> float:
         """Seconds until the lease lapses (never negative)."""
@@ -115,6 +123,7 @@ class Waiter:
     duration_s: float
     seq: int
     job: int | None = None
+    internal: bool = False
 
     def sort_key(self) -> tuple[int, int]:
         """Higher priority first, then first come first served."""
@@ -189,18 +198,18 @@ class Arbiter:
 
     def check_write(self, identity: Identity, pv: str, resource: str, now: float) -> None:
         """Raise LockedBy unless ``identity`` may write ``resource`` (holds its lease, or it is not lockable)."""
-        if "system" in identity.roles or not self.lockable(resource):
-            return
+        if identity.internal or not self.lockable(resource):
+            return  # the server's own actors (an interlock driving a safe value) act regardless of locks
         lease = self._res[resource].lease
         if lease is None or lease.expires_at <= now:
             raise LockedBy(pv, resource, "", None)
-        if lease.user != identity.user:
+        if not _owned_by(lease, identity.user, identity.internal):
             raise LockedBy(pv, resource, lease.user, lease.expires_at, lease.job)
 
     def holds(self, identity: Identity, resource: str, now: float) -> bool:
         """Whether ``identity`` holds a live lease on ``resource``."""
         st = self._res.get(resource)
-        return bool(st and st.lease and st.lease.user == identity.user and st.lease.expires_at > now)
+        return bool(st and st.lease and _owned_by(st.lease, identity.user, identity.internal) and st.lease.expires_at > now)
 
     # ---- commands ------------------------------------------------------------------------
 
@@ -230,19 +239,19 @@ class Arbiter:
         duration = self._duration(st, duration_s, "lock.request")
         events = self.expire(now)
         lease = st.lease
-        if lease is not None and lease.user == who.user and lease.client == client and not exclusive:
+        if lease is not None and _owned_by(lease, who.user, who.internal) and lease.client == client and not exclusive:
             renewed, ev = self._renew(st, now, duration)
             return renewed, events + ev
         for w in st.waiters:
-            if w.user == who.user and w.client == client:
+            if _owned_by(w, who.user, who.internal) and w.client == client:
                 return w, events
         if lease is None and not st.waiters:
-            granted = self._grant(st, who.user, client, priority, duration, now, job)
+            granted = self._grant(st, who, client, priority, duration, now, job)
             return granted, [*events, self._event("granted", granted, now)]
         if not wait:
             holder = lease or st.waiters[0]
             raise _with(LockHeld(resource, holder.user, lease.expires_at if lease else None, holder.job, action="lock.request"), events)
-        waiter = Waiter(resource, who.user, client, priority, _token(), now, duration, next(self._seq), job)
+        waiter = Waiter(resource, who.user, client, priority, _token(), now, duration, next(self._seq), job, who.internal)
         st.waiters.append(waiter)
         st.waiters.sort(key=Waiter.sort_key)
         events.append(LeaseEvent("queued", resource, who.user, client, waiter.token, now))
@@ -277,24 +286,28 @@ class Arbiter:
                 return [*events, LeaseEvent("withdrawn", resource, w.user, w.client, w.token, now)]
         raise _with(NoLease("no lease or request with that token", resource=resource, action="lock.release"), events)
 
-    def token_of(self, resource: str, user: str, client: str) -> str | None:
+    def token_of(self, resource: str, user: str, client: str, *, internal: bool = False) -> str | None:
         """The token of ``client``'s lease (or queued request) on ``resource``, or None."""
         st = self._res.get(resource)
         if st is None:
             return None
-        if st.lease is not None and st.lease.user == user and st.lease.client == client:
+        if st.lease is not None and _owned_by(st.lease, user, internal) and st.lease.client == client:
             return st.lease.token
-        return next((w.token for w in st.waiters if w.user == user and w.client == client), None)
+        return next((w.token for w in st.waiters if _owned_by(w, user, internal) and w.client == client), None)
 
-    def release_user(self, resource: str, user: str, now: float, client: str | None = None) -> list[LeaseEvent]:
-        """Release ``user``'s lease or request on a resource (protocols that carry no token, like CA)."""
+    def release_user(self, resource: str, user: str, now: float, client: str | None = None, *, internal: bool = False) -> list[LeaseEvent]:
+        """Release ``user``'s lease or request on a resource (protocols that carry no token, like CA).
+
+        ``internal``: the caller is one of the server's own actors; a client reporting the
+        same user name never releases an internal actor's lease, nor the other way round.
+        """
         st = self._state(resource, "lock.release")
         events = self.expire(now)
         lease = st.lease
-        if lease is not None and lease.user == user and (client is None or lease.client == client):
+        if lease is not None and _owned_by(lease, user, internal) and (client is None or lease.client == client):
             return events + self.release(resource, lease.token, now)
         for w in st.waiters:
-            if w.user == user and (client is None or w.client == client):
+            if _owned_by(w, user, internal) and (client is None or w.client == client):
                 return events + self.release(resource, w.token, now)
         raise _with(NoLease(f"{user} holds no lease and waits for none", resource=resource, action="lock.release"), events)
 
@@ -332,8 +345,8 @@ class Arbiter:
             raise BadLease(f"lease duration must be a positive number of seconds, got {duration_s}", resource=st.config.name, action=action)
         return min(max(duration_s, self.min_lease_s), st.config.max_lease_s)
 
-    def _grant(self, st, user, client, priority, duration, now, job) -> Lease:
-        st.lease = Lease(st.config.name, user, client, priority, _token(), now, now + duration, duration, job)
+    def _grant(self, st, who: Identity, client, priority, duration, now, job) -> Lease:
+        st.lease = Lease(st.config.name, who.user, client, priority, _token(), now, now + duration, duration, job, who.internal)
         return st.lease
 
     def _renew(self, st: _ResourceState, now: float, duration: float) -> tuple[Lease, list[LeaseEvent]]:
@@ -345,12 +358,17 @@ class Arbiter:
         if st.lease is not None or not st.waiters:
             return []
         w = st.waiters.pop(0)
-        st.lease = Lease(w.resource, w.user, w.client, w.priority, w.token, now, now + w.duration_s, w.duration_s, w.job)
+        st.lease = Lease(w.resource, w.user, w.client, w.priority, w.token, now, now + w.duration_s, w.duration_s, w.job, w.internal)
         return [self._event("granted", st.lease, now)]
 
     @staticmethod
     def _event(kind: EventKind, lease: Lease, now: float, by: str = "", reason: str = "") -> LeaseEvent:
         return LeaseEvent(kind, lease.resource, lease.user, lease.client, lease.token, now, lease.expires_at, by, reason)
+
+
+def _owned_by(held: Lease | Waiter, user: str, internal: bool) -> bool:
+    """Whether a lease (or request) is ``user``'s: the same name *and* the same kind (internal actor or client)."""
+    return held.user == user and held.internal == internal
 
 
 def _token() -> str:

@@ -15,6 +15,13 @@ identity holds the resource's lock -> the value has the PV's type and is within 
 drive limits -> no interlock forbids it -> the driver writes -> the read-back is posted
 -> the write is audited. Each refusal is a :class:`~labctl.ioc.errors.WriteRefused` subclass,
 audited with its reason before it is raised.
+
+A write the instrument took but whose read-back then failed is neither accepted nor
+refused: it is audited as ``write.unconfirmed`` (:data:`~labctl.ioc.access.WRITE_UNCONFIRMED`,
+``accepted`` true, the read-back's error as the reason), the PV goes INVALID (TIMEOUT or
+READ) until the instrument is read again -- the value it shows is the one before the
+write -- and :class:`~labctl.ioc.errors.WrittenUnconfirmed` is raised, which the protocols
+answer with a status that says "sent, not confirmed".
 """
 
 from __future__ import annotations
@@ -30,9 +37,20 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from labctl.ioc.access import AuditRecord, InterlockCheck, LockCheck, NoInterlocks, NoLocks
+from labctl.ioc.access import WRITE_UNCONFIRMED, AuditRecord, InterlockCheck, LockCheck, NoInterlocks, NoLocks
 from labctl.ioc.driver import Driver, readable
-from labctl.ioc.errors import DriverError, LabctlError, NotWritable, Refused, UnknownPV, WriteRefused, WrongType
+from labctl.ioc.errors import (
+    DriverError,
+    DriverFault,
+    DriverTimeout,
+    LabctlError,
+    NotWritable,
+    Refused,
+    UnknownPV,
+    WriteRefused,
+    WrittenUnconfirmed,
+    WrongType,
+)
 from labctl.ioc.expr import EvaluationError, Expression, Table
 from labctl.ioc.links import InstrumentLink
 from labctl.ioc.policy import Policy
@@ -148,6 +166,49 @@ class Database:
     def read(self, name: str) -> Reading:
         """The current reading of one PV (raises UnknownPV)."""
         return self._record(name).reading
+
+    async def read_fresh(self, name: str, *, timeout_s: float = 10.0) -> Reading:
+        """A reading the source produced after this call began, with its own timestamp (jobs' ``read`` and ``wait``).
+
+        An instrument PV on a readable channel is read through its driver now (the value is
+        posted as a scan's would be); a channel that cannot be read (pushed values) waits for
+        its next value. A derived PV reads its inputs fresh and is recomputed; a soft PV's
+        reading is its value (nothing else produces one). Unlike :meth:`read`, never the
+        value of the scan before a write.
+
+        Raises:
+            UnknownPV: no such PV.
+            DriverError: the instrument is not connected, failed, or sent nothing within ``timeout_s``.
+        """
+        rec = self._record(name)
+        info = rec.info
+        if info.expr is not None:
+            for _, src in info.inputs:
+                await self.read_fresh(src, timeout_s=timeout_s)
+            return rec.reading
+        if info.instrument is None:
+            return rec.reading
+        link = self._links.get(info.instrument)
+        if link is None:
+            raise DriverError(info.instrument, "instrument is not attached")
+        assert info.channel is not None
+        if not link.connected:
+            detail = f": {link.last_error}" if link.last_error else ""
+            raise DriverFault(info.instrument, f"not connected (reconnecting){detail}")
+        if readable(link.driver, info.channel):
+            await link.read([info.channel])
+            return rec.reading
+        # Pushed values: wait for the next one. An unchanged value passes no deadband and
+        # wakes no monitor, so the timestamp is checked again when the wait ends.
+        since = rec.reading.timestamp
+        with self.monitor([name], mask=EventMask.ALL, initial=False) as mon:
+            with contextlib.suppress(TimeoutError, StopAsyncIteration):
+                async with asyncio.timeout(timeout_s):
+                    while rec.reading.timestamp <= since:
+                        await mon.get()
+        if rec.reading.timestamp <= since:
+            raise DriverTimeout(info.instrument, f"{name}: no new value within {timeout_s:g} s")
+        return rec.reading
 
     def __contains__(self, name: object) -> bool:
         return name in self._records
@@ -352,6 +413,8 @@ class Database:
         Raises:
             UnknownPV: no such PV.
             WriteRefused: a rule refused the write (subclass says which).
+            WrittenUnconfirmed: the instrument took the value but reading it back failed
+                (audited as ``write.unconfirmed``; the PV is INVALID until read again).
             DriverError: the instrument failed to take the value.
         """
         rec = self._record(name)
@@ -374,6 +437,11 @@ class Database:
                 except WriteRefused as e:  # the instrument's own limits: say it in the PV's terms
                     e.pv, e.target, e.args = name, name, (f"{name}: write refused: {e.reason}",)
                     raise self.refuse(identity, e, old=old, new=v) from None
+            except DriverError as e:
+                self.audit(AuditRecord.of(self.clock(), "write", identity, name, old=old, new=v, accepted=False, reason=str(e)))
+                raise
+            # The instrument took the value: from here on a failure means "not confirmed", never "refused".
+            try:
                 if readback is not None:
                     self.post(name, readback)
                 elif readable(link.driver, info.channel):
@@ -381,8 +449,13 @@ class Database:
                 else:
                     self.post(name, v)  # write-only: the value written is the best knowledge
             except DriverError as e:
-                self.audit(AuditRecord.of(self.clock(), "write", identity, name, old=old, new=v, accepted=False, reason=str(e)))
-                raise
+                # What the PV shows is the value before the write: not to be trusted until read again.
+                self.invalidate([name], Status.TIMEOUT if isinstance(e, DriverTimeout) else Status.READ)
+                unconfirmed = WrittenUnconfirmed(info.instrument, name, v, e)
+                self.audit(
+                    AuditRecord.of(self.clock(), WRITE_UNCONFIRMED, identity, name, old=old, new=v, reason=unconfirmed.cause)
+                )
+                raise unconfirmed from e
         self.audit(AuditRecord.of(self.clock(), "write", identity, name, old=old, new=v))
         return rec.reading
 

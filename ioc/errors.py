@@ -17,7 +17,9 @@
     │   └── Unavailable             something it needs is away                kind "unavailable"
     └── DriverError                 the instrument side failed
         ├── DriverFault             the instrument answered wrongly or the link is down
-        └── DriverTimeout           the instrument did not answer in time
+        ├── DriverTimeout           the instrument did not answer in time
+        ├── DriverFailed            the driver raised something else (a bug): the link restarts
+        └── WrittenUnconfirmed      the instrument took a write, but its read-back failed
 
 The write refusals (``PermissionDenied`` ... ``OutOfRange``) are also ``WriteRefused``,
 which carries the PV. The arbiter, the job manager, the alarm table and the interlocks
@@ -264,3 +266,42 @@ class DriverFault(DriverError):
 
 class DriverTimeout(DriverError):
     """The instrument did not answer in time."""
+
+
+class DriverFailed(DriverError):
+    """The driver raised something other than a DriverError (a bug); the original is the ``__cause__``.
+
+    The link treats it as a lost instrument (PVs INVALID, reconnect with backoff) and logs
+    its traceback once.
+    """
+
+
+class WrittenUnconfirmed(DriverError):
+    """The instrument took a write, but reading the value back failed: sent, not confirmed.
+
+    Not a refusal and not a failed write: the audit records it as ``write.unconfirmed``
+    and the protocols answer with a status that says so (OPC UA
+    UncertainNoCommunicationLastUsableValue, Channel Access ECA_IOINPROGRESS). ``pv`` and
+    ``value`` say what was written; ``cause`` is the read-back's error (also the ``__cause__``).
+    """
+
+    FIELDS = ("pv", "value", "cause")
+
+    def __init__(self, instrument: str, pv: str, value: Any, cause: DriverError) -> None:
+        self.pv = pv
+        self.value = value
+        self.cause = str(cause)
+        super().__init__(instrument, f"{pv}: written, not confirmed: the read-back failed: {cause}")
+        self.args = (f"{pv}: written, not confirmed: the read-back failed: {cause}",)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As data for clients, shaped like :meth:`Refused.to_dict` (kind ``unconfirmed``)."""
+        return {
+            "kind": "unconfirmed",
+            "error": type(self).__name__,
+            "action": "write",
+            "target": self.pv,
+            "fields": {name: _plain(getattr(self, name)) for name in self.FIELDS},
+            "reason": f"written, not confirmed: the read-back failed: {self.cause}",
+            "message": str(self),
+        }

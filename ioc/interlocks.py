@@ -10,20 +10,40 @@ Theory of operation. Each rule (:class:`labctl.ioc.config.interlocks.InterlockCo
        '------------------------------------------------------ (auto) <--------'
 
 Warn / trip / resume levels with grace periods make a value hovering at a limit trip
-once and release once, not flap. While TRIPPED, CLEARING or RESET_NEEDED the rule's
-actions hold: the job queue is held, writes to the named resources are refused (for
-everyone but the server itself), and on entering TRIPPED the safe values are written.
+once and release once, not flap. While TRIPPED, CLEARING or RESET_NEEDED (*engaged*) the
+rule's actions hold:
+
+* the job queue is held (``hold_queue``);
+* writes to the PVs of the named resources are refused (``refuse_writes``), for everyone
+  but the server's own actors;
+* the safe values (``set``) are written on entering TRIPPED and *held*: a write of any
+  other value to a safe PV is refused from everyone -- operators, admins, jobs, every
+  protocol, the server's other actors -- with :class:`~labctl.ioc.errors.Interlocked`
+  naming the interlock (a write of the safe value itself passes: it changes nothing, and
+  a job's cleanup that turns a heater off must not fail for it); and if the instrument
+  reports another value (someone at its front panel, a controller that drifted, a write
+  that raced the trip) the interlock writes the safe value again, at most once per
+  :data:`REASSERT_MIN_S` per PV, with a WARNING in the log and an ``interlock.reassert``
+  audit record. A safe value declared ``hold: false`` is only driven once.
+
+The interlocks act as internal identities (:func:`labctl.ioc.types.internal_identity`,
+``labctl@interlock:<name>``), which no site file or client can name: they pass the policy
+and the lock checks, so a heater is turned off however its resource is locked.
 
 :class:`InterlockManager` is the async shell: it feeds readings of the watched PVs to
-the rules, wakes at grace-period deadlines, applies actions, publishes each rule's state
-PV (``ILK:<NAME>:STATE``), and audits every trip, release and reset. It is also the
-write path's interlock check.
+the rules, wakes at grace-period deadlines, applies actions, watches the safe PVs,
+publishes each rule's state PV (``ILK:<NAME>:STATE``), and audits every trip, release,
+reset and re-assertion. It is also the write path's interlock check.
+:func:`definition_problems` finds definitions that would not hold (a safe value a PV
+does not take, a read-only safe PV: errors; a safe PV writable while tripped: a warning
+``labctl check`` prints).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -31,17 +51,46 @@ from typing import Any, Literal
 from labctl.ioc.access import AuditRecord
 from labctl.ioc.config.interlocks import InterlockConfig
 from labctl.ioc.database import Database
-from labctl.ioc.errors import Conflict, DriverError, Interlocked, NotFound, Refused, WriteRefused
+from labctl.ioc.errors import Conflict, DriverError, Interlocked, LabctlError, NotFound, Refused, WriteRefused
 from labctl.ioc.expr import EvaluationError, Expression
 from labctl.ioc.policy import Action, Policy, Target
-from labctl.ioc.pv import PVInfo
-from labctl.ioc.types import SYSTEM, EventMask, Identity, PVType, Reading, Severity, Status, Update
+from labctl.ioc.pv import PVInfo, coerce
+from labctl.ioc.types import (
+    EventMask,
+    Identity,
+    PVType,
+    Reading,
+    Severity,
+    Status,
+    Update,
+    internal_identity,
+    values_equal,
+)
+
+from labctl.yamlmodel import dotted
 
 log = logging.getLogger(__name__)
 
 STATES = ("OK", "WARN", "PENDING", "TRIPPED", "CLEARING", "RESET_NEEDED")
 State = Literal["OK", "WARN", "PENDING", "TRIPPED", "CLEARING", "RESET_NEEDED"]
 ENGAGED: frozenset[str] = frozenset({"TRIPPED", "CLEARING", "RESET_NEEDED"})
+#: A held safe PV is re-asserted at most this often (an instrument that keeps reporting
+#: another value must not turn the interlock into a write storm).
+REASSERT_MIN_S = 1.0
+
+
+def actor(name: str) -> Identity:
+    """The internal identity an interlock acts under."""
+    return internal_identity(f"interlock:{name}")
+
+
+def is_safe(value: Any, safe: Any) -> bool:
+    """Whether a PV's value is its safe value (floats within a part in a million: read-backs round)."""
+    if isinstance(value, float) and isinstance(safe, float):
+        return math.isclose(value, safe, rel_tol=1e-6, abs_tol=1e-9)
+    if isinstance(value, (int, float)) and isinstance(safe, (int, float)) and not isinstance(value, bool) and not isinstance(safe, bool):
+        return float(value) == float(safe)
+    return values_equal(value, safe)
 
 
 class InterlockRefused(Refused):
@@ -210,7 +259,12 @@ class QueueHold:
 
 
 class InterlockManager:
-    """Runs the site's interlocks on a database."""
+    """Runs the site's interlocks on a database.
+
+    Raises :class:`~labctl.ioc.errors.LabctlError` if a definition cannot hold (see
+    :func:`definition_problems`): a server never starts with an interlock that would fail
+    to drive its safe values.
+    """
 
     def __init__(
         self,
@@ -223,14 +277,32 @@ class InterlockManager:
         self.db = db
         self.policy = policy
         self.queue = queue
+        rules = tuple(rules)
+        errors = [f"{dotted(path)}: {msg}" for path, msg, level in definition_problems(rules, db.info) if level == "error"]
+        if errors:
+            raise LabctlError("interlocks that cannot hold:\n" + "\n".join(errors))
         self.rules = {cfg.name: InterlockRule(cfg) for cfg in rules}
         self._by_pv: dict[str, list[InterlockRule]] = {}
         for rule in self.rules.values():
             for pv in rule.cfg.watched:
                 self._by_pv.setdefault(pv, []).append(rule)
+        #: rule -> PV -> the canonical safe value it drives on trip; ``_held`` those it also holds
+        self._safe: dict[str, dict[str, Any]] = {
+            cfg.name: {sv.pv: coerce(db.info(sv.pv), sv.value) for sv in cfg.actions.set} for cfg in rules
+        }
+        self._held: dict[str, dict[str, Any]] = {
+            cfg.name: {sv.pv: self._safe[cfg.name][sv.pv] for sv in cfg.actions.set if sv.hold} for cfg in rules
+        }
+        self._holders: dict[str, list[InterlockRule]] = {}
+        for name, held in self._held.items():
+            for pv in held:
+                self._holders.setdefault(pv, []).append(self.rules[name])
         self._listeners: list[Callable[[Transition], None]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._writes: set[asyncio.Task[None]] = set()
+        self._reasserting: set[tuple[str, str]] = set()
+        self._last_reassert: dict[tuple[str, str], float] = {}
+        self._recheck: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._sub = None
 
     def on_transition(self, fn: Callable[[Transition], None]) -> None:
@@ -240,8 +312,9 @@ class InterlockManager:
     # ---- life cycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Watch the PVs and evaluate every rule once with the current readings."""
-        self._sub = self.db.subscribe(self._on_update, names=list(self._by_pv), mask=EventMask.VALUE | EventMask.ALARM | EventMask.LOG)
+        """Watch the PVs (inputs and held safe PVs) and evaluate every rule once with the current readings."""
+        names = sorted(set(self._by_pv) | set(self._holders))
+        self._sub = self.db.subscribe(self._on_update, names=names, mask=EventMask.VALUE | EventMask.ALARM | EventMask.LOG)
         for rule in self.rules.values():
             self._evaluate(rule)
 
@@ -252,6 +325,9 @@ class InterlockManager:
             self._sub = None
         if self._timer is not None:
             self._timer.cancel()
+        for handle in self._recheck.values():
+            handle.cancel()
+        self._recheck.clear()
         await asyncio.gather(*self._writes, return_exceptions=True)
 
     # ---- evaluation ------------------------------------------------------------------------------
@@ -259,6 +335,9 @@ class InterlockManager:
     def _on_update(self, update: Update) -> None:
         for rule in self._by_pv.get(update.name, ()):
             self._evaluate(rule)
+        for rule in self._holders.get(update.name, ()):
+            if rule.engaged:
+                self._hold(rule, update.name, update.reading)
 
     def _evaluate(self, rule: InterlockRule) -> None:
         readings = {pv: self.db.read(pv) for pv in rule.cfg.watched}
@@ -289,18 +368,24 @@ class InterlockManager:
         level = logging.WARNING if t.new in ("TRIPPED", "PENDING", "WARN") else logging.INFO
         log.log(level, "interlock %s: %s -> %s (%s)", cfg.name, t.old, t.new, t.reason)
         self.db.post(state_pv(cfg.name), STATES.index(t.new), t.time, *self._severity(t.new))
+        me = actor(cfg.name)
         if t.new == "TRIPPED" and t.old != "CLEARING":  # a new trip (not a failed release)
-            self.db.audit(AuditRecord.of(t.time, "interlock.trip", SYSTEM, cfg.name, new="TRIPPED", reason=t.reason))
-            for sv in cfg.actions.set:
-                task = asyncio.get_running_loop().create_task(self._drive(cfg.name, sv.pv, sv.value))
-                self._writes.add(task)
-                task.add_done_callback(self._writes.discard)
+            self.db.audit(AuditRecord.of(t.time, "interlock.trip", me, cfg.name, new="TRIPPED", reason=t.reason))
+            for pv, value in self._safe[cfg.name].items():
+                self._start_write(cfg.name, pv, value)
+        elif now_engaged:  # still engaged (tripped again while clearing): the held values must still be safe
+            for pv in self._held[cfg.name]:
+                self._hold(rule, pv, self.db.read(pv))
         if now_engaged and not was and cfg.actions.hold_queue and self.queue is not None:
             self.queue.hold(f"interlock:{cfg.name}", t.reason)
         if was and not now_engaged:
-            self.db.audit(AuditRecord.of(t.time, "interlock.release", SYSTEM, cfg.name, new=t.new, reason=t.reason))
+            self.db.audit(AuditRecord.of(t.time, "interlock.release", me, cfg.name, new=t.new, reason=t.reason))
             if cfg.actions.hold_queue and self.queue is not None:
                 self.queue.release_hold(f"interlock:{cfg.name}")
+            for pv in self._held[cfg.name]:
+                handle = self._recheck.pop((cfg.name, pv), None)
+                if handle is not None:
+                    handle.cancel()
         for fn in self._listeners:
             try:
                 fn(t)
@@ -315,12 +400,51 @@ class InterlockManager:
             return Severity.MINOR, Status.STATE
         return Severity.NO_ALARM, Status.NO_ALARM
 
-    async def _drive(self, name: str, pv: str, value: Any) -> None:
+    # ---- holding the safe values -------------------------------------------------------------------
+
+    def _hold(self, rule: InterlockRule, pv: str, reading: Reading) -> None:
+        """An engaged rule saw its held PV read ``reading``: write the safe value again if it is not."""
+        name = rule.cfg.name
+        safe = self._held[name][pv]
+        key = (name, pv)
+        if not reading.valid or reading.status is Status.UDF or is_safe(reading.value, safe) or key in self._reasserting:
+            return  # an INVALID reading says nothing of the value; a write already on its way will be checked again
+        wait = self._last_reassert.get(key, -math.inf) + REASSERT_MIN_S - self.db.clock()
+        if wait > 0:  # re-asserted a moment ago: look again when the interval is over
+            if key not in self._recheck:
+                self._recheck[key] = asyncio.get_running_loop().call_later(wait, self._recheck_now, rule, pv)
+            return
+        now = self.db.clock()
+        self._last_reassert[key] = now
+        log.warning("interlock %s: %s reads %r, not its safe value %r: writing the safe value again", name, pv, reading.value, safe)
+        self.db.audit(AuditRecord.of(now, "interlock.reassert", actor(name), pv, old=reading.value, new=safe, reason=f"interlock {name!r} is {rule.state}"))
+        self._start_write(name, pv, safe, reassert=True)
+
+    def _recheck_now(self, rule: InterlockRule, pv: str) -> None:
+        self._recheck.pop((rule.cfg.name, pv), None)
+        if rule.engaged:
+            self._hold(rule, pv, self.db.read(pv))
+
+    def _start_write(self, name: str, pv: str, value: Any, *, reassert: bool = False) -> None:
+        task = asyncio.get_running_loop().create_task(self._drive(name, pv, value, reassert), name=f"interlock {name}: {pv}")
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _drive(self, name: str, pv: str, value: Any, reassert: bool = False) -> None:
+        key = (name, pv)
+        self._reasserting.add(key)
         try:
-            await self.db.write(pv, value, SYSTEM)
+            await self.db.write(pv, value, actor(name))
             log.warning("interlock %s: drove %s to %r", name, pv, value)
         except (WriteRefused, DriverError) as e:
             log.error("interlock %s: could not drive %s to %r: %s", name, pv, value, e)
+        except Exception:  # the boundary of this task: a bug is reported once, with its traceback
+            log.exception("interlock %s: driving %s to %r failed", name, pv, value)
+        finally:
+            self._reasserting.discard(key)
+        rule = self.rules[name]
+        if rule.engaged and pv in self._held[name]:  # what the instrument reports now must be safe too
+            self._hold(rule, pv, self.db.read(pv))
 
     # ---- commands --------------------------------------------------------------------------------
 
@@ -342,12 +466,65 @@ class InterlockManager:
         """A rule's state."""
         return self.rules[name].state
 
+    def holding(self, pv: str) -> list[tuple[str, Any]]:
+        """The engaged interlocks that hold ``pv`` at a safe value, with that value."""
+        return [(r.cfg.name, self._held[r.cfg.name][pv]) for r in self._holders.get(pv, ()) if r.engaged]
+
     # ---- the write path's check --------------------------------------------------------------------
 
     def check_write(self, identity: Identity, pv: str, resource: str, value: Any) -> None:
-        """Raise Interlocked if an engaged rule refuses writes to ``resource`` (the server itself may)."""
-        if "system" in identity.roles:
+        """Raise :class:`Interlocked` if an engaged rule forbids writing ``value`` to ``pv``.
+
+        A held safe PV takes only its safe value, from everyone (internal actors included);
+        the PVs of a refused resource take nothing, except from the server's own actors.
+        """
+        for rule in self._holders.get(pv, ()):
+            if rule.engaged and not is_safe(value, safe := self._held[rule.cfg.name][pv]):
+                raise Interlocked(pv, rule.cfg.name, f"{rule.reason}; {pv} is held at its safe value {safe!r}".lstrip("; "))
+        if identity.internal:
             return
         for rule in self.rules.values():
             if rule.engaged and resource in rule.cfg.actions.refuse_writes:
                 raise Interlocked(pv, rule.cfg.name, rule.reason)
+
+
+def definition_problems(
+    rules: Iterable[InterlockConfig], info: Callable[[str], PVInfo], pvs: Iterable[PVInfo] = ()
+) -> list[tuple[tuple[Any, ...], str, Literal["error", "warning"]]]:
+    """Interlock definitions that would not hold, as (site-file key path, message, level).
+
+    Errors: a safe value its PV does not take (wrong type, outside the drive limits), a
+    read-only safe PV. Warnings: a safe PV left writable while the interlock is engaged
+    (``hold: false`` with no ``why_writable``), and another writable PV on the same
+    instrument channel as a held safe PV (an alias that bypasses the hold) whose resource
+    the interlock does not refuse. ``pvs``: every PV of the site, for the alias check.
+    """
+    out: list[tuple[tuple[Any, ...], str, Literal["error", "warning"]]] = []
+    by_channel: dict[tuple[str, str], list[PVInfo]] = {}
+    for p in pvs:
+        if p.instrument is not None and p.channel is not None and p.writable:
+            by_channel.setdefault((p.instrument, p.channel), []).append(p)
+    for i, cfg in enumerate(rules):
+        for k, sv in enumerate(cfg.actions.set):
+            where = ("interlocks", i, "actions", "set", k)
+            try:
+                pv = info(sv.pv)
+            except KeyError:
+                continue  # the site's cross-check reports unknown PVs
+            if not pv.writable:
+                out.append((where + ("pv",), f"{sv.pv} is read-only: the interlock could not drive it to its safe value", "error"))
+                continue
+            try:
+                coerce(pv, sv.value)
+            except WriteRefused as e:
+                out.append((where + ("value",), f"{sv.pv} does not take the safe value {sv.value!r}: {e.reason}", "error"))
+                continue
+            if not sv.hold and not sv.why_writable:
+                out.append((where, f"{sv.pv} is writable while interlock {cfg.name!r} is tripped (hold: false); "
+                            "if that is intended, say why in 'why_writable'", "warning"))  # fmt: skip
+            if sv.hold and pv.instrument is not None and pv.channel is not None:
+                for alias in by_channel.get((pv.instrument, pv.channel), ()):
+                    if alias.name != pv.name and alias.resource not in cfg.actions.refuse_writes:
+                        out.append((where, f"{alias.name} writes the same channel as safe PV {sv.pv} and stays writable while "
+                                    f"interlock {cfg.name!r} is tripped; refuse its resource {alias.resource!r} or hold it too", "warning"))  # fmt: skip
+    return out

@@ -20,10 +20,12 @@ The roles come from the site file (``roles:``, on top of the four defaults viewe
 operator, expert, admin). The README's table of what each demo account may do is tested
 against this module's decisions for the demo site.
 
-Internal actors (interlocks, jobs, the server itself) act under identities the code makes
-(:data:`labctl.ioc.types.SYSTEM`); they are allowed everything here, and the rules they
-still obey (an interlock's safe values, a lock held by another client) are the state
-checks that follow.
+Internal actors (interlocks, jobs run on behalf of nobody, the server itself) act under
+identities only the code makes (:func:`labctl.ioc.types.internal_identity`, marked by
+``Identity.internal``, never by a role name): they are allowed everything here, and the
+rule they still obey (a tripped interlock's safe values) is a state check that follows.
+A role a site file names -- even one called ``system`` -- grants only what its
+configuration says; the site loader refuses the reserved names outright.
 """
 
 from __future__ import annotations
@@ -172,4 +174,5 @@ class Policy:
 
     @staticmethod
     def _internal(who: Identity) -> bool:
-        return "system" in who.roles
+        """Only code marks an identity internal; no role name does."""
+        return who.internal

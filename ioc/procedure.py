@@ -5,11 +5,14 @@ it locks, and steps (set, ramp, wait, read, sleep, repeat, log). Values in steps
 literals, or expressions when written ``=...`` (``value: "=sp * 1.1"``), evaluated with
 the safe expression language of :mod:`labctl.ioc.expr` over the parameters and the variables of
 enclosing ``repeat`` steps. Everything is checked when the site file loads, so a job
-never fails half-way for a typo.
+never fails half-way for a typo: the ``steps`` and the ``cleanup`` steps alike.
+:func:`unused_params` lists parameters no step uses (a ``settle_s`` that nothing sleeps
+for), which ``labctl check`` reports.
 """
 
 from __future__ import annotations
 
+import ast
 import math
 import string
 from collections.abc import Iterable, Mapping
@@ -84,6 +87,8 @@ def check_procedure(name: str, proc: ProcedureConfig, pv_names: set[str]) -> lis
                     for ph in _placeholders(r.label):
                         if ph not in variables:
                             problems.append((sp + ("label",), f"unknown placeholder {{{ph}}}"))
+                elif kind == "sleep":
+                    compile_value(step.sleep, variables)
                 elif kind == "log":
                     for ph in _placeholders(step.log or ""):
                         if ph not in variables:
@@ -97,7 +102,49 @@ def check_procedure(name: str, proc: ProcedureConfig, pv_names: set[str]) -> lis
                 problems.append((sp, f"expression: {e}"))
 
     walk(proc.steps, set(proc.params), base + ("steps",))
+    walk(proc.cleanup, set(proc.params), base + ("cleanup",))
     return problems
+
+
+def _expression_names(value: Any) -> set[str]:
+    if not is_expression(value):
+        return set()
+    try:
+        tree = ast.parse(value[1:].strip(), mode="eval")
+    except SyntaxError:
+        return set()  # check_procedure reports it
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+
+
+def used_names(steps: Iterable[Step]) -> set[str]:
+    """Every variable the steps' expressions, labels and log lines use (repeat variables included)."""
+    out: set[str] = set()
+    for step in steps:
+        if step.set is not None:
+            out |= _expression_names(step.set.value)
+        elif step.ramp is not None:
+            out |= _expression_names(step.ramp.to)
+        elif step.wait is not None:
+            out |= _expression_names("=" + step.wait.until) - set(step.wait.inputs)
+        elif step.read is not None:
+            out |= set(_placeholders(step.read.label))
+        elif step.sleep is not None:
+            out |= _expression_names(step.sleep)
+        elif step.log is not None:
+            out |= set(_placeholders(step.log))
+        elif step.repeat is not None:
+            out |= _expression_names(step.repeat.values) | used_names(step.repeat.steps)
+    return out
+
+
+def unused_params(proc: ProcedureConfig) -> list[str]:
+    """The procedure's parameters that none of its steps or cleanup steps uses, in declaration order.
+
+    A parameter nobody reads is a promise the procedure does not keep (``settle_s`` offered
+    to the submitter while every step sleeps 0); ``labctl check`` reports each one.
+    """
+    used = used_names((*proc.steps, *proc.cleanup))
+    return [name for name in proc.params if name not in used]
 
 
 def convert_param(name: str, p: ParamConfig, value: Any) -> Any:
@@ -149,3 +196,12 @@ def bind_params(proc_name: str, proc: ProcedureConfig, given: Mapping[str, Any])
         else:
             raise ParameterError(f"procedure {proc_name!r} needs parameter {name!r} ({p.type})")
     return out
+
+
+def procedure_warnings(procedures: Mapping[str, ProcedureConfig]) -> list[str]:
+    """``labctl check``'s warnings about procedures: ``procedures.<name>.params.<param>: ...`` per unused parameter."""
+    return [
+        f"procedures.{name}.params.{param}: parameter {param!r} is used by no step (the submitter's value would be ignored)"
+        for name, proc in procedures.items()
+        for param in unused_params(proc)
+    ]

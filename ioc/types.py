@@ -127,17 +127,42 @@ class Identity:
 
     OPC UA users are authenticated; Channel Access users and hosts are self-reported by
     the client, so the CA adapter maps them to roles through explicit access rules.
+
+    ``internal`` marks the server's own actors (the server, an interlock, a job run on
+    behalf of nobody). Only code sets it (:func:`internal_identity`): no site-file role
+    or user, no CA access rule and no client can name or be granted it, so authority
+    that bypasses roles and locks is never a matter of a name. The names internal
+    actors go by (:data:`RESERVED_NAMES`) are refused as role and user names in site files.
     """
 
     user: str
     roles: frozenset[str] = field(default_factory=frozenset)
     protocol: str = "internal"
     host: str = ""
+    internal: bool = field(default=False, kw_only=True)
+    """The server's own actor (set by code only): the policy allows it every action, the arbiter every write."""
 
     def __str__(self) -> str:
         where = f"@{self.host}" if self.host else ""
         return f"{self.user}{where} ({self.protocol})"
 
 
-#: The server itself (interlocks, tasks run on behalf of nobody, start-up values).
-SYSTEM = Identity(user="labctl", roles=frozenset({"system"}), protocol="internal")
+#: The user name every internal actor acts under (its ``host`` says which actor: ``interlock:mxc_warm``).
+INTERNAL_USER = "labctl"
+
+#: Names no site-file role or user may take: the internal actors' own, and words that read like them.
+RESERVED_NAMES: frozenset[str] = frozenset({INTERNAL_USER, "system", "internal"})
+
+
+def internal_identity(actor: str = "") -> Identity:
+    """The identity of one of the server's own actors (``interlock:<name>``, ``job:<id>``; empty: the server itself)."""
+    return Identity(user=INTERNAL_USER, protocol="internal", host=actor, internal=True)
+
+
+def reserved(name: str) -> bool:
+    """Whether a role or user name is reserved for internal actors (case-insensitive)."""
+    return name.lower() in RESERVED_NAMES
+
+
+#: The server itself (start-up values, tasks run on behalf of nobody).
+SYSTEM = internal_identity()

@@ -209,6 +209,12 @@ def build_services(server: Server) -> list[Service]:
 
         historian = HistorianService(server)
         services.append(historian)
+    if server.site.autosave.enabled:
+        # After the historian (restores are archived and audited), before the control layer
+        # and the protocols: server-kept PVs have their saved values before anyone connects.
+        from labctl.server.autosave import AutosaveService
+
+        services.append(AutosaveService(server))
     server.control = ControlService(server)
     if historian is not None:
         server.control.use_store(historian)

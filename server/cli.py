@@ -16,6 +16,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from labctl.ioc.errors import ConfigError, LabctlError
 
@@ -69,6 +70,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         raise ConfigError(str(args.site), problems)
     with gc_paused():  # a large site is a million long-lived objects (see server.tuning)
         db = build_database(site, args.site.resolve().parent, source=str(args.site))
+    warnings = _interlock_warnings(args.site, site, db)
+    from labctl.ioc.procedure import procedure_warnings  # unused procedure parameters
+    warnings += [f"{args.site} {w}" for w in procedure_warnings(site.procedures)]
     counts = db.counts()
     print(f"{args.site}: OK -- site {site.site!r}")
     print(
@@ -90,7 +94,26 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"  OPC UA: {ua_text}")
     print(f"  Channel Access: {ca_text}")
     print(f"  historian: {site.historian.url if site.historian.enabled else 'off'}")
+    print(f"  interlocks: {', '.join(i.name for i in site.interlocks) or '(none)'}")
+    for line in warnings:
+        print(f"warning: {line}")
     return 0
+
+
+def _interlock_warnings(path: Path, site: Any, db: Any) -> list[str]:
+    """Interlock definitions that cannot hold (raised as a ConfigError) or may not (returned as warning lines)."""
+    from labctl.ioc.interlocks import definition_problems
+
+    from labctl.yamlmodel import LazyPositions, at_key
+
+    found = definition_problems(site.interlocks, db.info, db.infos())
+    if not found:
+        return []
+    positions = LazyPositions(path.read_text(encoding="utf-8"))
+    errors = [f"{at_key(str(path), p, positions)}: {msg}" for p, msg, level in found if level == "error"]
+    if errors:
+        raise ConfigError(str(path), errors)
+    return [f"{at_key(str(path), p, positions)}: {msg}" for p, msg, level in found if level == "warning"]
 
 
 def _dotted(path: tuple) -> str:
@@ -159,9 +182,10 @@ def _extensions():
     from labctl.clients.cli import register as client_commands
     from labctl.clients.gui import register as gui_command  # Qt is imported only when `labctl gui` runs
     from labctl.clients.tui import register as tui_command  # Textual is imported only when `labctl tui` runs
+    from labctl.server.opcua.trust import register as pki_command
     from labctl.server.passwords import register as passwd_command
 
-    return [client_commands, passwd_command, gui_command, tui_command]
+    return [client_commands, passwd_command, pki_command, gui_command, tui_command]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,7 +5,9 @@ The rules live in ``ioc`` (:mod:`labctl.ioc.arbiter`, :mod:`labctl.ioc.jobs`, :m
 
 * the arbiter becomes the database's lock check; a timer frees lapsed leases; every lease
   event is audited and published on the resource's lock PVs (``ARB:<RES>:OWNER``...);
-* the job manager runs submitted procedures, held by interlocks;
+* the job manager runs submitted procedures, held by interlocks; an interlock that trips
+  on a running job's resources ends that job (failed, after its cleanup steps); jobs a
+  crash interrupted have their cleanup run once their resources can be locked;
 * the interlock manager becomes the database's interlock check;
 * the alarm service (:class:`labctl.server.alarms.AlarmService`) turns severities into
   alarm states, keeps the summary PVs, sends rate-limited notifications, and lets
@@ -36,6 +38,9 @@ from labctl.ioc.jobs import Job, JobManager
 from labctl.ioc.policy import Action, Target
 from labctl.ioc.types import Identity
 from labctl.server.alarms import AlarmService
+
+from labctl.backoff import Backoff
+from labctl.supervision import supervise
 
 if TYPE_CHECKING:
     from labctl.server.app import Server
@@ -88,22 +93,45 @@ class ControlService:
         for res in self.arbiter.resources:
             if self.arbiter.lockable(res):
                 self._publish_lock(res)
+        self.interlocks.on_transition(self._interlock_transition)
         self.interlocks.start()
         self.alarms.start()
-        self._lease_task = asyncio.create_task(self._expire_leases(), name="lease expiry")
+        # Supervised: a bug here is logged once and the timer restarts, so leases keep lapsing.
+        self._lease_task = supervise("lease expiry", self._expire_leases, backoff=Backoff(0.1, 5.0)).task
+        self.jobs.schedule()  # cleanups a crash left undone start as soon as their resources are free
 
     async def stop(self) -> None:
-        """Stop jobs (they end cancelled), timers and watchers."""
+        """Stop jobs (they end cancelled after their cleanup steps, bounded in time), then timers and watchers.
+
+        Jobs go first, while the lease timer still runs and the instruments are still
+        connected (the server stops the database after this service), so their cleanup
+        can write.
+        """
+        await self.jobs.stop()
         if self._lease_task is not None:
             self._lease_task.cancel()
             await asyncio.gather(self._lease_task, return_exceptions=True)
-        await self.jobs.stop()
         await self.interlocks.stop()
         await self.alarms.stop()
 
     def endpoints(self) -> list[str]:
         """None: the control layer is reached through the protocols."""
         return []
+
+    def _interlock_transition(self, t: Any) -> None:
+        """A new trip ends the running jobs on what the interlock protects (its safe PVs' and refused resources)."""
+        if t.new != "TRIPPED" or t.old == "CLEARING":
+            return
+        rule = self.interlocks.rules.get(t.name)
+        if rule is None:
+            return
+        actions = rule.cfg.actions
+        resources = set(actions.refuse_writes)
+        for sv in actions.set:
+            if sv.pv in self.db:
+                resources.add(self.db.info(sv.pv).resource)
+        for job in self.jobs.interrupt(f"interlock:{t.name}", t.reason, resources):
+            log.warning("job %d (%s of %s) stopped: interlock %s tripped", job.id, job.procedure, job.owner, t.name)
 
     # ---- leases --------------------------------------------------------------------------------------
 
@@ -183,7 +211,7 @@ class ControlService:
         """Renew a lease by token (None: the lease ``client`` holds, for protocols that carry no token)."""
         with self._lock_command(who, Action.LOCK_RENEW, resource):
             if token is None:
-                token = self.arbiter.token_of(resource, who.user, client) or ""
+                token = self.arbiter.token_of(resource, who.user, client, internal=who.internal) or ""
             lease, events = self.arbiter.renew(resource, token, self.db.clock(), duration_s)
         self.lease_events(events)
         return lease
@@ -192,7 +220,7 @@ class ControlService:
         """Release a lease (by token, or the caller's own when the protocol carries none)."""
         now = self.db.clock()
         with self._lock_command(who, Action.LOCK_RELEASE, resource):
-            events = self.arbiter.release(resource, token, now) if token else self.arbiter.release_user(resource, who.user, now, client)
+            events = self.arbiter.release(resource, token, now) if token else self.arbiter.release_user(resource, who.user, now, client, internal=who.internal)
         self.lease_events(events)
 
     def break_lock(self, resource: str, who: Identity, reason: str = "") -> None:

@@ -12,6 +12,12 @@ are the interactive-login parameters RFC 7914 recommends. :func:`verify_password
 compares in constant time and refuses parameters far beyond the defaults, so a hostile
 hash in a site file cannot make a login exhaust the server's memory.
 
+Checking a password costs one scrypt: tens of milliseconds of CPU and 16 MiB. A server
+must never do that on its event loop, nor let a flood of logins queue without bound:
+:class:`PasswordChecker` runs the checks in a small thread pool of its own (hashlib's
+scrypt releases the GIL, so the loop keeps serving) and refuses a check outright when
+too many are already waiting (:class:`CheckerBusy`), so pending logins are bounded.
+
 ``labctl passwd`` reads the password from a prompt (twice) or from standard input, never
 from the command line, where it would land in the shell history and the process list.
 """
@@ -19,12 +25,14 @@ from the command line, where it would land in the shell history and the process 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import getpass
 import hashlib
 import hmac
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 #: scrypt CPU/memory cost (a power of two).
 DEFAULT_N = 2**14
@@ -90,6 +98,48 @@ def dummy_hash() -> str:
     by timing).
     """
     return hash_password(os.urandom(16).hex())
+
+
+class CheckerBusy(Exception):
+    """Too many password checks are already waiting: the login is refused without hashing."""
+
+
+class PasswordChecker:
+    """Password checks off the event loop: at most ``workers`` at a time, ``max_pending`` waiting."""
+
+    def __init__(self, workers: int = 2, max_pending: int = 32) -> None:
+        self.workers = workers
+        self.max_pending = max_pending
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending = 0
+
+    @property
+    def pending(self) -> int:
+        """Checks waiting or running now."""
+        return self._pending
+
+    async def verify(self, password: str, encoded: str) -> bool:
+        """:func:`verify_password` in the checker's threads.
+
+        Raises:
+            CheckerBusy: ``max_pending`` checks are already waiting or running.
+            PasswordHashError: ``encoded`` is malformed or too costly.
+        """
+        if self._pending >= self.max_pending:
+            raise CheckerBusy(f"{self._pending} password checks pending")
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="labctl-password")
+        self._pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, verify_password, password, encoded)
+        finally:
+            self._pending -= 1
+
+    def close(self) -> None:
+        """Stop the threads (checks under way finish)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
 
 # ---- the ``labctl passwd`` command ---------------------------------------------------

@@ -6,7 +6,8 @@ process settings and protocol adapters (``server``: :class:`ServerConfig`, with
 :class:`~labctl.server.opcua.config.OpcUaConfig` and :class:`~labctl.server.ca.config.CAConfig`),
 the historian (:class:`~labctl.server.historian.config.HistorianConfig`) and alarm
 notifications (:class:`~labctl.server.notify.NotificationsConfig`) -- and the checks
-that span them and the core's (a role named by a Channel Access rule). A new adapter adds
+that span them and the core's (a role named by a Channel Access rule; never one of the
+names reserved for the server's internal actors). A new adapter adds
 its section here and never touches ``ioc/``. Reading is the core's loader
 (:mod:`labctl.ioc.config.loader`) with this model: the same YAML rules and the same
 ``file:line:col key.path: message`` lines.
@@ -19,7 +20,9 @@ from typing import Any
 
 from labctl.ioc.config import loader
 from labctl.ioc.config.base import Model
-from labctl.ioc.config.site import CoreSiteConfig
+from labctl.ioc.config.site import CoreSiteConfig, reserved_message
+from labctl.ioc.types import reserved
+from labctl.server.autosave import AutosaveConfig
 from labctl.server.ca.config import CAConfig
 from labctl.server.historian.config import HistorianConfig
 from labctl.server.notify import NotificationsConfig
@@ -40,6 +43,8 @@ class SiteConfig(CoreSiteConfig):
 
     server: ServerConfig = ServerConfig()
     historian: HistorianConfig = HistorianConfig()
+    autosave: AutosaveConfig = AutosaveConfig()
+    """Saving writable PVs' values across restarts (as EPICS autosave)."""
     notifications: NotificationsConfig = NotificationsConfig()
     """Alarm notification sinks and rate limits."""
 
@@ -53,7 +58,9 @@ class SiteConfig(CoreSiteConfig):
         roles = self.all_roles
         for ri, rule in enumerate(self.server.ca.access.rules):
             for r in rule.roles:
-                if r not in roles:
+                if reserved(r):  # never grantable, defined or not: say so rather than "unknown"
+                    problems.append((("server", "ca", "access", "rules", ri, "roles"), reserved_message("role", r)))
+                elif r not in roles:
                     problems.append(
                         (("server", "ca", "access", "rules", ri, "roles"), f"unknown role {r!r}; defined: {sorted(roles)}")
                     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 
 # Set before any EPICS client library (libca reads its environment once per process)
 # or Qt is imported, so every test talks to loopback only and never opens a window.
@@ -15,6 +16,8 @@ os.environ.update(
         "EPICS_CAS_BEACON_ADDR_LIST": "127.0.0.1",
         "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO",
         "QT_QPA_PLATFORM": "offscreen",
+        # the client certificate every labctl client of the run keeps (never the user's own)
+        "LABCTL_CLIENT_PKI": tempfile.mkdtemp(prefix="labctl-client-pki-"),
     }
 )
 

@@ -3,7 +3,8 @@
 Control commands: ``locks``, ``lock RESOURCE [--for 10m] [--priority N] [--wait]`` (holds
 the lock, renewing it every third of the lease, until Ctrl-C or SIGTERM, then releases
 it), ``unlock``, ``submit PROCEDURE --param k=v ... [--priority N]``, ``jobs [--mine]``,
-``job ID`` (state, log, results), ``cancel ID``, ``procedures`` (parameters with their
+``job ID`` (state, log, results), ``cancel ID`` (a running job ends after its cleanup
+steps), ``procedures`` (parameters with their
 types, defaults and descriptions), ``audit --since 1h [--by USER] [--pv P]``, ``alarms
 [--all]``, ``ack SOURCE [--comment ...]``, ``shelve SOURCE --for 1h --reason ...``,
 ``unshelve SOURCE``, ``interlocks``, ``reset-interlock NAME``. Every command logs in with
@@ -17,7 +18,10 @@ it prints a table for people or, with ``--json``, the records as strict JSON (ti
 from the PV's metadata: an enum write in the audit trail (``OFF -> HIGH``; JSON adds
 ``old_state``/``new_state``), an alarm on an enum PV such as an interlock's
 ``ILK:<NAME>:STATE`` (JSON adds ``state``). A time the server does not know (an alarm
-never active since start-up) is ``-`` in a table and ``null`` in JSON.
+never active since start-up) is ``-`` in a table and ``null`` in JSON. A job's state says
+what holds it (``queued (held by interlock mxc_warm: ...)``, ``queued (waiting for lock
+cryostat held by operator ...)``) and whether it is running its cleanup; ``submit`` says at
+once when the new job is held, and by what.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from labctl.clients.cli.output import (
     with_times,
 )
 from labctl.clients.cli.runner import run
-from labctl.clients.errors import Conflict, NoSuchPV
+from labctl.clients.errors import Conflict, NoSuchPV, Refused
 from labctl.clients.session import Session
 from labctl.clients.values import Metadata, format_value
 from labctl.ioc.types import PVType
@@ -218,8 +222,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     async def body(s: Session) -> int:
         job_id = await s.submit(args.procedure, dict(args.params), priority=args.priority)
+        try:  # say at once what holds it (an interlock, a lock), or that it runs already
+            job: Any = await s.job(job_id)
+        except Refused:
+            job = None
         if args.json:
-            print_json({"id": job_id})
+            print_json({"id": job_id, **({"state": job.state, "waiting": job.waiting, "waiting_reason": job.waiting_reason} if job else {})})
+        elif job is not None and job.waiting_reason:
+            print(f"job {job_id} queued ({args.procedure}, priority {args.priority}) but held: {job.waiting_reason}")
         else:
             print(f"job {job_id} queued ({args.procedure}, priority {args.priority})")
         return 0
@@ -239,7 +249,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             print("no jobs", file=sys.stderr)
             return 0
         rows = [
-            (str(j.id), j.procedure, j.owner, j.state + (" (paused)" if j.paused else ""), str(j.priority), format_clock(j.submitted_at), j.error)
+            (str(j.id), j.procedure, j.owner, j.state_text, str(j.priority), format_clock(j.submitted_at), j.error)
             for j in jobs
         ]
         print_table(("ID", "PROCEDURE", "OWNER", "STATE", "PRIORITY", "SUBMITTED", "ERROR"), rows)
@@ -258,7 +268,7 @@ def cmd_job(args: argparse.Namespace) -> int:
             return 0
         params = ", ".join(f"{k}={v!r}" for k, v in j.params.items()) or "-"
         for key, value in (
-            ("job", f"{j.id} ({j.procedure})"), ("owner", j.owner), ("state", j.state + (" (paused)" if j.paused else "")),
+            ("job", f"{j.id} ({j.procedure})"), ("owner", j.owner), ("state", j.state_text),
             ("priority", str(j.priority)), ("params", params), ("resources", ", ".join(j.resources) or "-"),
             ("submitted", format_clock(j.submitted_at)), ("started", format_clock(j.started_at)), ("ended", format_clock(j.ended_at)),
         ):  # fmt: skip
@@ -285,7 +295,11 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         if args.json:
             print_json({"id": args.job_id, "cancelled": True})
         else:
-            print(f"job {args.job_id} cancelled")
+            job = await s.job(args.job_id)
+            if job.state == "running":  # its cleanup steps run before it ends
+                print(f"job {args.job_id} cancelling: its cleanup steps run first")
+            else:
+                print(f"job {args.job_id} {job.state}")
         return 0
 
     return run(args, body)
@@ -339,7 +353,7 @@ def _param_range(spec: dict[str, Any]) -> str:
 
 
 #: Audit actions that are PV writes (their old and new values are the PV's).
-WRITE_ACTIONS = ("write", "pv.write")
+WRITE_ACTIONS = ("write", "pv.write", "write.unconfirmed")  # the last: the instrument took it, its read-back failed
 
 
 async def _metadata(s: Session, names: Any) -> dict[str, Metadata]:
@@ -389,6 +403,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
             verdict = "ok" if r["accepted"] else f"REFUSED: {r['reason']}"
             if r["accepted"] and r["reason"] and r["action"] not in WRITE_ACTIONS and r["reason"] not in detail:
                 verdict = f"ok: {r['reason']}"
+            if r["accepted"] and r["action"] == "write.unconfirmed":
+                verdict = f"written, not confirmed: {r['reason']}"
             rows.append((format_time(r["time"]), r["action"], r["user"], r["protocol"], r["host"] or "-", r["target"], detail, verdict))
         print_table(("TIME", "ACTION", "USER", "VIA", "HOST", "TARGET", "DETAIL", "RESULT"), rows)
         return 0

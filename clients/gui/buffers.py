@@ -240,17 +240,24 @@ class Trace:
         return self.ring.times(), self.ring.values(), conn
 
     def past(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The history points, joined to the first live point when history reaches up to it."""
+        """The history points up to the first live point, joined to it when history reaches up to it.
+
+        Where history and live overlap (the archive already holds samples the monitor
+        delivered, or a sample's archived time is rounded to the microsecond past its live
+        time), the live points win: history ends at the first live point, so the points
+        stay in time order.
+        """
         h = self.history
         first = self.ring.first()
         if first is None or not len(h):
             return h.times, h.values, h.connect
+        cut = int(np.searchsorted(h.times, first[0], side="left"))
+        times, values, conn, ok = h.times[:cut], h.values[:cut], h.connect[:cut].copy(), h.ok[:cut]
         reaches = max(c.until for c in h.chunks) >= first[0]
-        if not reaches or h.times[-1] > first[0]:  # history stops short of live, or overlaps it
-            return h.times, h.values, h.connect
-        conn = h.connect.copy()
-        conn[-1] = bool(h.ok[-1]) and first[2]
-        return np.append(h.times, first[0]), np.append(h.values, first[1]), np.append(conn, False)
+        if not reaches or not len(times):  # history stops short of live
+            return times, values, conn
+        conn[-1] = bool(ok[-1]) and first[2]
+        return np.append(times, first[0]), np.append(values, first[1]), np.append(conn, False)
 
     def points(self) -> tuple[np.ndarray, np.ndarray]:
         """Every point (history, then live) as new arrays: for inspection, not for drawing."""

@@ -39,7 +39,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -283,6 +283,10 @@ class Link:
         """Acknowledge an alarm; a :class:`CommandDone` follows."""
         self._command(_Command("acknowledge", (source, comment)))
 
+    def break_lock(self, resource: str) -> None:
+        """Break whoever holds a resource's lock (admins); a :class:`CommandDone` follows."""
+        self._command(_Command("break_lock", (resource,)))
+
     def poll_now(self) -> None:
         """Fetch the alarm list, locks and jobs again soon."""
         self._call(lambda: self._poll_now.set() if self._poll_now else None)
@@ -412,11 +416,21 @@ class Link:
                 elif "acknowledge" not in features:
                     self.inbox.put_event(CommandDone(what, "this client cannot acknowledge alarms (no Session.acknowledge)"))
                 else:
-                    tg.create_task(self._acknowledge(session, what, source, comment))
+                    tg.create_task(self._do(session, what, session.acknowledge(source, comment)))
+            elif cmd.kind == "break_lock":
+                (resource,) = cmd.args
+                what = f"break the lock on {resource}"
+                if time.monotonic() - cmd.made_at > COMMAND_STALE_S:
+                    self.inbox.put_event(CommandDone(what, "not sent: there was no connection to the server"))
+                elif getattr(session, "break_lock", None) is None:
+                    self.inbox.put_event(CommandDone(what, "this client cannot break locks (no Session.break_lock)"))
+                else:
+                    tg.create_task(self._do(session, what, session.break_lock(resource)))
 
-    async def _acknowledge(self, session: Session, what: str, source: str, comment: str) -> None:
+    async def _do(self, session: Session, what: str, call: Awaitable[Any]) -> None:
+        """Await one command; its outcome (the server's refusal, if any) as a :class:`CommandDone`."""
         try:
-            await session.acknowledge(source, comment)  # type: ignore[attr-defined]
+            await call
         except (ConnectError, ConnectionLost, RequestTimeout):
             self.inbox.put_event(CommandDone(what, "not done: the connection was lost"))
             raise

@@ -158,6 +158,7 @@ class MainWindow(QtWidgets.QMainWindow):
             return w
         if isinstance(panel, LocksPanel):
             t = LocksTable(panel, self.theme)
+            t.break_requested.connect(self.break_lock)
             self.lock_tables.append(t)
             return t
         if isinstance(panel, JobsPanel):
@@ -323,6 +324,21 @@ class MainWindow(QtWidgets.QMainWindow):
         for s in sources:
             self.link.acknowledge(s, "acknowledged from the control-room display")
         self.banner.show_message(f"acknowledging {', '.join(sources)} …")
+
+    def break_lock(self, resource: str, holder: str) -> None:
+        """Ask to be sure, then ask the server to break ``holder``'s lock on ``resource`` (admins)."""
+        if not self.confirm(f"Break {holder}'s lock on {resource}?", f"{holder} loses write access at once and is told; the break is audited."):
+            return
+        self.link.break_lock(resource)
+        self.banner.show_message(f"breaking the lock on {resource} …")
+
+    def confirm(self, question: str, detail: str) -> bool:
+        """A yes/no question to the person at the display."""
+        box = QtWidgets.QMessageBox(QtWidgets.QMessageBox.Icon.Warning, "labctl", question, parent=self)
+        box.setInformativeText(detail)
+        box.setStandardButtons(QtWidgets.QMessageBox.StandardButton.Yes | QtWidgets.QMessageBox.StandardButton.Cancel)
+        box.setDefaultButton(QtWidgets.QMessageBox.StandardButton.Cancel)
+        return box.exec() == QtWidgets.QMessageBox.StandardButton.Yes
 
     def save_screenshot(self, path: str | Path) -> None:
         """Save a picture of the window (PNG by the file's extension)."""

@@ -31,7 +31,15 @@ from typing import Any
 from labctl.clients.errors import ClientError
 from labctl.clients.tui.link import Link, LinkState, LinkStatus
 from labctl.clients.tui.model import ALARM_SUMMARY, AlarmSummary
-from labctl.clients.tui.screens import AlarmsScreen, BrowserScreen, HelpScreen, JobsScreen, LiveScreen, LocksScreen
+from labctl.clients.tui.screens import (
+    AlarmsScreen,
+    BrowserScreen,
+    HelpScreen,
+    InterlocksScreen,
+    JobsScreen,
+    LiveScreen,
+    LocksScreen,
+)
 from labctl.clients.tui.screens.base import api
 from labctl.clients.values import Metadata
 from labctl.ioc.types import Reading
@@ -48,7 +56,7 @@ RELEASE_TIMEOUT_S = 3.0
 #: Themes by the number of colours a terminal shows.
 ANSI_THEME = "ansi-dark"
 DEFAULT_THEME = "textual-dark"
-MODE_NAMES = {"browser": "PVs", "alarms": "alarms", "locks": "locks", "jobs": "jobs"}
+MODE_NAMES = {"browser": "PVs", "alarms": "alarms", "locks": "locks", "jobs": "jobs", "interlocks": "interlocks"}
 
 
 class LabctlApp(App[None]):
@@ -56,13 +64,14 @@ class LabctlApp(App[None]):
 
     CSS_PATH = "app.tcss"
     TITLE = "labctl"
-    MODES = {"browser": BrowserScreen, "alarms": AlarmsScreen, "locks": LocksScreen, "jobs": JobsScreen}
+    MODES = {"browser": BrowserScreen, "alarms": AlarmsScreen, "locks": LocksScreen, "jobs": JobsScreen, "interlocks": InterlocksScreen}
     DEFAULT_MODE = "browser"
     BINDINGS = [
         Binding("1", "switch_mode('browser')", "PVs"),
         Binding("2", "switch_mode('alarms')", "Alarms"),
         Binding("3", "switch_mode('locks')", "Locks"),
         Binding("4", "switch_mode('jobs')", "Jobs"),
+        Binding("5", "switch_mode('interlocks')", "Interlocks"),
         Binding("question_mark", "help", "Help"),
         Binding("q", "quit", "Quit"),
         Binding("ctrl+r", "reconnect", "Reconnect now", show=False),

@@ -60,7 +60,8 @@ class InstrumentConfig(Model):
 class SimulationConfig(Model):
     """A simulated plant that simulated instruments talk to."""
 
-    model: Literal["cryostat"]
+    model: Literal["cryostat", "sourcemeter"]
+    """``cryostat``: a dilution refrigerator (lakeshore372, tpg); ``sourcemeter``: a source-meter with a resistor on its terminals (keithley2400)."""
     options: dict[str, Any] = {}
 
 

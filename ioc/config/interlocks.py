@@ -12,10 +12,18 @@ from pydantic import Field, model_validator
 
 
 class SafeValue(Model):
-    """Drive a PV to a value when an interlock trips."""
+    """Drive a PV to a value when an interlock trips, and keep it there while the interlock is engaged."""
 
     pv: str
     value: Any
+    """The safe value, as a write of the PV takes it (a number, a state name or index...)."""
+    hold: bool = True
+    """Keep the PV at its safe value while the interlock is engaged (TRIPPED, CLEARING,
+    RESET_NEEDED): a write of any other value is refused, from everyone, and if the
+    instrument reports another value the safe one is written again. ``false``: driven once
+    on trip, then writable (``labctl check`` warns unless ``why_writable`` says why)."""
+    why_writable: str = ""
+    """With ``hold: false``: why writing this PV while the interlock is engaged is safe."""
 
 
 class InterlockActions(Model):
@@ -24,9 +32,9 @@ class InterlockActions(Model):
     hold_queue: bool = False
     """Hold the job queue: running jobs pause at their next step, queued ones wait."""
     refuse_writes: tuple[str, ...] = ()
-    """Resources whose PVs nobody may write while tripped."""
+    """Resources whose PVs nobody may write while engaged (the server's own actors excepted)."""
     set: tuple[SafeValue, ...] = ()
-    """PVs driven to a safe value on trip (heater off)."""
+    """PVs driven to a safe value on trip (heater off), and held there while engaged."""
 
 
 class InterlockConfig(Model):

@@ -2,7 +2,10 @@
 
 A step is one of a fixed set of kinds (set, ramp, wait, read, sleep, repeat, log),
 configured as data; :mod:`labctl.ioc.procedure` checks a procedure against the site and
-:mod:`labctl.ioc.jobs` runs it.
+:mod:`labctl.ioc.jobs` runs it. A procedure may also declare ``cleanup`` steps, a
+``finally`` block that runs however the job ends (done, failed, cancelled, stopped by an
+interlock or by the server's shutdown, and at the next start after a crash unless
+``cleanup_after_crash`` is false), within ``cleanup_timeout_s``.
 """
 
 from __future__ import annotations
@@ -78,8 +81,8 @@ class Step(Model):
     ramp: RampStep | None = None
     wait: WaitStep | None = None
     read: ReadStep | None = None
-    sleep: float | None = Field(None, ge=0)
-    """Seconds to wait."""
+    sleep: float | str | None = None
+    """Seconds to wait: a number, or an ``=expression`` over the parameters (``"=settle_s"``)."""
     repeat: RepeatStep | None = None
     log: str | None = None
     """A line for the job's log (``{param}`` placeholders allowed)."""
@@ -89,6 +92,10 @@ class Step(Model):
         given = [k for k in ("set", "ramp", "wait", "read", "sleep", "repeat", "log") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"a step has exactly one of set, ramp, wait, read, sleep, repeat, log; got {given or 'none'}")
+        if isinstance(self.sleep, str) and not self.sleep.startswith("="):
+            raise ValueError(f"sleep: expected seconds or an '=expression', got {self.sleep!r}")
+        if isinstance(self.sleep, (int, float)) and not self.sleep >= 0:
+            raise ValueError(f"sleep: expected seconds >= 0, got {self.sleep!r}")
         return self
 
     @property
@@ -108,6 +115,15 @@ class ProcedureConfig(Model):
     """Resources the job must hold (locked for its whole run)."""
     params: dict[str, ParamConfig] = {}
     steps: tuple[Step, ...]
+    cleanup: tuple[Step, ...] = ()
+    """Steps that always run when the job ends, however it ends (a ``finally`` block): leave heaters
+    and outputs off. A failing cleanup step is logged and the next one still runs; cleanup never
+    pauses for a held queue."""
+    cleanup_timeout_s: PositiveSeconds = 30.0
+    """The longest the cleanup may take (also what the server's shutdown waits for it)."""
+    cleanup_after_crash: bool = True
+    """Run the cleanup at the next start when the server died (kill -9, power) while the job ran,
+    once the job's resources can be locked (false: the job is only marked failed)."""
     roles: tuple[str, ...] = ("operator", "expert", "admin")
     """Roles allowed to submit it."""
 

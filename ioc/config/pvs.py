@@ -97,6 +97,9 @@ class PVConfig(Model):
     """Exact length of a float64[] PV, or the longest string a string PV takes."""
     allow_nan: bool = False
     """Accept NaN in writes (float64 / float64[] only)."""
+    autosave: bool = True
+    """Save this PV's value and restore it at the next start (writable PVs: server-kept ones and
+    instrument setpoints; see server.autosave). ``false`` for a value that must start afresh."""
     initial: Any = None
     """Initial value of a soft PV (one with no instrument and no expression)."""
     scan_s: PositiveSeconds | None = None

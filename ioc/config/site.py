@@ -6,6 +6,11 @@ resource, a derived PV's inputs, a role named by a user) are checked after the p
 validation, by :meth:`CoreSiteConfig.cross_check`, as (key path, message) pairs the loader
 turns into ``file:line:col key.path: message`` lines. The complete site file adds the
 server's sections (:class:`labctl.server.site.SiteConfig`) and extends the checks.
+
+Names reserved for the server's internal actors (:data:`labctl.ioc.types.RESERVED_NAMES`:
+``labctl``, ``system``...) are refused as role and user names wherever a site file
+declares or grants them, so no site can give anyone an identity that reads like the
+server's own (the authority itself is never granted by a name: ``Identity.internal``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from labctl.ioc.config.procedures import ProcedureConfig
 from labctl.ioc.config.pvs import PVConfig
 from labctl.ioc.expr import Expression, ExpressionError
 from labctl.ioc.procedure import check_procedure
+from labctl.ioc.types import RESERVED_NAMES, reserved
 
 from labctl.yamlmodel import dotted
 
@@ -112,6 +118,9 @@ class CoreSiteConfig(Model):
                 more = f" ({len(missing) - 1} more of this range are unknown too)" if len(missing) > 1 else ""
                 problems.append((("pvs", pi, "inputs", var), f"unknown PV {missing[0]!r}{more}"))
         roles = self.all_roles
+        for rname in self.roles:
+            if reserved(rname):
+                problems.append((("roles", rname), reserved_message("role", rname)))
         for pname, proc in self.procedures.items():
             problems.extend(check_procedure(pname, proc, set(seen)))
             for ri, res in enumerate(proc.resources):
@@ -128,9 +137,14 @@ class CoreSiteConfig(Model):
             for pv in ilk.watched:
                 if pv not in seen:
                     problems.append((path, f"unknown PV {pv!r}"))
+            safe_pvs = [sv.pv for sv in ilk.actions.set]
             for si, sv in enumerate(ilk.actions.set):
                 if sv.pv not in seen:
                     problems.append((path + ("actions", "set", si, "pv"), f"unknown PV {sv.pv!r}"))
+                if safe_pvs.index(sv.pv) != si:
+                    problems.append((path + ("actions", "set", si, "pv"), f"{sv.pv} has two safe values in this interlock"))
+                if sv.hold and sv.why_writable:
+                    problems.append((path + ("actions", "set", si, "why_writable"), "'why_writable' goes with 'hold: false'"))
             for ri, res in enumerate(ilk.actions.refuse_writes):
                 if res not in declared | implicit:
                     problems.append((path + ("actions", "refuse_writes", ri), f"unknown resource {res!r}"))
@@ -148,6 +162,8 @@ class CoreSiteConfig(Model):
         for ui, user in enumerate(self.users):
             if unames.index(user.name) != ui:
                 problems.append((("users", ui, "name"), f"duplicate user name {user.name!r}"))
+            if reserved(user.name):
+                problems.append((("users", ui, "name"), reserved_message("user", user.name)))
             for r in user.roles:
                 if r not in roles:
                     problems.append((("users", ui, "roles"), f"unknown role {r!r}; defined: {sorted(roles)}"))
@@ -168,3 +184,7 @@ class CoreSiteConfig(Model):
         if pv.resource is not None and pv.resource not in resources:
             problems.append((path + ("resource",), f"unknown resource {pv.resource!r}; declared: {sorted(resources)}"))
 
+
+def reserved_message(what: str, name: str) -> str:
+    """The problem of a site naming a role or user like the server's internal actors."""
+    return f"{what} name {name!r} is reserved for the server's internal actors (reserved: {sorted(RESERVED_NAMES)})"

@@ -23,6 +23,11 @@ against the client's IP address as the server sees it, which a client cannot for
 TCP connection, instead of the name it reports (EPICS ``asCheckClientIP``); the server's
 circuit then hands the address over as the client's host (see :mod:`labctl.server.ca.context`).
 
+A CA identity is never internal (``Identity.internal``, which only the server's own
+actors carry): a client that reports the internal actors' user name (``labctl``) gets
+what the rules grant that name and nothing more -- it neither bypasses a check nor owns
+an internal actor's lease -- and the site loader refuses rules that grant a reserved role.
+
 The roles then go through the same :class:`~labctl.ioc.access.RolePolicy` and lock checks as
 every other protocol: the access rights of a channel are READ|WRITE exactly when
 :meth:`~labctl.ioc.database.Database.may_write` says this identity may write that PV now, and
@@ -89,7 +94,7 @@ class AccessRules:
 
     def identity(self, client: Client) -> Identity:
         """The identity a request from ``client`` is made with."""
-        return Identity(
+        return Identity(  # never internal=True: only the server's own actors are
             user=client.user or "",
             roles=self.roles_for(client.user, client.host),
             protocol=PROTOCOL,

@@ -23,6 +23,18 @@ refusal's sentence. Refusals are expected: the core has audited and logged them,
 they get no traceback here; anything else is a bug, logged once with its traceback and
 answered ECA_INTERNAL.
 
+A write the instrument took but whose read-back failed
+(:class:`~labctl.ioc.errors.WrittenUnconfirmed`) was neither refused nor failed, so it is
+not ECA_PUTFAIL (which tells the client the write did not happen, and invites a second
+one). It is answered **ECA_IOINPROGRESS** ("IO operations are in progress"): a status of
+INFO severity with the success bit set, so libca and pyepics report no failure, yet it is
+not ECA_NORMAL, so a client that checks the put-callback's status (``args.status`` in libca)
+learns the value was sent but its completion is not confirmed. A plain put (no
+callback) gets it as a CA error message carrying the sentence ("written, not confirmed:
+the read-back failed: ..."), which libca hands to the client's exception handler. The
+PV itself reads INVALID (READ or TIMEOUT) until the instrument is read again, which is
+what an EPICS record whose device support failed would show.
+
 Access rights. Channel Access sends a channel's rights when it is created. Rights here
 depend on locks that change hands, so :meth:`LabctlContext.refresh_access_rights`
 re-evaluates open channels and sends CA_PROTO_ACCESS_RIGHTS for those whose rights
@@ -33,6 +45,34 @@ connection delays no other client's new rights.
 
 Hosts. A client's reported host name goes to the access rules unless
 ``check_client_ip`` is set: then the circuit's peer address stands in for it.
+
+Limits (``server.ca.limits``, :class:`~labctl.server.ca.config.CALimits`). Everything a client
+can make the server hold is bounded:
+
+* a message whose header announces a payload above ``max_array_bytes`` closes the
+  connection as soon as the header is in (caproto would buffer all of it first), so at
+  most one read (4 KiB) of its data is ever held;
+* requests received but not yet processed: the circuit's queue holds
+  ``requests_per_client``; past that the server stops reading the connection;
+* monitor updates waiting for a client, on every path (:mod:`labctl.server.ca.monitors`):
+  caproto's monitors, which it would queue per circuit behind a socket that does not drain
+  (and then stall the server-wide queue behind that one), are encoded by caproto but
+  posted to the same :class:`~labctl.server.ca.monitors.Outbox` as direct ones, which keeps
+  only the latest per subscription beyond ``send_queue_bytes``;
+* channels and subscriptions per client (further ones fail: CreateChFail, ECA_ALLOCMEM),
+  and client connections (further ones are closed as they connect).
+
+Exceeding a limit is logged once per client. Memory is given back when a client goes:
+a closed circuit is part of reference cycles (caproto's circuit, its tasks, its
+subscriptions and outbox all point back at it) that only a full collection would free,
+and the server raises the collector's threshold so that one rarely runs;
+:meth:`LabctlCircuit.release` clears what the circuit holds instead.
+
+Malformed traffic. What a client sends that caproto cannot parse or that breaks the
+protocol's state machine is logged as one WARNING line per connection (peer and reason,
+rate-limited server-wide by :class:`~labctl.server.peerlog.PeerLog`), without a traceback, and
+the connection is closed; caproto's own logging of it (a traceback per message) is
+replaced, and no task of a circuit ends with an exception nobody retrieves.
 """
 
 from __future__ import annotations
@@ -41,11 +81,14 @@ import asyncio
 import functools
 import logging
 import socket
+import struct
 from collections.abc import Collection
-from typing import Any
+from typing import Any, NoReturn
 
 import caproto as ca
-from caproto import CAStatus
+from caproto import CAStatus, apply_arr_filter
+from caproto._commands import bytes_needed_for_command
+from caproto._utils import apply_deadband_filter
 from caproto.asyncio.server import Context, VirtualCircuit
 from caproto.asyncio.utils import (
     _create_udp_socket,
@@ -53,10 +96,12 @@ from caproto.asyncio.utils import (
     _TransportWrapper,
     _UdpTransportWrapper,
 )
-from caproto.server.common import DisconnectedCircuit
-from labctl.ioc.errors import DriverError, Forbidden, LabctlError, LockedBy, Refused, UnknownPV
-from labctl.server.ca.env import CASettings
+from caproto.server.common import DisconnectedCircuit, LoopExit, host_endian
+from labctl.ioc.errors import DriverError, Forbidden, LabctlError, LockedBy, Refused, UnknownPV, WrittenUnconfirmed
+from labctl.server.ca.config import CALimits
+from labctl.server.ca.env import MIN_ARRAY_BYTES, CASettings
 from labctl.server.ca.monitors import Outbox
+from labctl.server.peerlog import PeerLog
 
 log = logging.getLogger("labctl.ca")
 
@@ -66,11 +111,17 @@ PUT_STATUS: dict[type[Exception], CAStatus] = {
     LockedBy: CAStatus.ECA_NOWTACCESS,
     UnknownPV: CAStatus.ECA_PUTFAIL,
     Refused: CAStatus.ECA_PUTFAIL,  # WrongType, OutOfRange, Interlocked, a lock command the arbiter refused...
-    DriverError: CAStatus.ECA_PUTFAIL,  # DriverFault, DriverTimeout
+    WrittenUnconfirmed: CAStatus.ECA_IOINPROGRESS,  # sent, read-back failed: not a failure (module docstring)
+    DriverError: CAStatus.ECA_PUTFAIL,  # DriverFault, DriverTimeout, DriverFailed
 }
 
 #: Beacons start this often and back off (doubling) to the configured period (CA spec).
 MIN_BEACON_PERIOD_S = 0.02
+#: Bytes read from a client's connection at a time (as caproto does).
+RECV_BYTES = 4096
+#: What caproto raises on bytes it cannot take as a CA request (beyond its own protocol errors).
+_MALFORMED = (ca.CaprotoError, ValueError, KeyError, IndexError, TypeError, struct.error, UnicodeError, OverflowError)
+
 #: How long :meth:`LabctlContext.refresh_access_rights` waits for a client to take its
 #: new access rights (one that does not read its connection gets them when it does).
 RIGHTS_SEND_TIMEOUT_S = 5.0
@@ -114,11 +165,108 @@ class LabctlCircuit(VirtualCircuit):
         self._rights_task: asyncio.Task[int] | None = None
         if context.check_client_ip:
             self.client_hostname = self.peer_address
-        self.outbox = Outbox(client.writer.transport, self._describe)
-        """Monitor updates of direct subscriptions, waiting to be written (:mod:`labctl.server.ca.monitors`)."""
+        limits = context.limits
+        self.command_queue = asyncio.Queue(limits.requests_per_client)
+        self.outbox = Outbox(client.writer.transport, self._describe, limits.send_queue_bytes)
+        """Monitor updates waiting to be written, from both paths (:mod:`labctl.server.ca.monitors`)."""
+        self.subscription_ids: set[int] = set()
+        """This client's subscriptions (for ``limits.subscriptions_per_client``)."""
+        self.reported: set[str] = set()
+        """The kinds of misbehaviour already logged for this client (each is logged once)."""
+        self._loop_task: asyncio.Task[None] | None = None
 
     def _describe(self) -> str:
         return f"{self.client_username}@{self.client_hostname} ({self.peer_address})"
+
+    def report(self, kind: str, reason: str) -> None:
+        """Log the client's misbehaviour ``kind`` once for this connection (rate-limited server-wide)."""
+        port = self.circuit.address[1] if isinstance(self.circuit.address, tuple) else 0
+        peer = f"Channel Access client {self.client_username or '?'}@{self.peer_address}:{port}"
+        self.context.peer_log.report(kind, self.reported, peer, reason)
+
+    # ---- reading the connection ---------------------------------------------------------
+
+    async def run(self) -> None:
+        """Start processing requests (monitor updates take the outbox: no caproto batching task)."""
+        self.events_on.set()
+        self._loop_task = self.tasks.create(self.command_queue_loop())
+
+    async def recv(self) -> None:
+        """Read from the connection and queue the requests; refuse an oversized message at its header.
+
+        Raises DisconnectedCircuit when the client is gone or was disconnected.
+        """
+        try:
+            data = await self.client.recv(RECV_BYTES)
+        except OSError:
+            data = b""
+        if not data:
+            # The client closed: what it sent before (a put, say) is still processed.
+            task = self._loop_task
+            if task is not None and not task.done():
+                await self.command_queue.put(ca.DISCONNECTED)
+                await asyncio.wait([task])
+            raise DisconnectedCircuit()
+        try:
+            commands, needed = self.circuit.recv(data)
+        except _MALFORMED as e:
+            await self.drop("malformed", f"sent a malformed message ({_first_line(e)}); disconnected")
+        if needed:
+            header, _ = bytes_needed_for_command(self.circuit._data, ca.CLIENT)
+            limit = self.context.max_array_bytes
+            if header is not None and header.payload_size > limit:
+                await self.drop(
+                    "payload",
+                    f"announced a {header.payload_size}-byte message (command {header.command}); "
+                    f"the limit is {limit} (server.ca.limits.max_array_bytes); disconnected",
+                )
+        for command in commands:
+            await self.command_queue.put(command)  # waits while requests_per_client are queued
+
+    async def drop(self, kind: str, reason: str) -> NoReturn:
+        """Log ``reason`` once, close the connection and raise DisconnectedCircuit."""
+        self.report(kind, reason)
+        self.circuit._data = bytearray()
+        await self._on_disconnect()
+        raise DisconnectedCircuit()
+
+    async def command_queue_loop(self) -> None:
+        """caproto's request loop; a client's protocol error ends it with one line, a bug with one traceback."""
+        try:
+            await super().command_queue_loop()
+        except DisconnectedCircuit:
+            pass
+        except _MALFORMED as e:
+            self.report("protocol", f"broke the protocol ({_first_line(e)}); disconnected")
+        except Exception:  # nobody awaits this task: this is the boundary that reports it
+            log.exception("Channel Access request loop of %s failed", self._describe())
+        finally:
+            if self.connected:
+                await self._on_disconnect()
+                self.client.close()
+
+    async def _command_queue_iteration(self, command: Any) -> Any:
+        """caproto's, with a client's errors logged once and without a traceback."""
+        if command is ca.DISCONNECTED:
+            raise DisconnectedCircuit()
+        try:
+            self.circuit.process_command(command)
+        except ca.RemoteProtocolError as e:
+            self.report("protocol", f"broke the protocol ({_first_line(e)}); disconnected")
+            raise LoopExit("protocol error") from None
+        try:
+            return await self._process_command(command)
+        except _MALFORMED as e:
+            if not self.connected:
+                raise LoopExit("client gone") from None
+            self.report("request", f"sent a request the server cannot take ({_first_line(e)})")
+            cid = getattr(command, "cid", None)
+            if cid is None:
+                channel = self.circuit.channels_sid.get(getattr(command, "sid", None))
+                cid = None if channel is None else channel.cid
+            if cid is None:
+                return None
+            return [ca.ErrorResponse(command, cid, status=CAStatus.ECA_BADTYPE, error_message=_first_line(e))]
 
     def post_event(self, sub: Any, sub_spec: Any, message: bytes) -> None:
         """Queue a monitor update of a direct subscription (never waits)."""
@@ -145,6 +293,35 @@ class LabctlCircuit(VirtualCircuit):
         self.outbox.close()
         await super()._on_disconnect()
 
+    def release(self) -> None:
+        """Drop what this closed circuit holds, so it is freed without a garbage collection.
+
+        Called by the context once the connection is gone: clears the cycles through the
+        circuit (caproto's circuit and channels, subscriptions, queues, tasks, the outbox),
+        the context's per-subscription filter state, and any partly received message.
+        """
+        self.outbox.close()
+        for subs in self.subscriptions.values():
+            for sub in subs:
+                self.context.last_dead_band.pop(sub, None)
+                self.context.last_sync_edge_update.pop(sub, None)
+        self.subscriptions.clear()
+        self.subscriptions_to_resend.clear()
+        self.unexpired_updates.clear()
+        self.subscription_ids.clear()
+        while not self.command_queue.empty():
+            self.command_queue.get_nowait()
+        circuit = self.circuit
+        circuit._data = bytearray()
+        circuit.channels.clear()
+        circuit.channels_sid.clear()
+        circuit.event_add_commands.clear()
+        circuit.event_cancel_commands.clear()
+        # Puts in progress finish on their own (and then let go of the circuit).
+        for task in (self._loop_task, self._rights_task):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+
     async def _process_command(self, command: Any) -> Any:
         if isinstance(command, ca.HostNameRequest):
             self.reported_host = command.name
@@ -153,7 +330,39 @@ class LabctlCircuit(VirtualCircuit):
             return []
         if isinstance(command, (ca.WriteRequest, ca.WriteNotifyRequest)):
             return await self._put(command)
+        limits = self.context.limits
+        if isinstance(command, ca.CreateChanRequest) and len(self.circuit.channels_sid) >= limits.channels_per_client:
+            self.report(
+                "channels",
+                f"asked for more than {limits.channels_per_client} channels (server.ca.limits.channels_per_client); "
+                f"refused {command.name!r} and any further ones",
+            )
+            return [ca.CreateChFailResponse(cid=command.cid)]
+        if isinstance(command, ca.EventAddRequest):
+            if command.subscriptionid not in self.subscription_ids:
+                if len(self.subscription_ids) >= limits.subscriptions_per_client:
+                    self.report(
+                        "subscriptions",
+                        f"asked for more than {limits.subscriptions_per_client} monitors "
+                        "(server.ca.limits.subscriptions_per_client); further ones are answered ECA_ALLOCMEM",
+                    )
+                    chan = self.circuit.channels_sid[command.sid]
+                    return [
+                        ca.ErrorResponse(
+                            command,
+                            chan.cid,
+                            status=CAStatus.ECA_ALLOCMEM,
+                            error_message=f"more than {limits.subscriptions_per_client} monitors on one connection",
+                        )
+                    ]
+                self.subscription_ids.add(command.subscriptionid)
         return await super()._process_command(command)
+
+    async def _cull_subscriptions(self, db_entry: Any, func: Any) -> Any:
+        removed = await super()._cull_subscriptions(db_entry, func)
+        for _, sub in removed:
+            self.subscription_ids.discard(sub.subscriptionid)
+        return removed
 
     async def _put(self, command: Any) -> list[Any]:
         chan, db_entry = self._get_db_entry_from_command(command)
@@ -249,9 +458,24 @@ class LabctlContext(Context):
 
     CircuitClass = LabctlCircuit
 
-    def __init__(self, pvdb: dict[str, Any], settings: CASettings, *, check_client_ip: bool = False) -> None:
+    def __init__(
+        self,
+        pvdb: dict[str, Any],
+        settings: CASettings,
+        *,
+        check_client_ip: bool = False,
+        limits: CALimits | None = None,
+        max_array_bytes: int | None = None,
+    ) -> None:
         super().__init__(pvdb, list(settings.interfaces))
         self.settings = settings
+        self.limits = limits or CALimits()
+        """Per-client limits (``server.ca.limits``)."""
+        self.max_array_bytes: int = settings.max_array_bytes or max_array_bytes or MIN_ARRAY_BYTES
+        """Largest payload a client may announce (site file, environment, else the service's default)."""
+        self.peer_log = PeerLog(log)
+        """One line per misbehaving client connection, rate-limited."""
+        self._udp_reported: set[Any] = set()
         self.check_client_ip = check_client_ip
         self.ca_server_port = settings.port
         self.ignore_addresses = _Hosts(settings.ignore_hosts)
@@ -332,7 +556,107 @@ class LabctlContext(Context):
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport = _TransportWrapper(reader, writer)
+        if len(self.circuits) >= self.limits.clients:
+            peer = transport.getpeername()
+            self.peer_log.report(
+                "clients",
+                set(),
+                f"Channel Access client at {peer[0]}:{peer[1]}",
+                f"refused: {self.limits.clients} clients are connected (server.ca.limits.clients)",
+            )
+            writer.close()
+            return
         self.server_tasks.create(self.tcp_handler(transport, transport.getpeername()))
+
+    async def tcp_handler(self, client: Any, addr: Any) -> None:
+        """Serve one client connection until it closes; then release what it held (caproto's, bounded)."""
+        circuit = self.CircuitClass(ca.VirtualCircuit(ca.SERVER, addr, None), client, self)
+        self.circuits.add(circuit)
+        log.debug("Channel Access client connected from %s:%d (%d connected)", *addr, len(self.circuits))
+        try:
+            await circuit.run()
+            while True:
+                await circuit.recv()
+        except DisconnectedCircuit:
+            pass
+        except Exception:  # nobody awaits this task: this is the boundary that reports it
+            log.exception("Channel Access connection from %s:%d failed", *addr)
+        finally:
+            self.circuits.discard(circuit)
+            if circuit.connected:
+                await circuit._on_disconnect()
+            client.close()
+            circuit.release()
+        log.debug("Channel Access client at %s:%d left (%d connected)", *addr, len(self.circuits))
+
+    async def circuit_disconnected(self, circuit: Any) -> None:
+        """A circuit's request loop saw its client go: forget it (its connection handler releases it)."""
+        self.circuits.discard(circuit)
+
+    async def _broadcaster_recv_datagram(self, bytes_received: bytes, address: Any) -> None:
+        """caproto's, with a malformed datagram logged as one line per sender (no traceback)."""
+        try:
+            commands = self.broadcaster.recv(bytes_received, address)
+        except _MALFORMED as e:
+            if len(self._udp_reported) > 1024:
+                self._udp_reported.clear()
+            host = address[0] if isinstance(address, tuple) else str(address)
+            self.peer_log.report(
+                host,
+                self._udp_reported,
+                f"Channel Access search from {host}",
+                f"malformed datagram ({_first_line(e)}); ignored",
+            )
+            return
+        await self.command_bundle_queue.put((address, commands))
+
+    async def subscription_queue_loop(self) -> None:
+        """caproto's loop over published updates, keeping no reference to the last one while it waits.
+
+        (caproto's keeps the last item in its locals: a circuit gone since would stay alive
+        until the next update.)
+        """
+        queue = self.subscription_queue
+        while True:
+            item = await queue.get()
+            await self._subscription_queue_iteration(*item)
+            del item
+
+    async def _subscription_queue_send(self, sub_spec: Any, sub: Any, metadata: Any, values: Any, flags: int) -> None:
+        """caproto's, except that the update goes to the circuit's outbox (never waits, bounded)."""
+        circuit = sub.circuit
+        if not circuit.connected:
+            return
+        values = apply_arr_filter(sub_spec.channel_filter.arr, values)
+        data_count = sub.data_count or len(values)
+        if data_count != len(values):
+            values = values[:data_count]
+        command = sub.channel.subscribe(
+            data=values,
+            metadata=metadata,
+            data_type=sub.data_type,
+            data_count=data_count,
+            subscriptionid=sub.subscriptionid,
+            status=1,
+        )
+        if sub.channel_filter.dbnd is not None:
+            tracked = apply_deadband_filter(
+                previous_value=self.last_dead_band.get(sub),
+                new_value=values,
+                sub=sub,
+                flags=flags,
+                host_endian=host_endian,
+            )
+            if tracked is None:
+                return
+            self.last_dead_band[sub] = tracked
+        sync = sub.channel_filter.sync
+        if sync is not None:
+            last = self.last_sync_edge_update[sub][sync.s].get(sync.m)
+            if last and last == command:
+                return
+            self.last_sync_edge_update[sub][sync.s][sync.m] = command
+        circuit.post_event(sub, sub_spec, bytes(command))
 
     def _spawn(self, coro: Any, what: str) -> None:
         self._tasks.append(asyncio.create_task(coro, name=f"ca {what}"))
@@ -418,6 +742,12 @@ async def _bound_tcp_socket(interface: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _first_line(error: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
 
 
 def _free_udp_port(interface: str) -> int:

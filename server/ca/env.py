@@ -21,6 +21,9 @@ beacon addresses             ``EPICS_CAS_BEACON_ADDR_LIST`` (else ``EPICS_CA_ADD
                              own ``:port``; an empty result sends no beacons
 beacon period                ``EPICS_CAS_BEACON_PERIOD`` | ``EPICS_CA_BEACON_PERIOD`` | 15 s
 ignored clients              ``EPICS_CAS_IGNORE_ADDR_LIST`` (their searches get no answer)
+largest client message       ``limits.max_array_bytes`` | ``EPICS_CAS_MAX_ARRAY_BYTES`` |
+                             ``EPICS_CA_MAX_ARRAY_BYTES`` | 16 384 + the largest PV's value
+                             (the service adds that default; at least 16 384)
 ===========================  ==============================================================
 
 caproto's own server reads only part of this (it binds ``EPICS_CA_SERVER_PORT``, not
@@ -58,6 +61,8 @@ WARN_LATENCY_S = 0.25
 DEFAULT_SERVER_PORT = 5064
 DEFAULT_BEACON_PORT = 5065
 DEFAULT_BEACON_PERIOD_S = 15.0
+#: EPICS's default (and smallest) ``EPICS_CA_MAX_ARRAY_BYTES``.
+MIN_ARRAY_BYTES = 16_384
 
 
 class CASettingsError(LabctlError):
@@ -80,6 +85,8 @@ class CASettings:
     """Longest interval between beacons (they start fast and back off to this)."""
     ignore_hosts: frozenset[str]
     """Client addresses whose searches are not answered."""
+    max_array_bytes: int | None = None
+    """Largest payload a client may send (None: the service's default for its PVs)."""
 
 
 def _get(environ: Mapping[str, str], *names: str) -> str | None:
@@ -176,6 +183,16 @@ def resolve(cfg: CAConfig, environ: Mapping[str, str] | None = None) -> CASettin
         raise CASettingsError(f"EPICS_CAS_BEACON_PERIOD={period_text!r}: must be positive")
 
     ignore = frozenset(a.partition(":")[0] for a in (_get(env, "EPICS_CAS_IGNORE_ADDR_LIST") or "").split())
+    max_array_bytes = cfg.limits.max_array_bytes
+    if max_array_bytes is None:
+        text = _get(env, "EPICS_CAS_MAX_ARRAY_BYTES", "EPICS_CA_MAX_ARRAY_BYTES")
+        if text is not None:
+            try:
+                max_array_bytes = int(text)
+            except ValueError:
+                raise CASettingsError(f"EPICS_CA_MAX_ARRAY_BYTES={text!r}: expected a number of bytes") from None
+            if not MIN_ARRAY_BYTES <= max_array_bytes < 2**31:
+                raise CASettingsError(f"EPICS_CA_MAX_ARRAY_BYTES={text!r}: must be {MIN_ARRAY_BYTES} .. 2**31-1")
     return CASettings(
         interfaces=interfaces,
         port=port,
@@ -183,6 +200,7 @@ def resolve(cfg: CAConfig, environ: Mapping[str, str] | None = None) -> CASettin
         beacon_addresses=tuple(dict.fromkeys(addresses)),
         beacon_period_s=period,
         ignore_hosts=ignore,
+        max_array_bytes=max_array_bytes,
     )
 
 

@@ -30,7 +30,11 @@ of subscriptions. Before any other response is written on the circuit the outbox
 written first, so an update is never overtaken by the cancel of its subscription.
 
 Everything else -- other data types, arrays, strings, channel filters, record fields --
-keeps caproto's path.
+keeps caproto's encoding (a response object per subscription, with its filters), but its
+messages take the same outbox (:meth:`labctl.server.ca.context.LabctlContext._subscription_queue_send`):
+caproto's own per-circuit queue waits on the socket and, once full, stalls the server-wide
+subscription queue behind it, which then grows without bound while one client does not read.
+The high-water mark is the site's ``server.ca.limits.send_queue_bytes``.
 """
 
 from __future__ import annotations
@@ -128,9 +132,15 @@ def fast_type(channel_type: ChannelType, max_length: int, data_type: ChannelType
 class Outbox:
     """Monitor messages waiting to be written to one client (see the module docstring)."""
 
-    def __init__(self, transport: asyncio.WriteTransport, describe: Callable[[], str]) -> None:
+    def __init__(
+        self, transport: asyncio.WriteTransport, describe: Callable[[], str], high_water: int = HIGH_WATER_BYTES
+    ) -> None:
         self._transport = transport
         self._describe = describe
+        self.high_water = high_water
+        """Bytes in the socket buffer past which only the latest message per subscription is kept."""
+        self.low_water = min(LOW_WATER_BYTES, high_water // 4)
+        """...until the buffer has drained below this."""
         self._pending: list[tuple[int, bytes]] = []
         self._latest: dict[int, bytes] | None = None
         """Latest message per subscription while the client is behind (else None)."""
@@ -167,10 +177,16 @@ class Outbox:
                 del self._latest[subid]
 
     def close(self) -> None:
-        """Drop everything: the client is gone."""
+        """Drop everything: the client is gone (and so is this outbox's hold on the circuit)."""
         self._closed = True
         self._pending.clear()
         self._latest = None
+        self._describe = str
+
+    @property
+    def waiting(self) -> int:
+        """Messages held here, not yet handed to the socket."""
+        return len(self._pending) + len(self._latest or ())
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -181,7 +197,7 @@ class Outbox:
             return
         buffered = self._transport.get_write_buffer_size()
         if self._latest is not None:
-            if buffered > LOW_WATER_BYTES:
+            if buffered > self.low_water:
                 self._retry()
                 return
             latest, self._latest = self._latest, None
@@ -190,7 +206,7 @@ class Outbox:
             )
             self._write(list(latest.values()))
             return
-        if buffered > HIGH_WATER_BYTES:
+        if buffered > self.high_water:
             latest = {}
             for subid, message in self._pending:
                 if subid in latest:

@@ -47,12 +47,15 @@ from labctl.ioc.access import AuditRecord
 from labctl.ioc.arbiter import LeaseEvent
 from labctl.ioc.database import Database
 from labctl.ioc.subscription import Callback
-from labctl.ioc.types import EventMask, Update
+from labctl.ioc.types import EventMask, PVType, Update
 from labctl.server.ca.access import AccessRules, Client, access_rights
 from labctl.server.ca.arbiter import ArbiterChannels, Control
 from labctl.server.ca.channels import ServedChannel, build_channel
 from labctl.server.ca.context import CAStartError, LabctlContext
-from labctl.server.ca.env import CASettings, resolve, tune_latency
+from labctl.server.ca.env import MIN_ARRAY_BYTES, CASettings, resolve, tune_latency
+
+from labctl.backoff import Backoff
+from labctl.supervision import supervise
 
 if TYPE_CHECKING:  # the site model imports this package (its ``server.ca`` section)
     from labctl.server.site import SiteConfig
@@ -69,6 +72,17 @@ class Host(Protocol):
 
     db: Database
     site: SiteConfig
+
+
+def default_max_array_bytes(db: Database) -> int:
+    """An IOC's default largest message (16 384 bytes) plus what the largest PV's value needs."""
+    largest = 0
+    for info in db.infos():
+        if info.type is PVType.FLOAT64_ARRAY:
+            largest = max(largest, 8 * info.max_length)
+        elif info.type is PVType.STRING:
+            largest = max(largest, 4 * info.max_length + 1)  # whole UTF-8 strings, through NAME.VAL$
+    return MIN_ARRAY_BYTES + largest
 
 
 class UpdateQueue:
@@ -200,7 +214,13 @@ class CAService:
         # No await between reading the initial values and subscribing: no update is missed.
         self._queue = UpdateQueue(self._apply)
         self._subscription = self.db.subscribe(self._on_update, mask=EventMask.ALL)
-        self.context = LabctlContext(pvdb, self.settings, check_client_ip=self.rules.check_client_ip)
+        self.context = LabctlContext(
+            pvdb,
+            self.settings,
+            check_client_ip=self.rules.check_client_ip,
+            limits=self.config.limits,
+            max_array_bytes=default_max_array_bytes(self.db),
+        )
         try:
             await self.context.start()
         except BaseException:
@@ -208,7 +228,7 @@ class CAService:
             self._subscription = None
             self.context = None
             raise
-        self._pump = asyncio.create_task(self._queue.run(), name="ca updates")
+        self._pump = supervise("ca updates", self._queue.run, backoff=Backoff(0.05, 5.0)).task  # restarted if it fails
         if self.arbiter is not None:
             self.arbiter.start(self.context)
         log.info(

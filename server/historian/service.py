@@ -281,18 +281,21 @@ class Historian:
         limit: int | None = None,
         continuation: str | None = None,
         reverse: bool = False,
+        bounds: bool = False,
     ) -> RawPage:
         """Archived readings of ``name`` in ``[start, end)``, oldest first (newest first if ``reverse``).
 
         At most ``limit`` per call; if more remain, the page's ``continuation`` is passed
-        back (with the same other arguments) for the next page.
+        back (with the same other arguments) for the next page. ``bounds``: a forward
+        read starts with the value in force at ``start`` (the last reading before it, with
+        its own time), so a PV that did not change in the range still shows its value.
         """
         s, e = to_us(start), to_us(end)
         query.check_range(s, e)
 
         def fn(conn):
             (entry,) = self._lookup(conn, [name])
-            return query.read_raw(conn, entry, s, e, limit=limit, continuation=continuation, reverse=reverse)
+            return query.read_raw(conn, entry, s, e, limit=limit, continuation=continuation, reverse=reverse, bounds=bounds)
 
         return await self._run(fn)
 
@@ -333,12 +336,16 @@ class Historian:
 
         return await self._run(fn)
 
-    async def read_processed(self, name: str, start: Time, end: Time, interval_s: float) -> list[Bucket]:
-        """Aggregates of ``name`` per ``interval_s`` over ``[start, end)``: count, min, max, mean, first, last."""
-        return (await self.read_processed_many([name], start, end, interval_s))[name]
+    async def read_processed(self, name: str, start: Time, end: Time, interval_s: float, *, held: bool = False) -> list[Bucket]:
+        """Aggregates of ``name`` per ``interval_s`` over ``[start, end)``: count, min, max, mean, first, last.
+
+        ``held``: also the value in force at each bucket's start, the time-weighted mean
+        and the bucket's quality (:class:`labctl.server.archive.Bucket`; reads the raw rows).
+        """
+        return (await self.read_processed_many([name], start, end, interval_s, held=held))[name]
 
     async def read_processed_many(
-        self, names: Sequence[str], start: Time, end: Time, interval_s: float, *, use_rollups: bool = True
+        self, names: Sequence[str], start: Time, end: Time, interval_s: float, *, use_rollups: bool = True, held: bool = False
     ) -> dict[str, list[Bucket]]:
         """:meth:`read_processed` for several PVs, by name.
 
@@ -351,7 +358,7 @@ class Historian:
 
         def fn(conn):
             entries = self._lookup(conn, names)
-            by_id = query.read_processed(conn, self.backend, entries, s, e, w, use_rollups=use_rollups)
+            by_id = query.read_processed(conn, self.backend, entries, s, e, w, use_rollups=use_rollups, held=held)
             return {entry.name: by_id[entry.id] for entry in entries}
 
         return await self._run(fn)

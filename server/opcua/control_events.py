@@ -46,6 +46,9 @@ from labctl.ioc.interlocks import Transition, state_pv
 from labctl.ioc.types import Reading, Severity
 from labctl.server.opcua.values import status_code
 
+from labctl.backoff import Backoff
+from labctl.supervision import supervise
+
 log = logging.getLogger(__name__)
 
 #: EPICS severity -> OPC UA event Severity (1..1000).
@@ -221,7 +224,7 @@ class EventQueue:
 
     def start(self) -> None:
         """Start the emitter task."""
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="opcua events")
+        self._task = supervise("opcua events", self._run, backoff=Backoff(0.05, 5.0)).task  # restarted if it fails
 
     async def stop(self) -> None:
         """Stop the emitter task (events still queued are not sent)."""

@@ -38,7 +38,23 @@ INVALID; rollup cells make long ranges cheap). An interval's value carries the
 interval's start as SourceTimestamp (Start and End: the time of that sample), Good with
 the HistorianBits Calculated (Average, Count) or Raw (the others), and Partial for the
 last interval when it is cut short by EndTime. An interval without valid samples gives
-BadNoData, except Count, which gives 0. ``StartTime > EndTime`` computes intervals
+BadNoData, except Count, which gives 0. These keep their Part 13 meaning: Average is the
+plain mean of the raw values *inside* the interval, so an interval in which the PV did
+not change has none.
+
+The archive's values are *stepped* (a value holds until the next sample), and the
+aggregates Part 13 defines over bounding values carry the value in force forward:
+TimeAverage and TimeAverage2 give the mean weighted by how long each value held in the
+interval (stepped bounds: the value in force at the interval's start counts from there),
+over the time with a valid value -- Good when the PV was valid the whole interval,
+UncertainDataSubNormal when only part of it (the INVALID time is left out, as
+TimeAverage2's rule for Bad data says; labctl answers TimeAverage the same way, since
+stepped interpolation gives both the same bounds), BadNoData when never.
+Interpolative (Part 13's Interpolated) and StartBound give the value in force at the
+interval's start (stepped interpolation: the last sample at or before it), HistorianBits
+Raw when a sample lies exactly there and Interpolated otherwise; the StatusCode is that
+of the reading in force when it was INVALID, BadNoData when nothing was archived before.
+Each is stamped with the interval's start. ``StartTime > EndTime`` computes intervals
 backward from StartTime, newest first, each stamped with its later time. Non-numeric PVs
 answer BadAggregateInvalidInputs, other aggregates BadAggregateNotSupported. A response
 holds at most :data:`MAX_INTERVALS` intervals per node; a continuation point gives the rest.
@@ -70,7 +86,7 @@ from asyncua.server.history import HistoryManager as UaHistoryManager
 from asyncua.server.history import HistoryStorageInterface
 from labctl.ioc.errors import UnknownPV
 from labctl.ioc.pv import PVInfo
-from labctl.ioc.types import PVType, Reading
+from labctl.ioc.types import PVType, Reading, Status
 from labctl.server.archive import Bucket, HistorianError, HistorianUnavailable
 from labctl.server.opcua.address_space import SiteNodes
 from labctl.server.opcua.values import status_code, variant
@@ -98,7 +114,15 @@ AGGREGATES: dict[int, tuple[str, bool]] = {
     _O.AggregateFunction_Count: ("count", True),
     _O.AggregateFunction_Start: ("first", False),
     _O.AggregateFunction_End: ("last", False),
+    _O.AggregateFunction_TimeAverage: ("time_mean", True),
+    _O.AggregateFunction_TimeAverage2: ("time_mean", True),
+    _O.AggregateFunction_Interpolative: ("held", False),
+    _O.AggregateFunction_StartBound: ("held", False),
 }
+#: The aggregates that need the held values (the value in force; a walk of the raw rows).
+HELD = frozenset({"time_mean", "held"})
+#: HistorianBits Interpolated (Part 4 7.39): a bound that is not a raw value at the interval's start.
+INTERPOLATED = 0x2
 
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
 _CONTINUATION = b"labctl-history:"
@@ -376,6 +400,7 @@ class HistorianStorage(HistoryStorageInterface):
         iv = min(iv, span)
         n = -(-span // iv)
         field_name, calculated = AGGREGATES[aggregate.Identifier]
+        held = field_name in HELD
         fingerprint = _fingerprint("processed", info.name, s_us, e_us, iv, aggregate.Identifier)
         k = _decode(fingerprint, continuation).index
         if k >= n:
@@ -384,7 +409,7 @@ class HistorianStorage(HistoryStorageInterface):
         name = info.name
         if forward:
             lo, hi = s_us + k * iv, min(s_us + (k + m) * iv, e_us)
-            buckets = await self.historian.read_processed(name, lo / 1e6, hi / 1e6, iv / 1e6)
+            buckets = await self.historian.read_processed(name, lo / 1e6, hi / 1e6, iv / 1e6, held=held)
             stamped = [(b, round(b.start * 1e6), b.end - b.start < iv / 1e6 - 5e-7) for b in buckets]
         else:
             # Intervals go back from StartTime; the oldest one is cut at EndTime.
@@ -392,10 +417,10 @@ class HistorianStorage(HistoryStorageInterface):
             full_lo = max(s_us - (k + m) * iv, s_us - (n - 1) * iv) if k + m >= n else s_us - (k + m) * iv
             stamped = []
             if hi > full_lo:
-                full = await self.historian.read_processed(name, full_lo / 1e6, hi / 1e6, iv / 1e6)
+                full = await self.historian.read_processed(name, full_lo / 1e6, hi / 1e6, iv / 1e6, held=held)
                 stamped = [(b, round(b.end * 1e6), False) for b in reversed(full)]
             if k + m >= n and full_lo > e_us:
-                (part,) = await self.historian.read_processed(name, e_us / 1e6, full_lo / 1e6, (full_lo - e_us) / 1e6)
+                (part,) = await self.historian.read_processed(name, e_us / 1e6, full_lo / 1e6, (full_lo - e_us) / 1e6, held=held)
                 stamped.append((part, full_lo, full_lo - e_us < iv))
         values = [_processed_value(info, b, field_name, calculated, t, partial, timestamps) for b, t, partial in stamped]
         if k + m >= n:
@@ -442,6 +467,23 @@ def _processed_value(
     bits = INFO_DATAVALUE | (CALCULATED if calculated else 0) | (PARTIAL if partial else 0)
     if field_name == "count":
         return _stamp(ua.DataValue(ua.Variant(b.count, ua.VariantType.UInt32), ua.StatusCode(_S.Good | bits)), at_us, timestamps)
+    if field_name == "time_mean":
+        if b.time_mean is None:
+            return _stamp(ua.DataValue(ua.Variant(None, ua.VariantType.Null), ua.StatusCode(_S.BadNoData)), at_us, timestamps)
+        whole = b.valid_time >= (b.end - b.start) - 5e-7
+        code = (_S.Good if whole else _S.UncertainDataSubNormal) | bits
+        return _stamp(ua.DataValue(ua.Variant(float(b.time_mean), ua.VariantType.Double), ua.StatusCode(code)), at_us, timestamps)
+    if field_name == "held":
+        start_us = round(b.start * 1e6)
+        if b.held is None:
+            if b.held_severity is None or b.held_time is None:
+                code = ua.StatusCode(_S.BadNoData)
+            else:
+                code = status_code(Reading(None, b.held_time, b.held_severity, b.held_status or Status.UDF))
+            return _stamp(ua.DataValue(ua.Variant(None, ua.VariantType.Null), code), start_us, timestamps)
+        raw = b.held_time is not None and round(b.held_time * 1e6) == start_us
+        bits = INFO_DATAVALUE | (0 if raw else INTERPOLATED) | (PARTIAL if partial else 0)
+        return _stamp(ua.DataValue(_typed(info, b.held), ua.StatusCode(_S.Good | bits)), start_us, timestamps)
     if b.count == 0:
         return _stamp(ua.DataValue(ua.Variant(None, ua.VariantType.Null), ua.StatusCode(_S.BadNoData)), at_us, timestamps)
     x = getattr(b, field_name)

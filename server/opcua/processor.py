@@ -16,33 +16,111 @@ asyncua builds the processor inside ``BinaryServer``'s protocol, which ``Server.
 creates; :class:`LabctlServer` starts a :class:`LabctlBinaryServer` whose protocol
 uses the processor. The overridden start is asyncua 2.1's (pinned), with that one class
 changed.
+
+Before asyncua answers CreateSession or ActivateSession, the processor has the secure
+channel's client certificate checked against the trust list, and before ActivateSession
+it awaits the session's password decision, made off the event loop
+(:meth:`labctl.server.opcua.sessions.LabctlSession.prepare_activation`; why there: the
+docstring of :mod:`labctl.server.opcua.sessions`).
+
+Malformed traffic. asyncua logs every message it cannot parse or decode with an ERROR
+traceback (megabytes of log for a fuzzer's few thousand messages). Here a message that
+fails to parse (:meth:`LabctlProtocol.data_received`), to be taken by the secure
+channel (:meth:`LabctlProtocol._process_received_message_loop`), or to decode as a
+request (:meth:`LabctlProcessor.process_message`: the exception passed through asyncua's
+binary decoder, a ``*from_binary`` function of ``asyncua.ua.ua_binary``) is the client's fault: one WARNING line per connection with the
+peer and the reason (rate-limited, :class:`~labctl.server.peerlog.PeerLog`), and the
+connection is closed, except for a request body that fails to decode, which is answered
+BadDecodingError as the specification asks. Any other exception while answering a
+request is a bug: one traceback on labctl's logger, BadInternalError to the client.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import socket
+import traceback
 from typing import Any
 
 from asyncua import Server, ua
+from asyncua.common.utils import Buffer, NotEnoughData, ServiceError
 from asyncua.crypto import uacrypto
 from asyncua.server.binary_server_asyncio import BinaryServer, OPCUAProtocol
 from asyncua.server.uaprocessor import UaProcessor
+from asyncua.ua.ua_binary import header_from_binary, nodeid_from_binary, struct_from_binary
 from labctl.server.opcua.refusals import OPERATION_ADDITIONAL_INFO, diagnostic
+from labctl.server.opcua.sessions import LabctlInternalServer, LabctlSession
 from labctl.server.opcua.users import SessionUser
 
 log = logging.getLogger(__name__)
 
 _ANSWERED = (ua.WriteResponse, ua.CallResponse)
+_CREATE = ua.NodeId(ua.ObjectIds.CreateSessionRequest_Encoding_DefaultBinary)
+_ACTIVATE = ua.NodeId(ua.ObjectIds.ActivateSessionRequest_Encoding_DefaultBinary)
+
+
+def _decoding(error: BaseException) -> bool:
+    """Whether ``error`` was raised while decoding what a client sent (in asyncua's ``ua`` modules)."""
+    if isinstance(error, (NotEnoughData, UnicodeDecodeError)):
+        return True
+    codec = f"{os.sep}asyncua{os.sep}ua{os.sep}ua_binary.py"
+    return any(f.filename.endswith(codec) and "from_binary" in f.name for f in traceback.extract_tb(error.__traceback__))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
 
 
 class LabctlProcessor(UaProcessor):
     """asyncua's processor that returns the DiagnosticInfos of refused Write and Call operations."""
 
     _return_diagnostics = 0
+    reported: set[str]
+    """What this connection's misbehaviour was already logged as (each kind once)."""
+
+    def report(self, kind: str, reason: str) -> None:
+        """Log the client's misbehaviour ``kind`` once for this connection (rate-limited server-wide)."""
+        reported = self.__dict__.setdefault("reported", set())
+        peer = f"OPC UA client {self.name[0]}:{self.name[1]}" if self.name else "OPC UA client"
+        if isinstance(self.iserver, LabctlInternalServer):
+            self.iserver.peer_log.report(kind, reported, peer, reason)
+
+    async def process_message(self, seqhdr: Any, body: Any) -> Any:
+        """asyncua 2.1's, with a request the server cannot decode logged as one line (module docstring)."""
+        typeid = nodeid_from_binary(body)
+        requesthdr = struct_from_binary(ua.RequestHeader, body)
+        try:
+            return await self._process_message(typeid, requesthdr, seqhdr, body)
+        except (ServiceError, ua.uaerrors.UaStatusCodeError) as e:
+            response = ua.ServiceFault()
+            response.ResponseHeader.ServiceResult = ua.StatusCode(e.code)
+            self.send_response(requesthdr.RequestHandle, seqhdr, response)
+            return True
+        except Exception as e:  # the boundary where a request's outcome becomes a status
+            if _decoding(e):
+                self.report("decoding", f"sent a request that does not decode ({_first_line(e)})")
+                status = ua.StatusCodes.BadDecodingError
+            else:
+                log.exception("OPC UA request %s failed", typeid)
+                status = ua.StatusCodes.BadInternalError
+            response = ua.ServiceFault()
+            response.ResponseHeader.ServiceResult = ua.StatusCode(status)
+            self.send_response(requesthdr.RequestHandle, seqhdr, response)
+            return True
 
     async def _process_message(self, typeid: ua.NodeId, requesthdr: ua.RequestHeader, seqhdr: Any, body: Any) -> Any:
         self._return_diagnostics = requesthdr.ReturnDiagnostics if requesthdr is not None else 0
+        if typeid in (_CREATE, _ACTIVATE) and isinstance(self.iserver, LabctlInternalServer):
+            policy = self._connection.security_policy
+            self.iserver.check_channel_certificate(policy.peer_certificate, str(self.name[0]) if self.name else "")
+            if typeid == _ACTIVATE:
+                session = self.session or self.iserver.lookup_external_session(requesthdr.AuthenticationToken)
+                if isinstance(session, LabctlSession):
+                    params = struct_from_binary(ua.ActivateSessionParameters, Buffer(bytes(body)))
+                    await session.prepare_activation(params, getattr(policy, "Mode", None) == ua.MessageSecurityMode.SignAndEncrypt)
         return await super()._process_message(typeid, requesthdr, seqhdr, body)
 
     def send_response(self, requesthandle: int, seqhdr: Any, response: Any, msgtype: ua.MessageType = ua.MessageType.SecureMessage) -> None:
@@ -63,6 +141,53 @@ class LabctlProtocol(OPCUAProtocol):
         if self.processor is not None:  # None: refused at max_connections
             self.processor = LabctlProcessor(self.iserver, self.transport, self.limits)
             self.processor.set_policies(self.policies)
+
+    def _bad(self, kind: str, reason: str) -> None:
+        """Log one line for this connection and close it."""
+        if isinstance(self.processor, LabctlProcessor):
+            self.processor.report(kind, reason)
+        if self.transport is not None:
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        """asyncua 2.1's framing, with a malformed message closing the connection after one line."""
+        self._buffer += data
+        while self._buffer:
+            buf = Buffer(self._buffer)
+            try:
+                header = header_from_binary(buf)
+            except NotEnoughData:
+                return
+            except Exception as e:  # what the client sent is not an OPC UA message header
+                self._buffer = b""
+                self._bad("malformed", f"sent a malformed message header ({_first_line(e)}); disconnected")
+                return
+            if header.header_size + header.body_size <= header.header_size:
+                self._buffer = b""
+                self._bad("malformed", f"sent a message header announcing {header.body_size} bytes; disconnected")
+                return
+            if len(buf) < header.body_size:
+                return
+            try:
+                self.messages.put_nowait((header, buf))
+            except asyncio.QueueFull:
+                self._buffer = b""
+                self._bad("backlog", f"sent more than {self.messages.maxsize} requests ahead of the server; disconnected")
+                return
+            self._buffer = self._buffer[(header.header_size + header.body_size) :]
+
+    async def _process_received_message_loop(self) -> None:
+        """asyncua's loop, with a message the channel cannot take closing the connection after one line."""
+        while True:
+            header, buf = await self.messages.get()
+            if header is None and buf is None:
+                break
+            try:
+                if not await self._process_one_msg(header, buf):
+                    break
+            except Exception as e:  # requests are answered inside: this is what the channel layer refused
+                self._bad("malformed", f"sent a message the secure channel cannot take ({_first_line(e)}); disconnected")
+                break
 
 
 class LabctlBinaryServer(BinaryServer):

@@ -36,6 +36,9 @@ from labctl.ioc.types import EventMask, Update
 from labctl.server.opcua.address_space import PVNode
 from labctl.server.opcua.values import data_value
 
+from labctl.backoff import Backoff
+from labctl.supervision import supervise
+
 log = logging.getLogger(__name__)
 
 #: Most notifications waiting for the drain task before the oldest are dropped.
@@ -59,7 +62,7 @@ class Publisher:
     def start(self) -> None:
         """Subscribe to the database and start draining (call with the nodes holding current readings)."""
         self._subscription = self.db.subscribe(self._on_update, mask=EventMask.VALUE | EventMask.ALARM)
-        self._task = asyncio.create_task(self._drain(), name="opcua-publisher")
+        self._task = supervise("opcua-publisher", self._drain, backoff=Backoff(0.05, 5.0)).task  # restarted if it fails
 
     async def stop(self) -> None:
         """Unsubscribe and stop the drain task."""

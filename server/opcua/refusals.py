@@ -14,6 +14,19 @@ JSON into a DiagnosticInfo's AdditionalInfo, which the server returns in the
 StatusCode (:class:`labctl.server.opcua.processor.LabctlProcessor`). A client that asks for
 diagnostics (RequestHeader.ReturnDiagnostics, as labctl's client library does) reads why
 in the same round trip; one that does not gets the StatusCode as before.
+
+Written, not confirmed. A write the instrument took but whose read-back failed
+(:class:`~labctl.ioc.errors.WrittenUnconfirmed`) is neither Good (nothing confirms the
+value) nor Bad (the value was sent, and the instrument very likely holds it: a client
+that retried would write twice). It gets **UncertainNoCommunicationLastUsableValue**
+(0x408F0000): the Uncertain severity says "done, but not known to be right" -- a generic
+client shows it as neither success nor failure -- and the sub-code says what went wrong,
+communication with the data source, which is exactly the read-back's failure. The
+alternatives say something false: GoodCompletesAsynchronously promises a completion that
+never comes, GoodPostActionFailed names Part 4's post-actions, and the Bad codes say the
+write did not happen. Its DiagnosticInfo carries the error as data (kind ``unconfirmed``,
+the PV, the value sent and the read-back's error), from which labctl's client library
+raises ``WriteUnconfirmed``.
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ from labctl.ioc.errors import (
     OutOfRange,
     Refused,
     UnknownPV,
+    WrittenUnconfirmed,
     WrongType,
 )
 
@@ -46,6 +60,7 @@ SPECIFIC: dict[type[Exception], int] = {
     OutOfRange: _S.BadOutOfRange,
     Interlocked: _S.BadInvalidState,
     UnknownPV: _S.BadNodeIdUnknown,
+    WrittenUnconfirmed: _S.UncertainNoCommunicationLastUsableValue,  # sent, read-back failed (module docstring)
     DriverTimeout: _S.BadTimeout,
     DriverError: _S.BadCommunicationError,
 }
@@ -75,7 +90,7 @@ def status_of(error: BaseException) -> int:
 
 def refusal_data(error: LabctlError) -> dict:
     """The refusal (or driver failure) as JSON data for the client."""
-    if isinstance(error, Refused):
+    if isinstance(error, (Refused, WrittenUnconfirmed)):
         return error.to_dict()
     kind = "unavailable" if isinstance(error, DriverError) else "internal"
     return {"kind": kind, "error": type(error).__name__, "action": "", "target": "", "fields": {}, "message": str(error)}

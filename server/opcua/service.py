@@ -15,8 +15,14 @@ then exempts them from later collections once every service has started
 
 Identity tokens offered: user name when any account has a password hash, certificate
 when any has a certificate, anonymous unless the site disables it. Passwords offered
-over the None policy are encrypted with the server's certificate (asyncua's token
-policy), and a client that sends one unencrypted anyway is refused.
+over the None and Sign policies are encrypted with the server's certificate (asyncua's
+token policy) together with the session's nonce; a token that is not for this session,
+or a password in clear over a channel that does not encrypt, is refused
+(:mod:`labctl.server.opcua.users`). Passwords are checked in a small pool of threads with
+a bounded queue, and failed logins are throttled per address and per account there.
+
+Client application certificates are checked against the trust list under
+``<state_dir>/pki`` (:mod:`labctl.server.opcua.trust`; ``server.opcua.trust``).
 
 With the server's control layer (``server.control``), :mod:`labctl.server.opcua.calls` adds
 the lock objects of the resources (Part 100 LockingServices, :mod:`labctl.server.opcua.locking`,
@@ -57,7 +63,9 @@ from labctl.server.opcua.pki import ensure_certificate
 from labctl.server.opcua.processor import LabctlServer
 from labctl.server.opcua.publisher import Publisher, install_copy_fastpath
 from labctl.server.opcua.sessions import LabctlInternalServer
-from labctl.server.opcua.users import UserDirectory, UserManager
+from labctl.server.opcua.trust import TrustList
+from labctl.server.opcua.users import LoginThrottle, UserDirectory, UserManager
+from labctl.server.passwords import PasswordChecker, dummy_hash
 from labctl.server.tuning import gc_paused
 
 if TYPE_CHECKING:
@@ -85,7 +93,15 @@ class OpcUaService:
         self.control: OpcUaControl | None = None
         self.config = server.site.server.opcua
         self.state_dir = Path(server.state_dir)
-        self.users = UserDirectory(server.site.users, anonymous=self.config.anonymous, base_dir=Path(server.base_dir))
+        cfg = self.config
+        self.users = UserDirectory(
+            server.site.users,
+            anonymous=cfg.anonymous,
+            base_dir=Path(server.base_dir),
+            throttle=LoginThrottle(cfg.login_free_failures, 3 * cfg.login_free_failures, cfg.login_max_backoff_s),
+            checker=PasswordChecker(cfg.login_workers, cfg.login_pending),
+        )
+        self.trust = TrustList(self.state_dir / "pki", auto_accept=cfg.trust == "auto")
         self.users.load_certificates(server.site.users)
         self.host = self.config.host
         self.port: int | None = None
@@ -114,7 +130,12 @@ class OpcUaService:
             library_log.setLevel(logging.WARNING)
         site = self.site.site
         iserver = LabctlInternalServer(UserManager(self.users))
+        limits = iserver.limits = self.config.limits  # sessions, subscriptions and items per session: sessions.py
+        iserver.max_connections = limits.connections
+        iserver.max_monitored_item_queue_size = limits.queue_size
         ua_server = LabctlServer(iserver=iserver)
+        ua_server.limits.max_message_size = limits.max_message_bytes
+        ua_server.limits.max_chunk_count = limits.max_message_bytes // ua_server.limits.max_recv_buffer + 1
         await ua_server.init()
         # no trailing "/": clients compare endpoint URLs with the one they dialled (node-opcua strictly)
         ua_server.set_endpoint(f"opc.tcp://{self.host}:{self.config.port}")
@@ -124,6 +145,9 @@ class OpcUaService:
         ua_server.allow_remote_admin(False)
         await ua_server.set_application_uri(application_uri(site))
         cert, key = await asyncio.to_thread(ensure_certificate, self.state_dir / "pki", application_uri(site), f"labctl {site}")
+        await asyncio.to_thread(self.trust.create)
+        await asyncio.to_thread(dummy_hash)  # made once, off the loop: unknown users are checked against it
+        iserver.trust = self.trust
         await ua_server.load_certificate(str(cert))
         await ua_server.load_private_key(str(key))
         ua_server.set_security_policy([POLICIES[p] for p in self.config.security])
@@ -181,6 +205,10 @@ class OpcUaService:
             log.warning("OPC UA: only the None security policy is offered; passwords cannot be encrypted and are refused")
         if "None" in self.config.security and self.host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("OPC UA: the None security policy is offered on %s; drop it outside a localhost demo", self.host)
+        if self.users.password_users and "Basic256Sha256_SignAndEncrypt" not in self.config.security:
+            log.warning("OPC UA: Basic256Sha256_SignAndEncrypt is not offered: passwords over None cannot be encrypted and are refused")
+        if self.config.trust == "auto" and self.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("OPC UA: server.opcua.trust is auto on %s: any client certificate is trusted on first use", self.host)
 
     async def stop(self) -> None:
         """Stop serving and release the port."""
@@ -202,6 +230,7 @@ class OpcUaService:
             for session in list(self.ua_server.iserver._external_sessions.values()):
                 await session.close_session(True)
             self.ua_server = None
+        self.users.checker.close()
 
     def endpoints(self) -> list[str]:
         """The endpoint URL and its security policies."""
@@ -210,6 +239,10 @@ class OpcUaService:
     def banner(self) -> list[str]:
         """Lines for the start-up banner: who may log in, and how."""
         lines = [f"OPC UA anonymous access: {'read-only' if self.config.anonymous else 'disabled'}"]
+        if self.config.trust == "auto":
+            lines.append("OPC UA client certificates: any is trusted on first use (server.opcua.trust: auto)")
+        else:
+            lines.append(f"OPC UA client certificates: those in {self.trust.folder('trusted/certs')} (approve others with `labctl pki trust`)")
         for u in self.site.users:
             how = " and ".join(k for k, v in (("password", u.password_hash), ("certificate", u.certificate)) if v)
             extra = f" -- {u.description}" if u.description else ""

@@ -6,12 +6,21 @@ certificate. :class:`UserDirectory` turns a login into an :class:`~labctl.ioc.ty
 whose roles the core's :class:`~labctl.ioc.access.RolePolicy` reads on every write; nothing in
 the OPC UA adapter decides what a role may do.
 
-* User name and password: checked against the hash; an unknown name is checked against
-  a dummy hash so both failures take the same time. After :data:`FREE_FAILURES`
-  consecutive failures for one account, further attempts are refused without hashing
-  for a back-off that doubles up to :data:`MAX_BACKOFF_S`, so guessing is slow and a
-  flood of bad logins cannot monopolise the event loop (asyncua checks logins
-  synchronously on the loop; a scrypt check costs tens of milliseconds).
+* User name and password (:meth:`UserDirectory.login`, a coroutine): the password token is
+  first opened by :func:`open_password_token`, which checks that it was made for *this*
+  session (the server nonce the client appended must be the session's own: asyncua 2.1's
+  ``decrypt_user_token`` strips it unchecked, so a token captured from one session would
+  log in another). Then the password is checked against the hash in the
+  :class:`~labctl.server.passwords.PasswordChecker`'s threads, never on the event loop, at most
+  a few at a time and a bounded number waiting (per source address too). An unknown name
+  is checked against a dummy hash, so both failures cost the same.
+* Failed logins are throttled by :class:`LoginThrottle`, per source address and per
+  (account, source address): after a few consecutive failures further attempts from that
+  address (for that account) are refused *without hashing* for a back-off that doubles up
+  to a maximum. A flood from one address therefore costs almost nothing after its first
+  failures, and never locks the real user out from another address. (An attacker with
+  many addresses gets a few guesses per address: deploy OPC UA on networks you trust to
+  that degree, and choose passwords accordingly.)
 * Certificate: asyncua has verified the token's signature (the client holds the private
   key); the certificate must equal, byte for byte, the one configured for a user.
 * Anonymous: an identity with no roles, which the role policy lets read and never
@@ -24,13 +33,17 @@ identity in :class:`SessionUser`.
 
 from __future__ import annotations
 
+import hmac
 import logging
+import struct
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from asyncua import ua
 from asyncua.crypto import uacrypto
 from asyncua.crypto.permission_rules import User, UserRole
 from cryptography import x509
@@ -38,16 +51,26 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from labctl.ioc.config.access import UserConfig
 from labctl.ioc.errors import ConfigError, LabctlError
 from labctl.ioc.types import Identity
-from labctl.server.passwords import PasswordHashError, dummy_hash, verify_password
+from labctl.server.passwords import CheckerBusy, PasswordChecker, PasswordHashError, dummy_hash
 
 log = logging.getLogger(__name__)
 
 PROTOCOL = "opcua"
 ANONYMOUS = Identity(user="anonymous", roles=frozenset(), protocol=PROTOCOL)
-#: Failed logins of one account allowed before attempts are slowed down.
+#: Consecutive failed logins of one account from one address before that address is slowed down for it.
 FREE_FAILURES = 5
+#: Consecutive failed logins from one address (any accounts) before the address is slowed down.
+FREE_SOURCE_FAILURES = 15
 #: Longest back-off after repeated failed logins.
 MAX_BACKOFF_S = 60.0
+#: Password checks one address may have waiting or running at once.
+PENDING_PER_SOURCE = 4
+#: The password-token encryptions asyncua (and the OPC UA specification) know.
+_TOKEN_DECRYPT = {
+    "http://www.w3.org/2001/04/xmlenc#rsa-oaep": uacrypto.decrypt_rsa_oaep,
+    "http://opcfoundation.org/UA/security/rsa-oaep-sha2-256": uacrypto.decrypt_rsa_oaep_sha256,
+    "http://www.w3.org/2001/04/xmlenc#rsa-1_5": uacrypto.decrypt_rsa15,
+}
 
 
 @dataclass
@@ -68,16 +91,119 @@ class _Account:
     roles: frozenset[str]
     password_hash: str | None
     certificate: bytes | None = None
+
+
+@dataclass
+class Refusal:
+    """Why a login failed (for the audit log; clients see only :attr:`status`)."""
+
+    user: str
+    reason: str
+    status: int = ua.StatusCodes.BadUserAccessDenied
+
+
+class TokenRefused(Exception):
+    """A user name token that cannot be accepted whatever its password (the reason is for the audit log)."""
+
+    def __init__(self, reason: str, status: int = ua.StatusCodes.BadIdentityTokenRejected) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+def open_password_token(token: ua.UserNameIdentityToken, private_key: Any, session_nonce: bytes | None, channel_encrypted: bool) -> str:
+    """The password of a user name token, checked to be unreadable on the wire and made for this session.
+
+    An encrypted token (OPC UA Part 4, 7.36.3: length, password, server nonce, encrypted
+    with the server's key) must end with the session's own nonce: a token captured from
+    another session, or from an earlier activation of this one, is refused. A password in
+    clear is accepted only over a SignAndEncrypt channel.
+
+    Raises:
+        TokenRefused: sent in clear over a channel that does not encrypt (BadIdentityTokenRejected),
+            not made for this session (BadIdentityTokenRejected), or malformed (BadIdentityTokenInvalid).
+    """
+    data = token.Password or b""
+    if not token.EncryptionAlgorithm:
+        if data and not channel_encrypted:
+            raise TokenRefused("password sent unencrypted over a channel that does not encrypt")
+        return data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+    decrypt = _TOKEN_DECRYPT.get(token.EncryptionAlgorithm)
+    if decrypt is None:
+        raise TokenRefused(f"unknown password encryption {token.EncryptionAlgorithm!r}", ua.StatusCodes.BadIdentityTokenInvalid)
+    if private_key is None or not session_nonce:
+        raise TokenRefused("an encrypted password needs the server certificate and a session nonce", ua.StatusCodes.BadIdentityTokenInvalid)
+    try:
+        raw = decrypt(private_key, data)
+    except ValueError:
+        raise TokenRefused("the password token does not decrypt with the server key", ua.StatusCodes.BadIdentityTokenInvalid) from None
+    if len(raw) < 4:
+        raise TokenRefused("the password token is truncated", ua.StatusCodes.BadIdentityTokenInvalid)
+    (length,) = struct.unpack_from("<I", raw)
+    body = raw[4 : 4 + length]
+    if length != len(raw) - 4 or length < len(session_nonce):
+        raise TokenRefused("the password token's length is inconsistent", ua.StatusCodes.BadIdentityTokenInvalid)
+    password, nonce = body[: -len(session_nonce)], body[-len(session_nonce) :]
+    if not hmac.compare_digest(nonce, session_nonce):
+        raise TokenRefused("the password token was not made for this session (replayed?)")
+    return password.decode("utf-8", "replace")
+
+
+@dataclass
+class _Backoff:
     failures: int = 0
     blocked_until: float = 0.0
 
 
 @dataclass
-class Refusal:
-    """Why a login failed (for the audit log only; clients just see BadUserAccessDenied)."""
+class LoginThrottle:
+    """Failed logins slowed down per source address and per (account, source address).
 
-    user: str
-    reason: str
+    Each key allows ``free`` consecutive failures, then refuses attempts for a back-off
+    that doubles with every further failure, up to ``max_backoff_s``; a success from an
+    address clears that address's counts. At most ``max_entries`` keys are kept (expired
+    ones are forgotten first), so a spray of names or addresses cannot grow memory.
+    """
+
+    free_failures: int = FREE_FAILURES
+    free_source_failures: int = FREE_SOURCE_FAILURES
+    max_backoff_s: float = MAX_BACKOFF_S
+    max_entries: int = 10_000
+    _keys: dict[tuple[str, str], _Backoff] = field(default_factory=dict, init=False)
+
+    def check(self, account: str, source: str, now: float) -> str | None:
+        """Why a login of ``account`` from ``source`` is refused without being checked, or None."""
+        for key, what in (((source, ""), f"from {source}"), ((source, account), f"of {account!r} from {source}")):
+            b = self._keys.get(key)
+            if b is not None and now < b.blocked_until:
+                return f"too many failed logins {what}; retry in {b.blocked_until - now:.0f} s"
+        return None
+
+    def failed(self, account: str, source: str, now: float) -> int:
+        """Count a failed login; the consecutive failures of ``account`` from ``source``."""
+        self._bump((source, ""), self.free_source_failures, now)
+        return self._bump((source, account), self.free_failures, now)
+
+    def succeeded(self, account: str, source: str) -> None:
+        """A successful login: ``source`` starts afresh."""
+        self._keys.pop((source, ""), None)
+        self._keys.pop((source, account), None)
+
+    def _bump(self, key: tuple[str, str], free: int, now: float) -> int:
+        b = self._keys.pop(key, None) or _Backoff()
+        self._keys[key] = b  # most recent last
+        b.failures += 1
+        if b.failures >= free:
+            b.blocked_until = now + min(2.0 ** (b.failures - free), self.max_backoff_s)
+        if len(self._keys) > self.max_entries:
+            self._prune(now)
+        return b.failures
+
+    def _prune(self, now: float) -> None:
+        for key in [k for k, b in self._keys.items() if b.blocked_until <= now]:
+            del self._keys[key]
+        while len(self._keys) > self.max_entries // 2:
+            del self._keys[next(iter(self._keys))]
 
 
 @dataclass
@@ -88,6 +214,10 @@ class UserDirectory:
     anonymous: bool = True
     base_dir: Path = Path(".")
     clock: Callable[[], float] = time.monotonic
+    throttle: LoginThrottle = field(default_factory=LoginThrottle)
+    checker: PasswordChecker = field(default_factory=PasswordChecker)
+    pending_per_source: int = PENDING_PER_SOURCE
+    _in_flight: Counter[str] = field(default_factory=Counter, init=False)
     _accounts: dict[str, _Account] = field(default_factory=dict, init=False)
     _by_certificate: dict[bytes, _Account] = field(default_factory=dict, init=False)
 
@@ -127,10 +257,8 @@ class UserDirectory:
         if problems:
             raise ConfigError(source, problems)
 
-    def authenticate(self, username: str | None, password: str | None, certificate: bytes | None) -> Identity | Refusal:
-        """The identity of a login, or why it is refused."""
-        if username:
-            return self._password_login(username, password or "")
+    def authenticate(self, certificate: bytes | None) -> Identity | Refusal:
+        """The identity of a certificate or anonymous login (no password: cheap), or why it is refused."""
         if certificate is not None:
             account = self._by_certificate.get(_der(certificate))
             if account is None:
@@ -140,31 +268,41 @@ class UserDirectory:
             return Refusal("anonymous", "anonymous access is disabled on this server")
         return ANONYMOUS
 
-    def _password_login(self, username: str, password: str) -> Identity | Refusal:
-        account = self._accounts.get(username)
-        if account is None or account.password_hash is None:
-            _safe_verify(password, dummy_hash())
-            why = "unknown user" if account is None else "the user has no password (certificate login only)"
+    async def login(self, username: str, password: str, source: str) -> Identity | Refusal:
+        """The identity of a password login from ``source`` (an address), or why it is refused.
+
+        Throttled first (no hashing for a throttled or over-busy source); the hash is checked
+        in the password checker's threads, an unknown user against a dummy hash.
+        """
+        why = self.throttle.check(username, source, self.clock())
+        if why is not None:
             return Refusal(username, why)
-        now = self.clock()
-        if now < account.blocked_until:
-            return Refusal(username, f"too many failed logins; retry in {account.blocked_until - now:.0f} s")
-        if not _safe_verify(password, account.password_hash):
-            account.failures += 1
-            if account.failures >= FREE_FAILURES:
-                account.blocked_until = now + min(2.0 ** (account.failures - FREE_FAILURES), MAX_BACKOFF_S)
-            return Refusal(username, f"wrong password ({account.failures} consecutive failure(s))")
-        account.failures = 0
-        account.blocked_until = 0.0
+        if self._in_flight[source] >= self.pending_per_source:
+            return Refusal(username, f"too many logins under way from {source}", ua.StatusCodes.BadTooManyOperations)
+        account = self._accounts.get(username)
+        known = account is not None and account.password_hash is not None
+        self._in_flight[source] += 1
+        try:
+            ok = await self.checker.verify(password, account.password_hash if known else dummy_hash())  # type: ignore[union-attr]
+        except CheckerBusy as e:
+            return Refusal(username, f"server busy: {e}", ua.StatusCodes.BadTooManyOperations)
+        except PasswordHashError as e:  # the schema validated the shape; the cost may still be refused
+            log.error("a password hash in the site file is unusable: %s", e)
+            ok = False
+        finally:
+            self._in_flight[source] -= 1
+            if not self._in_flight[source]:
+                del self._in_flight[source]
+        if not (known and ok):
+            failures = self.throttle.failed(username, source, self.clock())
+            if account is None:
+                return Refusal(username, "unknown user")
+            if not known:
+                return Refusal(username, "the user has no password (certificate login only)")
+            return Refusal(username, f"wrong password ({failures} consecutive failure(s) from {source})")
+        self.throttle.succeeded(username, source)
+        assert account is not None
         return Identity(account.name, account.roles, PROTOCOL)
-
-
-def _safe_verify(password: str, encoded: str) -> bool:
-    try:
-        return verify_password(password, encoded)
-    except PasswordHashError as e:  # the schema validated the shape; the cost may still be refused
-        log.error("a password hash in the site file is unusable: %s", e)
-        return False
 
 
 def _der(certificate: Any) -> bytes:
@@ -184,17 +322,25 @@ class UserManager:
     """asyncua's user manager hook over a :class:`UserDirectory`.
 
     asyncua calls :meth:`get_user` synchronously while activating a session and only
-    learns "no"; the refusal's reason is kept in :attr:`last_refusal` for the session
-    to audit (:class:`labctl.server.opcua.sessions.LabctlSession`).
+    learns "no". A password login was decided before, off the event loop
+    (:meth:`labctl.server.opcua.sessions.LabctlSession.prepare_activation`), and handed over in
+    :attr:`decided` for that one synchronous call; certificate and anonymous logins are
+    decided here. The refusal's reason is kept in :attr:`last_refusal` for the session to audit.
     """
 
     def __init__(self, directory: UserDirectory) -> None:
         self.directory = directory
         self.last_refusal: Refusal | None = None
+        self.decided: Identity | Refusal | None = None
 
     def get_user(self, iserver: Any, username: str | None = None, password: str | None = None, certificate: Any = None) -> User | None:
         """The session's user, or None to refuse the login (BadUserAccessDenied)."""
-        result = self.directory.authenticate(username, password, certificate)
+        if self.decided is not None:
+            result = self.decided
+        elif username:  # a password login nobody checked off the loop: never hash here
+            result = Refusal(username, "password login not prepared")
+        else:
+            result = self.directory.authenticate(certificate)
         if isinstance(result, Refusal):
             self.last_refusal = result
             return None

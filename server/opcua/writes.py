@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from asyncua import ua
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.address_space import AttributeService
-from labctl.ioc.errors import DriverError, Forbidden, InvalidArgument, LabctlError, Refused
+from labctl.ioc.errors import DriverError, Forbidden, InvalidArgument, LabctlError, Refused, WrittenUnconfirmed
 from labctl.ioc.policy import Action
 from labctl.ioc.types import SYSTEM, Identity, PVType
 from labctl.server.opcua.refusals import status_of
@@ -90,7 +90,7 @@ async def write_pv(db: Database, node: PVNode, wv: ua.WriteValue, user: User) ->
     try:
         await db.write(name, python_value(node, dv.Value), identity)
     except (Refused, DriverError) as e:  # the core audited it and logged it once
-        _note(user, e, str(e) if isinstance(e, Refused) else f"{name}: write failed: {e}")
+        _note(user, e, str(e) if isinstance(e, (Refused, WrittenUnconfirmed)) else f"{name}: write failed: {e}")
         return ua.StatusCode(status_of(e))
     except Exception:  # a bug in a driver or the core: report it here, once, and keep serving
         log.exception("opcua write of %s by %s failed unexpectedly", name, identity)

@@ -24,7 +24,7 @@ def site_text(state_dir: Path) -> str:
 site: bench
 server:
   state_dir: "{state_dir}"
-  opcua: {{host: 127.0.0.1, port: 0}}
+  opcua: {{host: 127.0.0.1, port: 0, trust: auto}}
   ca: {{enabled: false}}
 historian: {{enabled: false}}
 users:

@@ -128,7 +128,7 @@ def error_of(err: str) -> dict:
 
 
 async def test_lock_holds_and_renews_until_interrupted_then_releases(served):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LABCTL_")} | {"LABCTL_PASSWORD": USERS["alice"][1]}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LABCTL_") or k == "LABCTL_CLIENT_PKI"} | {"LABCTL_PASSWORD": USERS["alice"][1]}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "labctl", "lock", "laser", "--for", "1.5s", "--url", served.url, "--user", "alice",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
@@ -148,6 +148,26 @@ async def test_lock_holds_and_renews_until_interrupted_then_releases(served):
     assert out.decode().splitlines()[-1] == "released laser"
     assert served.control.arbiter.holder("laser") is None
     assert served.records("lock.release", target="laser", new="alice")
+
+
+async def test_a_broken_lock_is_noticed_by_its_holder_at_once(served):
+    """`labctl lock` holding for 10 minutes (renewing every 3m20s) learns of an admin's break at once and says so."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LABCTL_") or k == "LABCTL_CLIENT_PKI"} | {"LABCTL_PASSWORD": USERS["alice"][1]}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "labctl", "lock", "laser", "--for", "10m", "--url", served.url, "--user", "alice",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        assert line.startswith("locked laser until "), line
+        served.control.break_lock("laser", ROOT, "test")
+        out, err = await asyncio.wait_for(proc.communicate(), 30)  # long before the next renewal
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 1
+    assert "lost the lock of laser" in err.decode()
 
 
 async def test_locks_lock_refused_and_unlock(served, labctl, open_session):

@@ -100,10 +100,17 @@ async def test_processed_history(session, t0):
     first = [150.0 if i == 30 else float(i) for i in range(60) if i != 40]
     second = [float(i) for i in range(60, 120)]
     assert h.values[0] == pytest.approx(sum(first) / 59) and h.values[1] == pytest.approx(sum(second) / 60)
-    assert math.isnan(h.values[2])  # an empty bucket
+    assert h.values[2] == 119.0  # no sample in the last bucket: the value in force holds
     assert h.counts.tolist() == [59, 60, 0]  # the INVALID sample does not count
-    assert h.minimum[:2].tolist() == [0.0, 60.0] and h.maximum[:2].tolist() == [150.0, 119.0]
-    assert [Severity(s) for s in h.severities] == [Severity.NO_ALARM, Severity.NO_ALARM, Severity.INVALID]
+    assert h.minimum.tolist() == [0.0, 60.0, 119.0] and h.maximum.tolist() == [150.0, 119.0, 119.0]
+    assert [Severity(s) for s in h.severities] == [Severity.NO_ALARM] * 3
+    # before anything was archived the value is unknown: INVALID/UDF
+    early = await session.history("B:TEMP", t0 - 86_400 * 30, t0 - 86_400 * 30 + 120, every=60)
+    assert [(Severity(a), Status(b)) for a, b in zip(early.severities, early.statuses, strict=True)] == [(Severity.INVALID, Status.UDF)] * 2
+    assert np.isnan(early.values).all() and early.counts.tolist() == [0, 0]
+    # a bucket in which the PV was INVALID throughout: INVALID with the reading's status
+    lost = await session.history("B:TEMP", t0 + 40, t0 + 40.5, every=0.5)
+    assert (Severity(lost.severities[0]), Status(lost.statuses[0])) == (Severity.INVALID, Status.COMM)
 
 
 async def test_to_dataframe(session, t0):

@@ -211,7 +211,7 @@ async def test_security_not_offered(tmp_path):
 
     from .conftest import site_text
 
-    text = site_text(tmp_path / "state").replace("opcua: {host: 127.0.0.1, port: 0}", 'opcua: {host: 127.0.0.1, port: 0, security: ["None"]}')
+    text = site_text(tmp_path / "state").replace("opcua: {host: 127.0.0.1, port: 0, trust: auto}", 'opcua: {host: 127.0.0.1, port: 0, trust: auto, security: ["None"]}')
     srv = Server(parse_site(text))
     await srv.start()
     try:
@@ -242,3 +242,25 @@ async def test_monitor_ends_with_connection_lost_when_the_server_stops(tmp_path)
     with pytest.raises(ConnectionLost):
         await session.get("B:COUNT")
     await session.close()
+
+
+def test_the_client_certificate_is_kept_so_a_server_trusts_it_once(tmp_path, monkeypatch):
+    """Every command of a user presents the same application certificate (a trust list trusts it once)."""
+    import stat
+
+    from labctl.clients import connection
+
+    monkeypatch.setenv("LABCTL_CLIENT_PKI", str(tmp_path / "pki"))
+    connection.application_certificate.cache_clear()
+    try:
+        first = connection.application_certificate()
+        connection.application_certificate.cache_clear()  # a new process
+        assert connection.application_certificate() == first
+        key = tmp_path / "pki" / "client_key.der"
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600 and key.read_bytes() == first[1]
+        (tmp_path / "pki" / "client_cert.der").write_bytes(b"garbage")  # unreadable: made anew, kept again
+        connection.application_certificate.cache_clear()
+        second = connection.application_certificate()
+        assert second != first and (tmp_path / "pki" / "client_cert.der").read_bytes() == second[0]
+    finally:
+        connection.application_certificate.cache_clear()

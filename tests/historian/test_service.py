@@ -27,7 +27,7 @@ pvs:
 
 
 async def test_the_server_starts_the_historian_first_with_the_default_sqlite_archive(tmp_path):
-    text = site_text(tmp_path / "var").replace("opcua: {enabled: false}", "opcua: {enabled: true, host: 127.0.0.1, port: 0}")
+    text = site_text(tmp_path / "var").replace("opcua: {enabled: false}", "opcua: {enabled: true, host: 127.0.0.1, port: 0, trust: auto}")
     server = Server(parse_site(text, "site.yaml"))
     names = [s.name for s in server.services]
     assert names.index("historian") < names.index("opcua")  # storage before the protocols that read it

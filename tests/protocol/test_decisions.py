@@ -47,7 +47,7 @@ def site_text(state_dir: Path, ua_port: int, ca_port: int, beacon_port: int) -> 
 site: lab
 server:
   state_dir: "{state_dir}"
-  opcua: {{host: 127.0.0.1, port: {ua_port}}}
+  opcua: {{host: 127.0.0.1, port: {ua_port}, trust: auto}}
   ca:
     interfaces: [127.0.0.1]
     port: {ca_port}

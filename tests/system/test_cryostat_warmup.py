@@ -92,10 +92,13 @@ async def test_warm_up_trips_the_interlock_and_cooling_plus_reset_resumes(server
     await wait_for(lambda: ctl.interlocks.state("mxc_warm") == "TRIPPED", timeout=10, what="trip")
     await wait_for(lambda: db.read("CRYO:STILL:HTR").value == 0.0 and db.read("CRYO:MXC:HTR:RANGE").value == 0, what="heaters off")
     assert db.read(state_pv("mxc_warm")).value == 3
-    # the queue is held: the running job pauses at its next step, the queued one waits
+    # the job running on the cryostat is stopped (failed, by the interlock); the queued one is held by it
+    await wait_for(lambda: running.state is JobState.FAILED, what="running job stopped")
+    assert running.summary()["error"].startswith("stopped by interlock:mxc_warm")
+    assert queued.state is JobState.QUEUED and queued.waiting is not None
+    assert (queued.waiting["kind"], queued.waiting["interlock"]) == ("interlock", "mxc_warm")
     await db.write("LAB:GATE", True, OP)
-    await wait_for(lambda: running.paused, what="running job paused")
-    assert queued.state is JobState.QUEUED and db.read("CRYO:STILL:HTR").value == 0.0
+    assert db.read("CRYO:STILL:HTR").value == 0.0
     trips = [a for a in server.audits if a.action == "interlock.trip"]
     assert [(a.target, a.user) for a in trips] == [("mxc_warm", "labctl")]
     assert any(a.action == "write" and a.target == "CRYO:STILL:HTR" and a.user == "labctl" for a in server.audits)
@@ -103,7 +106,7 @@ async def test_warm_up_trips_the_interlock_and_cooling_plus_reset_resumes(server
     # cooling again: the interlock waits for a reset; a viewer cannot acknowledge
     plant.start_compressor()
     await wait_for(lambda: ctl.interlocks.state("mxc_warm") == "RESET_NEEDED", timeout=10, what="cleared")
-    assert running.paused and queued.state is JobState.QUEUED
+    assert queued.state is JobState.QUEUED
     mark = len(server.audits)
     with pytest.raises(Forbidden) as denied:
         ctl.alarms.acknowledge("CRYO:MXC:TEMP", VIEWER)
@@ -114,9 +117,9 @@ async def test_warm_up_trips_the_interlock_and_cooling_plus_reset_resumes(server
     assert ctl.alarms.table.get("CRYO:MXC:TEMP").unacknowledged
     ctl.alarms.acknowledge("CRYO:MXC:TEMP", OP, "compressor restarted")
     ctl.interlocks.reset("mxc_warm", EXPERT)
-    await wait_for(lambda: running.state.final and queued.state.final, timeout=10, what="jobs to finish")
-    assert running.state is JobState.DONE and queued.state is JobState.DONE
-    assert db.read("CRYO:STILL:HTR").value == 10.0  # the job's step after the hold
+    await wait_for(lambda: queued.state.final, timeout=10, what="the held job to run")
+    assert running.state is JobState.FAILED and queued.state is JobState.DONE
+    assert db.read("CRYO:STILL:HTR").value == 0.0  # the stopped job never went on to its heater step
     assert not ctl.alarms.table.get("CRYO:MXC:TEMP").active
     actions = [a.action for a in server.audits]
     for expected in ("interlock.trip", "alarm.ack", "interlock.reset", "interlock.release", "lock.grant", "job.state"):

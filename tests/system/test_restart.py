@@ -32,7 +32,7 @@ def password_hash() -> str:
 
 
 def site(state_dir: Path, opcua: bool = False) -> str:
-    opcua_cfg = "{host: 127.0.0.1, port: 0}" if opcua else "{enabled: false}"
+    opcua_cfg = "{host: 127.0.0.1, port: 0, trust: auto}" if opcua else "{enabled: false}"
     return f"""
 site: restart
 server: {{state_dir: "{state_dir}", opcua: {opcua_cfg}, ca: {{enabled: false}}}}

@@ -103,7 +103,7 @@ def tui_snap_site(state_dir: Path) -> SiteConfig:
 site: lab
 server:
   state_dir: "{state_dir}"
-  opcua: {{host: 127.0.0.1, port: 0}}
+  opcua: {{host: 127.0.0.1, port: 0, trust: auto}}
   ca: {{enabled: false}}
 historian: {{enabled: false}}
 users:
@@ -135,6 +135,8 @@ procedures:
       - set: {{pv: "LAB:NOTE", value: "=text"}}
       - read: {{pvs: ["STAGE:X", "STAGE:Y"], label: "position"}}
       - log: "note {{text}} written"
+interlocks:
+  - {{name: oven_hot, description: "bake-out oven too hot", pv: "LAB:OVEN", trip: 300, resume: 200, reset: manual}}
 """
     return parse_site(text, "tui-snapshot.yaml")
 
@@ -264,7 +266,7 @@ async def tui_big_server(tmp_path: Path) -> AsyncIterator[Server]:
 site: big
 server:
   state_dir: "{tmp_path / 'state'}"
-  opcua: {{host: 127.0.0.1, port: 0}}
+  opcua: {{host: 127.0.0.1, port: 0, trust: auto}}
   ca: {{enabled: false}}
 historian: {{enabled: false}}
 users:

@@ -35,7 +35,7 @@ from tests.sites import FAST_CRYOSTAT
 pytestmark = pytest.mark.gui
 
 ROOT = Path(__file__).resolve().parents[2]
-PASSWORDS = {"operator": "operator-pw", "viewer": "viewer-pw", "guest": "guest-pw"}
+PASSWORDS = {"operator": "operator-pw", "viewer": "viewer-pw", "guest": "guest-pw", "root": "root-pw"}
 DEMO_PASSWORDS = {"viewer": "viewer-demo", "operator": "operator-demo"}  # the demo site's documented accounts
 OLGA = Identity("olga", frozenset({"operator"}), "test")
 WAIT_MS = 15_000
@@ -53,13 +53,14 @@ def wall_site(state_dir: Path, *, historian: bool = False) -> str:
 site: wall
 server:
   state_dir: "{state_dir}"
-  opcua: {{host: 127.0.0.1, port: 0}}
+  opcua: {{host: 127.0.0.1, port: 0, trust: auto}}
   ca: {{enabled: false}}
 historian: {{enabled: {str(historian).lower()}, batch_age_s: 0.05}}
 users:
   - {{name: operator, roles: [operator], password_hash: "{password_hash('operator')}"}}
   - {{name: viewer, roles: [viewer], password_hash: "{password_hash('viewer')}"}}
   - {{name: guest, roles: [viewer], password_hash: "{password_hash('guest')}"}}
+  - {{name: root, roles: [admin], password_hash: "{password_hash('root')}"}}
 resources: [{{name: cryostat, lockable: true}}]
 {FAST_CRYOSTAT}pvs:
   - {{name: "B:SIG", type: float64, unit: V, writable: true, initial: 0.0, description: "bench signal"}}
@@ -413,6 +414,24 @@ def test_gui_lock_and_job_tables(gui_server, open_gui, qtbot):
     qtbot.waitUntil(lambda: [r[3] for r in jobs.texts() if len(r) > 3] == ["done", "done"], timeout=WAIT_MS)
 
 
+def test_gui_an_admin_breaks_a_lock_from_the_locks_table(gui_server, open_gui, qtbot):
+    layout = layout_of("panels:\n  - {type: locks}\n")
+    operator, admin = open_gui(gui_server, layout), open_gui(gui_server, layout, user="root")
+    asked: list[str] = []
+    for win in (operator, admin):
+        win.confirm = lambda question, detail: asked.append(question) or True  # the person says yes
+    gui_server.call(lambda s: s.control.request_lock("cryostat", OLGA, duration_s=600, client="console"))
+    for win in (operator, admin):
+        qtbot.waitUntil(lambda w=win: w.lock_tables[0].held(0) == ("cryostat", "olga"), timeout=WAIT_MS)
+    operator.lock_tables[0].break_requested.emit("cryostat", "olga")  # what the row's context menu sends
+    qtbot.waitUntil(lambda: "may not break the lock of cryostat" in operator.banner.message.text(), timeout=WAIT_MS)
+    assert gui_server.call(lambda s: s.control.arbiter.holder("cryostat")).user == "olga"
+    admin.lock_tables[0].break_requested.emit("cryostat", "olga")
+    qtbot.waitUntil(lambda: admin.banner.message.text() == "break the lock on cryostat: done", timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: admin.lock_tables[0].texts()[0][1] == "free", timeout=WAIT_MS)
+    assert asked == ["Break olga's lock on cryostat?"] * 2
+
+
 def test_gui_reconnects_after_a_server_restart(gui_server, open_gui, qtbot):
     win = open_gui(gui_server, layout_of("panels:\n  - {type: chart, title: signal, pvs: [B:SIG], span_s: 60}\n  - {type: values, pvs: [B:SIG]}\n"))
     tile = win.value_panels[0].tile("B:SIG")
@@ -422,7 +441,8 @@ def test_gui_reconnects_after_a_server_restart(gui_server, open_gui, qtbot):
     gui_server.restart()  # a fresh server process would look the same: new database, same port
     qtbot.waitUntil(lambda: win.last_disconnect is not None, timeout=WAIT_MS)
     qtbot.waitUntil(lambda: win.connected and win.link.connects == 2, timeout=WAIT_MS)
-    qtbot.waitUntil(lambda: tile.value.text() == "0", timeout=WAIT_MS)  # the new server's value
+    now_served = gui_server.call(lambda s: s.db.read("B:SIG").value)  # 7.0 again: autosave restored it
+    qtbot.waitUntil(lambda: tile.value.text() == f"{now_served:g}", timeout=WAIT_MS)  # the new server's value
     gui_server.post("B:SIG", 42.0)
     qtbot.waitUntil(lambda: tile.value.text() == "42", timeout=WAIT_MS)
     chart = win.chart("signal")

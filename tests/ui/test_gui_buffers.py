@@ -76,3 +76,16 @@ def test_gui_trace_joins_history_to_the_first_live_point():
     assert conn.tolist() == [True, True, False]
     all_t, all_y = tr.points()
     assert all_t.tolist() == [10.0, 50.0, 100.0, 100.0]
+
+
+def test_gui_history_that_overlaps_live_ends_at_the_first_live_point():
+    """The archive may hold what the monitor delivered, its time rounded to the microsecond past the live one."""
+    tr = Trace("X", capacity=8)
+    t3 = 1_796_603_810.1234566
+    tr.append(t3, 12.0)  # the monitor's first value
+    tr.append(t3 + 1.0, 20.0)
+    tr.history.add(t3 - 10.0, t3 + 0.5, np.array([t3 - 2.0, t3 - 1.0, 1_796_603_810.123457]), np.array([10.0, 11.0, 12.0]))
+    times, values = tr.points()
+    assert (np.diff(times) >= 0).all()
+    assert values.tolist() == [10.0, 11.0, 12.0, 12.0, 20.0]  # history up to the first live point, joined to it
+    assert times[2] == times[3] == t3

@@ -15,7 +15,15 @@ from typing import Any
 import pytest
 from labctl.clients.tui.app import LabctlApp
 from labctl.clients.tui.link import LinkState
-from labctl.clients.tui.screens import AlarmsScreen, BrowserScreen, HelpScreen, LocksScreen, WriteDialog
+from labctl.clients.tui.screens import (
+    AlarmsScreen,
+    BrowserScreen,
+    HelpScreen,
+    InterlocksScreen,
+    LocksScreen,
+    WriteDialog,
+)
+from labctl.clients.tui.screens.locks import BreakDialog
 from labctl.clients.tui.widgets import Banner, DetailPane, PVTable
 from labctl.ioc.access import AuditRecord
 from labctl.ioc.errors import LockedBy
@@ -208,6 +216,61 @@ async def test_write_dialog_takes_the_lock_and_sends_again(tui_demo, tui_app):
         assert "cryostat" in app.leases
         await pilot.press("q")  # quitting gives the lock back
     assert tui_demo.srv.control.arbiter.holder("cryostat") is None
+
+
+async def test_an_admin_breaks_a_lock_from_the_locks_panel_after_confirming(tui_demo, tui_app):
+    tui_demo.srv.control.request_lock("magnet", EXPERT, duration_s=600, client="console")
+    audits: list = []
+    tui_demo.srv.db.add_audit_sink(audits.append)
+
+    async def try_break(user: str) -> None:
+        app = tui_app(user)
+        async with app.run_test(size=SIZE) as pilot:
+            await connected(app, pilot)
+            await pilot.press("3")
+            locks = app.screen
+            assert isinstance(locks, LocksScreen)
+            await until(pilot, lambda: any(r.resource == "magnet" and r.owner == "expert" for r in locks.rows), "the holder")
+            locks.query_one("#locks").move_cursor(row=[r.resource for r in locks.rows].index("magnet"))
+            await pilot.press("b")
+            await until(pilot, lambda: isinstance(app.screen, BreakDialog), "the confirmation")
+            await pilot.press("y")
+            await until(pilot, lambda: any(a.action == "lock.break" and a.user == user for a in audits), "the server's answer")
+
+    await try_break("operator")
+    assert tui_demo.srv.control.arbiter.holder("magnet").user == "expert"
+    await try_break("admin")
+    assert tui_demo.srv.control.arbiter.holder("magnet") is None
+    assert [(a.user, a.accepted) for a in audits if a.action == "lock.break"] == [("operator", False), ("admin", True)]
+
+
+async def test_the_interlocks_panel_shows_states_and_reasons_and_experts_reset(tui_snap_server):
+    from labctl.clients.tui.app import LabctlApp
+
+    from tests.ui.conftest import TUI_SNAP_PASSWORDS
+
+    srv = tui_snap_server
+    srv.call(lambda: srv.server.db.post("LAB:OVEN", 350.0))
+    srv.call(lambda: srv.server.db.post("LAB:OVEN", 150.0))
+    assert srv.call(lambda: srv.server.control.interlocks.state("oven_hot")) == "RESET_NEEDED"
+    resets = lambda: [(a.user, a.accepted) for a in srv.call(lambda: list(srv.server.control.audit_log)) if a.action == "interlock.reset"]  # noqa: E731
+
+    async def press_reset(user: str, expected: list[tuple[str, bool]]) -> None:
+        app = LabctlApp(srv.url, user, TUI_SNAP_PASSWORDS[user], "None", theme="textual-dark")
+        async with app.run_test(size=SIZE) as pilot:
+            await connected(app, pilot)
+            await pilot.press("5")
+            panel = app.screen
+            assert isinstance(panel, InterlocksScreen)
+            await until(pilot, lambda: [(r.name, r.state) for r in panel.rows] == [("oven_hot", "RESET_NEEDED")], "the interlock")
+            assert "LAB:OVEN" in panel.rows[0].reason and "waiting for a reset" in str(panel.query_one("#interlocks-note").content)
+            await pilot.press("x")
+            await until(pilot, lambda: resets() == expected, "the server's answer")
+
+    await press_reset("operator", [("operator", False)])
+    assert srv.call(lambda: srv.server.control.interlocks.state("oven_hot")) == "RESET_NEEDED"
+    await press_reset("expert", [("operator", False), ("expert", True)])
+    assert srv.call(lambda: srv.server.control.interlocks.state("oven_hot")) == "OK"
 
 
 # ---- alarms -------------------------------------------------------------------------------------

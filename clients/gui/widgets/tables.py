@@ -1,7 +1,8 @@
 """Tables of the control room: resource locks, the job queue, interlocks.
 
 * Locks come from the lock PVs every server publishes (``ARB:<RES>:OWNER``, ``:EXPIRES``,
-  ``:QUEUE``), live; when the session offers ``locks()`` its answer adds who waits.
+  ``:QUEUE``), live; when the session offers ``locks()`` its answer adds who waits. A held
+  lock's context menu offers to break it (admins: the server decides).
 * Jobs come from ``Session.jobs()`` (polled by the link); without it the table says the
   queue is not available on this connection.
 * Interlocks come from ``ILK:<NAME>:STATE`` PVs, coloured by what the state means.
@@ -20,7 +21,7 @@ from labctl.clients.gui.layout import InterlocksPanel, JobsPanel, LocksPanel
 from labctl.clients.gui.style import INTERLOCK_SEVERITY, Theme, severity_colors
 from labctl.clients.values import Metadata, format_value
 from labctl.ioc.types import Reading, Severity
-from PySide6 import QtGui, QtWidgets
+from PySide6 import QtCore, QtGui, QtWidgets
 
 LOCK_PV = re.compile(r"^ARB:(?P<res>.+):OWNER$")
 INTERLOCK_PV = re.compile(r"^ILK:(?P<name>.+):STATE$")
@@ -95,12 +96,33 @@ class TablePanel(QtWidgets.QFrame):
 
 
 class LocksTable(TablePanel):
-    """Who holds which resource, until when, and how many wait."""
+    """Who holds which resource, until when, and how many wait; an admin may break a lock (context menu)."""
+
+    break_requested = QtCore.Signal(str, str)
+    """``(resource, holder)``: the user asked to break this lock (the window confirms and sends it)."""
 
     def __init__(self, panel: LocksPanel, theme: Theme) -> None:
         super().__init__(panel.title, ["Resource", "Holder", "Until", "Queue"], theme)
         self.panel = panel
         self.resources: list[str] = []
+        self.table.setContextMenuPolicy(QtCore.Qt.ContextMenuPolicy.CustomContextMenu)
+        self.table.customContextMenuRequested.connect(self._menu)
+
+    def held(self, row: int) -> tuple[str, str] | None:
+        """``(resource, holder)`` of a row whose lock is held, else None."""
+        if not 0 <= row < len(self.rows):
+            return None
+        cells = self.rows[row][0]
+        return (cells[0], cells[1]) if len(cells) >= 2 and cells[1] not in ("", "free") else None
+
+    def _menu(self, pos: QtCore.QPoint) -> None:
+        target = self.held(self.table.rowAt(pos.y()))
+        if target is None:
+            return
+        menu = QtWidgets.QMenu(self)
+        action = menu.addAction(f"Break {target[1]}'s lock on {target[0]}…")
+        if menu.exec(self.table.viewport().mapToGlobal(pos)) is action:
+            self.break_requested.emit(*target)
 
     def bind(self, metas: Mapping[str, Metadata]) -> None:
         """Find the lockable resources from their lock PVs."""
@@ -135,10 +157,14 @@ class LocksTable(TablePanel):
 
 
 class JobsTable(TablePanel):
-    """The job queue: running and queued jobs first, then the latest finished ones."""
+    """The job queue: running and queued jobs first, then the latest finished ones.
+
+    ``Why`` says what holds a queued or paused job (``held by interlock mxc_warm: ...``,
+    ``waiting for lock cryostat held by operator ...``), else why a failed job failed.
+    """
 
     def __init__(self, panel: JobsPanel, theme: Theme) -> None:
-        super().__init__(panel.title, ["Id", "Procedure", "Owner", "State", "Priority", "Submitted"], theme)
+        super().__init__(panel.title, ["Id", "Procedure", "Owner", "State", "Priority", "Submitted", "Why"], theme)
         self.panel = panel
         self.set_rows([(("waiting for the job list",), None)], state_column=3)
 
@@ -156,10 +182,12 @@ class JobsTable(TablePanel):
         rows: list[Row] = []
         for j in active + done[: self.panel.finished]:
             state = str(j.state) + (" (paused)" if getattr(j, "paused", False) else "")
+            state += " (cleanup)" if getattr(j, "phase", "") == "cleanup" else ""
             severity = {"failed": Severity.MAJOR, "running": Severity.NO_ALARM, "queued": None}.get(str(j.state))
-            if getattr(j, "paused", False):
+            why = getattr(j, "waiting_reason", "") or (j.error if str(j.state) == "failed" else "")
+            if getattr(j, "paused", False) or (getattr(j, "waiting", None) or {}).get("kind") in ("interlock", "hold"):
                 severity = Severity.MINOR
-            rows.append(((str(j.id), j.procedure, j.owner, state, str(j.priority), clock(j.submitted_at)), severity))
+            rows.append(((str(j.id), j.procedure, j.owner, state, str(j.priority), clock(j.submitted_at), why), severity))
         self.set_rows(rows or [(("no jobs",), None)], state_column=3)
 
 

@@ -33,8 +33,13 @@ STATE_STYLES = {"running": "bold $success", "queued": "$primary", "failed": "bol
 
 
 def state_content(job: Any) -> Content:
-    """A job's state word, coloured, with ``(paused)`` when held."""
-    text = job.state + (" (paused)" if getattr(job, "paused", False) else "")
+    """A job's state word, coloured, with ``(paused)`` when held, ``(cleanup)`` while its cleanup runs, and what holds it."""
+    notes = ["paused"] if getattr(job, "paused", False) else []
+    if getattr(job, "phase", "") == "cleanup":
+        notes.append("cleanup")
+    if getattr(job, "waiting_reason", ""):
+        notes.append(job.waiting_reason)
+    text = job.state + (f" ({'; '.join(notes)})" if notes else "")
     style = STATE_STYLES.get(job.state, "")
     return Content.styled(text, style) if style else Content(text)
 
@@ -208,10 +213,26 @@ class JobsScreen(LiveScreen):
 
         def done(job_id: int | None) -> None:
             if job_id is not None:
-                self.notify(f"job {job_id} submitted")
+                self.tell_submitted(job_id)
                 self.refresh_jobs()
 
         self.app.push_screen(SubmitDialog(self.session), done)
+
+
+    @work(group="submitted")
+    async def tell_submitted(self, job_id: int) -> None:
+        """Say the job was submitted, and what holds it if something does (an interlock, a lock)."""
+        job = api(self.session, "job")
+        reason = ""
+        if job is not None:
+            try:
+                reason = getattr(await job(job_id), "waiting_reason", "")
+            except ClientError:
+                reason = ""
+        if reason:
+            self.notify(f"job {job_id} submitted but held: {reason}", severity="warning", timeout=10)
+        else:
+            self.notify(f"job {job_id} submitted")
 
 
 class SubmitDialog(ModalScreen[int]):

@@ -3,8 +3,9 @@
 Every labctl server publishes each lockable resource's lock as PVs (``ARB:<RES>:OWNER``,
 ``EXPIRES``, ``QUEUE``); the panel subscribes to them, so it is live on any server. With
 the session's lock calls (``Session.locks``/``lock``/``renew``/``unlock``) it also shows
-the queue by name and priority and lets the user take, renew and release locks; a
-refusal is shown as the server words it.
+the queue by name and priority and lets the user take, renew and release locks, and an
+admin break someone else's (after a confirmation; the holder is told and the break
+audited by the server); a refusal is shown as the server words it.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from labctl.ioc.types import Reading
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical
+from textual.containers import Horizontal, Vertical
 from textual.content import Content
-from textual.widgets import DataTable, Static
+from textual.screen import ModalScreen
+from textual.widgets import Button, DataTable, Static
 
 COLUMNS = (("RESOURCE", "resource"), ("HOLDER", "owner"), ("UNTIL", "until"), ("QUEUE", "queue"), ("MINE", "mine"))
 
@@ -34,6 +36,7 @@ class LocksScreen(LiveScreen):
         Binding("t", "take", "Take lock"),
         Binding("n", "renew", "Renew"),
         Binding("u", "release", "Release"),
+        Binding("b", "break_lock", "Break (admins)"),
         Binding("r", "refresh", "Refresh"),
     ]
 
@@ -119,7 +122,7 @@ class LocksScreen(LiveScreen):
         names = [r.resource for r in rows]
         if keep is not None and keep.resource in names:
             table.move_cursor(row=names.index(keep.resource), animate=False)
-        calls = "take (t), renew (n) and release (u) locks here" if api(self.session, "lock") else "this client cannot take locks (its session has no lock call); the list is live from the ARB:* PVs"
+        calls = "take (t), renew (n), release (u) or, as an admin, break (b) locks here" if api(self.session, "lock") else "this client cannot take locks (its session has no lock call); the list is live from the ARB:* PVs"
         self.query_one("#locks-note", Static).update(f"{len(rows)} lockable resources; {calls}")
         self._show_detail()
 
@@ -176,6 +179,21 @@ class LocksScreen(LiveScreen):
         if r is not None:
             self.lock_command("unlock", r.resource)
 
+    def action_break_lock(self) -> None:
+        """Break the lock of the resource under the cursor (admins), after asking."""
+        r = self.current
+        if r is None:
+            return
+        if not r.owner:
+            self.notify(f"{r.resource} is not locked", severity="warning")
+            return
+
+        def confirmed(yes: bool | None) -> None:
+            if yes:
+                self.lock_command("break_lock", r.resource)
+
+        self.app.push_screen(BreakDialog(r.resource, r.owner), confirmed)
+
     @work(exclusive=True, group="lock-command")
     async def lock_command(self, call: str, resource: str) -> None:
         """Run one lock call; show the server's refusal word for word."""
@@ -188,6 +206,11 @@ class LocksScreen(LiveScreen):
         try:
             if call == "lock":
                 lease = await fn(resource, duration_s=LOCK_DURATION_S)
+            elif call == "break_lock":
+                await fn(resource)
+                self.notify(f"{resource}: lock broken")
+                self.refresh_locks()
+                return
             elif call == "renew":
                 if token is None:
                     self.notify(f"you hold no lock on {resource} taken here", severity="warning")
@@ -197,8 +220,38 @@ class LocksScreen(LiveScreen):
                 await fn(resource, token)
                 lease = None
         except ClientError as e:
-            self.notify(f"{call} {resource}: {getattr(e, 'reason', None) or e}", severity="error", timeout=10)
+            verb = {"lock": "lock", "renew": "renew", "unlock": "release", "break_lock": "break"}.get(call, call)
+            self.notify(f"{verb} {resource}: {getattr(e, 'reason', None) or e}", severity="error", timeout=10)
             return
         self.post_message(self.LeaseChanged(resource, lease))
         self.notify(f"{resource}: " + ("released" if lease is None else f"yours until {time_text(lease.expires_at)[:8]}"))
         self.refresh_locks()
+
+
+class BreakDialog(ModalScreen[bool]):
+    """Ask before breaking someone's lock."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel"), Binding("y", "confirm", "Break", show=False)]
+
+    def __init__(self, resource: str, owner: str) -> None:
+        super().__init__()
+        self.resource = resource
+        self.owner = owner
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="break-box", classes="dialog"):
+            yield Static(Content.styled(f"Break {self.owner}'s lock on {self.resource}?", "bold"))
+            yield Static(f"{self.owner} loses write access at once and is told; the break is audited.")
+            with Horizontal(classes="buttons"):
+                yield Button("Break (y)", id="break-ok", variant="error")
+                yield Button("Cancel", id="break-cancel")
+
+    @on(Button.Pressed, "#break-ok")
+    def action_confirm(self) -> None:
+        """Break it."""
+        self.dismiss(True)
+
+    @on(Button.Pressed, "#break-cancel")
+    def action_cancel(self) -> None:
+        """Keep the lock as it is."""
+        self.dismiss(False)

@@ -400,7 +400,7 @@ class OpcUaUser:
 
 async def test_ca_and_opcua_users_contend_for_one_resource_and_the_arbiter_serializes_them(ports, tmp_path):
     text = site(ports, tmp_path).replace(
-        "opcua: {enabled: false}", "opcua: {host: 127.0.0.1, port: 0}"
+        "opcua: {enabled: false}", "opcua: {host: 127.0.0.1, port: 0, trust: auto}"
     ) + f'users:\n  - {{name: olga, roles: [operator], password_hash: "{olga_hash()}"}}\n'
     async with serve_server(text) as s, pyepics(s.port) as ca:
         ua_user = await OpcUaUser.connect(s.server.service("opcua").url)

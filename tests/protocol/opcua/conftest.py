@@ -70,6 +70,7 @@ def site_text(
     security: Sequence[str] = ("None", "Basic256Sha256_Sign", "Basic256Sha256_SignAndEncrypt"),
     users: str | None = None,
     instruments: str = "",
+    trust: str = "auto",
 ) -> str:
     """The YAML of a test site (OPC UA on loopback port 0, no Channel Access, no historian)."""
     if users is None:
@@ -80,7 +81,7 @@ def site_text(
 site: {SITE}
 server:
   state_dir: "{state_dir}"
-  opcua: {{host: 127.0.0.1, port: 0, anonymous: {str(anonymous).lower()}, security: {list(security)}}}
+  opcua: {{host: 127.0.0.1, port: 0, anonymous: {str(anonymous).lower()}, security: {list(security)}, trust: {trust}}}
   ca: {{enabled: false}}
 historian: {{enabled: false}}
 roles:

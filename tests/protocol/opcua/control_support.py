@@ -59,7 +59,7 @@ def site_text(state_dir: Path, body: str, *, historian: bool = False) -> str:
 site: {SITE}
 server:
   state_dir: "{state_dir}"
-  opcua: {{host: 127.0.0.1, port: 0}}
+  opcua: {{host: 127.0.0.1, port: 0, trust: auto}}
   ca: {{enabled: false}}
 historian: {{enabled: {str(historian).lower()}}}
 {users}

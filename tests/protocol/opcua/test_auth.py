@@ -154,24 +154,25 @@ async def test_certificate_login(tmp_path, connect_to):
         await srv.stop()
 
 
-def test_repeated_failures_slow_down_one_account():
+async def test_repeated_failures_slow_down_one_account_from_one_address():
     now = [1000.0]
     directory = UserDirectory(make_site_users(), clock=lambda: now[0])
     for _ in range(FREE_FAILURES):
-        assert isinstance(directory.authenticate("operator", "guess", None), Refusal)
-    blocked = directory.authenticate("operator", PASSWORDS["operator"], None)
+        assert isinstance(await directory.login("operator", "guess", "10.0.0.9"), Refusal)
+    blocked = await directory.login("operator", PASSWORDS["operator"], "10.0.0.9")
     assert isinstance(blocked, Refusal) and "too many failed logins" in blocked.reason
-    assert isinstance(directory.authenticate("viewer", PASSWORDS["viewer"], None), Identity), "other accounts are unaffected"
+    assert isinstance(await directory.login("viewer", PASSWORDS["viewer"], "10.0.0.9"), Identity), "other accounts are unaffected"
+    assert isinstance(await directory.login("operator", PASSWORDS["operator"], "10.0.0.2"), Identity), "other addresses are unaffected"
     now[0] += 1.5
-    identity = directory.authenticate("operator", PASSWORDS["operator"], None)
+    identity = await directory.login("operator", PASSWORDS["operator"], "10.0.0.9")
     assert isinstance(identity, Identity) and identity.roles == frozenset({"operator"})
-    assert isinstance(directory.authenticate("operator", "guess", None), Refusal)
-    assert isinstance(directory.authenticate("operator", PASSWORDS["operator"], None), Identity), "a success resets the count"
+    assert isinstance(await directory.login("operator", "guess", "10.0.0.9"), Refusal)
+    assert isinstance(await directory.login("operator", PASSWORDS["operator"], "10.0.0.9"), Identity), "a success resets the count"
 
 
 def test_anonymous_can_be_disabled():
-    assert isinstance(UserDirectory(make_site_users(), anonymous=False).authenticate(None, None, None), Refusal)
-    anon = UserDirectory(make_site_users()).authenticate(None, None, None)
+    assert isinstance(UserDirectory(make_site_users(), anonymous=False).authenticate(None), Refusal)
+    anon = UserDirectory(make_site_users()).authenticate(None)
     assert isinstance(anon, Identity) and anon.roles == frozenset()
 
 

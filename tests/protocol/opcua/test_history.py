@@ -254,7 +254,7 @@ async def test_processed_edge_cases(server, connect, series):
     assert (first.HistoryData.DataValues[0].Value.Value, seconds(first.HistoryData.DataValues[0].SourceTimestamp)) == (1.0, t0 + 1)
     assert (last.HistoryData.DataValues[0].Value.Value, seconds(last.HistoryData.DataValues[0].SourceTimestamp)) == (60.0, t0 + 60)
     # refusals, each with its own status
-    (unsupported,) = await history_read(client, processed_details(t0, t0 + 60, 60, [_O.AggregateFunction_TimeAverage]), [nid])
+    (unsupported,) = await history_read(client, processed_details(t0, t0 + 60, 60, [_O.AggregateFunction_Total]), [nid])
     assert unsupported.StatusCode.value == _S.BadAggregateNotSupported
     note = (await pv_node(client, "LAB:NOTE")).nodeid
     (text,) = await history_read(client, processed_details(t0, t0 + 60, 60, [_O.AggregateFunction_Average]), [note])

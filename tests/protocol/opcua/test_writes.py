@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from asyncua import ua
 from asyncua.ua.uaerrors import UaStatusCodeError
-from labctl.ioc.errors import DriverFault, DriverTimeout, Interlocked, LockedBy
+from labctl.ioc.errors import DriverFault, DriverTimeout, Interlocked, LockedBy, WrittenUnconfirmed
 from labctl.ioc.types import Identity
 from labctl.server.opcua.refusals import BY_KIND, SPECIFIC, status_of
 
@@ -228,4 +228,7 @@ def test_refusal_table_prefers_the_most_specific_class():
     assert status_of(DriverFault("x", "y")) == ua.StatusCodes.BadCommunicationError
     assert status_of(LockedBy("P", "r", "alice", None)) == ua.StatusCodes.BadLocked
     assert status_of(RuntimeError("bug")) == ua.StatusCodes.BadInternalError
-    assert all(ua.StatusCode(code).is_bad() for code in [*SPECIFIC.values(), *BY_KIND.values()])
+    unconfirmed = WrittenUnconfirmed("x", "P", 1.0, DriverTimeout("x", "y"))
+    assert status_of(unconfirmed) == ua.StatusCodes.UncertainNoCommunicationLastUsableValue  # sent: not Bad
+    refusals = {cls: code for cls, code in SPECIFIC.items() if cls is not WrittenUnconfirmed}
+    assert all(ua.StatusCode(code).is_bad() for code in [*refusals.values(), *BY_KIND.values()])
