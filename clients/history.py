@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from asyncua import ua
 from labctl.clients.errors import ClientError
-from labctl.clients.values import Metadata, format_value, quality, reading_of
+from labctl.clients.values import Metadata, format_number, format_value, quality, reading_of
 from labctl.ioc.types import PVType, Severity, Status
 
 if TYPE_CHECKING:
@@ -398,7 +398,7 @@ def print_history(h: History, fmt: str, out: Any = None) -> None:
     local = [_dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] for t in h.times]
     if h.processed:
         shown = [
-            [t, _num(r[1]), _num(r[2]), _num(r[3]), str(r[4])] for t, r in zip(local, body, strict=True)
+            [t, _num(r[1], h.meta), _num(r[2], h.meta), _num(r[3], h.meta), str(r[4])] for t, r in zip(local, body, strict=True)
         ]
         _table(["TIME", f"MEAN{unit}", "MIN", "MAX", "COUNT"], shown, out)
         return
@@ -409,8 +409,8 @@ def print_history(h: History, fmt: str, out: Any = None) -> None:
     _table(["TIME", f"VALUE{unit}", "SEVERITY", "STATUS"], shown, out)
 
 
-def _num(x: float | None) -> str:
-    return "-" if x is None else f"{x:.6g}"
+def _num(x: float | None, meta: Metadata) -> str:
+    return "-" if x is None else format_number(float(x), meta.precision)
 
 
 def _table(header: Sequence[str], rows_: Sequence[Sequence[str]], out: Any) -> None:

@@ -8,6 +8,15 @@ yields :class:`~labctl.clients.values.Sample` -- the current values first, then 
 change -- buffered up to ``queue_size`` samples, beyond which the oldest are dropped. A
 subscription that ends while the session is open raises
 :class:`~labctl.clients.errors.ConnectionLost`.
+
+Monitors wait. A quiet PV is not an error: iterating waits for the next change as long as
+it takes (as ``camonitor`` does; the server's keep-alives and the session's own checks
+still end it with ConnectionLost if the server goes away). A caller that wants to give
+up asks for it: :meth:`Monitor.next` with ``timeout_s`` raises
+:class:`~labctl.clients.errors.RequestTimeout` when no change came within that time, and
+the monitor stays usable. Only changes the server publishes arrive: those past the PV's
+monitor deadband, alarm changes, and the current value first; a read
+(:meth:`~labctl.clients.session.Session.get`) always returns the latest value.
 """
 
 from __future__ import annotations
@@ -95,8 +104,16 @@ class Monitor:
             if isinstance(event, StatusChangeEvent) and event.notification.Status.is_bad():
                 raise ConnectionLost(f"{self.session.url}: subscription ended ({event.notification.Status.name})")
 
-    async def next(self, timeout_s: float) -> Sample:
-        """The next sample, waiting at most ``timeout_s``. Raises RequestTimeout."""
+    async def next(self, timeout_s: float | None = None) -> Sample:
+        """The next sample, waiting for it as long as it takes, or at most ``timeout_s``.
+
+        Raises:
+            RequestTimeout: no sample within ``timeout_s`` (the monitor stays usable).
+            ConnectionLost: the subscription or the session ended.
+            StopAsyncIteration: the monitor was closed.
+        """
+        if timeout_s is None:
+            return await self.__anext__()
         try:
             return await asyncio.wait_for(self.__anext__(), timeout_s)
         except TimeoutError:

@@ -32,6 +32,12 @@ data in the Call response's DiagnosticInfo. :meth:`Session.lock` with
 variable; :meth:`Session.hold_lock` keeps a lease renewed (every third of its duration)
 for as long as a ``with`` block runs.
 
+A lease belongs to the session that took it: another session of the same user writes
+under it only when handed its token -- ``put(name, value, lease=token)`` (or the
+:class:`~labctl.clients.records.Lease` itself, e.g. ``held.lease`` of :meth:`Session.hold_lock`)
+first binds the token to this session with the server's ``Control/UseLease`` (once per
+token and session), then writes. :meth:`Session.use_lease` does the binding alone.
+
 This module talks to the server over the network only; it shares no code with the
 server beyond the value types of :mod:`labctl.ioc.types`.
 """
@@ -162,6 +168,8 @@ class Session:
         self._meta: dict[str, Metadata] = {}
         self._monitors: set[Monitor] = set()
         self._closed = False
+        self._leases_used: set[str] = set()
+        """Tokens of leases this session was handed (bound with UseLease)."""
 
     async def _init(self) -> None:
         namespaces = await self._call(self.client.get_namespace_array())
@@ -296,12 +304,18 @@ class Session:
 
     # ---- commands -------------------------------------------------------------------
 
-    async def put(self, name: str, value: Any) -> None:
+    async def put(self, name: str, value: Any, *, lease: str | Lease | None = None) -> None:
         """Write a PV. Raises NoSuchPV, a PutRefused of the refusal's kind with its fields, or WriteUnconfirmed.
 
-        WriteUnconfirmed: the instrument was sent the value but reading it back failed
+        ``lease``: write under a lease another session of this user holds (its token, or the
+        :class:`Lease`), bound to this session first (:meth:`use_lease`; a wrong or lapsed
+        token raises its CommandRefused). WriteUnconfirmed: the instrument was sent the value but reading it back failed
         (the value is very likely set; the PV reads INVALID until it is read again).
         """
+        if lease is not None:
+            token = lease.token if isinstance(lease, Lease) else lease
+            if token not in self._leases_used:
+                await self.use_lease(token)
         meta = await self.info(name)
         wv = ua.WriteValue()
         wv.NodeId = self._node_id(name)
@@ -429,6 +443,17 @@ class Session:
     async def renew(self, resource: str, token: str, duration_s: float | None = None) -> Lease:
         """Renew a lease from now (for ``duration_s``, or its own duration). Raises CommandRefused if it was lost."""
         (expires_at,) = await self._command(f"Resources/{resource}/Lock", "RenewLease", _string(token), _double(duration_s or 0.0))
+        return Lease(resource, token, expires_at)
+
+    async def use_lease(self, token: str) -> Lease:
+        """Write under the lease with ``token`` from this session: one another session of this user took and handed over.
+
+        The binding lasts as long as the lease (renewals keep it). Raises the
+        CommandRefused of the refusal: a wrong or lapsed token (CommandConflict), a lease of
+        another user (AccessDenied).
+        """
+        resource, expires_at = await self._command("Control", "UseLease", _string(token))
+        self._leases_used.add(token)
         return Lease(resource, token, expires_at)
 
     async def break_lock(self, resource: str) -> None:

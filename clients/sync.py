@@ -109,9 +109,13 @@ class SyncSession:
         """Several PVs' readings in one request."""
         return self._run(self.session.get_many(names))
 
-    def put(self, name: str, value: Any) -> None:
-        """Write a PV; raises PutRefused with the server's status and reason."""
-        self._run(self.session.put(name, value))
+    def put(self, name: str, value: Any, *, lease: str | Lease | None = None) -> None:
+        """Write a PV (``lease``: under a lease handed over by its token); raises PutRefused with the server's status and reason."""
+        self._run(self.session.put(name, value, lease=lease))
+
+    def use_lease(self, token: str) -> Lease:
+        """Write under the lease with ``token`` from this session (another session of this user took it)."""
+        return self._run(self.session.use_lease(token))
 
     def whoami(self) -> tuple[str, tuple[str, ...]]:
         """This session's user and roles."""
@@ -213,11 +217,14 @@ class SyncSession:
         limit = max(self.timeout_s, 60.0) if timeout_s is None else timeout_s
         return self._run(self.session.history(name, since, until, every, bounds=bounds), limit)
 
-    def monitor(self, names: Iterable[str], *, queue_size: int = 10_000, publishing_interval_ms: float = 100.0) -> SyncMonitor:
-        """Watch PVs; iterate the result (each sample waits at most ``timeout_s``) and close it."""
+    def monitor(
+        self, names: Iterable[str], *, queue_size: int = 10_000, publishing_interval_ms: float = 100.0, timeout_s: float | None = None
+    ) -> SyncMonitor:
+        """Watch PVs; iterate the result and close it. Each sample is waited for as long as it
+        takes (a quiet PV is no error), or at most ``timeout_s`` (then RequestTimeout)."""
         mon = self.session.monitor(names, queue_size=queue_size, publishing_interval_ms=publishing_interval_ms)
         self._run(mon.start())
-        return SyncMonitor(self, mon)
+        return SyncMonitor(self, mon, timeout_s)
 
     def close(self) -> None:
         """End the session and its loop thread."""
@@ -246,13 +253,18 @@ class SyncSession:
 class SyncMonitor:
     """Blocking iteration over a :class:`~labctl.clients.monitor.Monitor`."""
 
-    def __init__(self, owner: SyncSession, monitor: Monitor) -> None:
+    def __init__(self, owner: SyncSession, monitor: Monitor, timeout_s: float | None = None) -> None:
         self._owner = owner
         self._monitor = monitor
+        self.timeout_s = timeout_s
+        """How long iteration waits for each sample (None: as long as it takes)."""
 
     def next(self, timeout_s: float | None = None) -> Sample:
-        """The next sample; raises RequestTimeout after ``timeout_s`` (default: the session's)."""
-        limit = self._owner.timeout_s if timeout_s is None else timeout_s
+        """The next sample, waited for as long as it takes, or at most ``timeout_s`` (default:
+        the monitor's ``timeout_s``); raises RequestTimeout then. Ctrl-C stops the wait."""
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        if limit is None:
+            return self._owner._run(self._monitor.next(), forever=True)
         # the inner timeout fires first (with its clearer message); the outer one only guards the thread
         return self._owner._run(self._monitor.next(limit), limit + 5.0)
 
@@ -260,7 +272,10 @@ class SyncMonitor:
         return self
 
     def __next__(self) -> Sample:
-        return self.next()
+        try:
+            return self.next()
+        except StopAsyncIteration:  # the monitor was closed
+            raise StopIteration from None
 
     def close(self) -> None:
         """Unsubscribe."""

@@ -12,7 +12,9 @@ A server's StatusCode is turned back into an EPICS-style severity and status
 with a limit bit is a MAJOR HIHI/LOLO alarm, Good with a limit bit a MINOR HIGH/LOW one.
 :func:`reading_of` makes a DataValue a :class:`~labctl.ioc.types.Reading` with the value
 in the PV type's Python form; :func:`to_variant` makes a Python value the Variant a PV
-expects; :func:`format_value` shows a value to people.
+expects; :func:`format_value` shows a value to people, floats with the PV's precision
+(its EPICS PREC, served as the node's ``ValuePrecision`` property: :func:`format_number`).
+Programs that want every digit take the value itself (``--json`` does).
 
 This module shares no code with the server beyond the value types of
 :mod:`labctl.ioc.types`.
@@ -21,6 +23,7 @@ This module shares no code with the server beyond the value types of
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,6 +75,8 @@ class Metadata:
     historizing: bool = False
     path: str = ""
     """Browse path below Objects, e.g. ``lab/ls336/temperature_A`` (from :meth:`~labctl.clients.session.Session.list_pvs`)."""
+    precision: int | None = None
+    """Digits after the decimal point to show (the PV's PREC, OPC UA's ``ValuePrecision``); None: not declared."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,8 +160,26 @@ def _python(meta: Metadata, v: Any) -> Any:
     return v
 
 
+def format_number(value: float, precision: int | None) -> str:
+    """A float as people read it: ``precision`` digits after the decimal point (EPICS PREC).
+
+    ``0.0146309`` with precision 4 is ``0.0146``. A value too small for that many digits
+    to show anything (``2.3e-08`` mbar with precision 2 would read ``0.00``) or too large
+    for fixed notation (1e15 and up) is shown in exponent form with ``precision`` digits
+    after the point instead (``2.30e-08``), as a gauge display does. Without a precision
+    (None): six significant digits. NaN and infinities as Python spells them.
+    """
+    if precision is None or not math.isfinite(value):
+        return f"{value:.6g}"
+    p = max(0, min(int(precision), 17))
+    magnitude = abs(value)
+    if magnitude >= 1e15 or (magnitude != 0.0 and magnitude < 0.5 * 10.0**-p):
+        return f"{value:.{p}e}"
+    return f"{value:.{p}f}"
+
+
 def format_value(meta: Metadata, value: Any) -> str:
-    """A value as text for people."""
+    """A value as text for people: enum state names, floats to the PV's precision (:func:`format_number`), arrays in brackets."""
     if value is None:
         return "(invalid)"
     if meta.type is PVType.ENUM and isinstance(value, int) and 0 <= value < len(meta.states):
@@ -164,9 +187,9 @@ def format_value(meta: Metadata, value: Any) -> str:
     if meta.type is PVType.BOOL:
         return "true" if value else "false"
     if isinstance(value, float):
-        return f"{value:.6g}"
+        return format_number(value, meta.precision)
     if isinstance(value, tuple):
-        shown = ", ".join(f"{x:.6g}" if isinstance(x, float) else str(x) for x in value[:8])
+        shown = ", ".join(format_number(x, meta.precision) if isinstance(x, float) else str(x) for x in value[:8])
         return f"[{shown}{', ...' if len(value) > 8 else ''}] ({len(value)})"
     return str(value)
 
@@ -213,8 +236,9 @@ METADATA_ATTRIBUTES = (
     ua.AttributeIds.UserAccessLevel,
     ua.AttributeIds.Historizing,
 )
-#: The properties (``<PV name>.<property>`` nodes) read after :data:`METADATA_ATTRIBUTES`.
-METADATA_PROPERTIES = ("EngineeringUnits", "EURange", "EnumStrings")
+#: The properties (``<PV name>.<property>`` nodes) read after :data:`METADATA_ATTRIBUTES`
+#: (``ValuePrecision``: Part 8's DataItemType property, digits after the decimal point of a Double).
+METADATA_PROPERTIES = ("EngineeringUnits", "EURange", "EnumStrings", "ValuePrecision")
 _DATA_TYPES = {
     ua.ObjectIds.Double: PVType.FLOAT64,
     ua.ObjectIds.Float: PVType.FLOAT64,
@@ -236,7 +260,7 @@ def metadata_of(name: str, values: Sequence[ua.DataValue], path: str = "") -> Me
         ok = dv.StatusCode is None or dv.StatusCode.is_good()
         return dv.Value.Value if ok and dv.Value is not None else None
 
-    dtype, rank, dims, desc, access, user_access, hist, eu, eurange, states = (good(v) for v in values)
+    dtype, rank, dims, desc, access, user_access, hist, eu, eurange, states, prec = (good(v) for v in values)
     t = _DATA_TYPES.get(dtype.Identifier) if isinstance(dtype, ua.NodeId) and dtype.NamespaceIndex == 0 else None
     if states and t in (PVType.INT, None):
         t = PVType.ENUM
@@ -256,4 +280,5 @@ def metadata_of(name: str, values: Sequence[ua.DataValue], path: str = "") -> Me
         user_writable=bool((user_access or 0) & write),
         historizing=bool(hist),
         path=path,
+        precision=int(prec) if isinstance(prec, (int, float)) and not isinstance(prec, bool) and math.isfinite(prec) and 0 <= prec <= 17 else None,
     )

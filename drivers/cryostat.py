@@ -49,6 +49,17 @@ ambient (gas desorbs as the can warms); gauge 2 the outer vacuum can, likewise f
 50 K plate with ``ovc_mbar``. A gauge reports underrange below 5e-9 mbar and overrange
 above 1000 mbar (a Pfeiffer PKR's span), or a status forced by :meth:`CryostatPlant.set_gauge_status`.
 
+What the instruments read is the plant's state seen through a real sensor. With the
+options ``noise`` (relative rms measurement noise, drawn from a generator seeded with
+``seed``: the same sequence every run), ``drift`` (a slow relative wander of each
+stage's reading, a sine of period ``drift_period_s`` with a phase per stage) and
+``ripple_k`` (the pulse tube's ripple on the 4 K plate, ``ripple_hz``), every
+temperature, resistance and pressure reading moves as a real one does. All are off by
+default, so the plant's own readers (:meth:`~CryostatPlant.temperature`...) and a plant
+without them answer exact values; the demo turns them on. Resistances follow the
+thermometer law ``R = R_INF * exp((T0 / T) ** 0.25)`` of the reading's temperature, so
+a calibration table made from that law (the demo's ``rox_mxc``) gives the temperature back.
+
 Control methods for tests and the demo: :meth:`~CryostatPlant.stop_compressor`,
 :meth:`~CryostatPlant.start_compressor`, :meth:`~CryostatPlant.set_gauge_status`; and
 the readers :meth:`~CryostatPlant.temperature`, :meth:`~CryostatPlant.pressure`,
@@ -66,6 +77,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -143,6 +155,18 @@ class CryostatOptions:
     """Whether the compressor runs at the start."""
     max_step_s: float = 5.0
     """Longest integration step."""
+    noise: float = 0.0
+    """Relative rms noise of every temperature, resistance and pressure reading (0: exact readings)."""
+    drift: float = 0.0
+    """Relative amplitude of a slow wander of each reading (0: none)."""
+    drift_period_s: float = 900.0
+    """Period of that wander, seconds."""
+    ripple_k: float = 0.0
+    """Amplitude of the pulse tube's temperature ripple on the 4 K plate, kelvin (0: none)."""
+    ripple_hz: float = 1.4
+    """Frequency of the pulse tube's cycle."""
+    seed: int = 1
+    """Seed of the noise generator (the same readings every run)."""
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any]) -> CryostatOptions:
@@ -167,16 +191,26 @@ class CryostatOptions:
         return cls(**values)
 
 
+#: Options that may be zero (off); every other number must be positive.
+_MAY_BE_ZERO = frozenset({"noise", "drift", "ripple_k"})
+
+
 def _convert_option(key: str, value: Any, default: Any) -> Any:
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise TypeError(f"expected true or false, got {value!r}")
         return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise TypeError(f"expected a whole number >= 0, got {value!r}")
+        return value
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise TypeError(f"expected a number, got {value!r}")
-        if value <= 0:
-            raise ValueError(f"must be positive, got {value!r}")
+        if value < 0 or (value == 0 and key not in _MAY_BE_ZERO):
+            raise ValueError(f"must be {'zero or positive' if key in _MAY_BE_ZERO else 'positive'}, got {value!r}")
+        if key in ("noise", "drift") and value >= 0.5:
+            raise ValueError(f"is relative: expected less than 0.5, got {value!r}")
         return float(value)
     if isinstance(default, str):
         if value not in ("cold", "warm"):
@@ -247,6 +281,7 @@ class CryostatPlant:
         else:
             self._t = {"50K": o.stage50_k, "4K": o.stage4_k, "still": o.still_k, "mxc": o.mxc_base_k}
         self._default = PlantEndpoint(self, PROTOCOLS)
+        self._random = random.Random(self.options.seed)
 
     # ---- control -------------------------------------------------------------------
 
@@ -394,8 +429,27 @@ class CryostatPlant:
         s = min(1.0, max(0.0, math.log(max(temp, t_cold) / t_cold) / span))
         return 10 ** (math.log10(p_cold) + s * (math.log10(p_warm) - math.log10(p_cold)))
 
+    # ---- what a sensor reads -------------------------------------------------------
+
+    def _seen(self, value: float, key: str) -> float:
+        """``value`` as a sensor reads it now: drift (a slow wander, phase by ``key``) and noise."""
+        o = self.options
+        if o.drift:
+            phase = (sum(map(ord, key)) % 97) / 97.0 * 2.0 * math.pi
+            value *= 1.0 + o.drift * math.sin(2.0 * math.pi * self._last / o.drift_period_s + phase)
+        if o.noise:
+            value *= 1.0 + o.noise * max(-4.0, min(4.0, self._random.gauss(0.0, 1.0)))
+        return value
+
+    def _thermometer(self, stage: str) -> float:
+        """The temperature a thermometer on ``stage`` reads (ripple, drift, noise), kelvin."""
+        kelvin = self._t[stage]
+        if stage == "4K" and self.options.ripple_k:
+            kelvin += self.options.ripple_k * math.sin(2.0 * math.pi * self.options.ripple_hz * self._last)
+        return max(1e-4, self._seen(kelvin, stage))
+
     def _gauge_reading(self, gauge: int) -> str:
-        pressure = self._pressure(gauge)
+        pressure = self._seen(self._pressure(gauge), f"gauge{gauge}")
         status = self._gauge_status[gauge]
         if status is None:
             status = 1 if pressure < GAUGE_MIN_MBAR else 2 if pressure > GAUGE_MAX_MBAR else 0
@@ -444,7 +498,7 @@ class CryostatPlant:
             stage = self._stage_of(args[0])
             if stage is None:
                 return f"{0.0:+.5E}"
-            kelvin = self._t[stage]
+            kelvin = self._thermometer(stage)
             value = kelvin if head == "KRDG?" else R_INF_OHM * math.exp((T0_K / kelvin) ** 0.25)
             return f"{value:+.5E}"
         if head == "SETP?":

@@ -41,6 +41,8 @@ from labctl.drivers.cryostat import PROTOCOLS as CRYOSTAT_PROTOCOLS
 from labctl.drivers.cryostat import CryostatOptions, CryostatPlant
 from labctl.drivers.keithley2400 import Keithley2400
 from labctl.drivers.lakeshore import LakeShore336, LakeShore372
+from labctl.drivers.powersupply import PROTOCOLS as POWERSUPPLY_PROTOCOLS
+from labctl.drivers.powersupply import PowerSupplyOptions, PowerSupplyPlant
 from labctl.drivers.scpi import ScpiDriver
 from labctl.drivers.sourcemeter import PROTOCOLS as SOURCEMETER_PROTOCOLS
 from labctl.drivers.sourcemeter import SourceMeterOptions, SourceMeterPlant
@@ -59,7 +61,7 @@ DRIVERS: Mapping[str, type[VisaDriver]] = MappingProxyType(
 SIM_DIR = Path(__file__).resolve().parent / "sim"
 
 #: Plant model (``simulations.<name>.model``) -> the protocols it speaks.
-PLANT_PROTOCOLS: Mapping[str, frozenset[str]] = MappingProxyType({"cryostat": CRYOSTAT_PROTOCOLS, "sourcemeter": SOURCEMETER_PROTOCOLS})
+PLANT_PROTOCOLS: Mapping[str, frozenset[str]] = MappingProxyType({"cryostat": CRYOSTAT_PROTOCOLS, "sourcemeter": SOURCEMETER_PROTOCOLS, "powersupply": POWERSUPPLY_PROTOCOLS})
 
 _PY_KIND_NAMES = {float: "float64", int: "int or enum", bool: "bool", str: "string", tuple: "float64[]"}
 
@@ -272,7 +274,7 @@ def _create_transport(
     return FaultyTransport(visa) if simulated else visa
 
 
-def create_plant(name: str, config: SimulationConfig, clock: Callable[[], float] = time.monotonic) -> CryostatPlant | SourceMeterPlant:
+def create_plant(name: str, config: SimulationConfig, clock: Callable[[], float] = time.monotonic) -> CryostatPlant | SourceMeterPlant | PowerSupplyPlant:
     """The simulated plant for a ``simulations:`` entry.
 
     Args:
@@ -286,6 +288,11 @@ def create_plant(name: str, config: SimulationConfig, clock: Callable[[], float]
     if config.model == "sourcemeter":
         try:
             return SourceMeterPlant(SourceMeterOptions.from_mapping(config.options), name=name)
+        except ValueError as e:
+            raise ConfigError(f"simulation {name!r}", [f"simulations.{name}.options: {line}" for line in str(e).splitlines()]) from None
+    if config.model == "powersupply":
+        try:
+            return PowerSupplyPlant(PowerSupplyOptions.from_mapping(config.options), clock=clock, name=name)
         except ValueError as e:
             raise ConfigError(f"simulation {name!r}", [f"simulations.{name}.options: {line}" for line in str(e).splitlines()]) from None
     if config.model != "cryostat":

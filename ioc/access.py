@@ -4,12 +4,15 @@ The write path (see :mod:`labctl.ioc.database`) asks, in order: is the PV writab
 the identity's roles allow writing its resource (:mod:`labctl.ioc.policy` decides), does the
 identity hold the resource's lock, is the value acceptable, does an interlock forbid it.
 This module defines the hooks for the lock and interlock checks, so the arbiter and the
-interlocks plug in without the database knowing their internals, and the audit record.
+interlocks plug in without the database knowing their internals, the audit record, and
+the :class:`AuditJournal` hook through which the write path waits until its record is
+durable (the server's journal, :mod:`labctl.server.journal`; the core stores nothing).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from labctl.ioc.types import Identity
@@ -33,6 +36,20 @@ class InterlockCheck(Protocol):
 
     def check_write(self, identity: Identity, pv: str, resource: str, value: Any) -> None:
         """Raise Interlocked if a tripped interlock forbids this write."""
+        ...
+
+
+class AuditJournal(Protocol):
+    """Where audit records become durable (the server's journal); the write path awaits it."""
+
+    healthy: bool
+    """False while records cannot be made durable: writes are refused before they reach an instrument."""
+
+    def append(self, record: AuditRecord) -> Awaitable[None]:
+        """Queue ``record`` (called on the loop, in audit order); the awaitable resolves once it is durable.
+
+        It raises OSError if the record could not be made durable.
+        """
         ...
 
 
@@ -66,6 +83,9 @@ class AuditRecord:
     new: Any = None
     accepted: bool = True
     reason: str = ""
+    uid: str = field(default="", compare=False)
+    """A unique id, given by :meth:`labctl.ioc.database.Database.audit` ("" before): the archive's key,
+    so a record handed to the historian twice (a journal replayed after a crash) is stored once."""
 
     @classmethod
     def of(cls, time: float, action: str, who: Identity, target: str, **kw: Any) -> AuditRecord:

@@ -22,6 +22,18 @@ A lease (or queued request) records whether an internal actor holds it
 (``Identity.internal``, set only by code): ownership is the user name *and* that flag, so a
 Channel Access client reporting the internal actors' user name never writes under, renews
 or releases their leases. Internal actors pass the write path's lock check.
+
+A lease is held by a **client**, not a name: the session that took it (``Identity.client``:
+an OPC UA session, a CA circuit, a job ``job:<id>``). Only that client writes under it;
+another session of the same user -- a second OPC UA session, a CA client reporting the
+same name, the console of a job's owner -- is refused with :class:`LockedBy` naming the
+holding client. A lease is shared only explicitly: :meth:`Arbiter.share` binds another
+client of the *same user* to the lease whose token it presents (the ``shared`` event,
+audited); the binding ends with the lease (a renewal keeps it). A job's lease is never
+shared: nothing but the job writes while it runs.
+
+Priorities are integers within :data:`MIN_PRIORITY` .. :data:`MAX_PRIORITY` on every
+protocol (:func:`check_priority`); anything else is refused as :class:`BadLease`.
 """
 
 from __future__ import annotations
@@ -34,11 +46,15 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from labctl.ioc.config.access import ResourceConfig
-from labctl.ioc.errors import Conflict, InvalidArgument, LockedBy, NotFound, Refused, utc_clock
+from labctl.ioc.errors import Conflict, Forbidden, InvalidArgument, LockedBy, NotFound, Refused, utc_clock
 from labctl.ioc.pv import PVInfo
 from labctl.ioc.types import Identity, PVType
 
-EventKind = Literal["granted", "renewed", "released", "expired", "broken", "queued", "withdrawn"]
+EventKind = Literal["granted", "renewed", "released", "expired", "broken", "queued", "withdrawn", "shared"]
+
+#: The lowest and highest lock (and job) priority a client may ask for; higher is served first.
+MIN_PRIORITY = -1000
+MAX_PRIORITY = 1000
 
 
 class LockRefused(Refused):
@@ -68,19 +84,33 @@ class BadLease(LockRefused, InvalidArgument):
 class LockHeld(LockRefused, Conflict):
     """Someone else holds (or waits first for) the lock, and the caller would not wait."""
 
-    FIELDS = ("resource", "owner", "until", "job")
+    FIELDS = ("resource", "owner", "until", "job", "client")
 
-    def __init__(self, resource: str, owner: str, until: float | None, job: int | None, *, action: str) -> None:
+    def __init__(self, resource: str, owner: str, until: float | None, job: int | None, *, action: str, client: str = "") -> None:
         self.owner = owner
         self.until = until
         self.job = job
+        self.client = client
         who = owner + (f" (job {job})" if job is not None else "")
         when = f" until {utc_clock(until)}" if until is not None else ""
-        super().__init__(f"resource {resource!r} is locked by {who}{when}", resource=resource, action=action)
+        by = f", held by client {client}" if client else ""
+        super().__init__(f"resource {resource!r} is locked by {who}{when}{by}", resource=resource, action=action)
 
 
 class NoLease(LockRefused, Conflict):
     """No lease (or queued request) matches: a wrong or lapsed token, nothing held, not locked."""
+
+
+class LeaseNotShared(LockRefused, Forbidden):
+    """A lease is shared only between clients of its holder's user (and never with or by an internal actor)."""
+
+
+def check_priority(priority: object, *, resource: str, action: str) -> int:
+    """``priority`` as an int within :data:`MIN_PRIORITY` .. :data:`MAX_PRIORITY`, else :class:`BadLease`."""
+    if isinstance(priority, bool) or not isinstance(priority, int) or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        shown = repr(priority) if not isinstance(priority, int) or abs(priority) < 10**12 else f"an integer of about {int(priority.bit_length() * 0.30103) + 1} digits"
+        raise BadLease(f"priority must be an integer from {MIN_PRIORITY} to {MAX_PRIORITY}, got {shown}", resource=resource, action=action)
+    return priority
 
 
 def _with(err: LockRefused, events: list[LeaseEvent]) -> LockRefused:
@@ -104,6 +134,12 @@ class Lease:
     job: int | None = None
     internal: bool = False
     """Held by one of the server's own actors (a client that reports the same user name is not its holder)."""
+    shared: frozenset[str] = frozenset()
+    """Other clients of the same user that were handed the token (:meth:`Arbiter.share`) and write under it."""
+
+    def writes(self, who: Identity) -> bool:
+        """Whether ``who`` writes under this lease: its holder's user and kind, from its client or one it was shared with."""
+        return _owned_by(self, who.user, who.internal) and (who.client == self.client or who.client in self.shared)
 
     def remaining(self, now: float) -> float:
         """Seconds until the lease lapses (never negative)."""
@@ -197,19 +233,23 @@ class Arbiter:
     # ---- the write path's check ------------------------------------------------------------
 
     def check_write(self, identity: Identity, pv: str, resource: str, now: float) -> None:
-        """Raise LockedBy unless ``identity`` may write ``resource`` (holds its lease, or it is not lockable)."""
+        """Raise LockedBy unless ``identity`` may write ``resource`` (its client holds the lease or was handed it, or it is not lockable).
+
+        The check is by client (``identity.client``), not by name: another session of the
+        holder's user is refused like anyone else, with the holding client named.
+        """
         if identity.internal or not self.lockable(resource):
             return  # the server's own actors (an interlock driving a safe value) act regardless of locks
         lease = self._res[resource].lease
         if lease is None or lease.expires_at <= now:
             raise LockedBy(pv, resource, "", None)
-        if not _owned_by(lease, identity.user, identity.internal):
-            raise LockedBy(pv, resource, lease.user, lease.expires_at, lease.job)
+        if not lease.writes(identity):
+            raise LockedBy(pv, resource, lease.user, lease.expires_at, lease.job, lease.client)
 
     def holds(self, identity: Identity, resource: str, now: float) -> bool:
-        """Whether ``identity`` holds a live lease on ``resource``."""
+        """Whether ``identity`` (its client, or one the lease was shared with) holds a live lease on ``resource``."""
         st = self._res.get(resource)
-        return bool(st and st.lease and _owned_by(st.lease, identity.user, identity.internal) and st.lease.expires_at > now)
+        return bool(st and st.lease and st.lease.writes(identity) and st.lease.expires_at > now)
 
     # ---- commands ------------------------------------------------------------------------
 
@@ -221,22 +261,24 @@ class Arbiter:
         *,
         duration_s: float,
         priority: int = 0,
-        client: str = "",
+        client: str | None = None,
         wait: bool = True,
         job: int | None = None,
         exclusive: bool = False,
     ) -> tuple[Lease | Waiter, list[LeaseEvent]]:
-        """Ask for a resource's lock.
+        """Ask for a resource's lock for ``client`` (default: ``who.client``, the session asking).
 
         Returns the lease if granted now, else the queued waiter (``wait=True``). A holder
         asking again renews (or, ``exclusive``, is refused: Part 100's InitLock). Raises for an unknown or unlockable resource or a
-        bad duration (:class:`NoSuchResource`, :class:`NotLockable`, :class:`BadLease`), and
+        bad duration or priority (:class:`NoSuchResource`, :class:`NotLockable`, :class:`BadLease`), and
         :class:`LockHeld` when held by someone else and ``wait`` is false.
         """
+        client = who.client if client is None else client
         st = self._state(resource)
         if not st.config.lockable:
             raise NotLockable(f"resource {resource!r} is not lockable", resource=resource, action="lock.request")
         duration = self._duration(st, duration_s, "lock.request")
+        priority = check_priority(priority, resource=resource, action="lock.request")
         events = self.expire(now)
         lease = st.lease
         if lease is not None and _owned_by(lease, who.user, who.internal) and lease.client == client and not exclusive:
@@ -250,7 +292,7 @@ class Arbiter:
             return granted, [*events, self._event("granted", granted, now)]
         if not wait:
             holder = lease or st.waiters[0]
-            raise _with(LockHeld(resource, holder.user, lease.expires_at if lease else None, holder.job, action="lock.request"), events)
+            raise _with(LockHeld(resource, holder.user, lease.expires_at if lease else None, holder.job, action="lock.request", client=holder.client), events)
         waiter = Waiter(resource, who.user, client, priority, _token(), now, duration, next(self._seq), job, who.internal)
         st.waiters.append(waiter)
         st.waiters.sort(key=Waiter.sort_key)
@@ -285,6 +327,32 @@ class Arbiter:
                 st.waiters.remove(w)
                 return [*events, LeaseEvent("withdrawn", resource, w.user, w.client, w.token, now)]
         raise _with(NoLease("no lease or request with that token", resource=resource, action="lock.release"), events)
+
+    def share(self, token: str, who: Identity, now: float, resource: str | None = None) -> tuple[Lease, list[LeaseEvent]]:
+        """Let ``who``'s client write under the live lease with ``token`` (on ``resource``, if given).
+
+        Only a client of the lease's own user may be handed it, and never a job's lease
+        (:class:`LeaseNotShared` otherwise); a wrong or lapsed token is :class:`NoLease`. Sharing again, or with the
+        holding client itself, changes nothing and emits no event.
+        """
+        action = "lock.share"
+        target = resource or ""
+        if resource is not None:
+            self._state(resource, action)
+        events = self.expire(now)
+        st = next((st for st in self._res.values() if st.lease is not None and secrets.compare_digest(st.lease.token, token)), None)
+        if st is None or (resource is not None and st.config.name != resource):
+            raise _with(NoLease("no lease with that token (it may have lapsed, been released or broken)", resource=target, action=action), events)
+        lease = st.lease
+        assert lease is not None
+        if not _owned_by(lease, who.user, who.internal) or who.internal:
+            raise _with(LeaseNotShared(f"a lease is shared only between sessions of its holder {lease.user}", resource=st.config.name, action=action), events)
+        if lease.job is not None:
+            raise _with(LeaseNotShared(f"the lease of job {lease.job} is the job's alone", resource=st.config.name, action=action), events)
+        if who.client == lease.client or who.client in lease.shared:
+            return lease, events
+        st.lease = replace(lease, shared=lease.shared | {who.client})
+        return st.lease, [*events, LeaseEvent("shared", lease.resource, lease.user, who.client, lease.token, now, lease.expires_at, reason=f"shared by {lease.client}")]
 
     def token_of(self, resource: str, user: str, client: str, *, internal: bool = False) -> str | None:
         """The token of ``client``'s lease (or queued request) on ``resource``, or None."""

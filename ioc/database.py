@@ -9,12 +9,29 @@ callbacks inline, monitors through their bounded latest-value buffers. Derived P
 depend on the PV are then recomputed. Nothing in ``post`` awaits, so a slow consumer can
 never hold up a scan.
 
+Reads are always current. Every post stores its reading -- a change inside the
+deadbands, and a scan of an unchanged value with its new time stamp, too -- so
+:meth:`Database.read` returns the latest value, severity and time; the deadbands decide
+only which subscribers hear of it (monitor deadband: VALUE, archive deadband: LOG), as
+MDEL and ADEL do in an EPICS record. A post that passes no deadband costs a store and
+nothing else. The protocol adapters keep their own copy of what they serve for their
+monitors and refresh it from :meth:`Database.read` when a client reads (the OPC UA
+publisher, the Channel Access channels); :meth:`Database.read_fresh` waits for the next
+post itself (:meth:`Database.next_reading`), not for a monitor.
+
 Writes from every protocol go through :meth:`Database.write`, which runs the checks in
 one order: the PV is writable -> the identity's roles allow its resource -> the
 identity holds the resource's lock -> the value has the PV's type and is within the
 drive limits -> no interlock forbids it -> the driver writes -> the read-back is posted
 -> the write is audited. Each refusal is a :class:`~labctl.ioc.errors.WriteRefused` subclass,
 audited with its reason before it is raised.
+
+An accepted write is acknowledged only once its audit record is durable: with a journal
+attached (:attr:`Database.journal`, the :class:`~labctl.ioc.access.AuditJournal` protocol;
+the server's is :mod:`labctl.server.journal`), :meth:`Database.audit_durable` awaits the
+record's batched fsync -- one await, the write path's last step. Every other audit record
+goes to the journal too, unawaited. While the journal cannot store records, writes are
+refused as ``Unavailable`` before they reach an instrument.
 
 A write the instrument took but whose read-back then failed is neither accepted nor
 refused: it is audited as ``write.unconfirmed`` (:data:`~labctl.ioc.access.WRITE_UNCONFIRMED`,
@@ -32,12 +49,21 @@ import fnmatch
 import logging
 import math
 import time
+import uuid
 from collections import defaultdict
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from labctl.ioc.access import WRITE_UNCONFIRMED, AuditRecord, InterlockCheck, LockCheck, NoInterlocks, NoLocks
+from labctl.ioc.access import (
+    WRITE_UNCONFIRMED,
+    AuditJournal,
+    AuditRecord,
+    InterlockCheck,
+    LockCheck,
+    NoInterlocks,
+    NoLocks,
+)
 from labctl.ioc.driver import Driver, readable
 from labctl.ioc.errors import (
     DriverError,
@@ -46,6 +72,7 @@ from labctl.ioc.errors import (
     LabctlError,
     NotWritable,
     Refused,
+    Unavailable,
     UnknownPV,
     WriteRefused,
     WrittenUnconfirmed,
@@ -97,7 +124,11 @@ class Database:
         self._links: dict[str, InstrumentLink] = {}
         self._callbacks: list[Callback] = []
         self._monitors: list[Monitor] = []
+        self._waiting: dict[str, list[asyncio.Future[Reading]]] = {}
+        """Futures of :meth:`next_reading` by PV name, resolved by the next post."""
         self._audit_sinks: list[Callable[[AuditRecord], None]] = []
+        self.journal: AuditJournal | None = None
+        """Where audit records become durable (the server's journal); None: the log and the sinks only."""
         self._started = False
         now = clock()
         for info in pvs:
@@ -164,8 +195,24 @@ class Database:
         return self._record(name).info
 
     def read(self, name: str) -> Reading:
-        """The current reading of one PV (raises UnknownPV)."""
+        """The latest reading of one PV, whatever the deadbands passed on (raises UnknownPV).
+
+        A new Reading object per post: an adapter that compares the one it serves with this
+        one by identity knows whether it is still current.
+        """
         return self._record(name).reading
+
+    def next_reading(self, name: str) -> asyncio.Future[Reading]:
+        """A future of the PV's next posted reading, passed a deadband or not (raises UnknownPV).
+
+        For a caller that must see a new reading even when the value does not change (a
+        scan, a push of the same value): monitors wake only past the deadbands. Cancel the
+        future to stop waiting; it is forgotten at the next post.
+        """
+        self._record(name)
+        fut: asyncio.Future[Reading] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(name, []).append(fut)
+        return fut
 
     async def read_fresh(self, name: str, *, timeout_s: float = 10.0) -> Reading:
         """A reading the source produced after this call began, with its own timestamp (jobs' ``read`` and ``wait``).
@@ -198,16 +245,15 @@ class Database:
         if readable(link.driver, info.channel):
             await link.read([info.channel])
             return rec.reading
-        # Pushed values: wait for the next one. An unchanged value passes no deadband and
-        # wakes no monitor, so the timestamp is checked again when the wait ends.
-        since = rec.reading.timestamp
-        with self.monitor([name], mask=EventMask.ALL, initial=False) as mon:
-            with contextlib.suppress(TimeoutError, StopAsyncIteration):
-                async with asyncio.timeout(timeout_s):
-                    while rec.reading.timestamp <= since:
-                        await mon.get()
-        if rec.reading.timestamp <= since:
-            raise DriverTimeout(info.instrument, f"{name}: no new value within {timeout_s:g} s")
+        # Pushed values: wait for the next one, changed or not (an unchanged value wakes no monitor).
+        fut = self.next_reading(name)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await fut
+        except TimeoutError:
+            raise DriverTimeout(info.instrument, f"{name}: no new value within {timeout_s:g} s") from None
+        finally:
+            fut.cancel()
         return rec.reading
 
     def __contains__(self, name: object) -> bool:
@@ -305,7 +351,13 @@ class Database:
             self._set(rec, Reading(rec.reading.value, ts, Severity.INVALID, status))
 
     def _set(self, rec: _Record, reading: Reading) -> Update | None:
-        rec.reading = reading
+        rec.reading = reading  # every post: reads are current whatever the deadbands pass on
+        if self._waiting:
+            waiting = self._waiting.pop(rec.info.name, None)
+            if waiting:
+                for fut in waiting:
+                    if not fut.done():
+                        fut.set_result(reading)
         mask = rec.deadbands.mask(reading)
         update = None
         if mask:
@@ -352,14 +404,46 @@ class Database:
         if sink in self._audit_sinks:
             self._audit_sinks.remove(sink)
 
-    def audit(self, record: AuditRecord) -> None:
-        """Send an audit record to every sink, and to the log at INFO (a refusal is expected, not a warning)."""
+    def audit(self, record: AuditRecord) -> Awaitable[None] | None:
+        """Send an audit record to the journal, every sink, and the log at INFO (a refusal is expected, not a warning).
+
+        The record gets its ``uid`` here, so the journal and the sinks (the historian) see the
+        same key. Returns the journal's awaitable (resolved once the record is durable), or
+        None without a journal; only :meth:`audit_durable` waits for it.
+        """
+        if not record.uid:
+            record = replace(record, uid=uuid.uuid4().hex)
         log.info("audit: %s", record)
+        durable = self.journal.append(record) if self.journal is not None else None
         for sink in self._audit_sinks:
             try:
                 sink(record)
             except Exception:  # an audit sink's bug must not fail the write it records
                 log.exception("audit sink %r failed", sink)
+        return durable
+
+    async def audit_durable(self, record: AuditRecord) -> None:
+        """:meth:`audit`, then wait until the record is durable: the write path's last step before it answers.
+
+        Raises:
+            Unavailable: the journal could not store it (the action was done; its record is
+                in the log and the historian's queue, not on disk), so the caller is not told "accepted".
+        """
+        durable = self.audit(record)
+        if durable is None:
+            return
+        try:
+            await durable
+        except OSError as e:
+            raise Unavailable(
+                f"done, but its audit record could not be stored durably ({e})", action=record.action, target=record.target
+            ) from None
+
+    def _check_journal(self, identity: Identity, name: str, old: Any, value: Any) -> None:
+        """Refuse a write before it reaches an instrument while its record could not be made durable."""
+        if self.journal is not None and not self.journal.healthy:
+            err = Unavailable("the audit journal cannot store records (see the server log)", action="write", target=name)
+            raise self.refuse(identity, err, old=old, new=_plain(value))
 
     def refuse(self, who: Identity, err: Refused, *, old: Any = None, new: Any = None) -> Refused:
         """Audit a refusal once (a second call for the same error does nothing) and return it, to raise.
@@ -424,6 +508,7 @@ class Database:
             v = self.check_write(name, value, identity)
         except WriteRefused as e:
             raise self.refuse(identity, e, old=old, new=_plain(value)) from None
+        self._check_journal(identity, name, old, value)
         if info.instrument is None:
             self.post(name, v)
         else:
@@ -452,11 +537,12 @@ class Database:
                 # What the PV shows is the value before the write: not to be trusted until read again.
                 self.invalidate([name], Status.TIMEOUT if isinstance(e, DriverTimeout) else Status.READ)
                 unconfirmed = WrittenUnconfirmed(info.instrument, name, v, e)
-                self.audit(
+                await self.audit_durable(
                     AuditRecord.of(self.clock(), WRITE_UNCONFIRMED, identity, name, old=old, new=v, reason=unconfirmed.cause)
                 )
                 raise unconfirmed from e
-        self.audit(AuditRecord.of(self.clock(), "write", identity, name, old=old, new=v))
+        # Durable before the caller is told "accepted" (one await on the journal's batched fsync).
+        await self.audit_durable(AuditRecord.of(self.clock(), "write", identity, name, old=old, new=v))
         return rec.reading
 
     # ---- instruments --------------------------------------------------------------------

@@ -201,19 +201,23 @@ def utc_clock(ts: float) -> str:
 class LockedBy(WriteRefused, Conflict):
     """The PV's resource is locked by someone else (or is lockable and nobody holds it)."""
 
-    FIELDS = ("resource", "owner", "until", "job")
+    FIELDS = ("resource", "owner", "until", "job", "client")
 
-    def __init__(self, pv: str, resource: str, owner: str, until: float | None, job: int | None = None) -> None:
+    def __init__(self, pv: str, resource: str, owner: str, until: float | None, job: int | None = None, client: str = "") -> None:
         self.resource = resource
         self.owner = owner
         self.until = until
         self.job = job
+        self.client = client
+        """The session holding the lease (``opcua:session-<n>@<host>``, ``ca:...``, ``job:<id>``)."""
         who = owner + (f" (job {job})" if job is not None else "")
         reason = f"resource {resource!r} is locked by {who}"
         if until is not None:
             reason += f" until {utc_clock(until)}"
         elif owner == "":
             reason = f"resource {resource!r} is lockable: take its lock before writing"
+        if client:
+            reason += f", held by client {client}"
         WriteRefused.__init__(self, pv, reason)
 
 

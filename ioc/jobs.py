@@ -242,7 +242,7 @@ class Job:
     @property
     def identity(self) -> Identity:
         """Who the job acts as: its owner, with the roles they had at submission."""
-        return Identity(self.owner, frozenset(self.roles), "job", f"job:{self.id}")
+        return Identity(self.owner, frozenset(self.roles), "job", f"job:{self.id}", client=f"job:{self.id}")
 
     def summary(self) -> dict[str, Any]:
         """A plain-data view (for protocols and the command line)."""

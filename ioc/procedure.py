@@ -147,32 +147,47 @@ def unused_params(proc: ProcedureConfig) -> list[str]:
     return [name for name in proc.params if name not in used]
 
 
+#: Largest magnitude of an ``int`` parameter (64-bit signed), and the longest text a number may be written in.
+INT_LIMIT = 2**63 - 1
+MAX_NUMBER_TEXT = 64
+
+
 def convert_param(name: str, p: ParamConfig, value: Any) -> Any:
-    """A submitted value converted to the parameter's type (strings from a command line parse)."""
+    """A submitted value converted to the parameter's type (strings from a command line parse).
+
+    Bounded before anything uses it: numbers finite unless the parameter ``allow_nonfinite``,
+    ints within 64 bits, a ``float64[]`` a flat list of at most ``max_items`` numbers, a
+    string at most ``max_length`` characters, then ``min``/``max``. Anything else raises
+    :class:`ParameterError` saying what was expected (never OverflowError or RecursionError).
+    """
     t = p.type
     try:
         if t == "float64":
-            v: Any = float(value)
-            if not math.isfinite(v):
-                raise ValueError("not finite")
+            v: Any = _number(value, p)
         elif t == "int":
-            if isinstance(value, float) and value != int(value):
-                raise ValueError("not an integer")
-            v = int(value)
+            v = _integer(value)
         elif t == "bool":
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError("not true/false")
-                v = value.lower() in ("true", "1")
-            else:
-                v = bool(value)
+            v = _boolean(value)
         elif t == "string":
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                raise ValueError(f"a string, not {type(value).__name__}")
             v = str(value)
+            if len(v) > p.max_length:
+                raise ValueError(f"at most {p.max_length} characters, got {len(v)}")
         else:
-            items = value.split(",") if isinstance(value, str) else list(value)
-            v = [float(x) for x in items]
-    except (TypeError, ValueError) as e:
-        raise ParameterError(f"parameter {name!r}: expected {t}, got {value!r} ({e})") from None
+            if isinstance(value, str):
+                if len(value) > p.max_items * MAX_NUMBER_TEXT:
+                    raise ValueError(f"at most {p.max_items} numbers")
+                items: list[Any] = [x.strip() for x in value.split(",")] if value.strip() else []
+            elif isinstance(value, (list, tuple)):
+                items = list(value)
+            else:
+                raise ValueError(f"a list of numbers, not {type(value).__name__}")
+            if len(items) > p.max_items:
+                raise ValueError(f"at most {p.max_items} numbers, got {len(items)}")
+            v = [_number(x, p) for x in items]
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ParameterError(f"parameter {name!r}: expected {t}, got {_shown(value)} ({e})") from None
     for x in v if isinstance(v, list) else [v]:
         if isinstance(x, (int, float)) and not isinstance(x, bool):
             if p.min is not None and x < p.min:
@@ -180,6 +195,56 @@ def convert_param(name: str, p: ParamConfig, value: Any) -> Any:
             if p.max is not None and x > p.max:
                 raise ParameterError(f"parameter {name!r}: {x} is above its maximum {p.max}")
     return v
+
+
+def _number(value: Any, p: ParamConfig) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"a number, not {type(value).__name__}")
+    if isinstance(value, str) and len(value) > MAX_NUMBER_TEXT:
+        raise ValueError(f"a number written in at most {MAX_NUMBER_TEXT} characters")
+    v = float(value)  # OverflowError for an int beyond float's range
+    if not p.allow_nonfinite and not math.isfinite(v):
+        raise ValueError("not finite")
+    return v
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"an integer, not {type(value).__name__}")
+    if isinstance(value, str):
+        if len(value) > MAX_NUMBER_TEXT:
+            raise ValueError(f"an integer written in at most {MAX_NUMBER_TEXT} characters")
+        v = int(value)
+    elif isinstance(value, float):
+        if not value.is_integer():  # also NaN and infinities
+            raise ValueError("not an integer")
+        v = int(value)
+    else:
+        v = value
+    if abs(v) > INT_LIMIT:
+        raise ValueError("beyond 64 bits")
+    return v
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+        return value.lower() in ("true", "1")
+    raise ValueError("true or false")
+
+
+def _shown(value: Any) -> str:
+    """A submitted value for a message: short, whatever its size."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**15:
+        return f"an integer of {len(str(abs(value))) if abs(value) < 10**4000 else 'more than 4000'} digits"
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):
+        return f"a {type(value).__name__} too deeply nested or too large to show"
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
 
 
 def bind_params(proc_name: str, proc: ProcedureConfig, given: Mapping[str, Any]) -> dict[str, Any]:

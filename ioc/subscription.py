@@ -1,6 +1,11 @@
 """Subscriptions to the process database.
 
-Two kinds, both fed by :meth:`labctl.ioc.database.Database.post`:
+Two kinds, both fed by :meth:`labctl.ioc.database.Database.post` with the updates whose
+event bits they share -- changes past the monitor deadband (VALUE), past the archive
+deadband (LOG), alarm changes (ALARM) -- never with a post that passed no deadband. What
+a subscriber did not hear of is still current in :meth:`~labctl.ioc.database.Database.read`
+(reads are never filtered), and :meth:`~labctl.ioc.database.Database.next_reading` waits
+for the next post whatever it carries:
 
 * **Callbacks** (:class:`Callback`) run inline on the event loop for every matching
   update. They are for the server's own consumers that must see every update and are

@@ -141,6 +141,10 @@ class Identity:
     host: str = ""
     internal: bool = field(default=False, kw_only=True)
     """The server's own actor (set by code only): the policy allows it every action, the arbiter every write."""
+    client: str = field(default="", kw_only=True)
+    """The session acting (set by the adapter): an OPC UA session ``opcua:session-<n>@<host>``, a CA
+    circuit ``ca:<user>@<host>/<ip>:<port>``, a job ``job:<id>``. A lease belongs to the client that
+    took it: another client of the same user writes under it only when handed its token."""
 
     def __str__(self) -> str:
         where = f"@{self.host}" if self.host else ""
@@ -156,7 +160,7 @@ RESERVED_NAMES: frozenset[str] = frozenset({INTERNAL_USER, "system", "internal"}
 
 def internal_identity(actor: str = "") -> Identity:
     """The identity of one of the server's own actors (``interlock:<name>``, ``job:<id>``; empty: the server itself)."""
-    return Identity(user=INTERNAL_USER, protocol="internal", host=actor, internal=True)
+    return Identity(user=INTERNAL_USER, protocol="internal", host=actor, internal=True, client=actor)
 
 
 def reserved(name: str) -> bool:

@@ -209,6 +209,11 @@ def build_services(server: Server) -> list[Service]:
 
         historian = HistorianService(server)
         services.append(historian)
+        # Right after it: an accepted write's audit record is fsync'ed to the journal before
+        # the write is acknowledged, and an earlier run's journal is replayed into the historian.
+        from labctl.server.journal import AuditJournalService
+
+        services.append(AuditJournalService(server, historian))
     if server.site.autosave.enabled:
         # After the historian (restores are archived and audited), before the control layer
         # and the protocols: server-kept PVs have their saved values before anyone connects.

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from labctl.ioc.access import AuditRecord
-from labctl.ioc.arbiter import Arbiter, Lease, LeaseEvent, LockRefused, Waiter, lock_pv_names
+from labctl.ioc.arbiter import Arbiter, Lease, LeaseEvent, LockRefused, Waiter, check_priority, lock_pv_names
 from labctl.ioc.errors import LabctlError
 from labctl.ioc.interlocks import InterlockManager
 from labctl.ioc.jobs import Job, JobManager
@@ -52,7 +52,7 @@ AUDIT_RING = 20_000
 
 
 AUDITED_LEASE_EVENTS = {"granted": "lock.grant", "renewed": "lock.renew", "released": "lock.release",
-                        "expired": "lock.expire", "broken": "lock.break", "queued": "lock.queue", "withdrawn": "lock.withdraw"}  # fmt: skip
+                        "expired": "lock.expire", "broken": "lock.break", "queued": "lock.queue", "withdrawn": "lock.withdraw", "shared": "lock.share"}  # fmt: skip
 
 
 class ControlService:
@@ -197,9 +197,12 @@ class ControlService:
                 raise
 
     def request_lock(
-        self, resource: str, who: Identity, *, duration_s: float, priority: int = 0, client: str = "", wait: bool = True, exclusive: bool = False
+        self, resource: str, who: Identity, *, duration_s: float, priority: int = 0, client: str | None = None, wait: bool = True, exclusive: bool = False
     ) -> Lease | Waiter:
-        """Take (or queue for) a resource's lock (``exclusive``: refuse a holder asking again, as Part 100's InitLock)."""
+        """Take (or queue for) a resource's lock for the caller's client (``who.client`` unless ``client`` is given).
+
+        ``exclusive``: refuse a holder asking again, as Part 100's InitLock.
+        """
         with self._lock_command(who, Action.LOCK_REQUEST, resource):
             got, events = self.arbiter.request(
                 resource, who, self.db.clock(), duration_s=duration_s, priority=priority, client=client, wait=wait, exclusive=exclusive
@@ -223,6 +226,21 @@ class ControlService:
             events = self.arbiter.release(resource, token, now) if token else self.arbiter.release_user(resource, who.user, now, client, internal=who.internal)
         self.lease_events(events)
 
+    def use_lease(self, token: str, who: Identity, resource: str | None = None) -> Lease:
+        """Let the caller's client (``who.client``) write under the lease with ``token``: a lease handed to another session of its user.
+
+        The policy decides first (the caller must be allowed to take locks on the lease's
+        resource); a wrong token, or a lease of another user, is refused and audited once.
+        The sharing itself is a ``lock.share`` lease event (audited, published).
+        """
+        now = self.db.clock()
+        lease = self.arbiter.lease_by_token(token) if token else None
+        target = resource or (lease.resource if lease is not None else "")
+        with self._lock_command(who, Action.LOCK_REQUEST, target):
+            lease, events = self.arbiter.share(token, who, now, resource)
+        self.lease_events(events)
+        return lease
+
     def break_lock(self, resource: str, who: Identity, reason: str = "") -> None:
         """Break someone's lease (the policy: admins); audited, the holder is told through the events."""
         with self._lock_command(who, Action.LOCK_BREAK, resource):
@@ -234,6 +252,7 @@ class ControlService:
     def submit_job(self, procedure: str, params: dict[str, Any], who: Identity, *, priority: int = 0) -> Job:
         """Submit a job; a refusal is audited once, by the core."""
         with self.db.refusals_audited(who, new=priority):
+            check_priority(priority, resource=procedure, action="job.submit")  # a job's lock requests take its priority
             return self.jobs.submit(procedure, params, who, priority=priority)
 
     def cancel_job(self, job_id: int, who: Identity) -> Job:

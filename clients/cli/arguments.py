@@ -40,8 +40,13 @@ class UsageError(ClientError):
     kind = "usage"
 
 
-def connection_options() -> argparse.ArgumentParser:
-    """The shared connection options: every client command logs in with ``--user``."""
+def connection_options(*, request_timeout: bool = True) -> argparse.ArgumentParser:
+    """The shared connection options: every client command logs in with ``--user``.
+
+    ``request_timeout=False`` leaves ``--timeout`` out (requests take the default 10 s), for
+    a command whose own ``--timeout`` means something else (``monitor``: how long to wait
+    for a change).
+    """
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("connection")
     g.add_argument("--url", default=os.environ.get("LABCTL_URL", DEFAULT_URL), help=f"server endpoint (LABCTL_URL; default {DEFAULT_URL})")
@@ -53,7 +58,10 @@ def connection_options() -> argparse.ArgumentParser:
         choices=["auto", "None", "Sign", "SignAndEncrypt"],
         help="channel security, Basic256Sha256 (LABCTL_SECURITY; default auto: the most secure offered)",
     )
-    g.add_argument("--timeout", type=float, default=10.0, metavar="S", help="seconds each request may take (default 10)")
+    if request_timeout:
+        g.add_argument("--timeout", type=float, default=10.0, metavar="S", help="seconds each request may take (default 10)")
+    else:
+        common.set_defaults(timeout=10.0)
     g.add_argument("--json", action="store_true",
                    help="strict JSON output (times ISO 8601 UTC, no NaN); a failure is one JSON object on standard error")  # fmt: skip
     return common

@@ -2,7 +2,8 @@
 
 Control commands: ``locks``, ``lock RESOURCE [--for 10m] [--priority N] [--wait]`` (holds
 the lock, renewing it every third of the lease, until Ctrl-C or SIGTERM, then releases
-it), ``unlock``, ``submit PROCEDURE --param k=v ... [--priority N]``, ``jobs [--mine]``,
+it; prints the lease's token, with which another session of the same user writes under
+it: ``labctl put --lease TOKEN`` or ``LABCTL_LEASE``), ``unlock``, ``submit PROCEDURE --param k=v ... [--priority N]``, ``jobs [--mine]``,
 ``job ID`` (state, log, results), ``cancel ID`` (a running job ends after its cleanup
 steps), ``procedures`` (parameters with their
 types, defaults and descriptions), ``audit --since 1h [--by USER] [--pv P]``, ``alarms
@@ -64,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     p.add_argument("resource", metavar="RESOURCE")
     p.add_argument("--for", dest="duration", type=parse_duration, default=600.0, metavar="DURATION",
                    help="lease duration, renewed every third of it while the command runs (default 10m)")  # fmt: skip
-    p.add_argument("--priority", type=int, default=0, metavar="N", help="queue priority, higher first (default 0)")
+    p.add_argument("--priority", type=int, default=0, metavar="N", help="queue priority from -1000 to 1000, higher first (default 0)")
     p.add_argument("--wait", action="store_true", help="if held, wait in the queue instead of failing")
     p.add_argument("--wait-timeout", type=parse_duration, metavar="DURATION", help="give up waiting after this long")
     p.set_defaults(func=cmd_lock)
@@ -179,6 +180,8 @@ def cmd_lock(args: argparse.Namespace) -> int:
                 else:
                     print(f"locked {lease.resource} until {format_clock(lease.expires_at)}, renewed every {format_span(args.duration / 3)}; "
                           f"Ctrl-C releases it", flush=True)  # fmt: skip
+                    print(f"token {lease.token}: other sessions of yours write under it with "
+                          f"`labctl put --lease {lease.token} ...` or LABCTL_LEASE={lease.token}", flush=True)  # fmt: skip
                 while held.lost is None and not stop.is_set():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), 1.0)  # wake now and then to notice a lost lease

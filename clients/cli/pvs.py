@@ -2,9 +2,13 @@
 
 Theory of operation. ``ls [PATTERN]`` lists PVs with type, unit, access and description;
 ``get PV...`` reads PVs with their alarm state, unit and time in one request; ``put PV
-VALUE`` parses VALUE by the PV's type (:func:`~labctl.clients.cli.arguments.parse_value`),
-writes it through the server's roles, locks and limits, and shows the PV afterwards;
-``monitor PV... [--count N]`` prints changes until Ctrl-C. Output is a table for people,
+VALUE [--lease TOKEN]`` parses VALUE by the PV's type (:func:`~labctl.clients.cli.arguments.parse_value`),
+writes it through the server's roles, locks and limits, and shows the PV afterwards
+(``--lease``, or ``LABCTL_LEASE``: under a lock another session of the same user holds,
+by the token ``labctl lock`` printed);
+``monitor PV... [--count N] [--timeout S]`` prints changes until Ctrl-C, waiting as long
+as it takes for each (as ``camonitor``; with ``--timeout`` it gives up, exit status 1 and
+error kind ``timeout``, when no change came for S seconds). Output is a table for people,
 or strict JSON with ``--json`` (one document for ``ls``/``get``/``put``, one JSON object
 per line for ``monitor``; NaN as ``null``, times ISO 8601 UTC, an enum's ``state`` beside
 its ``value``).
@@ -13,10 +17,11 @@ its ``value``).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
-from labctl.clients.cli.arguments import parse_value
+from labctl.clients.cli.arguments import connection_options, parse_value
 from labctl.clients.cli.output import format_time, iso_time, print_json, print_table
 from labctl.clients.cli.runner import run
 from labctl.clients.session import Session
@@ -37,11 +42,18 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     p = subparsers.add_parser("put", parents=[common], help="write a PV (through the server's roles, locks and limits)")
     p.add_argument("pv", metavar="PV")
     p.add_argument("value", metavar="VALUE", help="number, true/false, enum state, text, or [1, 2, 3]")
+    p.add_argument("--lease", default=os.environ.get("LABCTL_LEASE") or None, metavar="TOKEN",
+                   help="write under a lease another session of yours holds (the token `labctl lock` prints; LABCTL_LEASE)")  # fmt: skip
     p.set_defaults(func=cmd_put)
 
-    p = subparsers.add_parser("monitor", parents=[common], help="print PV changes as they happen (Ctrl-C stops)")
+    # its own --timeout: how long to wait for a change (requests take the default 10 s)
+    p = subparsers.add_parser(
+        "monitor", parents=[connection_options(request_timeout=False)], help="print PV changes as they happen (Ctrl-C stops)"
+    )
     p.add_argument("pvs", nargs="+", metavar="PV")
     p.add_argument("--count", type=int, metavar="N", help="stop after N samples")
+    p.add_argument("--timeout", dest="wait_s", type=float, metavar="S",
+                   help="give up (exit status 1) when no change comes for S seconds (default: wait as long as it takes)")  # fmt: skip
     p.set_defaults(func=cmd_monitor)
 
 
@@ -124,7 +136,7 @@ def cmd_put(args: argparse.Namespace) -> int:
 
     async def body(s: Session) -> int:
         meta = await s.info(args.pv)
-        await s.put(args.pv, parse_value(meta, args.value))
+        await s.put(args.pv, parse_value(meta, args.value), lease=args.lease)
         v = await s.get(args.pv)
         if args.json:
             print_json(_value_json(v.name, v.reading, v.meta))
@@ -139,18 +151,20 @@ def cmd_put(args: argparse.Namespace) -> int:
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
-    """Print changes until Ctrl-C (or --count samples)."""
+    """Print changes until Ctrl-C (or --count samples; or --timeout seconds without one)."""
 
     async def body(s: Session) -> int:
         metas = {n: await s.info(n) for n in args.pvs}
         width = max(len(n) for n in args.pvs)
         seen = 0
         async with s.monitor(args.pvs) as mon:
-            async for sample in mon:
+            while args.count is None or seen < args.count:
+                try:
+                    sample = await mon.next(args.wait_s)  # RequestTimeout after --timeout S without a change
+                except StopAsyncIteration:  # the monitor ended with the session
+                    break
                 _print_sample(sample, metas[sample.name], width, args.json)
                 seen += 1
-                if args.count is not None and seen >= args.count:
-                    break
         return 0
 
     return run(args, body)

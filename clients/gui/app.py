@@ -5,13 +5,20 @@ nor a terminal provided is asked for in a dialog. With ``screenshot`` the window
 (offscreen when there is no display), and saved once it has settled -- connected, layout
 built, every chart holding live points, no history request outstanding -- and at least
 ``screenshot_after_s`` of live data has been collected; then the application exits.
+
+Ctrl-C (SIGINT) and SIGTERM close the window as its close button does, so the display
+ends with status 0, its link closed, and no traceback (:func:`stop_on_signals`). The
+display takes no locks, so it has none to give back.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pyqtgraph as pg
 from labctl.clients.gui.layout import Layout
@@ -92,8 +99,37 @@ def run(
         timer = QtCore.QTimer(window)
         timer.timeout.connect(check)
         timer.start(200)
+    restore = stop_on_signals(window)
     try:
         rc = app.exec()
     finally:
+        restore()
         link.stop()
     return status or rc
+
+
+def stop_on_signals(window: QtWidgets.QWidget, poll_ms: int = 200) -> Callable[[], None]:
+    """Close ``window`` (ending the application) on SIGINT or SIGTERM; returns a function that restores the old handlers.
+
+    Qt's event loop runs in C++: Python runs a signal handler only when Python code next
+    runs, and Python's default SIGINT handler raises KeyboardInterrupt in whatever Qt
+    callback that is (the window's tick), which Qt reports and ignores. So the handler
+    here only asks Qt to close the window once control is back in the loop, and a timer
+    that does nothing lets Python run handlers at least every ``poll_ms``.
+    """
+    wanted = [s for s in (signal.SIGINT, signal.SIGTERM) if s is not None]
+
+    def handle(signum: int, frame: Any) -> None:
+        QtCore.QTimer.singleShot(0, window.close)
+
+    previous = {s: signal.signal(s, handle) for s in wanted}
+    pulse = QtCore.QTimer(window)
+    pulse.timeout.connect(lambda: None)
+    pulse.start(poll_ms)
+
+    def restore() -> None:
+        pulse.stop()
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+    return restore

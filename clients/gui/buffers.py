@@ -130,6 +130,28 @@ def clean(times: np.ndarray, values: np.ndarray, ok: np.ndarray | None = None) -
     return t, y, good
 
 
+def steps(times: np.ndarray, values: np.ndarray, connect: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Points and ``connect`` drawn as held steps: each value holds until the next point's time, then the line rises to it.
+
+    Point ``i`` becomes the vertices ``(t[i], y[i])`` and ``(t[i+1], y[i])``; the hold and
+    the rise to point ``i + 1`` are drawn only where ``connect[i]`` is (a gap stays a gap).
+    New arrays of ``2n - 1`` vertices; made only when a curve gets new points.
+    """
+    n = len(times)
+    if n < 2:
+        return times, values, connect
+    t = np.empty(2 * n - 1)
+    y = np.empty(2 * n - 1)
+    c = np.empty(2 * n - 1, dtype=bool)
+    t[0::2] = times
+    t[1::2] = times[1:]
+    y[0::2] = values
+    y[1::2] = values[:-1]
+    c[0::2] = connect
+    c[1::2] = connect[:-1]
+    return t, y, c
+
+
 class History:
     """Points from the historian for one PV, merged from chunks requested separately."""
 
@@ -274,6 +296,14 @@ class Trace:
         if len(ok) and ok.any():
             return float(self.ring.times()[int(np.argmax(ok))])
         return None
+
+    def newest(self) -> tuple[float, float, bool] | None:
+        """The newest point held (live, else history): (time, value, ok)."""
+        last = self.ring.last()
+        if last is not None or not len(self.history):
+            return last
+        h = self.history
+        return float(h.times[-1]), float(h.values[-1]), bool(h.ok[-1])
 
     def newest_time(self) -> float | None:
         """Time of the newest point held."""

@@ -123,7 +123,8 @@ class ChartPanel(Placement):
     title: str = ""
     pvs: list[PVItem] = Field(min_length=1, max_length=32)
     span_s: float = Field(600.0, gt=0, le=366 * 86400)
-    """The time window shown while following live data, seconds."""
+    """The time window shown while following live data, seconds. The window's charts share one
+    time axis: the first chart's span is where every chart starts (the span selector changes it)."""
     log: bool = False
     """Logarithmic value axes (a PV's own ``log`` takes precedence for its unit)."""
 

@@ -14,6 +14,13 @@ fires every ``tick_ms`` (50 ms: 20 Hz) and:
 Nothing on this thread waits for the network: commands go to the link's loop
 (:class:`~labctl.clients.gui.link.Link`), answers come back through the inbox.
 
+The charts share one time axis: their views are linked to the first chart's, one span
+(the selector in the status bar, 1 min ... 1 day; at first the first chart's ``span_s``)
+applies to all, and a pan or zoom by hand on any chart stops them all following ("Live"
+on any resumes them all), so every chart always shows the same minutes.
+
+Ctrl-C and SIGTERM close the window (:func:`labctl.clients.gui.app.stop_on_signals`).
+
 Without a layout file the window waits for the first connection and builds
 :func:`~labctl.clients.gui.layout.default_layout` from the server's PVs. After a reconnect the
 same panels carry on: charts show a gap for the outage (and fill it from history when the
@@ -48,6 +55,8 @@ from labctl.ioc.types import Reading, Severity
 from PySide6 import QtCore, QtGui, QtWidgets
 
 SUMMARY_SEVERITIES = (Severity.MINOR, Severity.MAJOR, Severity.INVALID)
+#: The spans the time-axis selector offers, (label, seconds).
+SPANS = (("1 min", 60.0), ("5 min", 300.0), ("10 min", 600.0), ("30 min", 1800.0), ("1 h", 3600.0), ("6 h", 21600.0), ("1 day", 86400.0))
 #: Grid row stretch by panel type: charts take the height, tables and numbers what they need.
 ROW_WEIGHT = {"chart": 3, "values": 1, "locks": 1, "jobs": 1, "interlocks": 1}
 
@@ -111,8 +120,15 @@ class MainWindow(QtWidgets.QMainWindow):
         self.setCentralWidget(central)
         self.connection_label = QtWidgets.QLabel("connecting …")
         self.stats_label = QtWidgets.QLabel("")
+        self.span_box = QtWidgets.QComboBox()
+        self.span_box.setToolTip("time span of every chart")
+        for label, seconds in SPANS:
+            self.span_box.addItem(label, seconds)
+        self.span_box.setVisible(False)  # shown once there are charts
+        self.span_box.activated.connect(lambda i: self.set_span(float(self.span_box.itemData(i))))
         self.statusBar().addWidget(self.connection_label, 1)
         self.statusBar().addPermanentWidget(self.stats_label)
+        self.statusBar().addPermanentWidget(self.span_box)
         self.resize(1600, 1000)
 
         if layout is not None:
@@ -140,9 +156,49 @@ class MainWindow(QtWidgets.QMainWindow):
             self.grid.setRowStretch(row, w)
         for col in range(layout.columns):
             self.grid.setColumnStretch(col, 1)
+        self._link_charts()
         if self.connection is not None:
             self._bind(self.connection)
         self.link.watch(layout.pv_names())
+
+    def _link_charts(self) -> None:
+        """One time axis for every chart: views linked to the first, one span, following together."""
+        if not self.charts:
+            return
+        first = self.charts[0]
+        for chart in self.charts:
+            if chart is not first:
+                chart.vb.setXLink(first.vb)
+            chart.on_manual = self._stop_following
+            chart.on_follow = self._follow
+        span = first.span_s
+        if self.span_box.findData(span) < 0:
+            self.span_box.addItem(_span_label(span), span)
+        self.span_box.setCurrentIndex(self.span_box.findData(span))
+        self.span_box.setVisible(True)
+        for chart in self.charts:
+            chart.span_s = span
+
+    def set_span(self, span_s: float) -> None:
+        """Show the last ``span_s`` seconds on every chart (and follow live data)."""
+        now = time.time()
+        i = self.span_box.findData(span_s)
+        if i < 0:
+            self.span_box.addItem(_span_label(span_s), span_s)
+            i = self.span_box.findData(span_s)
+        self.span_box.setCurrentIndex(i)
+        for chart in self.charts:
+            chart.follow()
+            chart.set_span(span_s, now)
+
+    def _stop_following(self) -> None:
+        for chart in self.charts:
+            chart.stop_following()
+
+    def _follow(self) -> None:
+        for chart in self.charts:
+            if not chart.following:
+                chart.follow()
 
     def _make(self, panel: Any) -> QtWidgets.QWidget:
         if isinstance(panel, ChartPanel):
@@ -359,9 +415,22 @@ class MainWindow(QtWidgets.QMainWindow):
             return False
         return all(c.settled() for c in self.charts)
 
+    def time_ranges(self) -> list[tuple[float, float]]:
+        """Each chart's visible time range (they are linked: all the same)."""
+        return [c.time_range() for c in self.charts]
+
     def chart(self, title: str) -> StripChart:
         """A chart by title (or by its first PV when untitled)."""
         for c in self.charts:
             if c.panel.title == title or (not c.panel.title and c.names[0] == title):
                 return c
         raise KeyError(title)
+
+
+def _span_label(seconds: float) -> str:
+    """``90 s``, ``15 min``, ``2 h``, ``3 days``: a span for the selector."""
+    for unit, size in (("day", 86400.0), ("h", 3600.0), ("min", 60.0)):
+        if seconds >= size and seconds % size == 0:
+            n = int(seconds // size)
+            return f"{n} {unit}{'s' if unit == 'day' and n > 1 else ''}"
+    return f"{seconds:g} s"

@@ -60,8 +60,8 @@ class InstrumentConfig(Model):
 class SimulationConfig(Model):
     """A simulated plant that simulated instruments talk to."""
 
-    model: Literal["cryostat", "sourcemeter"]
-    """``cryostat``: a dilution refrigerator (lakeshore372, tpg); ``sourcemeter``: a source-meter with a resistor on its terminals (keithley2400)."""
+    model: Literal["cryostat", "sourcemeter", "powersupply"]
+    """``cryostat``: a dilution refrigerator (lakeshore372, tpg); ``sourcemeter``: a source-meter with a resistor on its terminals (keithley2400); ``powersupply``: a bench supply with a resistive load (scpi)."""
     options: dict[str, Any] = {}
 
 

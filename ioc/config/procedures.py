@@ -1,5 +1,10 @@
 """Procedures users submit as jobs: parameters, the resources they lock, and their steps.
 
+Parameters are typed (float64, int, bool, string, float64[]) with optional ``min``/``max``;
+a submitted value is checked against them before the job exists (see
+:func:`labctl.ioc.procedure.convert_param`): finite numbers only unless ``allow_nonfinite``,
+ints within 64 bits, arrays of at most ``max_items`` numbers, strings of at most ``max_length``.
+
 A step is one of a fixed set of kinds (set, ramp, wait, read, sleep, repeat, log),
 configured as data; :mod:`labctl.ioc.procedure` checks a procedure against the site and
 :mod:`labctl.ioc.jobs` runs it. A procedure may also declare ``cleanup`` steps, a
@@ -25,6 +30,12 @@ class ParamConfig(Model):
     description: str = ""
     min: float | None = None
     max: float | None = None
+    allow_nonfinite: bool = False
+    """Accept NaN and infinities (float64 and float64[]); by default a submitted value must be finite."""
+    max_items: int = Field(1000, ge=1, le=100_000)
+    """The most elements a float64[] value may have."""
+    max_length: int = Field(1024, ge=1, le=65_536)
+    """The longest string value (characters)."""
 
 
 class SetStep(Model):

@@ -23,6 +23,13 @@ against the client's IP address as the server sees it, which a client cannot for
 TCP connection, instead of the name it reports (EPICS ``asCheckClientIP``); the server's
 circuit then hands the address over as the client's host (see :mod:`labctl.server.ca.context`).
 
+Locks. A lease belongs to the client that took it (:mod:`labctl.ioc.arbiter`), and a CA
+client is its *circuit* -- its TCP connection, ``ca:<user>@<host>/<ip>:<port>``
+(:attr:`Client.circuit`). A second connection reporting the same user name, from the same
+host or another, is another client: it is refused while the first holds the lock, and
+sees READ only on the resource's channels. A circuit's lease is not carried over to a
+reconnection: it lapses at its expiry (or is taken again).
+
 A CA identity is never internal (``Identity.internal``, which only the server's own
 actors carry): a client that reports the internal actors' user name (``labctl``) gets
 what the rules grant that name and nothing more -- it neither bypasses a check nor owns
@@ -42,6 +49,7 @@ import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 from caproto import AccessRights
 from labctl.ioc.database import Database
@@ -62,6 +70,21 @@ class Client:
     """The host name it reported (None if it sent none); with ``check_client_ip``, its address."""
     address: str | None = None
     """Its IP address as the server sees it."""
+    port: int | None = None
+    """Its TCP port as the server sees it: with the address, which circuit (connection) it is."""
+
+    @classmethod
+    def of(cls, hostname: str | None, username: str | None, user_address: Any = None) -> Client:
+        """From caproto's hook arguments (``user_address``: the circuit's peer ``(ip, port)``, if known)."""
+        if user_address:
+            return cls(username, hostname, str(user_address[0]), int(user_address[1]) if len(user_address) > 1 else None)
+        return cls(username, hostname)
+
+    @property
+    def circuit(self) -> str:
+        """The arbiter's client of this CA client: ``ca:<user>@<host>/<ip>:<port>``, one per circuit."""
+        where = f"/{self.address}:{self.port}" if self.address is not None and self.port is not None else ""
+        return f"ca:{self.user or ''}@{self.host or ''}{where}"
 
 
 class AccessRules:
@@ -99,6 +122,7 @@ class AccessRules:
             roles=self.roles_for(client.user, client.host),
             protocol=PROTOCOL,
             host=client.host or client.address or "",
+            client=client.circuit,
         )
 
 

@@ -8,7 +8,9 @@ resource, built here and served by the CA adapter only (they are not database PV
 
 ``<prefix>ARB:<RES>:REQUEST``
     DBR_STRING. Write ``"duration[,priority]"`` -- the lease in seconds, and optionally
-    an integer priority (default 0, higher first) -- or just a number (the duration).
+    an integer priority from -1000 to 1000 (:data:`~labctl.ioc.arbiter.MIN_PRIORITY` ..
+    :data:`~labctl.ioc.arbiter.MAX_PRIORITY`; default 0, higher first) -- or just a number
+    (the duration). Anything else fails the put (ECA_PUTFAIL), audited as InvalidArgument.
     The put completes once the request was *granted or queued*, and OWNER, EXPIRES and
     QUEUE already show which when it does. Writing it again while holding the lock
     *renews* the lease for the new duration from now: a CA client has no token, so this
@@ -17,13 +19,15 @@ resource, built here and served by the CA adapter only (they are not database PV
     (priority and duration unchanged).
 ``<prefix>ARB:<RES>:RELEASE``
     DBR_STRING. Write anything: gives up the client's lease, or withdraws its queued
-    request. A put when the client holds and waits for nothing fails (ECA_PUTFAIL), so a
+    request (a connection that closes withdraws its queued requests; its lease lapses). A put when the client holds and waits for nothing fails (ECA_PUTFAIL), so a
     script learns that its lease had already lapsed.
 
 A request acts for the CA client's :class:`~labctl.ioc.types.Identity` (reported user, host or
 address, roles from the access rules) through ``server.control``. The lease's
-``client`` is ``ca:<user>@<host>`` (:func:`client_id`), so a release acts on that
-client's own lease or request, and a renewal is recognised as the same client's. Both
+``client`` is the circuit, ``ca:<user>@<host>/<ip>:<port>`` (:func:`client_id`), so a
+release acts on that circuit's own lease or request, a renewal is recognised as the same
+circuit's, and only that circuit writes the resource: another connection reporting the
+same user name is refused (a lock is held by a client, not a name). Both
 channels read back the last command accepted (as a ``stringout`` record would) and grant
 write access to clients whose roles may write the resource; the arbiter refuses the
 rest with ECA_NOWTACCESS (audited by the control layer). A malformed request fails the
@@ -53,9 +57,9 @@ from typing import Any, Literal, NoReturn, Protocol
 
 from caproto import AccessRights, ChannelString, ChannelType
 from caproto._dbr import native_type
-from labctl.ioc.arbiter import Arbiter, Lease, LeaseEvent, Waiter, lock_pv_names
+from labctl.ioc.arbiter import MAX_PRIORITY, MIN_PRIORITY, Arbiter, Lease, LeaseEvent, Waiter, lock_pv_names
 from labctl.ioc.database import Database
-from labctl.ioc.errors import InvalidArgument, WrongType
+from labctl.ioc.errors import InvalidArgument, Refused, WrongType
 from labctl.ioc.policy import Action as PolicyAction
 from labctl.ioc.types import Identity
 from labctl.server.ca.access import AccessRules, Client
@@ -77,8 +81,8 @@ def command_pv_names(resource: str) -> dict[Action, str]:
 
 
 def client_id(identity: Identity) -> str:
-    """The arbiter's ``client`` of a CA client's leases: ``ca:<user>@<host>``."""
-    return f"ca:{identity.user}@{identity.host}"
+    """The arbiter's ``client`` of a CA client's leases: its circuit, ``ca:<user>@<host>/<ip>:<port>`` (see :attr:`Client.circuit`)."""
+    return identity.client or f"ca:{identity.user}@{identity.host}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +114,8 @@ def parse_request(text: str) -> LockRequest:
         priority = float(parts[1])
     except ValueError:
         raise ValueError(expected) from None
-    if not priority.is_integer():
-        raise ValueError(f"the priority must be an integer, got {parts[1]!r}")
+    if not (priority.is_integer() and MIN_PRIORITY <= priority <= MAX_PRIORITY):
+        raise ValueError(f"the priority must be an integer from {MIN_PRIORITY} to {MAX_PRIORITY}, got {parts[1]!r}")
     return LockRequest(duration, int(priority))
 
 
@@ -145,7 +149,7 @@ class Control(Protocol):
     arbiter: Arbiter
 
     def request_lock(
-        self, resource: str, who: Identity, *, duration_s: float, priority: int = 0, client: str = "", wait: bool = True
+        self, resource: str, who: Identity, *, duration_s: float, priority: int = 0, client: str | None = None, wait: bool = True
     ) -> Lease | Waiter:
         """Take (or queue for) a resource's lock."""
         ...
@@ -175,7 +179,7 @@ class CommandChannel(ChannelString):
 
     async def auth_write(self, hostname, username, data, data_type, metadata, *, flags=0, user_address=None):
         """A client's command: act on the arbiter for it (raises if refused), then read it back."""
-        client = Client(username, hostname, user_address[0] if user_address else None)
+        client = Client.of(hostname, username, user_address)
         accepted = await self.owner.command(self, data, ChannelType(data_type), client, user_address)
         await self.write(clip_utf8(accepted, MAX_STRING_BYTES), verify_value=False)
 
@@ -222,8 +226,25 @@ class ArbiterChannels:
     # ---- life cycle -----------------------------------------------------------------------
 
     def start(self, context: LabctlContext) -> None:
-        """Follow lease changes on the open channels of ``context`` (running)."""
+        """Follow lease changes on the open channels of ``context`` (running), and its closing connections."""
         self.context = context
+        context.circuit_listeners.append(self.circuit_closed)
+
+    def circuit_closed(self, hostname: str | None, username: str | None, address: Any) -> None:
+        """A client connection is gone: withdraw its queued lock requests (nobody is there to use a grant).
+
+        Its leases are left to lapse at their expiry (a closed TCP connection does not say
+        whether the client meant it), as an OPC UA session that disappears.
+        """
+        who = self.rules.identity(Client.of(hostname, username, address))
+        arbiter = self.control.arbiter
+        for res in self._resource_pvs:
+            for waiter in arbiter.queue(res):
+                if waiter.client == who.client:
+                    try:
+                        self.control.release_lock(res, waiter.token, who)
+                    except Refused:  # granted or gone meanwhile (audited by the core)
+                        pass
 
     def stop(self) -> None:
         """Stop following lease changes (the context is stopping)."""

@@ -14,12 +14,13 @@ float64[]     DBR_DOUBLE, ``max_length`` elements   waveform
 ============  ====================================  ==================================
 
 DBR_CTRL metadata (units, precision, limits, enum states) and the record type come from
-the PV (:mod:`labctl.server.ca.metadata`). Severity and status numbers are EPICS's own,
+the PV (:mod:`labctl.server.ca.metadata`); a float PV's unset limits (NaN) are sent as 0
+to a client reading it as an integer type (DBR_GR_LONG...), which has no NaN. Severity and status numbers are EPICS's own,
 so a reading's are passed through, and its timestamp becomes the DBR_TIME stamp.
 
 Updates. The service hands every database update to :meth:`ServedChannel.apply_now`,
-which stores value, time stamp and alarm in the channel (what a read returns) and sends
-the update to the channel's monitors. Monitors of the common kind -- a scalar numeric or
+which stores value, time stamp and alarm in the channel and sends the update to the
+channel's monitors. Monitors of the common kind -- a scalar numeric or
 enum PV in its own type, no channel filter -- are served directly: the update is encoded
 once per data type and queued on each client's connection (:mod:`labctl.server.ca.monitors`).
 The rest (arrays, strings, converted types, channel filters) and record fields that
@@ -30,6 +31,16 @@ an update only if their event masks share a bit (the database's event bits are t
 DBE_LOG sees only changes beyond the archive deadband, and a DBE_ALARM subscriber only
 alarm changes; caproto 1.3 itself would publish every update to every subscription
 whatever its mask, which :meth:`MaskedChannel.publish` corrects.
+
+Reads are always current. The database hands the service only the updates that pass a
+deadband or change the alarm state, yet a get (every DBR type) and a new monitor's first
+value return the latest reading the core holds, as an EPICS record's MDEL filters its
+monitors and never its value: :meth:`ServedChannel.refresh`, called by
+:meth:`ServedChannel.auth_read` and :meth:`ServedChannel.subscribe`, compares the
+channel's reading with the core's (the same object unless a post since was filtered out
+by the deadband, or was a scan of an unchanged value with a newer time stamp) and stores
+the core's without posting a monitor. So ``caput -c`` inside the deadband reads back at
+once, and a scanned PV's DBR_TIME stamp is the time of its latest scan.
 
 Writes. A client's put arrives at :meth:`ServedChannel.auth_write` (caproto's hook, with
 the client's reported names and address). The wire data is decoded to plain Python
@@ -117,6 +128,10 @@ class Binding(Protocol):
 
     def refuse(self, target: str, client: Client, value: Any, error: Exception) -> NoReturn:
         """Audit a write refused before it reached the core, then raise ``error``."""
+        ...
+
+    def current(self, pv: str) -> Reading:
+        """The latest reading the core holds of ``pv`` (whatever the deadbands passed)."""
         ...
 
 
@@ -218,6 +233,12 @@ class ServedChannel(MaskedChannel):
                         sub.circuit.post_event(sub, spec, encoder.header(sub.subscriptionid) + payload)
         return bool(self._slow) or bool(self._fields)
 
+    def refresh(self) -> None:
+        """Hold the core's latest reading, without posting a monitor (see "Reads are always current")."""
+        current = self.binding.current(self.info.name)
+        if current is not self._reading:
+            self.apply_now(current, EventMask.NONE)
+
     async def publish_slow(self, mask: EventMask) -> None:
         """caproto's path for the latest reading: its subscriptions, and record fields."""
         if self._slow:
@@ -236,7 +257,11 @@ class ServedChannel(MaskedChannel):
     # ---- subscriptions ------------------------------------------------------------------
 
     async def subscribe(self, queue: Any, sub_spec: Any, sub: Any) -> None:
-        """A new monitor: direct (see :mod:`labctl.server.ca.monitors`) when it can be, else caproto's."""
+        """A new monitor: direct (see :mod:`labctl.server.ca.monitors`) when it can be, else caproto's.
+
+        Either way its first update is the core's latest reading.
+        """
+        self.refresh()
         encoder = self._direct.get(sub_spec)
         if encoder is None and self._can_go_direct(sub_spec, sub):
             data_type = ChannelType(sub.data_type)
@@ -268,18 +293,23 @@ class ServedChannel(MaskedChannel):
         return fast_type(self.data_type, self.max_length, ChannelType(sub.data_type), sub.data_count)
 
     async def auth_read(self, hostname, username, data_type, *, user_address=None):
-        """Every client may read every PV."""
+        """Every client may read every PV: the core's latest reading (:meth:`refresh`)."""
+        self.refresh()
         return await self.read(data_type)
 
     def check_access(self, hostname: str | None, username: str | None) -> AccessRights:
         """READ|WRITE if the access rules and the core allow this client to write now, else READ."""
         return self.binding.rights(self.info.name, Client(username, hostname))
 
+    def circuit_access(self, hostname: str | None, username: str | None, user_address: Any) -> AccessRights:
+        """:meth:`check_access` for one circuit (a lock is held by a circuit, not a name): what the circuit sees."""
+        return self.binding.rights(self.info.name, Client.of(hostname, username, user_address))
+
     # ---- writing side -------------------------------------------------------------------
 
     async def auth_write(self, hostname, username, data, data_type, metadata, *, flags=0, user_address=None):
         """A client's put: decode it and await the core write path (raises if refused)."""
-        client = Client(username, hostname, user_address[0] if user_address else None)
+        client = Client.of(hostname, username, user_address)
         data_type = ChannelType(data_type)
         if data_type in (ChannelType.PUT_ACKS, ChannelType.PUT_ACKT):
             self.binding.refuse(
@@ -330,11 +360,38 @@ class ServedChannel(MaskedChannel):
         return channel
 
 
-class DoubleChannel(ServedChannel, ChannelDouble):
+#: Wire types without NaN: a limit that is unset (NaN) is sent to them as 0, as an IOC does.
+_INTEGER_TYPES = frozenset({ChannelType.CHAR, ChannelType.INT, ChannelType.LONG, ChannelType.ENUM})
+_LIMIT_KEYS = (
+    "upper_disp_limit", "lower_disp_limit", "upper_alarm_limit", "upper_warning_limit",
+    "lower_warning_limit", "lower_alarm_limit", "upper_ctrl_limit", "lower_ctrl_limit",
+)  # fmt: skip
+
+
+class FloatLimits(ChannelData):
+    """Limits of a float channel read as an integer DBR type: unset (NaN) ones become 0 (a mixin)."""
+
+    def _read_metadata(self, dbr_metadata: Any) -> None:
+        data = self._data
+        unset = [k for k in _LIMIT_KEYS if isinstance(data.get(k), float) and math.isnan(data[k])]
+        if not unset or native_type(ChannelType(dbr_metadata.DBR_ID)) not in _INTEGER_TYPES:
+            super()._read_metadata(dbr_metadata)
+            return
+        # caproto casts every limit with numpy, which has no integer for NaN
+        for k in unset:
+            data[k] = 0.0
+        try:
+            super()._read_metadata(dbr_metadata)
+        finally:
+            for k in unset:
+                data[k] = math.nan
+
+
+class DoubleChannel(ServedChannel, FloatLimits, ChannelDouble):
     """A float64 PV (DBR_DOUBLE)."""
 
 
-class ArrayChannel(ServedChannel, ChannelDouble):
+class ArrayChannel(ServedChannel, FloatLimits, ChannelDouble):
     """A float64[] PV: DBR_DOUBLE with ``max_length`` elements."""
 
     @classmethod

@@ -41,7 +41,9 @@ re-evaluates open channels and sends CA_PROTO_ACCESS_RIGHTS for those whose righ
 changed (the protocol allows it at any time; libca updates its channel and calls the
 client's access-rights handler). Each circuit sends its refreshes in one task of its
 own (:meth:`LabctlCircuit.schedule_rights_refresh`), so a client that stops reading its
-connection delays no other client's new rights.
+connection delays no other client's new rights. A lock is held by a circuit, not a user
+name, so rights are evaluated per circuit (:meth:`LabctlCircuit.access_of`, also for the
+rights a new channel is created with).
 
 Hosts. A client's reported host name goes to the access rules unless
 ``check_client_ip`` is set: then the circuit's peer address stands in for it.
@@ -356,7 +358,23 @@ class LabctlCircuit(VirtualCircuit):
                         )
                     ]
                 self.subscription_ids.add(command.subscriptionid)
-        return await super()._process_command(command)
+        response = await super()._process_command(command)
+        if isinstance(command, ca.CreateChanRequest) and response:
+            try:
+                entry = self.context[command.name]
+            except KeyError:
+                return response
+            for i, msg in enumerate(response):  # caproto asked check_access, which knows no circuit
+                if isinstance(msg, ca.AccessRightsResponse):
+                    response[i] = ca.AccessRightsResponse(cid=msg.cid, access_rights=self.access_of(entry))
+        return response
+
+    def access_of(self, entry: Any) -> ca.AccessRights:
+        """This circuit's access rights on a served entry (per circuit where the entry knows how: locks are per circuit)."""
+        per_circuit = getattr(entry, "circuit_access", None)
+        if per_circuit is not None:
+            return per_circuit(self.client_hostname, self.client_username, self.circuit.address)
+        return entry.check_access(self.client_hostname, self.client_username)
 
     async def _cull_subscriptions(self, db_entry: Any, func: Any) -> Any:
         removed = await super()._cull_subscriptions(db_entry, func)
@@ -446,7 +464,7 @@ class LabctlCircuit(VirtualCircuit):
             info = getattr(entry, "info", None)
             if info is None or (pvs is not None and info.name not in pvs):
                 continue  # record fields are always read-only
-            rights = entry.check_access(self.client_hostname, self.client_username)
+            rights = self.access_of(entry)
             if rights != chan.access_rights:
                 await self.send(ca.AccessRightsResponse(cid=chan.cid, access_rights=rights))
                 sent += 1
@@ -475,6 +493,8 @@ class LabctlContext(Context):
         """Largest payload a client may announce (site file, environment, else the service's default)."""
         self.peer_log = PeerLog(log)
         """One line per misbehaving client connection, rate-limited."""
+        self.circuit_listeners: list[Any] = []
+        """``fn(hostname, username, address)`` once a client connection is gone (the arbiter withdraws its queued requests)."""
         self._udp_reported: set[Any] = set()
         self.check_client_ip = check_client_ip
         self.ca_server_port = settings.port
@@ -586,6 +606,11 @@ class LabctlContext(Context):
             if circuit.connected:
                 await circuit._on_disconnect()
             client.close()
+            for fn in self.circuit_listeners:
+                try:
+                    fn(circuit.client_hostname, circuit.client_username, circuit.circuit.address)
+                except Exception:  # a listener's bug must not keep a connection's memory
+                    log.exception("a listener of closed Channel Access connections failed")
             circuit.release()
         log.debug("Channel Access client at %s:%d left (%d connected)", *addr, len(self.circuits))
 

@@ -158,7 +158,7 @@ class FieldChannel(MaskedChannel):
 
     async def auth_write(self, hostname, username, data, data_type, metadata, *, flags=0, user_address=None):
         """Refuse (and audit) a put to a field: fields come from the site file."""
-        client = Client(username, hostname, user_address[0] if user_address else None)
+        client = Client.of(hostname, username, user_address)
         value = data.tolist() if hasattr(data, "tolist") else data
         self.owner.binding.refuse(self.target, client, value, NotWritable(self.target))
 

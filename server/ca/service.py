@@ -6,7 +6,7 @@ site's ``server.ca.prefix``), built the first time a client searches for it
 caproto's asyncio server on the server's own event loop.
 
 Updates flow from the database straight to the channels: the database calls the
-service inline, and :meth:`ServedChannel.apply_now` stores the reading and queues it,
+service inline for every update that passed a deadband or changed the alarm state, and :meth:`ServedChannel.apply_now` stores the reading and queues it,
 encoded, on the connection of every client monitoring it the common way (see
 :mod:`labctl.server.ca.monitors`), all without waiting. What needs caproto's coroutines --
 monitors of other types or with channel filters, record fields that follow the PV --
@@ -14,7 +14,10 @@ goes through :class:`UpdateQueue`: it keeps the latest pending update per PV (me
 the event bits of any update it replaces, so a coalesced LOG or ALARM bit is not lost)
 and one pump task publishes them in arrival order. Under overload, intermediate values
 are dropped and the latest kept, per client connection for direct monitors and per PV in
-the queue, as an IOC does, and memory stays bounded.
+the queue, as an IOC does, and memory stays bounded. Reads do not wait for updates: a
+channel asks the core for the latest reading (:meth:`CAService.current`) when a client
+reads it or subscribes to it, so what the deadband filters out of monitors is still read
+back at once (see :mod:`labctl.server.ca.channels`).
 
 Writes flow client -> channel ``auth_write`` -> :meth:`CAService.put` ->
 ``Database.write`` with the client's :class:`~labctl.ioc.types.Identity` (its reported user,
@@ -47,7 +50,7 @@ from labctl.ioc.access import AuditRecord
 from labctl.ioc.arbiter import LeaseEvent
 from labctl.ioc.database import Database
 from labctl.ioc.subscription import Callback
-from labctl.ioc.types import EventMask, PVType, Update
+from labctl.ioc.types import EventMask, PVType, Reading, Update
 from labctl.server.ca.access import AccessRules, Client, access_rights
 from labctl.server.ca.arbiter import ArbiterChannels, Control
 from labctl.server.ca.channels import ServedChannel, build_channel
@@ -313,6 +316,10 @@ class CAService:
 
     async def _apply(self, update: Update) -> None:
         await self.channels[update.name].publish_slow(update.mask)
+
+    def current(self, pv: str) -> Reading:
+        """The latest reading the core holds of ``pv`` (a channel's read refreshes from it)."""
+        return self.db.read(pv)
 
     def rights(self, pv: str, client: Client) -> AccessRights:
         """Access rights of ``client`` on ``pv`` now."""

@@ -120,9 +120,9 @@ class Capture:
 
     @staticmethod
     def audit(record: AuditRecord) -> tuple:
-        """An audit row, with a fresh unique id (which makes replays no-ops)."""
+        """An audit row keyed by the record's ``uid`` (a fresh one if it has none), which makes replays no-ops."""
         return (
-            uuid.uuid4().hex,
+            record.uid or uuid.uuid4().hex,
             round(record.time * 1_000_000),
             record.action,
             record.user,

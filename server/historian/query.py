@@ -595,7 +595,7 @@ def read_audit(
     return [
         AuditRecord(
             from_us(r.time_us), r.action, r.user_name, r.protocol, r.host, r.target,
-            _unjson(r.old_value), _unjson(r.new_value), bool(r.accepted), r.reason,
+            _unjson(r.old_value), _unjson(r.new_value), bool(r.accepted), r.reason, uid=r.uid,
         )
         for r in conn.execute(q)
     ]

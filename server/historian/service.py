@@ -192,6 +192,13 @@ class Historian:
         if self._accepting and self.ingestor is not None:
             self.ingestor.put_audit(record)
 
+    def archive_audit(self, record: AuditRecord) -> None:
+        """Queue an audit record that did not come through the database's sinks (the audit journal's replay).
+
+        Idempotent by the record's ``uid``: a record already archived is not archived twice.
+        """
+        self._on_audit(record)
+
     # ---- the control layer's store -------------------------------------------------------------
 
     def save_job(self, job: Job) -> None:

@@ -18,7 +18,8 @@ UInt32 on a MultiStateDiscreteType with EnumStrings (Part 8 gives that type an u
 DataType), float64[] -> Double with ValueRank 1 and ArrayDimensions [length, or 0 when
 the length may vary] (:mod:`labctl.server.opcua.values`). Numeric PVs are AnalogItemType
 with EngineeringUnits and EURange (the display range, else the drive limits); a numeric
-PV with neither range is a BaseAnalogType, whose EURange is optional. Description is the
+PV with neither range is a BaseAnalogType, whose EURange is optional. Floating-point PVs
+carry their precision (EPICS PREC) as the DataItemType property ``ValuePrecision``. Description is the
 PV's description.
 
 *Building.* :func:`build` lays out the folders (:func:`folder_layout`) and makes the
@@ -271,6 +272,8 @@ def _pv_variable(b: Builder, info: PVInfo, browse: str, parent: ua.NodeId) -> ua
         if info.unit:
             eu = eu_information(info.unit)
             b.property(info.name, "EngineeringUnits", nodeid, ua.Variant(eu, ua.VariantType.ExtensionObject), ua.ObjectIds.EUInformation)
+        if info.type in (PVType.FLOAT64, PVType.FLOAT64_ARRAY):  # Part 8 DataItemType: digits after the point (EPICS PREC)
+            b.property(info.name, "ValuePrecision", nodeid, ua.Variant(float(info.precision), ua.VariantType.Double), ua.ObjectIds.Double)
     elif info.type is PVType.ENUM:
         states = [ua.LocalizedText(s) for s in info.states]
         b.property(info.name, "EnumStrings", nodeid, ua.Variant(states, ua.VariantType.LocalizedText, is_array=True), ua.ObjectIds.LocalizedText)

@@ -81,7 +81,7 @@ _S = ua.StatusCodes
 METHOD_ACTIONS: dict[str, Action] = {
     "InitLock": Action.LOCK_REQUEST, "RequestLock": Action.LOCK_REQUEST, "RenewLock": Action.LOCK_RENEW,
     "RenewLease": Action.LOCK_RENEW, "ExitLock": Action.LOCK_RELEASE, "ReleaseLease": Action.LOCK_RELEASE,
-    "BreakLock": Action.LOCK_BREAK, "ListLocks": Action.LOCK_LIST, "ListProcedures": Action.PROCEDURE_LIST,
+    "BreakLock": Action.LOCK_BREAK, "UseLease": Action.LOCK_REQUEST, "ListLocks": Action.LOCK_LIST, "ListProcedures": Action.PROCEDURE_LIST,
     "SubmitTask": Action.JOB_SUBMIT, "CancelTask": Action.JOB_CANCEL, "ListJobs": Action.JOB_LIST, "GetJob": Action.JOB_VIEW,
     "ListAudit": Action.AUDIT_READ, "ListAlarms": Action.ALARM_LIST, "AcknowledgeAlarm": Action.ALARM_ACK,
     "Acknowledge": Action.ALARM_ACK, "ShelveAlarm": Action.ALARM_SHELVE, "UnshelveAlarm": Action.ALARM_UNSHELVE,

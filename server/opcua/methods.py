@@ -62,6 +62,7 @@ RECENT_EVENTS = 16
 
 CONTROL_METHODS: tuple[MethodSpec, ...] = (
     MethodSpec("ListLocks", (), JSON_RESULT, "every resource's lock: holder, expiry, queue"),
+    MethodSpec("UseLease", (("Token", STRING, "the token of a lease another session of your user holds"),), (("Resource", STRING, "the lease's resource"), ("ExpiresAt", DOUBLE, "UNIX seconds")), "write under a lease handed over by its token, from this session, until it ends"),
     MethodSpec("ListProcedures", (), JSON_RESULT, "the procedures jobs run, with their parameters"),
     MethodSpec("SubmitTask", (("Procedure", STRING, "procedure name"), ("ParamsJson", STRING, "parameters as a JSON object"), ("Priority", INT32, "higher runs first")), (("JobId", INT64, "the new job's id"),), "queue a job"),
     MethodSpec("CancelTask", (("JobId", INT64, "the job"),), (), "cancel a queued or running job: its owner or an admin"),
@@ -77,6 +78,54 @@ CONTROL_METHODS: tuple[MethodSpec, ...] = (
 )  # fmt: skip
 
 ACKNOWLEDGE_SPEC = MethodSpec("Acknowledge", (("EventId", BYTES, ""), ("Comment", TEXT, "")), (), "Part 9 Acknowledge")
+
+#: The longest ParamsJson a SubmitTask takes, and the deepest nesting of its arrays and objects.
+MAX_PARAMS_JSON = 64 * 1024
+MAX_PARAMS_DEPTH = 8
+
+
+def parse_params_json(text: str, procedure: str) -> dict[str, Any]:
+    """SubmitTask's ParamsJson as a dict, bounded before it is parsed; else Refused(BadInvalidArgument).
+
+    Bounds: :data:`MAX_PARAMS_JSON` characters, :data:`MAX_PARAMS_DEPTH` levels of nesting
+    (counted before parsing, so deep nesting never reaches the parser's recursion). JSON's
+    non-standard ``NaN``/``Infinity`` literals are refused; the procedure's declared types and
+    ranges are checked by the core (:func:`labctl.ioc.procedure.convert_param`).
+    """
+
+    def refuse(reason: str) -> Refused:
+        return Refused(_S.BadInvalidArgument, InvalidArgument(f"ParamsJson {reason}", action=Action.JOB_SUBMIT, target=procedure))
+
+    if len(text) > MAX_PARAMS_JSON:
+        raise refuse(f"is {len(text)} characters long; at most {MAX_PARAMS_JSON} are accepted")
+    if not text.strip():
+        return {}
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:  # nesting outside strings
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (ch == "\\", ch != '"')
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_PARAMS_DEPTH:
+                raise refuse(f"nests arrays or objects more than {MAX_PARAMS_DEPTH} deep")
+        elif ch in "]}":
+            depth -= 1
+
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        params = json.loads(text, parse_constant=no_constant)
+    except (ValueError, RecursionError) as e:
+        raise refuse(f"is not JSON: {e}") from None
+    if not isinstance(params, dict):
+        raise refuse(f"must be a JSON object of parameters, got {type(params).__name__}")
+    return params
+
 
 # ---- JSON views of the core's state ------------------------------------------------------------------
 
@@ -143,13 +192,12 @@ class ControlMethods:
             out.append({"name": name, "description": proc.description, "resources": list(proc.resources), "params": params, "roles": list(proc.roles), "may_submit": allowed})
         return [to_json(out)]
 
+    def _m_UseLease(self, c: Caller, token: str) -> list[ua.Variant]:  # noqa: N802
+        lease = self.control.use_lease(token, c.identity)
+        return [ua.Variant(lease.resource, ua.VariantType.String), ua.Variant(lease.expires_at, ua.VariantType.Double)]
+
     def _m_SubmitTask(self, c: Caller, procedure: str, params_json: str, priority: int) -> list[ua.Variant]:  # noqa: N802
-        try:
-            params = json.loads(params_json) if params_json.strip() else {}
-        except ValueError as e:
-            raise Refused(_S.BadInvalidArgument, InvalidArgument(f"ParamsJson is not JSON: {e}", action=Action.JOB_SUBMIT, target=procedure)) from e
-        if not isinstance(params, dict):
-            raise Refused(_S.BadInvalidArgument, InvalidArgument(f"ParamsJson must be a JSON object of parameters, got {type(params).__name__}", action=Action.JOB_SUBMIT, target=procedure))
+        params = parse_params_json(params_json, procedure)
         job = self.control.submit_job(procedure, params, c.identity, priority=priority)
         return [ua.Variant(job.id, ua.VariantType.Int64)]
 

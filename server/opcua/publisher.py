@@ -3,13 +3,23 @@
 Theory of operation. :class:`Publisher` subscribes once to the database (mask
 VALUE|ALARM: changes that passed the monitor deadband, and alarm changes). Its callback
 runs inline in :meth:`labctl.ioc.database.Database.post`, which must not await, so it does
-only synchronous work: build the DataValue, store it in the node's Value attribute (so a
-Read right after a write sees the new value), and, if any monitored item watches the
-node, queue it. A task drains the queue in order and hands each DataValue to the
-node's monitored items, which asyncua then batches per subscription and publishing
-interval. The queue is bounded: under overload the oldest notifications are dropped
-and counted (:attr:`Publisher.dropped`) rather than letting memory grow or slowing the
-scan; the node itself always holds the latest value.
+only synchronous work: build the DataValue, store it in the node's Value attribute, and,
+if any monitored item watches the node, queue it. A task drains the queue in order and
+hands each DataValue to the node's monitored items, which asyncua then batches per
+subscription and publishing interval. The queue is bounded: under overload the oldest
+notifications are dropped and counted (:attr:`Publisher.dropped`) rather than letting
+memory grow or slowing the scan.
+
+Reads are always current. The deadband decides what monitored items are sent, never
+what a Read returns (as MDEL in an EPICS record): every PV node's Value attribute gets a
+value callback (:meth:`Publisher.current`) that asyncua calls for each Read (and for a
+new monitored item's first value). It compares the reading the node shows with the one
+the core holds -- the same object unless a post since then was filtered out by the
+deadband, or was a scan of an unchanged value with a newer time -- and rebuilds the
+DataValue only then. So a Read right after a write inside the deadband returns the
+written value, and a scanned PV's SourceTimestamp is the time of its latest scan, while
+the cost of a post that passes no deadband stays what the core spends on it: nothing
+here runs for it.
 
 asyncua's monitored items deep-copy every DataValue they receive (about 40 % of the
 cost of a notification) to guard against callers mutating it afterwards. The
@@ -23,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import functools
 import logging
 from collections import deque
 from typing import Any
@@ -32,7 +43,7 @@ from asyncua.server import monitored_item_service
 from asyncua.server.address_space import AttributeValue
 from labctl.ioc.database import Database
 from labctl.ioc.subscription import Callback
-from labctl.ioc.types import EventMask, Update
+from labctl.ioc.types import EventMask, Reading, Update
 from labctl.server.opcua.address_space import PVNode
 from labctl.server.opcua.values import data_value
 
@@ -54,6 +65,8 @@ class Publisher:
         self.dropped = 0
         """Notifications dropped because the queue was full."""
         self._queue: deque[tuple[AttributeValue, ua.DataValue]] = deque()
+        self._shown: dict[str, Reading] = {}
+        """The reading each node's Value was built from (compared with the core's by identity)."""
         self._max = max_pending
         self._wake = asyncio.Event()
         self._subscription: Callback | None = None
@@ -62,6 +75,10 @@ class Publisher:
     def start(self) -> None:
         """Subscribe to the database and start draining (call with the nodes holding current readings)."""
         self._subscription = self.db.subscribe(self._on_update, mask=EventMask.VALUE | EventMask.ALARM)
+        read = self.db.read
+        for name, node in self.nodes.items():
+            self._shown[name] = read(name)
+            node.value.value_callback = functools.partial(self.current, node)
         self._task = supervise("opcua-publisher", self._drain, backoff=Backoff(0.05, 5.0)).task  # restarted if it fails
 
     async def stop(self) -> None:
@@ -69,6 +86,9 @@ class Publisher:
         if self._subscription is not None:
             self.db.unsubscribe(self._subscription)
             self._subscription = None
+            for node in self.nodes.values():  # the nodes keep the last value they showed
+                self.current(node)
+                node.value.value_callback = None
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -81,6 +101,7 @@ class Publisher:
         dv = data_value(node.info, update.reading)
         attr = node.value
         attr.value = dv
+        self._shown[update.name] = update.reading
         if attr.datachange_callbacks:
             if len(self._queue) >= self._max:
                 self._queue.popleft()
@@ -89,6 +110,20 @@ class Publisher:
                     log.warning("OPC UA clients fall behind: %d notifications dropped so far", self.dropped)
             self._queue.append((attr, dv))
             self._wake.set()
+
+    def current(self, node: PVNode, _nodeid: ua.NodeId | None = None, _attr: ua.AttributeIds | None = None) -> ua.DataValue:
+        """The node's Value as of the core's latest reading (asyncua's value callback of a PV node).
+
+        Rebuilds the DataValue only if the core holds a newer reading than the node shows
+        (one the deadband kept from the monitored items, or a scan of an unchanged value).
+        """
+        name = node.info.name
+        reading = self.db.read(name)
+        attr = node.value
+        if self._shown.get(name) is not reading:
+            attr.value = data_value(node.info, reading)
+            self._shown[name] = reading
+        return attr.value
 
     async def _drain(self) -> None:
         queue = self._queue

@@ -68,6 +68,7 @@ from asyncua.server.internal_server import InternalServer
 from asyncua.server.internal_session import InternalSession, SessionState
 from labctl.ioc.access import AuditRecord
 from labctl.ioc.types import Identity
+from labctl.server.opcua.arguments import client_id
 from labctl.server.opcua.config import OpcUaLimits
 from labctl.server.opcua.trust import CertificateRefused, TrustList
 from labctl.server.opcua.users import (
@@ -250,7 +251,8 @@ class LabctlSession(InternalSession):
             if isinstance(manager, UserManager):
                 manager.decided = None
         if isinstance(self.user, SessionUser):
-            self.user = dataclasses.replace(self.user, identity=dataclasses.replace(self.user.identity, host=self.host))
+            # The identity names this session as its lock client: a lease belongs to the session that took it.
+            self.user = dataclasses.replace(self.user, identity=dataclasses.replace(self.user.identity, host=self.host, client=client_id(self)))
             if self.user.identity.user != ANONYMOUS.user:
                 self._audit_login(self.user.identity, True, "")
         return result

@@ -84,15 +84,43 @@ async def test_get_table_and_json(server, labctl):
     assert code == 0, err
     rows = [line.split() for line in out.splitlines()]
     assert rows[0] == ["NAME", "VALUE", "UNIT", "SEVERITY", "STATUS", "TIME"]
-    assert rows[1][:5] == ["B:TEMP", "150", "K", "MINOR", "HIGH"]
+    assert rows[1][:5] == ["B:TEMP", "150.000", "K", "MINOR", "HIGH"]  # precision 3, the default
     assert rows[2][:4] == ["B:MODE", "OFF", "NO_ALARM", "NO_ALARM"]
-    assert rows[3][:4] == ["B:WAVE", "[1,", "2]", "(2)"]
+    assert rows[3][:4] == ["B:WAVE", "[1.000,", "2.000]", "(2)"]
     assert rows[4][:4] == ["B:NEW", "(invalid)", "INVALID", "UDF"]
     code, out, _ = await labctl("get", "B:MODE", "B:NEW", "--json")
     mode, new = strict(out)
     assert (mode["value"], mode["state"], mode["severity"]) == (0, "OFF", "NO_ALARM")
     assert (new["value"], new["severity"], new["status"]) == (None, "INVALID", "UDF")
     assert abs(utc(mode["timestamp"]).timestamp() - server.db.read("B:MODE").timestamp) < 1e-3
+
+
+async def test_tables_show_the_precision_and_json_every_digit(server, labctl):
+    server.db.post("B:TEMP", 0.0146309)  # B:TEMP has precision 3 (the default); B:WAVE too
+    server.db.post("B:WAVE", (0.0146309, 2.5e-9))
+    code, out, err = await labctl("get", "B:TEMP", "B:WAVE")
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines()]
+    assert rows[1][:3] == ["B:TEMP", "0.015", "K"]
+    assert rows[2][:3] == ["B:WAVE", "[0.015,", "2.500e-09]"]  # too small for 3 decimals: exponent form
+    code, out, err = await labctl("get", "B:TEMP", "B:WAVE", "--json")
+    temp, wave = strict(out)
+    assert temp["value"] == 0.0146309 and wave["value"] == [0.0146309, 2.5e-9]
+
+
+def test_format_number_at_its_edges():
+    from labctl.clients.values import format_number
+
+    assert format_number(0.0146309, 4) == "0.0146"
+    assert format_number(0.0084067, 4) == "0.0084"
+    assert format_number(0.0, 4) == "0.0000"
+    assert format_number(-0.00004, 4) == "-4.0000e-05"  # would read -0.0000
+    assert format_number(0.00005, 4) == "0.0001"  # rounds to a digit that shows
+    assert format_number(2.3e-8, 2) == "2.30e-08"
+    assert format_number(1e15, 1) == "1.0e+15"
+    assert format_number(12.5, 0) == "12"  # round half to even, as printf does
+    assert format_number(math.nan, 3) == "nan" and format_number(math.inf, 3) == "inf"
+    assert format_number(0.0146309, None) == "0.0146309"
 
 
 async def test_json_is_strict_for_nan_and_infinity(server, labctl):
@@ -113,7 +141,7 @@ async def test_json_is_strict_for_nan_and_infinity(server, labctl):
 
 async def test_put_writes_and_shows_the_result(server, labctl):
     code, out, err = await labctl("put", "B:TEMP", "12.5", user="operator")
-    assert (code, out, err) == (0, "B:TEMP = 12.5 K\n", "")
+    assert (code, out, err) == (0, "B:TEMP = 12.500 K\n", "")
     for name, text, stored in (("B:MODE", "HIGH", 2), ("B:ON", "on", True), ("B:WAVE", "[3, 4.5]", (3.0, 4.5)), ("B:NOTE", "two words", "two words")):
         code, out, err = await labctl("put", name, text, user="operator")
         assert code == 0, err
@@ -225,14 +253,14 @@ async def test_monitor_table_output(server, url):
     proc = await _labctl_process(url, "monitor", "B:TEMP", "--count", "2")
     try:
         first = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
-        assert first.split()[2:] == ["B:TEMP", "4.2", "K"]
+        assert first.split()[2:] == ["B:TEMP", "4.200", "K"]
         server.db.post("B:TEMP", 250.0)
         out, _ = await asyncio.wait_for(proc.communicate(), 60)
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-    assert out.decode().split()[2:] == ["B:TEMP", "250", "K", "MAJOR", "HIHI"]
+    assert out.decode().split()[2:] == ["B:TEMP", "250.000", "K", "MAJOR", "HIHI"]
 
 
 async def test_entry_point_exit_status_when_unreachable():

@@ -62,7 +62,7 @@ ROOT = Identity("root", frozenset({"admin"}), "test")
 @pytest.fixture
 def labctl(served, monkeypatch, capsys):
     """``await labctl(*args, user=None)`` -> (exit status, stdout, stderr)."""
-    for name in ("LABCTL_URL", "LABCTL_USER", "LABCTL_PASSWORD"):
+    for name in ("LABCTL_URL", "LABCTL_USER", "LABCTL_PASSWORD", "LABCTL_LEASE"):
         monkeypatch.delenv(name, raising=False)
 
     async def run(*args: str, user: str | None = None):
@@ -148,6 +148,41 @@ async def test_lock_holds_and_renews_until_interrupted_then_releases(served):
     assert out.decode().splitlines()[-1] == "released laser"
     assert served.control.arbiter.holder("laser") is None
     assert served.records("lock.release", target="laser", new="alice")
+
+
+async def test_lock_in_one_terminal_put_in_another_with_its_token(served, labctl, monkeypatch):
+    """The README's shell workflow: `labctl lock` holds the lock and prints its token; `labctl put --lease` (or LABCTL_LEASE) writes under it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LABCTL_") or k == "LABCTL_CLIENT_PKI"} | {"LABCTL_PASSWORD": USERS["alice"][1]}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "labctl", "lock", "cryostat", "--for", "10m", "--url", served.url, "--user", "alice",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        assert (await asyncio.wait_for(proc.stdout.readline(), 60)).decode().startswith("locked cryostat until ")
+        token_line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode().split()
+        holder = served.control.arbiter.holder("cryostat")
+        assert token_line[:2] == ["token", holder.token + ":"]
+        code, _, err = await labctl("put", "CRYO:SP", "0.3", user="alice")  # another session of alice: refused
+        assert code != 0, err
+        assert served.db.read("CRYO:SP").value != 0.3
+        code, out, err = await labctl("put", "CRYO:SP", "0.3", "--lease", holder.token, user="alice")
+        assert code == 0, err
+        assert served.db.read("CRYO:SP").value == 0.3
+        monkeypatch.setenv("LABCTL_LEASE", holder.token)
+        code, out, err = await labctl("put", "CRYO:SP", "0.4", user="alice")
+        assert code == 0, err
+        assert served.db.read("CRYO:SP").value == 0.4
+        code, _, _ = await labctl("put", "CRYO:SP", "0.5", user="bob")  # another user with the token: refused
+        assert code != 0 and served.db.read("CRYO:SP").value == 0.4
+        monkeypatch.delenv("LABCTL_LEASE")
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    assert served.control.arbiter.holder("cryostat") is None
 
 
 async def test_a_broken_lock_is_noticed_by_its_holder_at_once(served):
@@ -300,7 +335,7 @@ async def test_alarms_ack_shelve_and_interlocks(served, labctl):
     code, out, _ = await labctl("alarms", user="vic")
     rows = [line.split() for line in out.splitlines()]
     assert rows[0] == ["SOURCE", "SEVERITY", "NOW", "STATUS", "VALUE", "STATE", "SINCE", "GUIDANCE"]
-    assert rows[1][:7] == ["LAB:PRES", "MAJOR", "NO_ALARM", "NO_ALARM", "1e-06", "mbar", "UNACKED"]
+    assert rows[1][:7] == ["LAB:PRES", "MAJOR", "NO_ALARM", "NO_ALARM", "1.000e-06", "mbar", "UNACKED"]
 
     assert (await refusal(labctl, "ack", "LAB:PRES", user="vic"))["kind"] == "forbidden"
     code, out, err = await labctl("ack", "LAB:PRES", "--comment", "vented on purpose", user="alice")
@@ -356,7 +391,7 @@ async def test_alarms_never_active_and_interlock_states_by_name(served, labctl):
     code, out, err = await labctl("alarms", "--all", user="vic")
     assert code == 0, err
     rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
-    assert rows["LAB:FLOW"][:7] == ["LAB:FLOW", "NO_ALARM", "NO_ALARM", "NO_ALARM", "1", "l/s", "acked"]
+    assert rows["LAB:FLOW"][:7] == ["LAB:FLOW", "NO_ALARM", "NO_ALARM", "NO_ALARM", "1.000", "l/s", "acked"]
     assert rows["LAB:FLOW"][7] == "-", "never active: no SINCE"
     code, out, _ = await labctl("alarms", "--all", "--json", user="vic")
     flow = {a["source"]: a for a in strict(out)}["LAB:FLOW"]

@@ -189,7 +189,7 @@ async def test_cli_history_formats(labctl, t0):
     code, out, _ = await labctl("history", "B:TEMP", "--since", iso(t0), "--until", iso(t0 + 3))
     lines = out.splitlines()
     assert lines[0].split() == ["TIME", "VALUE", "[K]", "SEVERITY", "STATUS"]
-    assert [line.split()[2] for line in lines[1:]] == ["0", "1", "2"]
+    assert [line.split()[2] for line in lines[1:]] == ["0.000", "1.000", "2.000"]  # no precision declared: three decimals
     code, out, _ = await labctl("history", "B:MODE", "--since", iso(t0), "--until", iso(t0 + 30))
     assert [line.split()[2] for line in out.splitlines()[1:]] == ["LOW", "HIGH", "OFF"]
     code, out, _ = await labctl("history", "B:MODE", "--since", iso(t0), "--until", iso(t0 + 30), "--json")

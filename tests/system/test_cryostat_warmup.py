@@ -48,7 +48,7 @@ interlocks:
         - {pv: "CRYO:STILL:HTR", value: 0}
 """
 
-OP = Identity("olga", frozenset({"operator"}), "test")
+OP = Identity("olga", frozenset({"operator"}), "test", client="console")  # her console: it holds the lock it takes
 EXPERT = Identity("erin", frozenset({"expert"}), "test")
 VIEWER = Identity("vic", frozenset({"viewer"}), "test")
 

@@ -66,6 +66,8 @@ resources: [{{name: cryostat, lockable: true}}]
   - {{name: "B:SIG", type: float64, unit: V, writable: true, initial: 0.0, description: "bench signal"}}
   - {{name: "B:PRES", type: float64, unit: mbar, initial: 1.0e-6}}
   - {{name: "B:AUX", type: float64, unit: A, writable: true, initial: 0.0}}
+  - {{name: "B:FINE", type: float64, unit: K, precision: 4, initial: 0.0146309}}
+  - {{name: "B:STEADY", type: float64, unit: K, precision: 2, initial: 4.2}}
 procedures:
   wait_for_signal:
     resources: [cryostat]
@@ -308,7 +310,7 @@ def test_gui_chart_shows_live_points(gui_shared_server, open_gui, qtbot):
     times = chart.points("B:SIG")[0]
     left, right = chart.time_range()
     assert left <= times[-3] and times[-1] <= right + 1.0  # following: the window shows the newest points
-    qtbot.waitUntil(lambda: win.value_panels[0].tile("B:SIG").value.text() == "3.5", timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: win.value_panels[0].tile("B:SIG").value.text() == "3.500", timeout=WAIT_MS)  # precision 3, the default
     assert win.value_panels[0].tile("B:SIG").unit.text() == "V"
 
 
@@ -436,15 +438,15 @@ def test_gui_reconnects_after_a_server_restart(gui_server, open_gui, qtbot):
     win = open_gui(gui_server, layout_of("panels:\n  - {type: chart, title: signal, pvs: [B:SIG], span_s: 60}\n  - {type: values, pvs: [B:SIG]}\n"))
     tile = win.value_panels[0].tile("B:SIG")
     gui_server.post("B:SIG", 7.0)
-    qtbot.waitUntil(lambda: tile.value.text() == "7", timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: tile.value.text() == "7.000", timeout=WAIT_MS)
 
     gui_server.restart()  # a fresh server process would look the same: new database, same port
     qtbot.waitUntil(lambda: win.last_disconnect is not None, timeout=WAIT_MS)
     qtbot.waitUntil(lambda: win.connected and win.link.connects == 2, timeout=WAIT_MS)
-    now_served = gui_server.call(lambda s: s.db.read("B:SIG").value)  # 7.0 again: autosave restored it
-    qtbot.waitUntil(lambda: tile.value.text() == f"{now_served:g}", timeout=WAIT_MS)  # the new server's value
+    now_served = gui_server.call(lambda s: s.db.read("B:SIG").value)  # 7.0 again when autosave restored it
+    qtbot.waitUntil(lambda: tile.value.text() == f"{now_served:.3f}", timeout=WAIT_MS)  # the new server's value
     gui_server.post("B:SIG", 42.0)
-    qtbot.waitUntil(lambda: tile.value.text() == "42", timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: tile.value.text() == "42.000", timeout=WAIT_MS)
     chart = win.chart("signal")
     qtbot.waitUntil(lambda: chart.points("B:SIG")[1][-1] == 42.0, timeout=WAIT_MS)
     t, y, conn = chart.traces["B:SIG"].live()
@@ -462,7 +464,7 @@ def test_gui_shows_what_it_cannot_show(gui_shared_server, open_gui, qtbot):
     assert "no PV NOPE:PV" in win.chart("c").note.text()
     assert "log in" in win.banner.ack_button.toolTip()
     tile = win.value_panels[0].tile("B:AUX")
-    qtbot.waitUntil(lambda: tile.value.text() == "0" and tile.unit.text() == "A", timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: tile.value.text() == "0.000" and tile.unit.text() == "A", timeout=WAIT_MS)
     gui_shared_server.call(lambda s: s.db.invalidate(["B:AUX"]))
     qtbot.waitUntil(lambda: tile.value.text() == "INVALID" and tile.colors == SEVERITY_COLORS[Severity.INVALID], timeout=WAIT_MS)
     assert tile.status.text() == "INVALID COMM"
@@ -486,7 +488,7 @@ def test_gui_large_font_mode(gui_shared_server, open_gui, qtbot):
 def test_gui_goes_grey_while_disconnected(gui_server, open_gui, qtbot):
     win = open_gui(gui_server, layout_of("panels:\n  - {type: values, pvs: [B:SIG]}\n"))
     tile = win.value_panels[0].tile("B:SIG")
-    qtbot.waitUntil(lambda: tile.value.text() == "0", timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: tile.value.text() == "0.000", timeout=WAIT_MS)
     gui_server.run(gui_server.server.stop())
     qtbot.waitUntil(lambda: not win.connected, timeout=WAIT_MS)
     assert tile.colors == STALE_COLORS and tile.status.text() == "no connection"
@@ -501,3 +503,73 @@ def test_gui_does_not_retry_a_refused_login(gui_shared_server, open_gui, qtbot):
     assert win.last_disconnect.retry_in_s is None  # retrying a wrong password only locks the account
     assert "login refused" in win.connection_label.text() and "not retrying" in win.connection_label.text()
     assert win.banner.severity_text == "NO CONNECTION" and win.link.connects == 0
+
+
+def test_gui_tiles_honour_precision_and_charts_keep_every_digit(gui_shared_server, open_gui, qtbot):
+    win = open_gui(gui_shared_server, layout_of("panels:\n  - {type: values, pvs: [B:FINE]}\n  - {type: chart, title: fine, pvs: [B:FINE]}\n"))
+    tile = win.value_panels[0].tile("B:FINE")
+    qtbot.waitUntil(lambda: tile.value.text() == "0.0146", timeout=WAIT_MS)  # 0.0146309 with precision 4
+    assert tile.meta is not None and tile.meta.precision == 4
+    chart = win.chart("fine")
+    qtbot.waitUntil(lambda: len(chart.traces["B:FINE"].ring) >= 1, timeout=WAIT_MS)
+    assert chart.points("B:FINE")[1][-1] == 0.0146309
+
+
+def test_gui_a_constant_pv_holds_a_flat_line_to_now_on_a_shared_time_axis(gui_server, open_gui, qtbot):
+    import time
+
+    changed = time.time() - 3600.0  # its last change is an hour old: long before the window
+    gui_server.call(lambda s: s.db.post("B:STEADY", 4.2, timestamp=changed))
+    win = open_gui(
+        gui_server,
+        layout_of(
+            "panels:\n"
+            "  - {type: chart, title: steady, pvs: [B:STEADY], span_s: 60}\n"
+            "  - {type: chart, title: signal, pvs: [B:SIG], span_s: 600}\n"
+        ),
+    )
+    steady, signal = win.chart("steady"), win.chart("signal")
+
+    def flat_to_now() -> bool:
+        x, y = steady.hold_data("B:STEADY")
+        left, right = steady.time_range()
+        return len(x) == 2 and x[0] <= left and x[1] >= right - 1.0 and y.tolist() == [4.2, 4.2]
+
+    qtbot.waitUntil(flat_to_now, timeout=WAIT_MS)
+    assert steady.traces["B:STEADY"].ring.first()[0] == pytest.approx(changed, abs=1e-3)
+    # one time axis: the first chart's span for every chart, the same range on each
+    qtbot.waitUntil(lambda: abs(signal.time_range()[1] - steady.time_range()[1]) < 0.5, timeout=WAIT_MS)
+    for left, right in win.time_ranges():
+        assert right - left == pytest.approx(60.0, abs=1.0)
+    win.set_span(3600.0)
+    assert win.span_box.currentText() == "1 h"
+    for left, right in win.time_ranges():
+        assert right - left == pytest.approx(3600.0, abs=1.0)
+    qtbot.waitUntil(flat_to_now, timeout=WAIT_MS)  # an hour's window still starts after the change: still flat
+    # a pan by hand on one chart moves them all and stops them all following
+    left, right = signal.time_range()
+    signal.show_range(left - 600.0, right - 600.0)
+    signal._manual()  # what a drag by hand emits (show_range is the programmatic pan)
+    assert not steady.following and not signal.following
+    assert steady.time_range() == pytest.approx(signal.time_range(), abs=1e-6)
+    steady.live_button.click()
+    assert steady.following and signal.following
+
+
+def test_gui_draws_held_steps_not_ramps(gui_shared_server, open_gui, qtbot):
+    import numpy as np
+    from labctl.clients.gui.buffers import steps
+
+    t, y, c = steps(np.array([0.0, 10.0, 20.0]), np.array([0.0, 15.0, 15.0]), np.array([True, True, False]))
+    assert t.tolist() == [0.0, 10.0, 10.0, 20.0, 20.0]
+    assert y.tolist() == [0.0, 0.0, 15.0, 15.0, 15.0]  # 0 held until the jump at t=10, then 15
+    assert c.tolist() == [True, True, True, True, False]
+    t, y, c = steps(np.array([0.0, 10.0, 20.0]), np.array([1.0, 2.0, 3.0]), np.array([False, True, False]))
+    assert c.tolist() == [False, False, True, True, False]  # a gap stays a gap: no hold, no rise
+    win = open_gui(gui_shared_server, layout_of("panels:\n  - {type: chart, title: aux, pvs: [B:AUX], span_s: 60}\n"))
+    chart = win.chart("aux")
+    qtbot.waitUntil(lambda: win.connected and len(chart.traces["B:AUX"].ring) >= 1, timeout=WAIT_MS)
+    gui_shared_server.post("B:AUX", 0.25)
+    qtbot.waitUntil(lambda: chart.curve_data("B:AUX")[1][-1:].tolist() == [0.25], timeout=WAIT_MS)
+    x, y = chart.curve_data("B:AUX")
+    assert x[-2] == x[-1] and y[-2] != y[-1]  # the jump is vertical: the old value held up to the new sample's time

@@ -125,7 +125,7 @@ async def test_thousands_of_pvs_update_in_place(tui_big_server):
         layouts, ticks = table.layouts, app.ticks
         for i, name in enumerate(names):
             tui_big_server.db.post(name, float(i))
-        await until(pilot, lambda: all(table.cell_text(n, "value") == f"{i:g}" for i, n in enumerate(names)), "every cell updated", timeout=30)
+        await until(pilot, lambda: all(table.cell_text(n, "value") == f"{i:.3f}" for i, n in enumerate(names)), "every cell updated", timeout=30)  # precision 3, the default
         assert table.layouts == layouts, "cells change in place"
         assert app.ticks - ticks < TUI_BIG_COUNT, "updates are applied in batches, not one by one"
         # the folders the server splits a big site into are the tree's
@@ -150,7 +150,7 @@ async def test_write_succeeds_and_is_audited(tui_demo, tui_app):
         await until(pilot, lambda: isinstance(app.screen, BrowserScreen), "the dialog to close")
         assert tui_demo.srv.db.read("PSU:VOLT:SP").value == 7.5
         table = screen.query_one(PVTable)
-        await until(pilot, lambda: table.cell_text("PSU:VOLT:SP", "value") == "7.5", "the new value in the table")
+        await until(pilot, lambda: table.cell_text("PSU:VOLT:SP", "value") == "7.500", "the new value in the table")
     writes = [a for a in audits if a.action == "write" and a.target == "PSU:VOLT:SP"]
     assert [(a.user, a.accepted) for a in writes] == [("operator", True)]
 
@@ -176,7 +176,7 @@ async def test_values_are_checked_before_sending(tui_demo, tui_app):
 
 async def test_write_refused_for_a_held_lock_shows_the_holder(tui_demo, tui_app):
     lease = tui_demo.srv.control.request_lock("cryostat", EXPERT, duration_s=600, client="console")
-    expected = LockedBy("CRYO:MXC:SETP", "cryostat", "expert", lease.expires_at).reason
+    expected = LockedBy("CRYO:MXC:SETP", "cryostat", "expert", lease.expires_at, client="console").reason
     app = tui_app()
     async with app.run_test(size=SIZE) as pilot:
         screen = await connected(app, pilot)

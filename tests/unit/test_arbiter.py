@@ -129,3 +129,68 @@ def test_bad_requests(arb):
     lease, _ = arb.request("cryostat", ALICE, 0.0, duration_s=10_000)
     assert lease.duration_s == 600  # capped at the resource's max_lease_s
     assert arb.next_expiry() == 600
+
+
+# ---- a lease is held by a client, shared only by its token (issue 17, item 5) -------------------------
+
+
+def session(name: str, client: str) -> Identity:
+    return Identity(name, frozenset({"operator"}), "opcua", client=client)
+
+
+def test_only_the_holding_client_writes_another_session_of_the_user_is_refused(arb):
+    first, second = session("alice", "opcua:session-1@a"), session("alice", "opcua:session-2@b")
+    lease, _ = arb.request("cryostat", first, 0.0, duration_s=60)
+    assert lease.client == "opcua:session-1@a"  # the asking session by default
+    arb.check_write(first, "CRYO:HTR", "cryostat", 1.0)
+    with pytest.raises(LockedBy) as e:
+        arb.check_write(second, "CRYO:HTR", "cryostat", 1.0)
+    assert (e.value.owner, e.value.client, e.value.until) == ("alice", "opcua:session-1@a", 60.0)
+    assert arb.holds(first, "cryostat", 1.0) and not arb.holds(second, "cryostat", 1.0)
+    with pytest.raises(LockHeld) as held:
+        arb.request("cryostat", second, 1.0, duration_s=60, wait=False)
+    assert held.value.client == "opcua:session-1@a"
+
+
+def test_a_token_shares_a_lease_with_another_session_of_its_user_until_the_lease_ends(arb):
+    first, second = session("alice", "s1"), session("alice", "s2")
+    lease, _ = arb.request("cryostat", first, 0.0, duration_s=60)
+    shared, ev = arb.share(lease.token, second, 1.0)
+    assert shared.shared == {"s2"} and [(e.kind, e.client) for e in ev] == [("shared", "s2")]
+    assert arb.share(lease.token, second, 2.0)[1] == [] and arb.share(lease.token, first, 2.0)[1] == []  # nothing new
+    arb.check_write(second, "CRYO:HTR", "cryostat", 2.0)
+    arb.renew("cryostat", lease.token, 30.0)
+    arb.check_write(second, "CRYO:HTR", "cryostat", 31.0)  # a renewal keeps the binding
+    arb.release("cryostat", lease.token, 32.0)
+    arb.request("cryostat", first, 33.0, duration_s=60)
+    with pytest.raises(LockedBy):  # a new lease, a new token: the binding went with the old one
+        arb.check_write(second, "CRYO:HTR", "cryostat", 34.0)
+
+
+def test_a_token_is_not_shared_with_another_user_an_internal_actor_or_from_a_job(arb):
+    from labctl.ioc.arbiter import LeaseNotShared
+    from labctl.ioc.types import internal_identity
+
+    lease, _ = arb.request("cryostat", session("alice", "s1"), 0.0, duration_s=60)
+    for other in (session("bob", "s2"), internal_identity("interlock:x")):
+        with pytest.raises(LeaseNotShared):
+            arb.share(lease.token, other, 1.0)
+    with pytest.raises(NoLease):
+        arb.share("0" * 32, session("alice", "s2"), 1.0)
+    with pytest.raises(NoLease):  # the lease of another resource than the one named
+        arb.share(lease.token, session("alice", "s2"), 1.0, resource="table")
+    arb.release("cryostat", lease.token, 2.0)
+    job = Identity("alice", frozenset({"operator"}), "job", "job:4", client="job:4")
+    job_lease, _ = arb.request("cryostat", job, 3.0, duration_s=60, job=4)
+    with pytest.raises(LeaseNotShared):  # the job's owner's console never writes under the job's lease
+        arb.share(job_lease.token, session("alice", "s1"), 4.0)
+    with pytest.raises(LockedBy):
+        arb.check_write(session("alice", "s1"), "CRYO:HTR", "cryostat", 4.0)
+
+
+@pytest.mark.parametrize("priority", [1001, -1001, 10**308, 2**31, True, 1.5])
+def test_priorities_outside_the_documented_range_are_refused(arb, priority):
+    with pytest.raises(BadLease) as e:
+        arb.request("cryostat", ALICE, 0.0, duration_s=60, priority=priority)
+    assert (e.value.kind, e.value.action) == ("invalid", "lock.request")
+    assert arb.holder("cryostat") is None

@@ -15,10 +15,19 @@ takes the mouse: dragging or zooming moves time for every axis, and the other ax
 fitting their visible data. (Normalising every PV to 0..1 would lose the numbers an
 operator reads off an axis; a separate axis per unit keeps them.)
 
-Time: while *following*, the window is the last ``span_s`` seconds and slides on. Any
-pan or zoom by hand stops following (the "Live" button resumes). When the visible range
-starts before what has been fetched, the chart asks for the missing older history
-(through the display's history callback), so panning into the past loads the past.
+Time: while *following*, the window is the last ``span_s`` seconds and slides on, whatever
+data there is (a chart never narrows to its data: the window's charts share one time axis,
+see :mod:`labctl.clients.gui.window`, which links their views and sets one span for all).
+Any pan or zoom by hand stops following (the "Live" button resumes); ``on_manual`` and
+``on_follow`` tell the window, which does the same to the other charts. When the visible
+range starts before what has been fetched, the chart asks for the missing older history
+(through the display's history callback), so panning into the past -- or choosing a
+longer span -- loads the past.
+
+Lines are held steps (:func:`~labctl.clients.gui.buffers.steps`): a value holds until the
+next sample. The newest value is drawn on to now (a *hold* segment), because monitors
+send changes only: a PV that has not changed for an hour is still known, and its chart
+shows a flat line across the window, not an empty chart.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from typing import Any
 
 import numpy as np
 import pyqtgraph as pg
-from labctl.clients.gui.buffers import Trace
+from labctl.clients.gui.buffers import Trace, steps
 from labctl.clients.gui.layout import ChartPanel, PVEntry
 from labctl.clients.gui.style import CURVE_COLORS, DIM, Theme
 from labctl.clients.values import Metadata
@@ -43,8 +52,6 @@ RAW_SPAN_S = 7200.0
 POINTS_PER_REQUEST = 4000
 #: A PV that changed this recently gets no hold segment to "now" (fast PVs would redraw it every tick).
 HOLD_AFTER_S = 1.0
-#: The narrowest window while following a chart whose data is younger than its span.
-MIN_WINDOW_S = 10.0
 PLOTTABLE = (PVType.FLOAT64, PVType.INT, PVType.BOOL, PVType.ENUM)
 
 #: ``request(name, since, until, every) -> request id``
@@ -128,6 +135,10 @@ class StripChart(QtWidgets.QFrame):
         self._requested_since: dict[str, float] = {}
         self._notes: dict[str, str] = {}
         self._joined: dict[str, Any] = {}
+        self.on_manual: Callable[[], None] | None = None
+        """Called when a pan or zoom by hand stops following (the window stops the other charts too)."""
+        self.on_follow: Callable[[], None] | None = None
+        """Called when "Live" is pressed (the window makes every chart follow)."""
 
         box = QtWidgets.QVBoxLayout(self)
         box.setContentsMargins(6, 4, 6, 6)
@@ -139,7 +150,7 @@ class StripChart(QtWidgets.QFrame):
         self.note.setStyleSheet(f"color: {DIM}; font-size: {theme.pt(8)}pt;")
         self.live_button = QtWidgets.QPushButton("Live")
         self.live_button.setToolTip("follow the newest data again")
-        self.live_button.clicked.connect(self.follow)
+        self.live_button.clicked.connect(self._live_pressed)
         self.live_button.setVisible(False)
         head.addWidget(self.title)
         head.addWidget(self.note)
@@ -322,7 +333,7 @@ class StripChart(QtWidgets.QFrame):
         now = time.time() if now is None else now
         for name, trace in self.traces.items():
             if trace.dirty:
-                t, y, conn = trace.live()
+                t, y, conn = steps(*trace.live())
                 self._live_items[name].setData(t, y, connect=conn)
                 trace.dirty = False
                 first = trace.ring.first()
@@ -330,16 +341,12 @@ class StripChart(QtWidgets.QFrame):
                     self._joined[name] = first
                     trace.history_dirty = True  # history is drawn up to the first live point
             if trace.history_dirty:
-                t, y, conn = trace.past()
+                t, y, conn = steps(*trace.past())
                 self._history_items[name].setData(t, y, connect=conn)
                 trace.history_dirty = False
             self._draw_hold(name, trace, now)
         if self.following:
-            # a chart with less data than its span (no history yet) fills its width as data comes
-            earliest = min((t for t in (tr.oldest_time() for tr in self.traces.values()) if t is not None), default=None)
             left = now - self.span_s
-            if earliest is not None and earliest > left:
-                left = min(earliest, now - MIN_WINDOW_S)
             # move only when it shows: sliding a 10-minute window 20 times a second redraws for nothing
             shown_left, shown_right = self.vb.viewRange()[0]
             if abs(now - shown_right) >= self._pixel_s() / 2 or abs(left - shown_left) >= self._pixel_s() / 2:
@@ -357,7 +364,7 @@ class StripChart(QtWidgets.QFrame):
         # (not while disconnected: then nobody knows the value now). The segment is drawn a
         # little past now and redrawn only when its start changed or time caught up with
         # its end; a PV that changed within the last HOLD_AFTER_S (or pixel) needs none.
-        last = trace.ring.last()
+        last = trace.newest()
         hold = self._hold_items[name]
         pixel = self._pixel_s()
         if self._holding and last is not None and last[2] and now - last[0] > max(pixel, HOLD_AFTER_S):
@@ -369,6 +376,24 @@ class StripChart(QtWidgets.QFrame):
         elif self._held.pop(name, None) is not None:
             hold.setData(np.zeros(0), np.zeros(0))
 
+    def set_span(self, span_s: float, now: float | None = None) -> None:
+        """Show the last ``span_s`` seconds while following; fetch the history a longer span needs."""
+        now = time.time() if now is None else now
+        self.span_s = float(span_s)
+        if self.history_enabled and self._bound:
+            for name in self.traces:
+                asked = self._requested_since.get(name)
+                if asked is not None and now - self.span_s < asked:
+                    self._ask(name, now - self.span_s, asked)
+        if self.following:
+            self.vb.setXRange(now - self.span_s, now, padding=0.0)
+        self.refresh(now)
+
+    def _live_pressed(self) -> None:
+        self.follow()
+        if self.on_follow is not None:
+            self.on_follow()
+
     def follow(self) -> None:
         """Follow live data again (the window slides; value axes fit the data)."""
         self.following = True
@@ -378,6 +403,13 @@ class StripChart(QtWidgets.QFrame):
         self.refresh()
 
     def _manual(self, *args: Any) -> None:
+        was = self.following
+        self.stop_following()
+        if was and self.on_manual is not None:
+            self.on_manual()
+
+    def stop_following(self) -> None:
+        """Stop sliding (a pan or zoom by hand, here or on a linked chart); "Live" resumes."""
         self.following = False
         self.live_button.setVisible(True)
 
@@ -405,6 +437,14 @@ class StripChart(QtWidgets.QFrame):
         """Show a time range and stop following (as a pan by hand does)."""
         self._manual()
         self.vb.setXRange(since, until, padding=0.0)
+
+    def hold_data(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """The segment that carries a PV's newest value on to now (empty when none is drawn)."""
+        item = self._hold_items.get(name)
+        x, y = item.getData() if item is not None else (None, None)
+        if x is None:
+            return np.zeros(0), np.zeros(0)
+        return x, y
 
     def curve_data(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """What the live curve was last given (for inspection)."""

@@ -1,7 +1,7 @@
 """Value panels: big numbers with units, coloured by alarm severity.
 
-Each PV is a tile: its label, the value in a large font with the unit beside it, and a
-status line (alarm status and severity, or why there is no value). The tile's colours
+Each PV is a tile: its label, the value in a large font with the unit beside it (to the
+PV's precision, its EPICS PREC, unless the layout gives a ``format``), and a status line (alarm status and severity, or why there is no value). The tile's colours
 are the severity's (see :mod:`labctl.clients.gui.style`); while the display has no connection
 the last value stays visible but grey, so nobody mistakes it for a current one. A tile
 restyles only when its colour state changes: setting a style sheet is not free, values
@@ -15,13 +15,13 @@ from collections.abc import Mapping
 
 from labctl.clients.gui.layout import PVEntry, ValuesPanel
 from labctl.clients.gui.style import BORDER, Theme, severity_colors
-from labctl.clients.values import Metadata, format_value
+from labctl.clients.values import Metadata, format_number, format_value
 from labctl.ioc.types import PVType, Reading, Severity, Status
 from PySide6 import QtCore, QtGui, QtWidgets
 
 
 def format_reading(reading: Reading | None, meta: Metadata | None, fmt: str | None = None) -> str:
-    """A reading's value as the tile shows it."""
+    """A reading's value as the tile shows it: the layout's ``fmt``, else the PV's precision (five significant digits without one)."""
     if reading is None:
         return "—"
     v = reading.value
@@ -32,7 +32,7 @@ def format_reading(reading: Reading | None, meta: Metadata | None, fmt: str | No
             return str(v)
         if fmt:
             return format(v, fmt)
-        return f"{v:.5g}"
+        return format_number(v, meta.precision) if meta.precision is not None else f"{v:.5g}"
     if fmt and isinstance(v, (int, float)) and not isinstance(v, bool) and (meta is None or meta.type is not PVType.ENUM):
         return format(v, fmt)
     if meta is None:

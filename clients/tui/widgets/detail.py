@@ -17,6 +17,7 @@ from labctl.ioc.types import Reading
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.content import Content
+from textual.css.query import NoMatches
 from textual.widgets import Sparkline, Static
 
 #: Values the sparkline keeps.
@@ -111,8 +112,15 @@ class DetailPane(Vertical):
             self.values.append(v)
         self._draw()
 
+    def on_mount(self) -> None:
+        self._draw()  # what arrived before the pane's parts were there
+
     def _draw(self) -> None:
-        self.query_one("#detail-text", Static).update(detail_content(self.meta, self.reading))
+        try:
+            text = self.query_one("#detail-text", Static)
+        except NoMatches:  # a reading before the pane is composed: on_mount draws it
+            return
+        text.update(detail_content(self.meta, self.reading))
         spark = self.query_one("#detail-spark", Sparkline)
         spark.display = numeric(self.meta) and len(self.values) > 1  # one point draws as a solid block
         spark.data = list(self.values)

@@ -141,7 +141,8 @@ async def test_libca_user_requests_writes_and_releases(ports, tmp_path):
         assert (await ca.call("access", pv="CRYO:SETPOINT"))["write"] is True
         assert (await ca.call("get", pv="ARB:CRYOSTAT:OWNER"))["value"] == ME
         lease = s.control.arbiter.holder("cryostat")
-        assert (lease.user, lease.client, lease.duration_s, lease.priority) == (ME, ME_CLIENT, 60.0, 0)
+        assert (lease.user, lease.duration_s, lease.priority) == (ME, 60.0, 0)
+        assert lease.client.startswith(ME_CLIENT + "/127.0.0.1:")  # the circuit holds it, not the name
         assert (await ca.call("get", pv="ARB:CRYOSTAT:EXPIRES"))["value"] == lease.expires_at
         assert (await ca.call("get", pv="ARB:CRYOSTAT:REQUEST"))["value"] == "60,0"  # the request, read back
 
@@ -155,7 +156,7 @@ async def test_libca_user_requests_writes_and_releases(ports, tmp_path):
         assert s.control.arbiter.holder("cryostat") is None
         assert lock_audit(s) == [("lock.grant", ME, True), ("lock.release", ME, True)]
         grant = next(a for a in s.audit if a.action == "lock.grant")
-        assert (grant.target, grant.host) == ("cryostat", ME_CLIENT)  # the lease's client names the CA client
+        assert (grant.target, grant.host) == ("cryostat", lease.client)  # the lease's client names the CA circuit
         (write,) = [a for a in s.audit if a.action == "write"]
         assert (write.user, write.host, write.protocol, write.new, write.accepted) == (ME, HOST, "ca", 0.05, True)
 
@@ -189,7 +190,7 @@ async def test_another_users_write_is_refused_while_held_and_names_holder_and_ex
     async with serve_server(site(ports, tmp_path)) as s, pyepics(s.port) as ca:
         assert await put(ca, "ARB:CRYOSTAT:REQUEST", "60", "request") == ECA_NORMAL
         lease = s.control.arbiter.holder("cryostat")
-        refusal = str(LockedBy("CRYO:SETPOINT", "cryostat", ME, lease.expires_at))
+        refusal = str(LockedBy("CRYO:SETPOINT", "cryostat", ME, lease.expires_at, client=lease.client))
         async with client(s.port, caproto_env, user="bob") as ctx:
             setpoint = await connect(ctx, "CRYO:SETPOINT")
             assert setpoint.access_rights == AccessRights.READ  # bob may write the cryostat, but ME holds it
@@ -218,7 +219,7 @@ async def test_another_users_write_is_refused_while_held_and_names_holder_and_ex
             assert (await request.write(["60,1"], wait=True)).status.name == "ECA_NORMAL"
             assert s.db.read("ARB:CRYOSTAT:QUEUE").value == 1
             (waiter,) = s.control.arbiter.queue("cryostat")
-            assert (waiter.user, waiter.client, waiter.priority) == ("bob", "ca:bob@lab-pc", 1)
+            assert (waiter.user, waiter.priority) == ("bob", 1) and waiter.client.startswith("ca:bob@lab-pc/127.0.0.1:")
             assert s.db.read("CRYO:SETPOINT").value == 0.1
 
 
@@ -233,14 +234,17 @@ async def test_libca_is_told_holder_and_expiry_when_a_plain_put_crosses_a_handov
         arbiter = Arbiter(s.site.resources)
         s.db.locks = arbiter
         rules = s.service.rules
-        arbiter.request("cryostat", rules.identity(Client(ME, HOST)), s.db.clock(), duration_s=60, client=ME_CLIENT)
+        await ca.call("connect", pv="CRYO:TEMP")  # the circuit, to lock for
+        (circuit,) = s.service.context.circuits
+        ip, port = circuit.circuit.address
+        arbiter.request("cryostat", rules.identity(Client(ME, HOST, ip, port)), s.db.clock(), duration_s=60)
         await ca.call("exceptions")
         assert (await ca.call("connect", pv="CRYO:SETPOINT"))["write"] is True
         arbiter.break_lock("cryostat", ADMIN, s.db.clock())
         bob, _ = arbiter.request("cryostat", rules.identity(Client("bob", "lab-pc")), s.db.clock(), duration_s=60)
         await ca.call("put", pv="CRYO:SETPOINT", value=0.5)
         error = await ca.event(lambda e: e["event"] == "exception")
-        assert error["ctx"] == str(LockedBy("CRYO:SETPOINT", "cryostat", "bob", bob.expires_at))
+        assert error["ctx"] == str(LockedBy("CRYO:SETPOINT", "cryostat", "bob", bob.expires_at, client=bob.client))
         assert error["status"] == ECA_NOWTACCESS
         assert s.db.read("CRYO:SETPOINT").value == 0.1
         assert (s.audit[-1].user, s.audit[-1].accepted) == (ME, False)
@@ -471,7 +475,7 @@ async def test_command_channels_are_channel_access_only_and_prefixed(ports, tmp_
             assert bench.access_rights == RW  # no lock needed on a resource that is not lockable
             request = await connect(ctx, "LAB:ARB:CRYOSTAT:REQUEST")
             assert (await request.write(["60"], wait=True)).status.name == "ECA_NORMAL"
-        assert s.control.arbiter.holder("cryostat").client == "ca:alice@lab-pc"
+        assert s.control.arbiter.holder("cryostat").client.startswith("ca:alice@lab-pc/")
 
 
 async def test_a_pv_named_like_a_command_channel_stops_the_start(ports, tmp_path):
@@ -479,3 +483,71 @@ async def test_a_pv_named_like_a_command_channel_stops_the_start(ports, tmp_path
     with pytest.raises(CAStartError, match="lock command channel"):
         async with serve_server(site(ports, tmp_path, pvs=pvs)):
             pass
+
+
+# ---- a lock is held by a circuit, not a name; priorities bounded (issue 17, items 5 and 6) -------------
+
+
+async def test_another_circuit_claiming_the_holders_name_is_refused(ports, tmp_path, caproto_env):
+    async with serve_server(site(ports, tmp_path)) as s:
+        async with client(s.port, caproto_env, user="alice") as first, client(s.port, caproto_env, user="alice") as second:
+            request = await connect(first, "ARB:CRYOSTAT:REQUEST")
+            assert (await request.write(["60"], wait=True)).status.name == "ECA_NORMAL"
+            holder = s.control.arbiter.holder("cryostat")
+            mine, theirs = await connect(first, "CRYO:SETPOINT"), await connect(second, "CRYO:SETPOINT")
+            assert (mine.access_rights, theirs.access_rights) == (RW, AccessRights.READ)  # rights per circuit
+            assert (await mine.write([0.2], wait=True)).status.name == "ECA_NORMAL"
+            assert (await theirs.write([0.3], wait=True)).status.name == "ECA_NOWTACCESS"  # same name, other circuit
+            assert s.db.read("CRYO:SETPOINT").value == 0.2
+            refused = s.audit[-1]
+            assert (refused.action, refused.user, refused.accepted) == ("write", "alice", False)
+            assert refused.reason.endswith(f"held by client {holder.client}")
+            # The other circuit's RELEASE holds nothing: it cannot give the first one's lease away.
+            release = await connect(second, "ARB:CRYOSTAT:RELEASE")
+            assert (await release.write(["x"], wait=True)).status.name == "ECA_PUTFAIL"
+            assert s.control.arbiter.holder("cryostat").client == holder.client
+
+
+async def test_a_ca_client_claiming_an_opcua_holders_name_is_refused(ports, tmp_path, caproto_env):
+    async with serve_server(site(ports, tmp_path)) as s:
+        session = Identity("alice", frozenset({"operator"}), "opcua", "10.0.0.5", client="opcua:session-7@10.0.0.5")
+        s.control.request_lock("cryostat", session, duration_s=60)
+        assert s.db.may_write("CRYO:SETPOINT", session)
+        async with client(s.port, caproto_env, user="alice") as ctx:
+            setpoint = await connect(ctx, "CRYO:SETPOINT")
+            assert setpoint.access_rights == AccessRights.READ
+            assert (await setpoint.write([0.3], wait=True)).status.name == "ECA_NOWTACCESS"
+        assert s.db.read("CRYO:SETPOINT").value == 0.1
+        assert s.audit[-1].reason.endswith("held by client opcua:session-7@10.0.0.5")
+
+
+async def test_a_closed_circuits_queued_request_is_withdrawn(ports, tmp_path, caproto_env):
+    async with serve_server(site(ports, tmp_path)) as s:
+        async with client(s.port, caproto_env, user="alice") as holder:
+            assert (await (await connect(holder, "ARB:CRYOSTAT:REQUEST")).write(["60"], wait=True)).status.name == "ECA_NORMAL"
+            async with client(s.port, caproto_env, user="bob") as waiter:
+                assert (await (await connect(waiter, "ARB:CRYOSTAT:REQUEST")).write(["60,5"], wait=True)).status.name == "ECA_NORMAL"
+                assert [w.user for w in s.control.arbiter.queue("cryostat")] == ["bob"]
+            await wait_for(lambda: not s.control.arbiter.queue("cryostat"), timeout=10, what="bob's request withdrawn")
+            assert s.control.arbiter.holder("cryostat").user == "alice"  # a lease is left to lapse
+        assert [a.user for a in s.audit if a.action == "lock.withdraw"] == ["bob"]
+
+
+@pytest.mark.parametrize("text", ["60,1e308", "60,1001", "60,-1001", "60,nan", "60,inf", "60," + "9" * 30])
+async def test_priorities_out_of_range_are_refused_over_ca(ports, tmp_path, caproto_env, caplog, text):
+    async with serve_server(site(ports, tmp_path)) as s:
+        async with client(s.port, caproto_env, user="alice") as ctx:
+            request = await connect(ctx, "ARB:CRYOSTAT:REQUEST")
+            assert (await request.write([text], wait=True)).status.name == "ECA_PUTFAIL"
+        assert s.control.arbiter.holder("cryostat") is None
+        (refused,) = [a for a in s.audit if not a.accepted]
+        assert (refused.action, refused.user, refused.new) == ("lock.request", "alice", text)
+    assert not [r for r in caplog.records if r.exc_info and r.name.startswith("labctl")]
+
+
+def test_request_priorities_are_bounded():
+    assert parse_request("60,1000") == LockRequest(60.0, 1000)
+    assert parse_request("60,-1000") == LockRequest(60.0, -1000)
+    for bad in ("60,1e308", "60,1001", "60,-1001", "60,nan", "60,inf"):
+        with pytest.raises(ValueError):
+            parse_request(bad)

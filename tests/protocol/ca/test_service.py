@@ -35,9 +35,15 @@ async def test_the_server_runs_the_ca_service(ports, caproto_env, tmp_path):
             assert (await owner.read()).data[0] == b""
             # The resource is lockable and alice holds no lock: read-only, as the core would refuse.
             assert setpoint.access_rights == AccessRights.READ
-            # She takes the lock (through another protocol, say); a refresh tells open channels.
-            server.control.request_lock("cryostat", service.rules.identity(Client("alice", "lab-pc")), duration_s=60)
-            assert await service.refresh_access_rights(["CRYO:SETPOINT"]) == 1
+            # Her session on another protocol takes the lock: it is that session's, not this connection's.
+            other = service.rules.identity(Client("alice", "lab-pc"))
+            lease = server.control.request_lock("cryostat", other, duration_s=60, client="opcua:session-elsewhere")
+            assert await service.refresh_access_rights(["CRYO:SETPOINT"]) == 0
+            assert setpoint.access_rights == AccessRights.READ
+            server.control.release_lock("cryostat", lease.token, other)
+            # She takes it on this connection: the connection's channels become writable.
+            request = await connect(ctx, "ARB:CRYOSTAT:REQUEST")
+            assert (await request.write(["60"], wait=True)).status.name == "ECA_NORMAL"
             await wait_for(
                 lambda: setpoint.access_rights == AccessRights.READ | AccessRights.WRITE, what="write access"
             )

@@ -330,7 +330,9 @@ async def test_pv_node_and_property_as_read_and_browsed(connect):
         (ua.ObjectIds.HasTypeDefinition, True, f"i={ua.ObjectIds.AnalogItemType}", "0:AnalogItemType"),
         (ua.ObjectIds.HasProperty, True, f"ns={idx};s=LAB:TEMP.EURange", "0:EURange"),
         (ua.ObjectIds.HasProperty, True, f"ns={idx};s=LAB:TEMP.EngineeringUnits", "0:EngineeringUnits"),
+        (ua.ObjectIds.HasProperty, True, f"ns={idx};s=LAB:TEMP.ValuePrecision", "0:ValuePrecision"),  # Part 8: its PREC
     }
+    assert await client.get_node(ua.NodeId("LAB:TEMP.ValuePrecision", idx)).read_value() == 3.0  # the default precision
     forward = {r.NodeId: r for r in await client.get_node(ua.NodeId(f"/{SITE}/soft", idx)).get_references(refs=ua.ObjectIds.Organizes)}
     in_folder = forward[temp.nodeid]
     assert (in_folder.BrowseName, in_folder.DisplayName, in_folder.NodeClass, in_folder.TypeDefinition) == (

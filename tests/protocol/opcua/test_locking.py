@@ -198,7 +198,10 @@ async def test_user_access_level_flips_with_the_lock(served, open_ua, open_sessi
     assert not (await bob.info("MAG:FIELD")).user_writable
 
     lease = await bob.lock("magnet", duration_s=60)
-    assert await user_access(bob_ua, "MAG:FIELD") & WRITE  # bob's other session (same user) may write now
+    assert await user_access(bob.client, "MAG:FIELD") & WRITE  # the holding session writes
+    assert not await user_access(bob_ua, "MAG:FIELD") & WRITE  # bob's other session: a lock is held by a session, not a name
+    (await call(bob_ua, "Control", "UseLease", s(lease.token))).StatusCode.check()  # ...until it is handed the token
+    assert await user_access(bob_ua, "MAG:FIELD") & WRITE
     assert not await user_access(alice_ua, "MAG:FIELD") & WRITE
     assert not await user_access(vic_ua, "MAG:FIELD") & WRITE
     await bob.put("MAG:FIELD", 1.5)
@@ -223,7 +226,7 @@ async def test_a_refused_write_names_holder_and_expiry(served, open_ua, open_ses
     with pytest.raises(PutConflict) as refused:
         await bob.put("SAMPLE:ANGLE", 0.5)
     assert (refused.value.status, refused.value.kind, refused.value.error, refused.value.action) == ("BadLocked", "conflict", "LockedBy", "write")
-    assert refused.value.fields == {"pv": "SAMPLE:ANGLE", "resource": "sample", "owner": "alice", "until": lease.expires_at, "job": None}
+    assert refused.value.fields == {"pv": "SAMPLE:ANGLE", "resource": "sample", "owner": "alice", "until": lease.expires_at, "job": None, "client": served.control.arbiter.holder("sample").client}
     (first, second) = served.records("write", target="SAMPLE:ANGLE", accepted=False)
     assert (first.user, first.protocol, second.user) == ("bob", "opcua", "bob")
     # Asking for the lock without waiting: BadLocked with the same who and until when.
