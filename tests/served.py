@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
+import sys
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tests.helpers import free_port, free_tcp_udp_port, wait_for_sync
@@ -48,3 +51,23 @@ class Served:
         """Wait until the server logs that it is ready; fail with its log if it exits first."""
         wait_for_sync(lambda: self.saw("ready;") or self.proc.poll() is not None, timeout=timeout, what="server ready")
         assert self.proc.poll() is None, "\n".join(self.lines)
+
+
+@contextlib.contextmanager
+def site_servers(site: Path, state_dir: Path, cwd: Path) -> Iterator[Callable[[], Served]]:
+    """``start()`` serves ``site`` (``labctl serve``) and waits until it is ready; each one left running is killed at the end."""
+    started: list[Served] = []
+
+    def start() -> Served:
+        s = Served([sys.executable, "-m", "labctl", "serve", str(site)], state_dir, cwd=cwd)
+        started.append(s)
+        s.wait_ready()
+        return s
+
+    try:
+        yield start
+    finally:
+        for s in started:
+            if s.proc.poll() is None:
+                s.proc.kill()
+            s.stop()

@@ -21,7 +21,7 @@ from labctl.server.passwords import hash_password
 from labctl.server.site import parse_site
 
 from tests.helpers import wait_for, wait_for_sync
-from tests.served import Served
+from tests.served import site_servers
 from tests.sites import FAST_CRYOSTAT
 
 LABCTL = [sys.executable, "-m", "labctl"]
@@ -49,19 +49,8 @@ resources: [{{name: cryostat, lockable: false}}, {{name: lab, lockable: false}}]
 def serve(tmp_path):
     site = tmp_path / "keep.yaml"
     site.write_text(site_text())
-    started: list[Served] = []
-
-    def start() -> Served:
-        s = Served([*LABCTL, "serve", str(site)], tmp_path / "var", cwd=tmp_path)
-        started.append(s)
-        s.wait_ready()
-        return s
-
-    yield start
-    for s in started:
-        if s.proc.poll() is None:
-            s.proc.kill()
-        s.stop()
+    with site_servers(site, tmp_path / "var", tmp_path) as start:
+        yield start
 
 
 def saved(tmp_path: Path) -> dict:

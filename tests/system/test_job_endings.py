@@ -22,7 +22,7 @@ from labctl.clients.session import connect
 from labctl.server.passwords import hash_password
 
 from tests.helpers import wait_for
-from tests.served import Served
+from tests.served import Served, site_servers
 from tests.sites import FAST_CRYOSTAT
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,19 +56,8 @@ procedures:
 def serve(tmp_path):
     site = tmp_path / "sweep.yaml"
     site.write_text(site_text())
-    started: list[Served] = []
-
-    def start() -> Served:
-        s = Served([*LABCTL, "serve", str(site)], tmp_path / "var", cwd=tmp_path)
-        started.append(s)
-        s.wait_ready()
-        return s
-
-    yield start
-    for s in started:
-        if s.proc.poll() is None:
-            s.proc.kill()
-        s.stop()
+    with site_servers(site, tmp_path / "var", tmp_path) as start:
+        yield start
 
 
 async def sweeping(url: str) -> int:

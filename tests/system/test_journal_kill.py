@@ -18,7 +18,7 @@ import pytest
 from labctl.clients.session import connect
 from labctl.server.passwords import hash_password
 
-from tests.served import Served
+from tests.served import site_servers
 
 LABCTL = [sys.executable, "-m", "labctl"]
 PASSWORD = "olga-pw"
@@ -46,19 +46,8 @@ pvs:
 def serve(tmp_path):
     site = tmp_path / "durable.yaml"
     site.write_text(site_text())
-    started: list[Served] = []
-
-    def start() -> Served:
-        s = Served([*LABCTL, "serve", str(site)], tmp_path / "var", cwd=tmp_path)
-        started.append(s)
-        s.wait_ready()
-        return s
-
-    yield start
-    for s in started:
-        if s.proc.poll() is None:
-            s.proc.kill()
-        s.stop()
+    with site_servers(site, tmp_path / "var", tmp_path) as start:
+        yield start
 
 
 async def test_every_acknowledged_write_is_in_the_audit_trail_after_kill_9(serve):
