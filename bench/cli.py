@@ -37,12 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import archive, fanout, history, profiling, report, roundtrip, scale
+from bench import archive, fanout, history, loginflood, profiling, report, roundtrip, scale
 from bench.env import wait_quiet
 from bench.machine import describe
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCENARIOS = ("fanout", "roundtrip", "archive", "scale", "history")
+SCENARIOS = ("fanout", "roundtrip", "archive", "scale", "history", "loginflood")
 
 
 @dataclass
@@ -72,6 +72,9 @@ class Plan:
     history_raw_repeat: int = 1
     profiles: list[str] = field(default_factory=lambda: ["fanout-ca", "fanout-opcua", "archive", "startup"])
     backends: list[str] = field(default_factory=lambda: ["sqlite", "timescaledb"])
+    flood_measure_s: float = 5.0
+    """Seconds of CA gets, then of OPC UA reads, idle and under the login flood."""
+    flooders: int = 4
 
 
 QUICK = dict(
@@ -85,6 +88,7 @@ QUICK = dict(
     history_repeat=3,
     history_raw_repeat=1,
     profiles=["fanout-ca", "fanout-opcua"],
+    flood_measure_s=2.0,
 )
 
 
@@ -366,6 +370,24 @@ class Run:
             except Exception as e:
                 cell = {"scenario": "history", "backend_kind": backend, **self.error(label, e)}
             out.append(cell)
+
+    async def loginflood(self) -> None:
+        p = self.plan
+        out = self.results.setdefault("loginflood", [])
+        await self.quiet()
+        try:
+            cell = await loginflood.measure(p.flood_measure_s, p.flooders)
+            say(
+                "loginflood: "
+                + ", ".join(
+                    f"{what} p99 {cell['idle'][what]['p99_ms']:.1f} -> {cell['flood'][what]['p99_ms']:.1f} ms"
+                    for what in ("ca_get", "opcua_read")
+                )
+                + f", {cell['flood_rate_per_s']:.1f} bad logins/s reached the server"
+            )
+        except Exception as e:
+            cell = {"scenario": "loginflood", **self.error("loginflood", e)}
+        out.append(cell)
 
     async def profiles(self) -> None:
         p = self.plan

@@ -261,6 +261,21 @@ def history_table(cells: list[dict]) -> str:
     return out + ("\n\nSeeded through the historian's bulk path: " + "; ".join(seeds) if seeds else "")
 
 
+def loginflood_table(cells: list[dict]) -> str:
+    rows = []
+    for c in cells:
+        if "error" in c:
+            rows.append(["ERROR: " + c["error"][:60], "", "", "", "", ""])
+            continue
+        for what, label in (("ca_get", "CA get"), ("opcua_read", "OPC UA read")):
+            i, f = c["idle"][what], c["flood"][what]
+            rows.append(
+                [label, f"{i['p50_ms']:.2f}", f"{i['p99_ms']:.2f}", f"{f['p50_ms']:.2f}", f"{f['p99_ms']:.2f}", _ratio(f["p99_ms"], i["p99_ms"])]
+            )
+        rows.append([f"bad logins reaching the server ({c['flooders']} flooders)", "", "", "", f"{c['flood_rate_per_s']:.1f}/s", ""])
+    return _table(["operation", "idle p50 ms", "idle p99 ms", "flood p50 ms", "flood p99 ms", "p99 flood/idle"], rows)
+
+
 def profiles_text(profiles: dict) -> str:
     """Per profile: what ran, where each thread's time went, and its busiest functions."""
     parts = []
@@ -309,6 +324,7 @@ def tables(results: dict) -> str:
         ("Archiving", "archive", lambda r: archive_table(r["archive"])),
         ("Scale", "scale", lambda r: scale_table(r["scale"], r.get("sitefile", []))),
         ("History", "history", lambda r: history_table(r["history"])),
+        ("Login flood", "loginflood", lambda r: loginflood_table(r["loginflood"])),
         ("Profiles (py-spy, separate repetitions)", "profiles", lambda r: profiles_text(r["profiles"])),
     ]
     for title, key, render in sections:
@@ -428,4 +444,16 @@ def judge(results: dict) -> list[dict]:
                     t < 0.1,
                     _ratio(t, 0.1),
                 )
+    for c in results.get("loginflood", []):
+        if "error" in c:
+            continue
+        for what, label in (("ca_get", "CA get"), ("opcua_read", "OPC UA read")):
+            idle, flood = c["idle"][what]["p99_ms"], c["flood"][what]["p99_ms"]
+            add(
+                f"{label} under a login flood: p99",
+                f"{flood:.2f} ms",
+                f"<= 2 x idle ({2 * idle:.2f} ms)",
+                flood <= 2 * idle,
+                _ratio(flood, 2 * idle),
+            )
     return out

@@ -49,6 +49,8 @@ async def run(
         try:
             await writer.start(timeout=120)
             idle = _clean(await writer.call("roundtrip", timeout=writes * 6 + 30, pv=SETPOINT_PV, n=writes))
+            if kind == "labctl":
+                idle["stages"] = _stages(await rig.server.call("stages"))
             loaded = []
             for k, rate in enumerate(rates):
                 measure = asyncio.create_task(rig.measure(rate, warmup_s=warmup_s, duration_s=duration_s))
@@ -61,6 +63,8 @@ async def run(
                 )
                 load = await measure
                 rt["rate_offered"] = rate
+                if kind == "labctl":
+                    rt["stages"] = _stages(await rig.server.call("stages"))
                 rt["load"] = {k: load[k] for k in ("posted_rate", "delivered_rate", "latency", "server_cores", "load")}
                 loaded.append(rt)
         finally:
@@ -79,3 +83,8 @@ def _clean(answer: dict[str, Any]) -> dict[str, Any]:
     answer = {k: v for k, v in answer.items() if k not in ("id", "ok")}
     answer["latency"] = {k: v for k, v in answer["latency"].items() if not k.startswith("hist")}
     return answer
+
+
+def _stages(answer: dict[str, Any]) -> dict[str, Any]:
+    """The server's per-step times of the writes just made (:mod:`bench.stages`)."""
+    return {k: v for k, v in answer.items() if k not in ("id", "ok")}

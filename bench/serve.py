@@ -132,6 +132,10 @@ class Labctl:
         await server.start()
         self.server = server
         self._post = server.db.post
+        if args.instrument:
+            from bench import stages
+
+            stages.install(server, SETPOINT_PV)
         out: dict[str, Any] = {"pvs": len(server.db)}
         if not args.no_ca:
             out["ca_port"] = server.service("ca").port
@@ -408,6 +412,10 @@ async def main() -> None:
 
     pauses = GcPauses()
     handlers: dict[str, Any] = {"drive": drive, "stats": lambda: {**server.stats(), "gc": pauses.stats()}}
+    if args.kind == "labctl" and args.instrument:
+        from bench import stages
+
+        handlers["stages"] = lambda: (stages.summary(), stages.reset())[0]
     for op in ("feed", "flush", "count", "bare"):
         if hasattr(server, op):
             handlers[op] = getattr(server, op)

@@ -6,8 +6,10 @@ labctl server answers from its historian:
 
 * **raw** (``every=None``): ReadRawModifiedDetails over ``[since, until)``, oldest first,
   :data:`PAGE_SIZE` values per request, following continuation points until the range is
-  exhausted. Each value's StatusCode becomes a severity and status as for live reads
-  (:func:`labctl.clients.values.quality`); an INVALID value is NaN (numbers) or None.
+  exhausted. Severity and status come as for live reads: a Bad StatusCode is INVALID
+  (:func:`labctl.clients.values.quality`), and the rest from the PV's ``AlarmState``
+  variable, whose history the same request reads (the same samples, so one alarm state
+  per value); an INVALID value is NaN (numbers) or None.
   By default (``bounds=True``) the read asks for ReturnBounds and keeps the start bound:
   the value in force at ``since`` (the last one archived before it, with its own time)
   comes first, so a PV that did not change in the range still shows its value; the end
@@ -48,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from asyncua import ua
 from labctl.clients.errors import ClientError
-from labctl.clients.values import Metadata, format_number, format_value, quality, reading_of
+from labctl.clients.values import Metadata, alarm_node_name, format_number, format_value, quality, reading_of
 from labctl.ioc.types import PVType, Severity, Status
 
 if TYPE_CHECKING:
@@ -206,21 +208,32 @@ async def _raw(session: Session, meta: Metadata, start: float, end: float, bound
     details.NumValuesPerNode = PAGE_SIZE
     details.ReturnBounds = bounds
     nid = session._node_id(meta.name)  # noqa: SLF001 -- NodeIds are the session's
-    readings = []
-    cont: bytes | None = None
-    while True:
-        (result,) = await _history_read(session, details, [(nid, cont)])
-        if result.StatusCode is not None and result.StatusCode.is_bad():
-            raise _refused(meta.name, result.StatusCode)
-        if result.HistoryData is not None:
-            readings += [
-                reading_of(meta, dv)
-                for dv in result.HistoryData.DataValues
-                if not (bounds and dv.StatusCode is not None and dv.StatusCode.value == ua.StatusCodes.BadBoundNotFound)
-            ]
-        cont = result.ContinuationPoint or None
-        if cont is None:
-            break
+    alarm_nid = session._node_id(alarm_node_name(meta.name))  # noqa: SLF001
+    values: list[ua.DataValue] = []
+    alarms: list[ua.DataValue] = []
+    pending: dict[ua.NodeId, bytes | None] = {nid: None, alarm_nid: None}
+    first = True
+    while first or pending:
+        first = False
+        order = list(pending)
+        results = await _history_read(session, details, [(n, pending[n]) for n in order])
+        for n, result in zip(order, results, strict=True):
+            if result.StatusCode is not None and result.StatusCode.is_bad():
+                if n == alarm_nid:  # a server without AlarmState history: severities from the StatusCodes alone
+                    del pending[n]
+                    continue
+                raise _refused(meta.name, result.StatusCode)
+            if result.HistoryData is not None:
+                (values if n == nid else alarms).extend(result.HistoryData.DataValues)
+            if result.ContinuationPoint:
+                pending[n] = result.ContinuationPoint
+            else:
+                del pending[n]
+    readings = [
+        reading_of(meta, dv, alarm)
+        for dv, alarm in _paired(values, alarms)
+        if not (bounds and dv.StatusCode is not None and dv.StatusCode.value == ua.StatusCodes.BadBoundNotFound)
+    ]
     if bounds and readings and readings[-1].timestamp >= end:
         readings.pop()  # the end bound: outside [since, until)
     numeric = meta.type in _NUMERIC
@@ -236,6 +249,20 @@ async def _raw(session: Session, meta: Metadata, start: float, end: float, bound
         severities=np.array([int(r.severity) for r in readings], dtype=np.int8),
         statuses=np.array([int(r.status) for r in readings], dtype=np.int16),
     )
+
+
+def _paired(values: list[ua.DataValue], alarms: list[ua.DataValue]) -> list[tuple[ua.DataValue, ua.DataValue | None]]:
+    """Each value with the alarm state of its sample: the one at the same place, else the last one at or before its time."""
+    if len(alarms) == len(values) and all(a.SourceTimestamp == v.SourceTimestamp for a, v in zip(alarms, values, strict=True)):
+        return list(zip(values, alarms, strict=True))
+    out: list[tuple[ua.DataValue, ua.DataValue | None]] = []
+    j, current = 0, None
+    for v in values:
+        while j < len(alarms) and (v.SourceTimestamp is None or (alarms[j].SourceTimestamp is not None and alarms[j].SourceTimestamp <= v.SourceTimestamp)):
+            current = alarms[j]
+            j += 1
+        out.append((v, current))
+    return out
 
 
 async def _processed(session: Session, meta: Metadata, start: float, end: float, every: float) -> History:

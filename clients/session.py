@@ -10,7 +10,8 @@ needs no browsing to get or put.
   per level and batched Reads for the metadata.
 * :meth:`Session.get` reads value and metadata (DataType, ValueRank, EngineeringUnits,
   EURange, EnumStrings, access levels) in one Read; metadata is cached per session
-  (decoded by :mod:`labctl.clients.values`).
+  (decoded by :mod:`labctl.clients.values`). The value's severity and status come from the
+  PV's ``AlarmState`` variable, read in the same request (a Bad StatusCode is INVALID).
 * :meth:`Session.put` writes a Variant of the PV's type. A refused write raises the
   :class:`~labctl.clients.errors.PutRefused` of the refusal's kind (``PutForbidden``,
   ``PutConflict``, ``PutInvalid``...), with its fields: the server sends the refusal as
@@ -96,6 +97,7 @@ from labctl.clients.values import (
     METADATA_PROPERTIES,
     Metadata,
     PVValue,
+    alarm_node_name,
     metadata_of,
     reading_of,
     status_name,
@@ -299,8 +301,11 @@ class Session:
         missing = [n for n in dict.fromkeys(names) if n not in self._meta]
         if missing:
             await self._infos(missing)
-        values = await self._read([(self._node_id(n), ua.AttributeIds.Value) for n in names])
-        return [PVValue(n, reading_of(self._meta[n], dv), self._meta[n]) for n, dv in zip(names, values, strict=True)]
+        reqs = []
+        for n in names:  # the value and its AlarmState, of the same reading
+            reqs += [(self._node_id(n), ua.AttributeIds.Value), (self._node_id(alarm_node_name(n)), ua.AttributeIds.Value)]
+        values = await self._read(reqs)
+        return [PVValue(n, reading_of(self._meta[n], values[2 * i], values[2 * i + 1]), self._meta[n]) for i, n in enumerate(names)]
 
     # ---- commands -------------------------------------------------------------------
 

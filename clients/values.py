@@ -7,12 +7,19 @@ EURange, EnumStrings); :func:`metadata_of` turns the values of those, read in on
 into a :class:`Metadata` (an Int node with EnumStrings is an enum, a one-dimensional
 Double a ``float64[]``).
 
-A server's StatusCode is turned back into an EPICS-style severity and status
-(:func:`quality`): Bad is INVALID (the code says why), UncertainEngineeringUnitsExceeded
-with a limit bit is a MAJOR HIHI/LOLO alarm, Good with a limit bit a MINOR HIGH/LOW one.
-:func:`reading_of` makes a DataValue a :class:`~labctl.ioc.types.Reading` with the value
-in the PV type's Python form; :func:`to_variant` makes a Python value the Variant a PV
-expects; :func:`format_value` shows a value to people, floats with the PV's precision
+Severity and status. A value's StatusCode says only whether it can be used, as OPC UA
+means it: Good for a PV in MINOR or MAJOR alarm too, Bad for an INVALID one with the
+code saying why (:func:`quality` turns a Bad code back into INVALID and its status).
+The alarm itself is the PV's ``AlarmState`` variable (NodeId ``<PV name>.AlarmState``,
+:func:`alarm_node_name`): ``100 x severity + status`` of the same reading
+(:func:`alarm_of`), stamped with that reading's time. :func:`reading_of` makes a
+DataValue -- with the ``AlarmState`` DataValue in force at its time, when there is one
+-- a :class:`~labctl.ioc.types.Reading` with the value in the PV type's Python form. The
+session reads both in one request; a monitor subscribes to both and pairs them by their
+SourceTimestamp (:mod:`labctl.clients.monitor`). (Without an ``AlarmState``, an older
+server's limit bits still decode: Uncertain with a limit bit MAJOR, Good with one MINOR.)
+
+:func:`to_variant` makes a Python value the Variant a PV expects; :func:`format_value` shows a value to people, floats with the PV's precision
 (its EPICS PREC, served as the node's ``ValuePrecision`` property: :func:`format_number`).
 Programs that want every digit take the value itself (``--json`` does).
 
@@ -74,7 +81,7 @@ class Metadata:
     """This session's user may write it (UserAccessLevel)."""
     historizing: bool = False
     path: str = ""
-    """Browse path below Objects, e.g. ``lab/ls336/temperature_A`` (from :meth:`~labctl.clients.session.Session.list_pvs`)."""
+    """Browse path below Objects, e.g. ``lab/magnet/MAG:TEMP:A`` (from :meth:`~labctl.clients.session.Session.list_pvs`)."""
     precision: int | None = None
     """Digits after the decimal point to show (the PV's PREC, OPC UA's ``ValuePrecision``); None: not declared."""
 
@@ -107,7 +114,11 @@ class Sample:
 
 
 def quality(code: int) -> tuple[Severity, Status]:
-    """EPICS-style severity and status of a labctl server's StatusCode."""
+    """EPICS-style severity and status of a StatusCode: INVALID and its status for a Bad one.
+
+    A Good one is NO_ALARM (the alarm is the PV's ``AlarmState``: :func:`reading_of`); the
+    limit bits of an older labctl server, which put the alarm into the StatusCode, still decode.
+    """
     base = code & 0xFFFF0000
     limit = code & (LIMIT_LOW | LIMIT_HIGH)
     if base & 0x80000000:
@@ -125,15 +136,48 @@ def quality(code: int) -> tuple[Severity, Status]:
     return Severity.NO_ALARM, Status.NO_ALARM
 
 
+#: BrowseName of a PV's alarm-state variable; its NodeId is ``<PV name>.AlarmState``.
+ALARM_STATE = "AlarmState"
+
+
+def alarm_node_name(name: str) -> str:
+    """The NodeId string of a PV's ``AlarmState`` variable."""
+    return f"{name}.{ALARM_STATE}"
+
+
+def alarm_of(value: Any) -> tuple[Severity, Status] | None:
+    """The severity and status of an ``AlarmState`` value (``100 x severity + status``), or None if it is not one."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 100 * len(Severity):
+        return None
+    severity, status = divmod(value, 100)
+    if status >= len(Status):
+        return None
+    return Severity(severity), Status(status)
+
+
+def _alarm_dv(alarm: ua.DataValue | None) -> tuple[Severity, Status] | None:
+    if alarm is None or alarm.Value is None or (alarm.StatusCode is not None and not alarm.StatusCode.is_good()):
+        return None
+    return alarm_of(alarm.Value.Value)
+
+
 def status_name(code: int) -> str:
     """The symbolic name of a StatusCode (limit bits aside)."""
     return ua.StatusCode(code & 0xFFFF0000).name
 
 
-def reading_of(meta: Metadata, dv: ua.DataValue) -> Reading:
-    """A DataValue as a :class:`~labctl.ioc.types.Reading` (value in the PV type's Python form)."""
+def reading_of(meta: Metadata, dv: ua.DataValue, alarm: ua.DataValue | None = None) -> Reading:
+    """A DataValue as a :class:`~labctl.ioc.types.Reading` (value in the PV type's Python form).
+
+    ``alarm``: the PV's ``AlarmState`` in force at the value's time, for its severity and
+    status below INVALID (a Bad StatusCode is INVALID whatever it says).
+    """
     code = dv.StatusCode.value if dv.StatusCode is not None else 0
     severity, status = quality(code)
+    state = _alarm_dv(alarm)
+    if severity is not Severity.INVALID and state is not None:
+        # An INVALID state beside a usable value belongs to another reading: not this value's alarm.
+        severity, status = state if state[0] is not Severity.INVALID else (Severity.NO_ALARM, Status.NO_ALARM)
     ts = dv.SourceTimestamp or dv.ServerTimestamp
     if ts is None:
         timestamp = time.time()

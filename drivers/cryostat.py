@@ -4,10 +4,12 @@ Theory of operation
 -------------------
 pyvisa-sim answers from static tables; a cryostat needs dynamics. This module is a
 small plant model with four stages -- the 50 K and 4 K pulse-tube plates, the still
-and the mixing chamber (``50K``, ``4K``, ``still``, ``mxc``) -- and the instruments that
-watch it: a Lake Shore 372 bridge (thermometers and heaters) and a Pfeiffer TPG gauge
-(vacuum cans). The real ``lakeshore372`` and ``tpg`` drivers run against it through a
-:class:`~labctl.drivers.transport.SimulationTransport`, one :class:`PlantEndpoint` per link.
+and the mixing chamber (``50K``, ``4K``, ``still``, ``mxc``) -- plus a superconducting
+magnet mounted on the 4 K plate (``magnet``), and the instruments that watch it: a Lake
+Shore 372 bridge (thermometers and heaters), a Lake Shore 336 on the magnet, and a
+Pfeiffer TPG gauge (vacuum cans). The real ``lakeshore372``, ``lakeshore336`` and ``tpg``
+drivers run against it through a :class:`~labctl.drivers.transport.SimulationTransport`,
+one :class:`PlantEndpoint` per link.
 
 Each stage temperature is a first-order lag toward an equilibrium that depends on what
 cools and heats it::
@@ -36,6 +38,16 @@ Equilibria (``compressor`` is the pulse-tube compressor; the dilution unit
 Cold-regime time constants are ``tau_s``; when a stage is warming because the
 compressor is off or the unit does not circulate, ``warm_tau_s`` applies.
 
+The magnet coil follows the 4 K plate it is mounted on, plus what its heater (the Lake
+Shore 336's output 1) puts in: ``T_eq = T_4K + magnet_k_per_w * P``, time constant
+``magnet_tau_s``. Output 1 is closed loop: an ideal controller delivers the power that
+holds the coil at setpoint 1, limited by the range (``RANGE 1,<n>``: 0 off, 1 low, 2
+medium, 3 high = ``magnet_heater_w`` / 100, / 10, x 1). So the coil sits at the 4 K plate's
+temperature with the heater off, at its setpoint with enough range, and warms with the
+plate when the compressor stops. The 336's inputs read the thermometers that
+``magnet_inputs`` places (default: A on the coil, B on the current leads' heat sink on
+the 50 K plate); an input with no thermometer reads 0, as a disabled 336 input does.
+
 Heaters (Lake Shore 372 outputs): 0 is the sample heater on the mixing chamber, with a
 current range (``RANGE 0,<n>``, 31.6 µA ... 100 mA into ``sample_heater_ohm``) and
 either closed loop (output mode 5: an ideal controller delivers the power that holds
@@ -54,23 +66,29 @@ options ``noise`` (relative rms measurement noise, drawn from a generator seeded
 ``seed``: the same sequence every run), ``drift`` (a slow relative wander of each
 stage's reading, a sine of period ``drift_period_s`` with a phase per stage) and
 ``ripple_k`` (the pulse tube's ripple on the 4 K plate, ``ripple_hz``), every
-temperature, resistance and pressure reading moves as a real one does. All are off by
-default, so the plant's own readers (:meth:`~CryostatPlant.temperature`...) and a plant
-without them answer exact values; the demo turns them on. Resistances follow the
+temperature, resistance and pressure reading -- the 336's too, each thermometer with its
+own drift phase -- moves as a real one does. All are off by default, so the plant's own
+readers (:meth:`~CryostatPlant.temperature`...) and a plant without them answer exact
+values; the demo turns them on. Resistances follow the
 thermometer law ``R = R_INF * exp((T0 / T) ** 0.25)`` of the reading's temperature, so
 a calibration table made from that law (the demo's ``rox_mxc``) gives the temperature back.
 
 Control methods for tests and the demo: :meth:`~CryostatPlant.stop_compressor`,
 :meth:`~CryostatPlant.start_compressor`, :meth:`~CryostatPlant.set_gauge_status`; and
-the readers :meth:`~CryostatPlant.temperature`, :meth:`~CryostatPlant.pressure`,
-:meth:`~CryostatPlant.heater_power`.
+the readers :meth:`~CryostatPlant.temperature` (a stage or ``magnet``),
+:meth:`~CryostatPlant.pressure`, :meth:`~CryostatPlant.heater_power`,
+:meth:`~CryostatPlant.magnet_heater_power`.
 
 Commands answered (Lake Shore 372): ``*IDN?``, ``KRDG? <ch>``, ``RDGR? <ch>``,
 ``SRDG? <ch>``, ``SETP? <o>``, ``SETP <o>,<K>``, ``RANGE? <o>``, ``RANGE <o>,<n>``,
 ``HTR?``, ``HTR? <o>``, ``MOUT? <o>``, ``MOUT <o>,<%>``, ``STILL?``, ``STILL <%>``,
 ``OUTMODE? <o>``, ``OUTMODE <o>,<mode>[,...]``. Channels are ``A`` and 1-16; those
-without a thermometer read 0. (TPG): ``PR1``, ``PR2``, ``PRX``, ``UNI``, ``PNR``,
-``TID`` acknowledged with ACK and answered after ENQ; anything else gets NAK.
+without a thermometer read 0. (Lake Shore 336): ``*IDN?``, ``*CLS``, ``KRDG? <in>``,
+``SRDG? <in>`` (inputs A-D), ``SETP[?] <o>`` (1-4), ``RANGE[?] <o>`` (1-2: 0-3, 3-4: 0-1),
+``HTR? <o>`` (1-2; nothing but output 1 heats anything, so output 2 reads 0 %),
+``MOUT[?] <o>`` (1-4; manual outputs are kept and read back, they heat nothing). (TPG):
+``PR1``, ``PR2``, ``PRX``, ``UNI``, ``PNR``, ``TID`` acknowledged with ACK and answered
+after ENQ; anything else gets NAK.
 """
 
 from __future__ import annotations
@@ -84,6 +102,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 STAGES = ("50K", "4K", "still", "mxc")
+#: The magnet coil: not a stage of the refrigerator, a load on its 4 K plate.
+MAGNET = "magnet"
+#: Where a Lake Shore 336 input's thermometer may sit.
+PLACES = (*STAGES, MAGNET)
 
 #: Sample-heater (output 0) full-scale current per range index, amperes.
 SAMPLE_HEATER_RANGES_A = (0.0, 31.6e-6, 100e-6, 316e-6, 1e-3, 3.16e-3, 10e-3, 31.6e-3, 100e-3)
@@ -100,7 +122,9 @@ LAKESHORE_HEADS = frozenset(
     {"*IDN?", "*CLS", "KRDG?", "RDGR?", "SRDG?", "SETP?", "SETP", "RANGE?", "RANGE", "HTR?",
      "MOUT?", "MOUT", "STILL?", "STILL", "OUTMODE?", "OUTMODE"}
 )  # fmt: skip
-PROTOCOLS = frozenset({"lakeshore372", "tpg"})
+LAKESHORE336_HEADS = frozenset({"*IDN?", "*CLS", "KRDG?", "SRDG?", "SETP?", "SETP", "RANGE?", "RANGE", "HTR?", "MOUT?", "MOUT"})
+INPUTS_336 = ("A", "B", "C", "D")
+PROTOCOLS = frozenset({"lakeshore372", "lakeshore336", "tpg"})
 
 
 class UnknownCommand(ValueError):
@@ -149,6 +173,14 @@ class CryostatOptions:
     """Inner vacuum can pressure (cold, warm); follows the 4 K plate."""
     ovc_mbar: tuple[float, float] = (5e-7, 2e-4)
     """Outer vacuum can pressure (cold, warm); follows the 50 K plate."""
+    magnet_tau_s: float = 300.0
+    """Time constant of the magnet coil toward its equilibrium."""
+    magnet_k_per_w: float = 2.0
+    """Magnet coil rise above the 4 K plate per watt of its heater."""
+    magnet_heater_w: float = 1.0
+    """Magnet heater (Lake Shore 336 output 1) full power on its high range."""
+    magnet_inputs: dict[str, str] = field(default_factory=lambda: {"A": MAGNET, "B": "50K"})
+    """Lake Shore 336 input -> where its thermometer sits (a stage or ``magnet``)."""
     start: str = "cold"
     """``cold`` (settled at base) or ``warm`` (every stage at ambient, cooling down)."""
     compressor_running: bool = True
@@ -220,6 +252,15 @@ def _convert_option(key: str, value: Any, default: Any) -> Any:
         if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) and v > 0 for v in value)):
             raise TypeError(f"expected [cold, warm] positive pressures, got {value!r}")
         return (float(value[0]), float(value[1]))
+    if key == "magnet_inputs":
+        if not isinstance(value, Mapping):
+            raise TypeError(f"expected a mapping of Lake Shore 336 input to place, got {value!r}")
+        inputs = {}
+        for name, place in value.items():
+            if str(name).upper() not in INPUTS_336 or place not in PLACES:
+                raise ValueError(f"input {name!r}: {place!r}; inputs are A-D, places {', '.join(PLACES)}")
+            inputs[str(name).upper()] = place
+        return inputs
     if key == "channels":
         if not isinstance(value, Mapping):
             raise TypeError(f"expected a mapping of channel number to stage, got {value!r}")
@@ -274,13 +315,15 @@ class CryostatPlant:
         self._last = clock()
         self._compressor = self.options.compressor_running
         self._outputs = {0: _Output(MODE_CLOSED_LOOP), 1: _Output(MODE_OPEN_LOOP), 2: _Output(MODE_OPEN_LOOP)}
+        # The Lake Shore 336's outputs (its power-on setpoints); output 1 heats the magnet.
+        self._outputs336 = {n: _Output(MODE_CLOSED_LOOP, setpoint_k=sp) for n, sp in ((1, 4.2), (2, 50.0), (3, 0.0), (4, 0.0))}
         self._gauge_status: dict[int, int | None] = {1: None, 2: None}
         o = self.options
         if o.start == "warm":
-            self._t = {stage: o.ambient_k for stage in STAGES}
+            self._t = {place: o.ambient_k for place in PLACES}
         else:
-            self._t = {"50K": o.stage50_k, "4K": o.stage4_k, "still": o.still_k, "mxc": o.mxc_base_k}
-        self._default = PlantEndpoint(self, PROTOCOLS)
+            self._t = {"50K": o.stage50_k, "4K": o.stage4_k, "still": o.still_k, "mxc": o.mxc_base_k, MAGNET: o.stage4_k}
+        self._default = PlantEndpoint(self, frozenset({"lakeshore372", "tpg"}))
         self._random = random.Random(self.options.seed)
 
     # ---- control -------------------------------------------------------------------
@@ -311,16 +354,16 @@ class CryostatPlant:
     # ---- readings ------------------------------------------------------------------
 
     def temperature(self, stage: str) -> float:
-        """A stage's temperature now, kelvin."""
+        """A stage's (or the ``magnet`` coil's) temperature now, kelvin."""
         if stage not in self._t:
-            raise ValueError(f"no stage {stage!r}; stages: {', '.join(STAGES)}")
+            raise ValueError(f"no stage {stage!r}; stages: {', '.join(PLACES)}")
         self._advance()
         return self._t[stage]
 
     def temperatures(self) -> dict[str, float]:
-        """Every stage's temperature now, kelvin."""
+        """Every stage's temperature now, kelvin (the refrigerator's four; the magnet's is :meth:`temperature`)."""
         self._advance()
-        return dict(self._t)
+        return {stage: self._t[stage] for stage in STAGES}
 
     def circulating(self) -> bool:
         """Whether the dilution unit circulates (compressor on and 4 K plate cold)."""
@@ -332,6 +375,11 @@ class CryostatPlant:
         self._advance()
         return self._power(output)
 
+    def magnet_heater_power(self) -> float:
+        """The power of the magnet heater (Lake Shore 336 output 1) now, watts."""
+        self._advance()
+        return self._magnet_power()
+
     def pressure(self, gauge: int) -> float:
         """A vacuum gauge's true pressure now, mbar (1: IVC, 2: OVC)."""
         self._advance()
@@ -340,7 +388,7 @@ class CryostatPlant:
     # ---- protocol ------------------------------------------------------------------
 
     def endpoint(self, protocol: str) -> PlantEndpoint:
-        """A new link speaking one driver's command set (``lakeshore372`` or ``tpg``).
+        """A new link speaking one driver's command set (``lakeshore372``, ``lakeshore336`` or ``tpg``).
 
         Raises:
             ValueError: the plant cannot speak that protocol.
@@ -383,8 +431,19 @@ class CryostatPlant:
         needed = o.cooling_w_per_k2 * max(0.0, out.setpoint_k**2 - o.mxc_base_k**2)
         return 100.0 * math.sqrt(min(needed, full) / full)
 
+    def _magnet_full_w(self) -> float:
+        """The magnet heater's power at 100 % on its present range (0 off, then decades up to high)."""
+        rng = self._outputs336[1].range
+        return self.options.magnet_heater_w * 10.0 ** (rng - 3) if rng else 0.0
+
+    def _magnet_power(self) -> float:
+        """What the 336's ideal loop 1 delivers: the power that holds the coil at its setpoint, within the range."""
+        o = self.options
+        needed = max(0.0, (self._outputs336[1].setpoint_k - self._t["4K"]) / o.magnet_k_per_w)
+        return min(needed, self._magnet_full_w())
+
     def _equilibria(self) -> dict[str, tuple[float, float]]:
-        """(T_eq, tau) per stage for the present state."""
+        """(T_eq, tau) per stage (and the magnet) for the present state."""
         o, t = self.options, self._t
         cold, warm = o.tau_s, o.warm_tau_s
         eq: dict[str, tuple[float, float]] = {}
@@ -402,6 +461,7 @@ class CryostatPlant:
         else:
             eq["still"] = (t["4K"], warm["still"])
             eq["mxc"] = (t["still"] + o.warm_k_per_w * mxc_power, warm["mxc"])
+        eq[MAGNET] = (t["4K"] + o.magnet_k_per_w * self._magnet_power(), o.magnet_tau_s)
         return eq
 
     def _advance(self) -> None:
@@ -441,12 +501,15 @@ class CryostatPlant:
             value *= 1.0 + o.noise * max(-4.0, min(4.0, self._random.gauss(0.0, 1.0)))
         return value
 
-    def _thermometer(self, stage: str) -> float:
-        """The temperature a thermometer on ``stage`` reads (ripple, drift, noise), kelvin."""
+    def _thermometer(self, stage: str, key: str | None = None) -> float:
+        """The temperature a thermometer on ``stage`` reads (ripple, drift, noise), kelvin.
+
+        ``key`` names the thermometer (its drift's phase); default: the stage's own.
+        """
         kelvin = self._t[stage]
         if stage == "4K" and self.options.ripple_k:
             kelvin += self.options.ripple_k * math.sin(2.0 * math.pi * self.options.ripple_hz * self._last)
-        return max(1e-4, self._seen(kelvin, stage))
+        return max(1e-4, self._seen(kelvin, key or stage))
 
     def _gauge_reading(self, gauge: int) -> str:
         pressure = self._seen(self._pressure(gauge), f"gauge{gauge}")
@@ -540,6 +603,60 @@ class CryostatPlant:
             return None
         raise UnknownCommand(f"the simulated Lake Shore 372 does not know {head!r}")
 
+    # ---- Lake Shore 336 commands ---------------------------------------------------
+
+    def _output336(self, text: str, allowed: tuple[int, ...] = (1, 2, 3, 4)) -> _Output:
+        try:
+            number = int(text)
+        except ValueError:
+            raise UnknownCommand(f"no output {text!r}") from None
+        if number not in allowed:
+            raise UnknownCommand(f"no output {number}; outputs here are {allowed}")
+        return self._outputs336[number]
+
+    def _lakeshore336(self, head: str, args: list[str]) -> str | None:
+        self._advance()
+        nargs = {"*IDN?": 0, "*CLS": 0, "KRDG?": 1, "SRDG?": 1, "SETP?": 1, "SETP": 2, "RANGE?": 1, "RANGE": 2,
+                 "HTR?": 1, "MOUT?": 1, "MOUT": 2}  # fmt: skip
+        if len(args) != nargs[head]:
+            raise UnknownCommand(f"{head} takes {nargs[head]} argument(s), got {len(args)}")
+        if head == "*IDN?":
+            return "LSCI,MODEL336,LSA1SIM/0000001,2.9"
+        if head == "*CLS":
+            return None
+        if head in ("KRDG?", "SRDG?"):
+            name = args[0].upper()
+            if name not in INPUTS_336:
+                raise UnknownCommand(f"no input {args[0]!r}; inputs are A-D")
+            place = self.options.magnet_inputs.get(name)
+            if place is None:
+                return "+0.00000"
+            kelvin = self._thermometer(place, f"ls336:{name}")
+            value = kelvin if head == "KRDG?" else R_INF_OHM * math.exp((T0_K / kelvin) ** 0.25)
+            return f"{value:+.6g}"
+        if head == "SETP?":
+            return f"{self._output336(args[0]).setpoint_k:+.6g}"
+        if head == "SETP":
+            self._output336(args[0]).setpoint_k = _number(args[1], 0.0, 1500.0)
+            return None
+        if head == "RANGE?":
+            return str(self._output336(args[0]).range)
+        if head == "RANGE":
+            number = int(_number(args[0], 1, 4, integer=True))
+            top = 3 if number <= 2 else 1
+            self._outputs336[number].range = int(_number(args[1], 0, top, integer=True))
+            return None
+        if head == "HTR?":
+            self._output336(args[0], (1, 2))
+            full = self._magnet_full_w()
+            pct = 100.0 * math.sqrt(self._magnet_power() / full) if args[0].strip() == "1" and full > 0 else 0.0
+            return f"{pct:+.2f}"
+        if head == "MOUT?":
+            return f"{self._output336(args[0]).manual_pct:+.2f}"
+        # MOUT
+        self._output336(args[0]).manual_pct = _number(args[1], 0.0, 100.0)
+        return None
+
     # ---- TPG answers ---------------------------------------------------------------
 
     def _tpg_data(self, mnemonic: str) -> str:
@@ -600,9 +717,12 @@ class PlantEndpoint:
                 return ACK
         head, _, rest = command.strip().partition(" ")
         head = head.upper()
+        args = [a.strip() for a in rest.split(",")] if rest.strip() else []
         if "lakeshore372" in self.protocols and head in LAKESHORE_HEADS:
-            args = [a.strip() for a in rest.split(",")] if rest.strip() else []
             return self.plant._lakeshore(head, args)
+        if "lakeshore336" in self.protocols and head in LAKESHORE336_HEADS:
+            return self.plant._lakeshore336(head, args)
         if "tpg" in self.protocols:
             return NAK
-        raise UnknownCommand(f"the simulated Lake Shore 372 does not know {command!r}")
+        model = "336" if "lakeshore336" in self.protocols else "372"
+        raise UnknownCommand(f"the simulated Lake Shore {model} does not know {command!r}")

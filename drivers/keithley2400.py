@@ -5,8 +5,10 @@ and error queue (``*CLS``) and sets ``:FORM:ELEM VOLT,CURR``, so that one ``:REA
 answers ``<volts>,<amps>``: a batched read of ``voltage`` and ``current`` is one
 exchange. ``:READ?`` triggers a measurement, and with the output off it would switch
 the output *on* -- so the driver first asks ``:OUTP?`` and, while the output is off,
-returns NaN for the measured channels without triggering anything. Reading never
-changes the source.
+returns :func:`~labctl.drivers.values.disabled` for the measured channels without
+triggering anything: their PVs read INVALID/DISABLE (OPC UA ``BadOutOfService``) with
+their last measured value, as a disabled EPICS record does, never a NaN that looks like
+a measurement. Reading never changes the source.
 
 SCPI instruments do not answer a command; they queue errors. After every write the
 driver reads ``:SYST:ERR?`` until it says ``0,"No error"`` and raises DriverFault with
@@ -17,8 +19,8 @@ Channels (names as pymeasure's guide names them):
 =======================  =====  ====  ===========================================================
 channel                  type   unit  commands
 =======================  =====  ====  ===========================================================
-``voltage``              float  V     measured, first field of ``:READ?`` (NaN while output off)
-``current``              float  A     measured, second field of ``:READ?`` (NaN while output off)
+``voltage``              float  V     measured, first field of ``:READ?`` (disabled while output off)
+``current``              float  A     measured, second field of ``:READ?`` (disabled while output off)
 ``voltage_setpoint``     float  V     ``:SOUR:VOLT:LEV?`` / ``:SOUR:VOLT:LEV <v>``, -210..210
 ``current_setpoint``     float  A     ``:SOUR:CURR:LEV?`` / ``:SOUR:CURR:LEV <v>``, -1.05..1.05
 ``compliance_current``   float  A     ``:SENS:CURR:PROT?`` / ``:SENS:CURR:PROT <v>``, 0..1.05
@@ -30,18 +32,19 @@ channel                  type   unit  commands
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 from labctl.drivers.base import BoundChannel, VisaDriver, control, measurement
-from labctl.drivers.values import csv_field, parse_bool
+from labctl.drivers.values import csv_field, disabled, parse_bool
 from labctl.ioc.errors import DriverFault
 
 #: The query that triggers and returns a measurement.
 READ = ":READ?"
 #: The output state query.
 OUTPUT_QUERY = ":OUTP?"
+#: What the measured channels read while the output is off.
+OUTPUT_OFF = disabled("output off")
 
 
 class Keithley2400(VisaDriver):
@@ -96,5 +99,5 @@ class Keithley2400(VisaDriver):
             return await super()._read_locked(bound, replies)
         # Output off: a :READ? would turn it on, so there is no measurement to report.
         values = await super()._read_locked([b for b in bound if b.get != READ], replies)
-        values.update({b.name: math.nan for b in measured})
+        values.update({b.name: OUTPUT_OFF for b in measured})
         return values

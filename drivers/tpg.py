@@ -16,14 +16,16 @@ code  meaning                    ``pressure:<n>`` returns
 0     measurement OK             the value
 1     underrange                 the value sent (the lower limit: an upper bound on the truth)
 2     overrange                  ``+inf`` (never lower than the truth, so HIGH alarms fire)
-3     sensor error               NaN (no measurement)
-4     sensor off                 NaN
-5     no sensor                  NaN
-6     identification error       NaN
+3     sensor error               no reading: INVALID/READ
+4     sensor off                 no reading: INVALID/DISABLE (switched off, not broken)
+5     no sensor                  no reading: INVALID/READ
+6     identification error       no reading: INVALID/READ
 ====  =========================  ==========================================================
 
-One failed sensor must not make the whole controller look dead, so these are values,
-not DriverFaults; the ``status:<n>`` channel carries the code for display and alarms.
+One failed sensor must not make the whole controller look dead, so these are not
+DriverFaults: codes 3-6 read as a :class:`~labctl.drivers.values.NoReading`, which the
+database posts INVALID with that status, keeping the PV's last value (never a NaN that
+looks like a measurement); the ``status:<n>`` channel carries the code for display.
 An unknown status code or a malformed reply is a DriverFault. When both gauges are
 read in one batch the driver asks ``PRX`` once instead of ``PR1`` and ``PR2``.
 
@@ -47,8 +49,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from labctl.drivers.base import BoundChannel, VisaDriver, measurement
-from labctl.drivers.values import parse_float, parse_int
+from labctl.drivers.values import NoReading, parse_float, parse_int
 from labctl.ioc.errors import DriverFault
+from labctl.ioc.types import Status
 
 ACK = "\x06"
 NAK = "\x15"
@@ -67,6 +70,14 @@ STATUS = {
 
 GAUGES = ("1", "2")
 
+#: What ``pressure:<n>`` reads for a status code that carries no measurement.
+NO_READING = {
+    3: NoReading(Status.READ, STATUS[3]),
+    4: NoReading(Status.DISABLE, STATUS[4]),
+    5: NoReading(Status.READ, STATUS[5]),
+    6: NoReading(Status.READ, STATUS[6]),
+}
+
 
 def split_reading(reply: str) -> tuple[int, float]:
     """``"0,1.2340E-03"`` -> ``(0, 0.001234)``.
@@ -83,14 +94,14 @@ def split_reading(reply: str) -> tuple[int, float]:
     return status, parse_float(fields[1])
 
 
-def parse_pressure(reply: str) -> float:
+def parse_pressure(reply: str) -> float | NoReading:
     """The pressure of a ``<status>,<value>`` reply, per the status table of this module."""
     status, value = split_reading(reply)
     if status in (0, 1):
         return value
     if status == 2:
         return math.inf
-    return math.nan
+    return NO_READING[status]
 
 
 def parse_status(reply: str) -> int:

@@ -11,6 +11,11 @@ padding, ``ON``/``OFF``) and nothing looser: a reply that does not fit raises
 The other direction, :func:`coerce`, checks a value written by a client against the
 channel's kind before anything is sent. It refuses silently lossy conversions
 (``2.5`` to an int, ``2`` to a bool, a bool to a float).
+
+A channel the instrument cannot measure now (a source-meter's measured voltage while its
+output is off, a gauge switched off) reads as :class:`NoReading` -- :func:`disabled` for
+a channel switched off -- never as a NaN standing for "nothing": the database posts it
+INVALID/DISABLE and keeps the PV's last value (see :mod:`labctl.ioc.driver`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,23 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from labctl.ioc.driver import NoReading, disabled
+
+__all__ = [
+    "KINDS",
+    "KIND_OF_PARSER",
+    "PARSERS",
+    "NoReading",
+    "coerce",
+    "csv_field",
+    "disabled",
+    "is_finite",
+    "parse_bool",
+    "parse_float",
+    "parse_floats",
+    "parse_int",
+    "parse_str",
+]
 #: The Python types a channel can have. ``tuple`` means a tuple of floats.
 KINDS: tuple[type, ...] = (float, int, bool, str, tuple)
 

@@ -156,8 +156,10 @@ class AlarmTable:
         old = self._alarms.get(source)
         if old is None:
             return []
-        if reading.status is Status.UDF:
-            # Never defined yet (start-up): not an alarm. A lost instrument reads COMM instead.
+        if reading.status in (Status.UDF, Status.DISABLE):
+            # Never defined yet (start-up), or switched off on purpose (a source-meter's output
+            # off): not an alarm, as an EPICS alarm handler ignores a disabled record. The PV
+            # itself still reads INVALID/DISABLE. A lost instrument reads COMM instead.
             reading = Reading(reading.value, reading.timestamp)
         sev, now = reading.severity, reading.timestamp
         if sev == old.current and reading.status == old.status:
@@ -288,5 +290,5 @@ def summary_pv_infos() -> list[PVInfo]:
             )
         else:
             kind, sev = key.split("_")
-            out.append(PVInfo(name, PVType.INT, "alarms", f"{kind} {sev} alarms", initial=0))
+            out.append(PVInfo(name, PVType.INT, "alarms", f"{kind} {sev} alarms", unit="alarms", precision=0, initial=0))
     return out

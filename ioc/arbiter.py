@@ -453,7 +453,7 @@ def lock_pv_infos(resource: ResourceConfig) -> list[PVInfo]:
     """Descriptions of a lockable resource's lock-state PVs (read-only, kept by the server)."""
     names = lock_pv_names(resource.name)
     return [
-        PVInfo(names["owner"], PVType.STRING, "arbiter", f"{resource.name} lock holder"[:40], initial=""),
-        PVInfo(names["expires"], PVType.FLOAT64, "arbiter", f"{resource.name} lock expiry (UNIX s)"[:40], unit="s", precision=0, initial=0.0),
-        PVInfo(names["queue"], PVType.INT, "arbiter", f"{resource.name} lock queue length"[:40], initial=0),
+        PVInfo(names["owner"], PVType.STRING, "arbiter", f"{resource.name} lock holder (user)"[:40], initial=""),
+        PVInfo(names["expires"], PVType.FLOAT64, "arbiter", f"{resource.name} lock expiry (UNIX s, 0: free)"[:40], unit="s", precision=3, initial=0.0),
+        PVInfo(names["queue"], PVType.INT, "arbiter", f"{resource.name} lock requests waiting"[:40], unit="req", precision=0, initial=0),
     ]

@@ -64,7 +64,7 @@ from labctl.ioc.access import (
     NoInterlocks,
     NoLocks,
 )
-from labctl.ioc.driver import Driver, readable
+from labctl.ioc.driver import Driver, NoReading, readable
 from labctl.ioc.errors import (
     DriverError,
     DriverFault,
@@ -81,7 +81,7 @@ from labctl.ioc.errors import (
 from labctl.ioc.expr import EvaluationError, Expression, Table
 from labctl.ioc.links import InstrumentLink
 from labctl.ioc.policy import Policy
-from labctl.ioc.pv import AlarmEvaluator, Deadbands, PVInfo, canonical, coerce
+from labctl.ioc.pv import AlarmEvaluator, Deadbands, PVInfo, canonical, coerce, held_value
 from labctl.ioc.subscription import Callback, Monitor
 from labctl.ioc.types import EventMask, Identity, PVType, Reading, Severity, Status, Update
 
@@ -323,12 +323,16 @@ class Database:
     ) -> Update | None:
         """Set a PV's new value; evaluate alarms and deadbands; notify subscribers.
 
-        ``severity``/``status`` override the limit alarm (e.g. INVALID/COMM). Returns the
+        ``severity``/``status`` override the limit alarm (e.g. INVALID/COMM). A
+        :class:`~labctl.ioc.driver.NoReading` for ``value`` posts INVALID with its status,
+        keeping the PV's last value (:func:`~labctl.ioc.pv.held_value`). Returns the
         posted update, or None if the change passed no deadband and no alarm changed.
         """
         rec = self._record(name)
         info = rec.info
         ts = self.clock() if timestamp is None else timestamp
+        if isinstance(value, NoReading):  # the source has no reading now (a channel switched off)
+            return self._set(rec, Reading(held_value(info, rec.reading.value), ts, Severity.INVALID, value.status))
         try:
             value = canonical(info, value)
         except WrongType as e:
@@ -376,15 +380,21 @@ class Database:
         assert rec.expression is not None
         env: dict[str, Any] = {}
         ts = 0.0
+        status: Status | None = None
         for var, src in rec.info.inputs:
             r = self._records[src].reading
             if not r.valid:
-                # An input never defined leaves the result undefined; a failed input makes it INVALID/LINK.
-                status = Status.UDF if r.status is Status.UDF else Status.LINK
-                self._set(rec, Reading(rec.reading.value, max(r.timestamp, rec.reading.timestamp), Severity.INVALID, status))
-                return
+                # A failed input makes the result INVALID/LINK; else an input never defined leaves
+                # it undefined (UDF), and one switched off leaves it switched off (DISABLE).
+                why = r.status if r.status in (Status.UDF, Status.DISABLE) else Status.LINK
+                if status is None or _INPUT_STATUS_RANK[why] < _INPUT_STATUS_RANK[status]:
+                    status = why
             env[var] = r.value
             ts = max(ts, r.timestamp)
+        if status is not None:
+            value = held_value(rec.info, rec.reading.value) if status is Status.DISABLE else rec.reading.value
+            self._set(rec, Reading(value, max(ts, rec.reading.timestamp), Severity.INVALID, status))
+            return
         try:
             value = rec.expression.evaluate(env)
         except EvaluationError as e:
@@ -600,6 +610,10 @@ class Database:
             out[kind] += 1
             out[r.reading.severity.name] += 1
         return dict(out)
+
+
+#: Which invalid input decides a derived PV's status: a failure first, then "undefined", then "switched off".
+_INPUT_STATUS_RANK = {Status.LINK: 0, Status.UDF: 1, Status.DISABLE: 2}
 
 
 def _is_nan(info: PVInfo, value: Any) -> bool:

@@ -15,15 +15,49 @@ Rules every driver keeps:
 * Blocking I/O never runs on the event loop (the VISA transport uses a worker thread).
 * A driver that can push values (an instrument that streams) calls the ``push``
   callback given to :meth:`Driver.bind_push`.
+* A channel the instrument answers for but cannot measure now -- a source-meter's
+  measured voltage while its output is off, a gauge switched off -- is not a fault of the
+  link and not a value either: the driver returns a :class:`NoReading` for it (never a
+  NaN standing for "nothing"), and the database posts it as INVALID with the status the
+  driver gives (``DISABLE`` for a channel switched off), keeping the PV's last value
+  (:func:`labctl.ioc.pv.held_value`). Derived PVs computed from it go INVALID too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
+
+from labctl.ioc.types import Status
 
 #: push(channel, value, timestamp or None)
 PushCallback = Callable[[str, Any, "float | None"], None]
+
+
+@dataclass(frozen=True, slots=True)
+class NoReading:
+    """What a driver returns, in place of a value, for a channel that has no reading now.
+
+    The database posts it as an INVALID reading with ``status`` and the PV's last value
+    (a PV that never had one shows its type's zero, as an EPICS record that never
+    processed shows VAL 0), so a client sees severity INVALID, status DISABLE (OPC UA
+    ``BadOutOfService``) rather than a NaN that looks like a measurement.
+    """
+
+    status: Status = Status.DISABLE
+    """Why there is no reading: ``DISABLE`` (the channel is switched off), ``READ`` (the sensor failed)..."""
+    reason: str = ""
+    """What a person reads: ``output off``, ``sensor off``."""
+
+    def __post_init__(self) -> None:
+        if self.status is Status.NO_ALARM:
+            raise ValueError("a NoReading needs a status that says why (DISABLE, READ...), not NO_ALARM")
+
+
+def disabled(reason: str = "") -> NoReading:
+    """The reading of a channel that is switched off: INVALID/DISABLE."""
+    return NoReading(Status.DISABLE, reason)
 
 
 @runtime_checkable
@@ -42,7 +76,7 @@ class Driver(Protocol):
         ...
 
     async def read(self, channels: Sequence[str]) -> dict[str, Any]:
-        """Read several channels at once; return channel -> value (python types)."""
+        """Read several channels at once; return channel -> value (python types) or :class:`NoReading`."""
         ...
 
     async def write(self, channel: str, value: Any) -> Any:

@@ -41,6 +41,14 @@ The queue can be *held* (by an interlock): no job starts, and running jobs pause
 their next step until the hold is lifted. Every transition is reported to listeners (the
 audit trail) and to the job store (the historian), so jobs survive a restart as records;
 a job found queued at start-up is marked failed, never silently lost.
+
+**A site of several servers.** Each job names the server that runs it (:attr:`Job.server`),
+and its id comes from an id source (:class:`JobIdSource`: the historian, which hands out
+ids unique in the site's database) or, without one, from a count above the highest id
+restored. A server restores only its own jobs. Jobs of the site's other servers are kept
+beside its own as read-only records (:meth:`JobManager.set_others`, refreshed by the server
+from the shared database), so listing and viewing show every job of the site, while a
+cancel of another server's job is refused (:class:`JobElsewhere`): it runs there.
 """
 
 from __future__ import annotations
@@ -66,6 +74,7 @@ from labctl.ioc.errors import (
     LabctlError,
     NotFound,
     Refused,
+    Unavailable,
     WriteRefused,
     utc_clock,
 )
@@ -139,6 +148,20 @@ class CleaningUp(JobRefused, Conflict):
         self.state = JobState.RUNNING.value
         self.phase = "cleanup"
         super().__init__(reason, action=action, job=job, procedure=procedure)
+
+
+class JobElsewhere(JobRefused, Conflict):
+    """The job belongs to another server of the site: it is cancelled there."""
+
+    FIELDS = ("job", "procedure", "server")
+
+    def __init__(self, reason: str, *, action: str, job: int, procedure: str, server: str) -> None:
+        self.server = server
+        super().__init__(reason, action=action, job=job, procedure=procedure)
+
+
+class JobIdsUnavailable(JobRefused, Unavailable):
+    """No job id can be handed out now (the site's database, which hands them out, is away)."""
 
 
 class JobFinished(JobRefused, Conflict):
@@ -238,6 +261,8 @@ class Job:
     """While running: ``steps`` or ``cleanup``; a failed job whose cleanup runs after a restart: ``cleanup``."""
     waiting: dict[str, Any] | None = None
     """What holds the job (queued, or running and paused), as data; None when nothing does."""
+    server: str = ""
+    """The server of the site that runs the job ("" when it does not matter: a lone server)."""
 
     @property
     def identity(self) -> Identity:
@@ -262,6 +287,7 @@ class Job:
             "phase": self.phase,
             "waiting": dict(self.waiting) if self.waiting else None,
             "waiting_reason": waiting_reason(self.waiting),
+            "server": self.server,
         }
 
 
@@ -274,6 +300,18 @@ class JobStore(Protocol):
 
     def load_jobs(self) -> list[Job]:
         """Every job recorded, oldest first."""
+        ...
+
+
+class JobIdSource(Protocol):
+    """Where new job ids come from when they must be unique beyond one server (the historian of a site)."""
+
+    def next_job_id(self) -> int | None:
+        """A new job id; None: number the job locally (a store of one server).
+
+        Raises:
+            JobIdsUnavailable: no id can be handed out now.
+        """
         ...
 
 
@@ -304,6 +342,8 @@ class JobManager:
         policy: Policy,
         store: JobStore | None = None,
         lease_s: float = 30.0,
+        server: str = "",
+        ids: JobIdSource | None = None,
     ) -> None:
         self.db = db
         self.arbiter = arbiter
@@ -311,7 +351,14 @@ class JobManager:
         self.policy = policy
         self.store: JobStore = store or MemoryJobStore()
         self.lease_s = lease_s
+        self.server = server
+        """This server's name, recorded in each job it submits."""
+        self.ids: JobIdSource | None = ids
+        """Where new ids come from (None: counted above the highest id restored)."""
         self.jobs: dict[int, Job] = {}
+        """This server's jobs, by id."""
+        self.others: dict[int, Job] = {}
+        """Jobs of the site's other servers, by id: read-only records (:meth:`set_others`)."""
         self._ids = itertools.count(1)
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._end_notes: dict[int, tuple[JobState, str]] = {}
@@ -338,6 +385,8 @@ class JobManager:
         failed = []
         for job in self.store.load_jobs():
             self.jobs[job.id] = job
+            self.others.pop(job.id, None)
+            job.server = job.server or self.server  # recorded before jobs named their server
             job.phase, job.waiting = "", None  # nothing runs or waits yet in this process
             proc = self.procedures.get(job.procedure)
             ran = job.state is JobState.RUNNING
@@ -418,7 +467,8 @@ class JobManager:
         except ValueError as e:
             raise BadParameters(str(e), action=Action.JOB_SUBMIT, procedure=procedure) from None
         job = Job(
-            id=next(self._ids),
+            id=self._new_id(),
+            server=self.server,
             procedure=procedure,
             owner=who.user,
             roles=tuple(sorted(who.roles)),
@@ -434,6 +484,18 @@ class JobManager:
         self.schedule()
         return job
 
+    def _new_id(self) -> int:
+        job_id = self.ids.next_job_id() if self.ids is not None else None
+        if job_id is None:
+            job_id = next(self._ids)
+        if job_id in self.jobs or job_id in self.others:  # an id source must never repeat one: a bug, not a refusal
+            raise JobError(f"job id {job_id} is taken already")
+        return job_id
+
+    def set_others(self, jobs: Mapping[int, Job]) -> None:
+        """Replace the records of the site's other servers' jobs (read-only here; this server's own are ignored)."""
+        self.others = {i: j for i, j in jobs.items() if i not in self.jobs}
+
     def cancel(self, job_id: int, who: Identity) -> Job:
         """Cancel a queued or running job: its owner or an admin (the policy decides); a refusal is audited once."""
         with self.db.refusals_audited(who):
@@ -442,6 +504,11 @@ class JobManager:
     def _cancel(self, job_id: int, who: Identity) -> Job:
         job = self.get(job_id, Action.JOB_CANCEL)
         self.policy.decide(who, Action.JOB_CANCEL, Target(f"job:{job_id}", owner=job.owner))
+        if job_id not in self.jobs:
+            raise JobElsewhere(
+                f"job {job_id} runs on server {job.server!r} of the site; cancel it through that server",
+                action=Action.JOB_CANCEL, job=job_id, procedure=job.procedure, server=job.server,
+            )  # fmt: skip
         if job.state.final:
             raise JobFinished(f"job {job_id} is already {job.state.value}", action=Action.JOB_CANCEL, job=job_id, procedure=job.procedure, state=job.state.value)
         if job.phase == "cleanup":
@@ -455,11 +522,11 @@ class JobManager:
         return job
 
     def get(self, job_id: int, action: str = Action.JOB_VIEW) -> Job:
-        """A job by id (raise NoSuchJob)."""
-        try:
-            return self.jobs[job_id]
-        except KeyError:
-            raise NoSuchJob(f"no job {job_id}", action=action, job=job_id) from None
+        """A job by id, this server's or another's of the site (raise NoSuchJob)."""
+        job = self.jobs.get(job_id) or self.others.get(job_id)
+        if job is None:
+            raise NoSuchJob(f"no job {job_id}", action=action, job=job_id)
+        return job
 
     def view(self, job_id: int, who: Identity) -> Job:
         """A job with its log and results, for ``who`` (its owner or an admin: the policy decides)."""
@@ -469,8 +536,9 @@ class JobManager:
         return job
 
     def list(self, user: str | None = None) -> list[Job]:
-        """Jobs (optionally one user's), newest first."""
-        return sorted((j for j in self.jobs.values() if user is None or j.owner == user), key=lambda j: -j.id)
+        """Jobs of the site -- this server's and the others' -- (optionally one user's), newest first."""
+        everyone = itertools.chain(self.jobs.values(), (j for i, j in self.others.items() if i not in self.jobs))
+        return sorted((j for j in everyone if user is None or j.owner == user), key=lambda j: -j.id)
 
     def queued(self) -> list[Job]:
         """Queued jobs in the order they will be considered."""

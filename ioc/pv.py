@@ -28,8 +28,9 @@ from labctl.ioc.config.pvs import AlarmConfig, PVConfig
 from labctl.ioc.errors import OutOfRange, WrongType
 from labctl.ioc.types import EventMask, PVType, Reading, Severity, Status, values_equal
 
-#: Longest string a string PV takes when its site file sets no ``length`` (EPICS MAX_STRING_SIZE).
-DEFAULT_STRING_LENGTH = 40
+#: Longest string a string PV takes when its site file sets no ``length``: what EPICS's
+#: DBR_STRING holds (MAX_STRING_SIZE, 40 bytes, less the terminating NUL).
+DEFAULT_STRING_LENGTH = 39
 #: Longest float64[] a PV takes when its site file sets no ``length``.
 MAX_ARRAY_LENGTH = 1_000_000
 
@@ -136,6 +137,18 @@ def default_value(info: PVInfo) -> Any:
     return _DEFAULT_VALUES[info.type]
 
 
+def held_value(info: PVInfo, last: Any) -> Any:
+    """The value a PV shows while its source has no reading (a channel switched off).
+
+    Its last value, as a disabled EPICS record keeps VAL; a float64 PV that never had one
+    (its placeholder NaN, where NaN is no value it takes) shows 0.0, as a record that
+    never processed does.
+    """
+    if info.type is PVType.FLOAT64 and isinstance(last, float) and math.isnan(last) and not info.allow_nan:
+        return 0.0
+    return last
+
+
 def _describe(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -225,9 +238,7 @@ def coerce(info: PVInfo, value: Any) -> Any:
     if t is PVType.FLOAT64_ARRAY:
         if isinstance(value, (str, bytes)) or not _is_sequence(value):
             raise WrongType(info.name, f"expected an array of numbers, got {_describe(value)} ({type(value).__name__})", value)
-        items = list(value)
-        if info.length is not None and len(items) != info.length:
-            raise WrongType(info.name, f"expected an array of exactly {info.length} numbers, got {len(items)}", value)
+        items = list(value)  # fewer than ``length``: the PV holds that many (as a waveform record's NORD)
         if len(items) > info.max_length:
             raise WrongType(info.name, f"the array has {len(items)} elements; at most {info.max_length} allowed", value)
         out = []

@@ -5,7 +5,10 @@
 #   1. the system libraries PySide6 (Qt 6 wheels from PyPI) needs to run offscreen
 #      (QT_QPA_PLATFORM=offscreen) under pytest-qt, with pyqtgraph;
 #   2. TimescaleDB (Apache edition) for PostgreSQL 15, built by scripts/install-timescaledb.sh;
-#   3. node-opcua & co. for the interoperability tests: `npm ci` in tests/node/ when
+#   3. EPICS base's Channel Access tools (caget, caput, camonitor, cainfo) for the Channel Access
+#      conformance tests, built by scripts/install-epics-base.sh into $LABCTL_EPICS_PREFIX
+#      (default /usr/local/lib/labctl-epics);
+#   4. node-opcua & co. for the interoperability tests: `npm ci` in tests/node/ when
 #      tests/node/package-lock.json exists and tests/node/node_modules is missing or stale.
 #
 # Idempotent and quick: everything is checked first (one dpkg-query, a few file tests) and
@@ -20,6 +23,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PG_MAJOR=15
 PG_CONFIG="${PG_CONFIG:-/usr/lib/postgresql/${PG_MAJOR}/bin/pg_config}"
 NODE_DIR="$ROOT/tests/node"
+EPICS_PREFIX="${LABCTL_EPICS_PREFIX:-/usr/local/lib/labctl-epics}"
 
 # Debian (bookworm) packages providing the shared libraries that PySide6-Essentials' Qt
 # libraries link against (QtCore/Gui/Widgets/OpenGL/OpenGLWidgets/DBus/Svg/Test and the
@@ -64,6 +68,13 @@ tsdb_missing=0
 [ -f "$("$PG_CONFIG" --sharedir)/extension/timescaledb.control" ] \
     && [ -f "$("$PG_CONFIG" --pkglibdir)/timescaledb.so" ] || tsdb_missing=1
 
+# The EPICS tools are present when all four are installed and caget starts (finds its libraries).
+epics_missing=0
+for tool in caget caput camonitor cainfo; do
+    [ -x "$EPICS_PREFIX/bin/$tool" ] || epics_missing=1
+done
+[ "$epics_missing" -eq 1 ] || "$EPICS_PREFIX/bin/caget" -V >/dev/null 2>&1 || epics_missing=1
+
 # node_modules is stale when npm's own record of the installed tree (the hidden lockfile
 # node_modules/.package-lock.json, written by every npm ci/install) is missing or older
 # than package.json or package-lock.json (e.g. after a pull that changed the lock file).
@@ -79,14 +90,14 @@ elif [ -f "$NODE_DIR/package.json" ]; then
     log "note: tests/node/package.json has no package-lock.json next to it; not running npm (commit a lock file)"
 fi
 
-if [ "${#missing_qt[@]}" -eq 0 ] && [ "$tsdb_missing" -eq 0 ] && [ "$node_needed" -eq 0 ]; then
-    log "all test dependencies present (Qt system libraries, TimescaleDB for PostgreSQL ${PG_MAJOR}$([ "$node_present" -eq 1 ] && echo ', tests/node/node_modules'))"
+if [ "${#missing_qt[@]}" -eq 0 ] && [ "$tsdb_missing" -eq 0 ] && [ "$epics_missing" -eq 0 ] && [ "$node_needed" -eq 0 ]; then
+    log "all test dependencies present (Qt system libraries, TimescaleDB for PostgreSQL ${PG_MAJOR}, EPICS CA tools$([ "$node_present" -eq 1 ] && echo ', tests/node/node_modules'))"
     exit 0
 fi
 
 # --- privileges ------------------------------------------------------------------------
 SUDO=()
-if { [ "${#missing_qt[@]}" -gt 0 ] || [ "$tsdb_missing" -eq 1 ]; } && [ "$(id -u)" -ne 0 ]; then
+if { [ "${#missing_qt[@]}" -gt 0 ] || [ "$tsdb_missing" -eq 1 ] || [ "$epics_missing" -eq 1 ]; } && [ "$(id -u)" -ne 0 ]; then
     if is_ci && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
         log "CI=true and not root: using passwordless sudo"
         SUDO=(sudo -n env DEBIAN_FRONTEND=noninteractive)
@@ -95,11 +106,13 @@ if { [ "${#missing_qt[@]}" -gt 0 ] || [ "$tsdb_missing" -eq 1 ]; } && [ "$(id -u
             echo "[install-test-deps] missing system dependencies that need root to install:"
             [ "${#missing_qt[@]}" -gt 0 ] && echo "    Qt offscreen libraries: ${missing_qt[*]}"
             [ "$tsdb_missing" -eq 1 ] && echo "    TimescaleDB for PostgreSQL ${PG_MAJOR}"
+            [ "$epics_missing" -eq 1 ] && echo "    EPICS CA tools (caget, caput, camonitor, cainfo) in $EPICS_PREFIX"
             echo "[install-test-deps] run:"
             echo "    sudo bash $ROOT/scripts/install-test-deps.sh"
             echo "[install-test-deps] or, step by step:"
             [ "${#missing_qt[@]}" -gt 0 ] && echo "    sudo apt-get update && sudo apt-get install -y --no-install-recommends ${missing_qt[*]}"
             [ "$tsdb_missing" -eq 1 ] && echo "    sudo bash $ROOT/scripts/install-timescaledb.sh"
+            [ "$epics_missing" -eq 1 ] && echo "    sudo bash $ROOT/scripts/install-epics-base.sh"
         } >&2
         exit 1
     fi
@@ -130,6 +143,14 @@ if [ "$tsdb_missing" -eq 1 ]; then
         bash "$ROOT/scripts/install-timescaledb.sh" || die "scripts/install-timescaledb.sh failed (see above)"
 else
     log "TimescaleDB for PostgreSQL ${PG_MAJOR} present"
+fi
+
+if [ "$epics_missing" -eq 1 ]; then
+    log "EPICS CA tools missing in $EPICS_PREFIX: running scripts/install-epics-base.sh"
+    "${SUDO[@]}" env LABCTL_APT_UPDATED="${LABCTL_APT_UPDATED:-}" LABCTL_EPICS_PREFIX="$EPICS_PREFIX" \
+        bash "$ROOT/scripts/install-epics-base.sh" || die "scripts/install-epics-base.sh failed (see above)"
+else
+    log "EPICS CA tools present in $EPICS_PREFIX"
 fi
 
 if [ "$node_needed" -eq 1 ]; then

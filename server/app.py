@@ -4,7 +4,14 @@
 instrument, and starts the *services* (protocol adapters, historian) around it. A
 service is anything with ``async start()``, ``async stop()`` and ``endpoints()``; each
 one subscribes to the database once and does its own fan-out. Adding a protocol is one
-new service module and one line in :func:`build_services`.
+new service module and one line in :func:`build_services`. A service may also have
+``async serving()``, called once every service has started (the site directory then
+publishes the endpoints the protocols bound).
+
+With a PostgreSQL historian the server is one of a site's servers: the site directory
+service (:mod:`labctl.server.sitedir`) starts first and stops last, and with
+``server.accounts: database`` the accounts service (:mod:`labctl.server.accounts`) serves
+the site's accounts to the OPC UA logins.
 
 Overrides (ports, interfaces, historian URL, state directory) are applied to the
 validated site model before anything starts, so two servers can run side by side.
@@ -22,7 +29,9 @@ from typing import Any, Protocol
 from labctl.drivers.registry import create_driver, create_plant
 from labctl.ioc.build import build_database
 from labctl.ioc.database import Database
+from labctl.ioc.errors import LabctlError
 from labctl.server.site import SiteConfig, load_site
+from labctl.server.siteinfo import check_server_name, is_site_database
 from labctl.server.tuning import freeze_long_lived, gc_paused, thaw
 
 log = logging.getLogger("labctl")
@@ -52,6 +61,7 @@ class Overrides:
 
     state_dir: str | None = None
     historian_url: str | None = None
+    server_name: str | None = None
     opcua_host: str | None = None
     opcua_port: int | None = None
     ca_interfaces: Sequence[str] | None = None
@@ -89,7 +99,12 @@ class Overrides:
             }
         )
         server = server.model_copy(
-            update={"opcua": opcua, "ca": ca, **({"state_dir": self.state_dir} if self.state_dir else {})}
+            update={
+                "opcua": opcua,
+                "ca": ca,
+                **({"state_dir": self.state_dir} if self.state_dir else {}),
+                **({"name": check_server_name(self.server_name, "--server-name")} if self.server_name else {}),
+            }
         )
         historian = site.historian.model_copy(
             update={
@@ -148,6 +163,10 @@ class Server:
                 await s.start()
                 started.append(s)
             await self.db.start()
+            for s in self.services:
+                serving = getattr(s, "serving", None)
+                if callable(serving):
+                    await serving()
         except BaseException:
             for s in reversed(started):
                 await s.stop()
@@ -201,6 +220,23 @@ def build_services(server: Server) -> list[Service]:
     services: list[Service] = []
     from labctl.server.control import ControlService
 
+    site_url = server.site.historian.url
+    if server.site.server.accounts == "database" and not is_site_database(site_url):
+        raise LabctlError(
+            f"server.accounts is 'database', but the historian URL {site_url.split(':', 1)[0]}:... is not PostgreSQL: "
+            "site-wide accounts live in the site's PostgreSQL database (or set server.accounts: site_file)"
+        )
+    accounts = None
+    if is_site_database(site_url) and server.site.server.directory.enabled:
+        # First: PV ownership is checked before anything is archived or served.
+        from labctl.server.sitedir import SiteDirectoryService
+
+        services.append(SiteDirectoryService(server))
+        if server.site.server.accounts == "database":
+            from labctl.server.accounts import AccountsService
+
+            accounts = AccountsService(server)
+            services.append(accounts)
     historian = None
     if server.site.historian.enabled:
         # Storage first: the control layer restores jobs and alarm states from it when it
@@ -230,6 +266,8 @@ def build_services(server: Server) -> list[Service]:
         opcua = OpcUaService(server)
         if historian is not None:
             opcua.serve_history_from(historian)
+        if accounts is not None:
+            accounts.attach(opcua)
         services.append(opcua)
     if server.site.server.ca.enabled:
         from labctl.server.ca import CAService

@@ -30,6 +30,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the server for a site file (default: the simulated demo)")
     p.add_argument("site", nargs="?", type=Path, help=f"site file (default: {DEFAULT_SITE})")
     p.add_argument("--state-dir", help="where history, spool and certificates live (default: the site file's)")
+    p.add_argument("--server-name", help="this server's name in its site's directory (default: server.name, else the host name)")
     p.add_argument(
         "--historian-url",
         default=os.environ.get("LABCTL_HISTORIAN_URL"),
@@ -87,6 +88,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     lockable = {r.name for r in site.resources if r.lockable}
     print(f"  resources: {', '.join(r + (' (lockable)' if r in lockable else '') for r in resources)}")
     users = ", ".join(f"{u.name} [{'/'.join(u.roles)}]" for u in site.users)
+    if site.server.accounts == "database":
+        users = "from the site database (labctl user list)"
     print(f"  users: {users or '(none)'}")
     ua, ca = site.server.opcua, site.server.ca
     ua_text = f"opc.tcp://{ua.host}:{ua.port}" if ua.enabled else "off"
@@ -131,6 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides = Overrides(
         state_dir=args.state_dir,
         historian_url=args.historian_url,
+        server_name=args.server_name,
         opcua_host=args.opcua_host,
         opcua_port=args.opcua_port,
         ca_interfaces=args.ca_interfaces.split(",") if args.ca_interfaces else None,
@@ -182,10 +186,13 @@ def _extensions():
     from labctl.clients.cli import register as client_commands
     from labctl.clients.gui import register as gui_command  # Qt is imported only when `labctl gui` runs
     from labctl.clients.tui import register as tui_command  # Textual is imported only when `labctl tui` runs
+    from labctl.server.accounts import register as user_command
     from labctl.server.opcua.trust import register as pki_command
     from labctl.server.passwords import register as passwd_command
+    from labctl.server.sitedir import register as servers_command
+    from labctl.server.siteup import register as site_command
 
-    return [client_commands, passwd_command, pki_command, gui_command, tui_command]
+    return [client_commands, passwd_command, user_command, servers_command, site_command, pki_command, gui_command, tui_command]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

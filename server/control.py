@@ -7,7 +7,10 @@ The rules live in ``ioc`` (:mod:`labctl.ioc.arbiter`, :mod:`labctl.ioc.jobs`, :m
   event is audited and published on the resource's lock PVs (``ARB:<RES>:OWNER``...);
 * the job manager runs submitted procedures, held by interlocks; an interlock that trips
   on a running job's resources ends that job (failed, after its cleanup steps); jobs a
-  crash interrupted have their cleanup run once their resources can be locked;
+  crash interrupted have their cleanup run once their resources can be locked. With a
+  store that serves a site (the historian on PostgreSQL) job ids come from it, unique in
+  the site, and the other servers' jobs are mirrored from it, so they can be listed and
+  read here;
 * the interlock manager becomes the database's interlock check;
 * the alarm service (:class:`labctl.server.alarms.AlarmService`) turns severities into
   alarm states, keeps the summary PVs, sends rate-limited notifications, and lets
@@ -38,6 +41,7 @@ from labctl.ioc.jobs import Job, JobManager
 from labctl.ioc.policy import Action, Target
 from labctl.ioc.types import Identity
 from labctl.server.alarms import AlarmService
+from labctl.server.siteinfo import default_server_name
 
 from labctl.backoff import Backoff
 from labctl.supervision import supervise
@@ -65,7 +69,9 @@ class ControlService:
         db = self.db = server.db
         site = server.site
         self.arbiter = Arbiter(site.resources)
-        self.jobs = JobManager(db, self.arbiter, site.procedures, policy=db.policy)
+        self.jobs = JobManager(db, self.arbiter, site.procedures, policy=db.policy, server=site.server.name or default_server_name())
+        self.site_jobs: Any = None
+        """The mirror of the site's other servers' jobs, while it runs."""
         self.interlocks = InterlockManager(db, site.interlocks, policy=db.policy, queue=self.jobs)
         self.alarms = AlarmService(server)
         self._lease_listeners: list[Callable[[list[LeaseEvent]], None]] = []
@@ -82,6 +88,8 @@ class ControlService:
     def use_store(self, store: Any) -> None:
         """Keep jobs and alarms in a store (the historian) so they survive a restart; list the audit trail from it."""
         self.jobs.store = store  # type: ignore[assignment]
+        if callable(getattr(store, "next_job_id", None)):
+            self.jobs.ids = store
         self.alarms.store = store
         if callable(getattr(store, "read_audit", None)):
             self.audit_store = store
@@ -99,6 +107,11 @@ class ControlService:
         # Supervised: a bug here is logged once and the timer restarts, so leases keep lapsing.
         self._lease_task = supervise("lease expiry", self._expire_leases, backoff=Backoff(0.1, 5.0)).task
         self.jobs.schedule()  # cleanups a crash left undone start as soon as their resources are free
+        watch = getattr(self.jobs.store, "watch_site_jobs", None)
+        if callable(watch):
+            self.site_jobs = watch(self.jobs, self.server.site.server.directory.jobs_refresh_s)
+            if self.site_jobs is not None:
+                await self.site_jobs.start()
 
     async def stop(self) -> None:
         """Stop jobs (they end cancelled after their cleanup steps, bounded in time), then timers and watchers.
@@ -107,6 +120,9 @@ class ControlService:
         connected (the server stops the database after this service), so their cleanup
         can write.
         """
+        if self.site_jobs is not None:
+            await self.site_jobs.stop()
+            self.site_jobs = None
         await self.jobs.stop()
         if self._lease_task is not None:
             self._lease_task.cancel()

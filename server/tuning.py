@@ -23,17 +23,34 @@ channel built since start-up (up to 200 ms each at 10 000 PVs, several per minut
 With the higher threshold they are gone before the first collection; each young
 collection costs a few milliseconds and bounds what cyclic garbage can pile up.
 :func:`thaw` restores both when the server stops (a process may run another).
+
+Threads and the GIL. Besides the event loop, a server runs threads that need the GIL for
+short spells: each instrument link's I/O thread (pyvisa: the command, the answer's
+parsing), the audit journal's (the fsync of a batch), the historian's ingest thread. A
+thread that wants the GIL while another runs Python waits for CPython's *switch interval*
+(5 ms by default) before the holder is asked to drop it. A write passes the GIL back and
+forth four times or more (command and read-back to the link's thread and back, the
+journal's fsync and back), and under a fan-out load the loop is busy most of the time: at
+the default interval each hand-over cost up to 5 ms, and a write's 99th percentile grew to
+tens of milliseconds of pure waiting. While serving, :data:`SERVING_SWITCH_INTERVAL_S`
+(0.5 ms) bounds each hand-over at a tenth of that; the cost is more frequent switches
+when two threads are both busy computing, a few microseconds each
+(``docs/benchmarks.md``, "Where a write's time goes", has the figures).
 """
 
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 _DEFAULT_THRESHOLDS = gc.get_threshold()
 #: Collection thresholds while serving (see the module docstring).
 SERVING_THRESHOLDS = (50_000, 20, 10)
+_DEFAULT_SWITCH_INTERVAL_S = sys.getswitchinterval()
+#: The GIL's switch interval while serving (see the module docstring).
+SERVING_SWITCH_INTERVAL_S = 0.0005
 
 
 @contextmanager
@@ -52,9 +69,11 @@ def freeze_long_lived() -> None:
     """Exempt every object alive now from later collections (see the module docstring)."""
     gc.freeze()
     gc.set_threshold(*SERVING_THRESHOLDS)
+    sys.setswitchinterval(SERVING_SWITCH_INTERVAL_S)
 
 
 def thaw() -> None:
     """Hand the exempted objects back to the collector."""
     gc.unfreeze()
     gc.set_threshold(*_DEFAULT_THRESHOLDS)
+    sys.setswitchinterval(_DEFAULT_SWITCH_INTERVAL_S)

@@ -187,8 +187,8 @@ def parse_input(meta: Metadata, text: str) -> Any:
             raise InputError(f"{meta.name} has states 0..{len(meta.states) - 1}: {', '.join(meta.states)}")
         if isinstance(value, str):
             value = meta.states.index(value)
-    if meta.type is PVType.FLOAT64_ARRAY and meta.length is not None and len(value) != meta.length:
-        raise InputError(f"{meta.name} takes exactly {meta.length} numbers, got {len(value)}")
+    if meta.type is PVType.FLOAT64_ARRAY and meta.length is not None and len(value) > meta.length:
+        raise InputError(f"{meta.name} takes at most {meta.length} numbers, got {len(value)}")
     return value
 
 

@@ -94,7 +94,9 @@ class PVConfig(Model):
     states: tuple[str, ...] = ()
     """Enum state strings, index 0 first (enum PVs only)."""
     length: int | None = Field(None, gt=0)
-    """Exact length of a float64[] PV, or the longest string a string PV takes."""
+    """Most elements a float64[] PV holds (EPICS NELM: a write of fewer leaves it holding that many),
+    or the longest string a string PV takes (default 39, what DBR_STRING holds; longer ones are
+    served over Channel Access as EPICS long strings)."""
     allow_nan: bool = False
     """Accept NaN in writes (float64 / float64[] only)."""
     autosave: bool = True

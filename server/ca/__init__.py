@@ -11,6 +11,8 @@ Modules, outside in:
 * :mod:`labctl.server.ca.metadata` -- DBR_CTRL metadata, record type and enum states of a PV.
 * :mod:`labctl.server.ca.wire` -- text on the wire (UTF-8, clipped to DBR sizes) and put data
   decoded to Python.
+* :mod:`labctl.server.ca.convert` -- values converted between a PV and the DBR types clients
+  use, as an EPICS IOC converts them (puts and reads).
 * :mod:`labctl.server.ca.fields` -- record fields (``.DESC``, ``.EGU``, ``.HIHI``, ``.SEVR``...).
 * :mod:`labctl.server.ca.arbiter` -- lock commands for CA users (``ARB:<RES>:REQUEST``/``RELEASE``)
   and access rights that follow the lock.

@@ -63,6 +63,7 @@ from labctl.ioc.errors import InvalidArgument, Refused, WrongType
 from labctl.ioc.policy import Action as PolicyAction
 from labctl.ioc.types import Identity
 from labctl.server.ca.access import AccessRules, Client
+from labctl.server.ca.channels import TextValues
 from labctl.server.ca.context import LabctlContext
 from labctl.server.ca.wire import ENCODING, MAX_STRING_BYTES, VALUE_TYPES, clip_utf8
 
@@ -163,7 +164,7 @@ class Control(Protocol):
         ...
 
 
-class CommandChannel(ChannelString):
+class CommandChannel(TextValues, ChannelString):
     """``ARB:<RES>:REQUEST`` or ``ARB:<RES>:RELEASE``: a put is a lock command for its client."""
 
     def __init__(self, owner: ArbiterChannels, resource: str, action: Action, pvname: str) -> None:

@@ -9,7 +9,8 @@ float64       DBR_DOUBLE (:class:`DoubleChannel`)   ai / ao, calc if derived
 int           DBR_LONG (:class:`LongChannel`)       longin / longout
 bool          DBR_ENUM, states ``false``/``true``   bi / bo
 enum          DBR_ENUM with its state strings       mbbi / mbbo
-string        DBR_STRING (:class:`StringChannel`)   stringin / stringout
+string        DBR_STRING (:class:`StringChannel`)   stringin / stringout (lsi / lso when
+                                                    longer than 39: a long string)
 float64[]     DBR_DOUBLE, ``max_length`` elements   waveform
 ============  ====================================  ==================================
 
@@ -42,14 +43,25 @@ by the deadband, or was a scan of an unchanged value with a newer time stamp) an
 the core's without posting a monitor. So ``caput -c`` inside the deadband reads back at
 once, and a scanned PV's DBR_TIME stamp is the time of its latest scan.
 
+Reads of every DBR type. A client may ask for any DBR type; :meth:`MaskedChannel._read`
+answers as an IOC does (:mod:`labctl.server.ca.convert`): floats as DBR_STRING with the
+PV's precision, a string PV's text as a number, DBR_GR/CTRL_STRING in DBR_STS_STRING's
+layout, DBR_STSACK_STRING with the value as text, unset alarm limits NaN in the float
+types. A value that cannot be converted raises :class:`NoConversion`, which the circuit
+answers ECA_GETFAIL (:mod:`labctl.server.ca.context`) -- for a monitor, an update marked
+:data:`NOT_CONVERTED` -- so the client's other requests go on.
+
 Writes. A client's put arrives at :meth:`ServedChannel.auth_write` (caproto's hook, with
 the client's reported names and address). The wire data is decoded to plain Python
-(numbers, strings, lists; strings sent to numeric PVs are parsed as EPICS does; see
-:mod:`labctl.server.ca.wire`) and handed to the service's write path, which awaits the
-core ``Database.write``: a put-callback completes only after the driver write (and
-read-back) finished, and any refusal propagates as the core's
-:class:`~labctl.ioc.errors.WriteRefused`, already audited. Nothing is checked here that
-the core checks (type, limits, roles, locks), so every attempt reaches the audit trail.
+(numbers, strings, lists; :mod:`labctl.server.ca.wire`), converted for the PV as an IOC
+converts it (:func:`~labctl.server.ca.convert.put_value`: text parsed as a number, doubles
+truncated to integers, numbers to state indices, fewer elements into an array) and handed
+to the service's write path, which awaits the core ``Database.write``: a put-callback
+completes only after the driver write (and read-back) finished, and any refusal
+propagates as the core's :class:`~labctl.ioc.errors.WriteRefused`, already audited. A value
+that cannot be converted is refused through the service (:meth:`Binding.refuse_value`),
+which audits it as the core would; nothing is checked here that the core checks (limits,
+states, roles, locks), so every attempt reaches the audit trail.
 
 Access rights come from :meth:`ServedChannel.check_access`, which asks the service (see
 :mod:`labctl.server.ca.access`); reads are never refused. Record fields (``PV.EGU``...) are
@@ -76,24 +88,27 @@ from caproto import (
     ChannelString,
     ChannelType,
     SubscriptionType,
+    backend,
 )
 from caproto._data import SubscriptionUpdate
-from caproto._dbr import DBR_TYPES, TimeStamp, _channel_type_by_name, native_type
+from caproto._dbr import (
+    DBR_TYPES,
+    DbrStringArray,
+    TimeStamp,
+    _channel_type_by_name,
+    _LongStringChannelType,
+    native_type,
+    native_types,
+)
+from caproto._utils import CaprotoConversionError, ConversionDirection
 from labctl.ioc.errors import WrongType
 from labctl.ioc.pv import PVInfo
 from labctl.ioc.types import EventMask, PVType, Reading, Severity, Status
 from labctl.server.ca.access import Client
-from labctl.server.ca.metadata import MAX_ENUM_STATES, numeric_metadata, record_type, states_of
+from labctl.server.ca.convert import NoConversion, double_text, put_value, text_as
+from labctl.server.ca.metadata import MAX_ENUM_STATES, long_string_bytes, numeric_metadata, record_type, states_of
 from labctl.server.ca.monitors import EventEncoder, epics_stamp, fast_type
-from labctl.server.ca.wire import (
-    ENCODING,
-    VALUE_TYPES,
-    clip_strings,
-    format_number,
-    parse_number,
-    plain_value,
-    wire_values,
-)
+from labctl.server.ca.wire import ENCODING, VALUE_TYPES, clip_strings, plain_value, wire_values
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
@@ -130,8 +145,16 @@ class Binding(Protocol):
         """Audit a write refused before it reached the core, then raise ``error``."""
         ...
 
+    def refuse_value(self, pv: str, client: Client, value: Any, error: WrongType) -> NoReturn:
+        """Refuse a put whose value cannot be converted: as the core would refuse the write, then ``error``."""
+        ...
+
     def current(self, pv: str) -> Reading:
         """The latest reading the core holds of ``pv`` (whatever the deadbands passed)."""
+        ...
+
+    def acknowledgement(self, pv: str) -> tuple[int, int]:
+        """ACKT and ACKS of ``pv``: 1 if its alarms latch until acknowledged, and the severity waiting for one."""
         ...
 
 
@@ -142,14 +165,27 @@ def _int32(value: float) -> int:
     return max(INT32_MIN, min(INT32_MAX, round(value)))
 
 
+#: DBR_GR_STRING and DBR_CTRL_STRING have DBR_STS_STRING's layout (EPICS ``db_access.h``);
+#: caproto 1.3 sends DBR_CTRL_STRING in DBR_TIME_STRING's.
+#: Bytes of one DBR_STRING value on the wire (its text and the NUL).
+STRING_BYTES = 40
+_METADATA_TYPE = {ChannelType.GR_STRING: ChannelType.STS_STRING, ChannelType.CTRL_STRING: ChannelType.STS_STRING}
+#: What caproto raises converting a value it cannot convert.
+_CONVERSION_ERRORS = (CaprotoConversionError, ValueError, OverflowError)
+
+
 class MaskedChannel(ChannelData):
-    """A channel that honours subscription event masks (a mixin, listed before caproto's class)."""
+    """A channel that honours subscription event masks and answers every DBR type as an IOC does.
+
+    A mixin, listed before caproto's class; the base of PV channels and record fields.
+    """
 
     async def publish(self, flags: int) -> None:
         """Queue an update for every subscription whose event mask shares a bit with ``flags``.
 
         caproto's own ``publish`` ignores the subscription mask; this is the same loop with
-        EPICS's rule added (and its per-type conversion cache keyed consistently).
+        EPICS's rule added (and its per-type conversion cache keyed consistently). A data
+        type the value cannot be read as now is queued as a failed update (ECA_GETFAIL).
         """
         self._content.clear()
         for queue, syncs in self._queues.items():
@@ -163,11 +199,103 @@ class MaskedChannel(ChannelData):
                         continue
                     cached = source._content.get(data_type_name) if source is self else None
                     if cached is None:
-                        cached = await source._read(_channel_type_by_name[data_type_name])
+                        cached = await source._read_or_fail(_channel_type_by_name[data_type_name])
                         if source is self:
                             self._content[data_type_name] = cached
                     metadata, values = cached
                     await queue.put(SubscriptionUpdate(eligible, metadata, values, flags, None))
+
+    async def subscribe(self, queue: Any, sub_spec: Any, sub: Any) -> None:
+        """caproto's, with a first value that cannot be read as the subscription's type sent as a failed update."""
+        by_sync = self._queues[queue][sub_spec.channel_filter.sync]
+        by_sync[sub_spec.data_type_name].add(sub_spec)
+        cached = self._content.get(sub_spec.data_type_name)
+        if cached is None:
+            cached = await self._read_or_fail(_channel_type_by_name[sub_spec.data_type_name])
+            self._content[sub_spec.data_type_name] = cached
+        metadata, values = cached
+        await queue.put(SubscriptionUpdate((sub_spec,), metadata, values, 0, sub))
+
+    async def _read_or_fail(self, data_type: Any) -> tuple[Any, Any]:
+        """:meth:`_read`, or ``(None, NOT_CONVERTED)`` when the value cannot be read as ``data_type``."""
+        try:
+            return await self._read(data_type)
+        except NoConversion:
+            return None, NOT_CONVERTED
+
+    async def _read(self, data_type: Any, values: Any = None) -> tuple[Any, Any]:
+        """The value as ``data_type`` (metadata, values), converted as an IOC converts it.
+
+        ``values``: these (already of the type's native type) instead of the value's.
+
+        caproto's, with EPICS's answers where caproto's differ: DBR_GR_STRING and
+        DBR_CTRL_STRING have DBR_STS_STRING's layout, DBR_STSACK_STRING carries the value
+        as text, and a value that cannot be converted raises :class:`NoConversion`
+        (answered ECA_GETFAIL) instead of an error that ends the client's request.
+        """
+        if data_type == ChannelType.CLASS_NAME:
+            return await super()._read(data_type)
+        if data_type == ChannelType.STSACK_STRING:  # the first value is in the struct, the others follow it
+            dbr = await self.alarm.read()
+            dbr.ackt, dbr.acks = self.acknowledgement()
+            try:
+                _, text = await self._read(ChannelType.STRING)
+            except NoConversion:
+                text = ()
+            dbr.value = text[0] if len(text) else b""
+            return dbr, b"".join(bytes(v).ljust(STRING_BYTES, b"\0")[:STRING_BYTES] for v in text[1:])
+        if isinstance(data_type, _LongStringChannelType):
+            native_to: Any = _LongStringChannelType.LONG_STRING
+            data_type = ChannelType(data_type)
+        else:
+            data_type = ChannelType(data_type)
+            native_to = native_type(data_type)
+        if values is None:
+            values = self.wire_values(native_to)
+        if data_type in native_types:
+            return b"", values
+        dbr = DBR_TYPES[_METADATA_TYPE.get(data_type, data_type)]()
+        self._read_metadata(dbr)
+        alarm = self.alarm
+        dbr.status, dbr.severity = alarm.status, alarm.severity
+        return dbr, values
+
+    def acknowledgement(self) -> tuple[int, int]:
+        """DBR_STSACK_STRING's ACKT and ACKS: whether transient alarms must be acknowledged, and
+        the severity waiting for acknowledgement (a channel without alarms: none)."""
+        return 0, 0
+
+    def wire_values(self, native_to: Any) -> Any:
+        """The value converted to the native DBR type ``native_to`` (caproto's conversion).
+
+        Raises:
+            NoConversion: the value cannot be converted to that type.
+        """
+        try:
+            return backend.convert_values(
+                values=self._data["value"],
+                from_dtype=self.data_type,
+                to_dtype=native_to,
+                string_encoding=self.string_encoding,
+                enum_strings=self._data.get("enum_strings"),
+                direction=ConversionDirection.TO_WIRE,
+            )
+        except _CONVERSION_ERRORS as e:
+            raise NoConversion(f"cannot convert {self.data_type.name} to {ChannelType(native_to).name}: {e}") from None
+
+
+class _NotConverted:
+    """The values of an update that could not be converted to its subscription's type (sent as ECA_GETFAIL)."""
+
+    def __len__(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return "NOT_CONVERTED"
+
+
+#: See :class:`_NotConverted`.
+NOT_CONVERTED = _NotConverted()
 
 
 class ServedChannel(MaskedChannel):
@@ -292,6 +420,10 @@ class ServedChannel(MaskedChannel):
             return False
         return fast_type(self.data_type, self.max_length, ChannelType(sub.data_type), sub.data_count)
 
+    def acknowledgement(self) -> tuple[int, int]:
+        """ACKT and ACKS from the alarm table (labctl's ``latch`` is EPICS's ACKT)."""
+        return self.binding.acknowledgement(self.info.name)
+
     async def auth_read(self, hostname, username, data_type, *, user_address=None):
         """Every client may read every PV: the core's latest reading (:meth:`refresh`)."""
         self.refresh()
@@ -308,7 +440,10 @@ class ServedChannel(MaskedChannel):
     # ---- writing side -------------------------------------------------------------------
 
     async def auth_write(self, hostname, username, data, data_type, metadata, *, flags=0, user_address=None):
-        """A client's put: decode it and await the core write path (raises if refused)."""
+        """A client's put: convert it as an IOC does (:mod:`labctl.server.ca.convert`) and await the core write path.
+
+        Raises the core's refusal, or WrongType (audited) for a value that cannot be converted.
+        """
         client = Client.of(hostname, username, user_address)
         data_type = ChannelType(data_type)
         if data_type in (ChannelType.PUT_ACKS, ChannelType.PUT_ACKT):
@@ -322,26 +457,27 @@ class ServedChannel(MaskedChannel):
             self.binding.refuse(
                 self.info.name, client, None, WrongType(self.info.name, f"cannot write a {data_type.name} value")
             )
-        await self.binding.put(self.info.name, self.decode(data, data_type), client)
+        values = self.decode(data, data_type)
+        try:
+            value = put_value(self.info, self.states, values)
+        except WrongType as e:
+            self.binding.refuse_value(self.info.name, client, values[0] if len(values) == 1 else values, e)
+        await self.binding.put(self.info.name, value, client)
 
     async def verify_value(self, data: Any) -> Any:
         """Never reached: client writes take :meth:`auth_write`, updates :meth:`apply`."""
         raise WrongType(self.info.name, "writes go through the database write path")
 
-    def decode(self, data: Any, data_type: ChannelType) -> Any:
-        """Wire data -> the plain Python value handed to the core (which checks it)."""
+    @property
+    def states(self) -> tuple[str, ...]:
+        """The state strings of an enum or bool PV as served (none for other PVs)."""
+        return ()
+
+    def decode(self, data: Any, data_type: ChannelType) -> list[Any]:
+        """Wire data as a list of plain numbers or strings (DBR_CHAR written to a string PV: its text)."""
         native = native_type(data_type)
         as_text = native == ChannelType.STRING or (native == ChannelType.CHAR and self.info.type is PVType.STRING)
-        values = wire_values(data, native, as_text)
-        if as_text:
-            values = [self._from_text(v) if isinstance(v, str) else v for v in values]
-        if self.info.type is PVType.FLOAT64_ARRAY:
-            return values
-        return values[0] if len(values) == 1 else values
-
-    def _from_text(self, text: str) -> Any:
-        """A string written to a non-string PV: parsed as a number (EPICS does the same)."""
-        return parse_number(text, integer=self.info.type is PVType.INT)
+        return wire_values(data, native, as_text)
 
     # ---- record fields ------------------------------------------------------------------
 
@@ -387,12 +523,44 @@ class FloatLimits(ChannelData):
                 data[k] = math.nan
 
 
-class DoubleChannel(ServedChannel, FloatLimits, ChannelDouble):
+class PrecisionText(MaskedChannel):
+    """A float channel read as DBR_STRING: each value with the PV's precision, as an IOC formats it (a mixin)."""
+
+    def wire_values(self, native_to: Any) -> Any:
+        if native_to != ChannelType.STRING:
+            return super().wire_values(native_to)
+        values = np.atleast_1d(np.asarray(self._data["value"], dtype=np.float64))
+        precision = int(self._data.get("precision", 0))
+        return DbrStringArray(double_text(float(v), precision).encode(ENCODING) for v in values)
+
+
+class UnsetAlarmLimits(MaskedChannel):
+    """Alarm limits a PV does not set read as NaN in the float DBR types, as an IOC's (a mixin).
+
+    For channels whose limits caproto keeps as integers (int, enum and bool PVs).
+    """
+
+    #: The DBR_GR/CTRL alarm limit fields a PV does not set.
+    unset_alarm_limits: tuple[str, ...] = ()
+
+    def _read_metadata(self, dbr_metadata: Any) -> None:
+        super()._read_metadata(dbr_metadata)
+        if native_type(ChannelType(dbr_metadata.DBR_ID)) in (ChannelType.FLOAT, ChannelType.DOUBLE):
+            for key in self.unset_alarm_limits:
+                if hasattr(dbr_metadata, key):
+                    setattr(dbr_metadata, key, math.nan)
+
+
+_ALARM_LIMIT_OF = {"upper_alarm_limit": "hihi", "upper_warning_limit": "high", "lower_warning_limit": "low",
+                   "lower_alarm_limit": "lolo"}  # fmt: skip
+
+
+class DoubleChannel(ServedChannel, PrecisionText, FloatLimits, ChannelDouble):
     """A float64 PV (DBR_DOUBLE)."""
 
 
-class ArrayChannel(ServedChannel, FloatLimits, ChannelDouble):
-    """A float64[] PV: DBR_DOUBLE with ``max_length`` elements."""
+class ArrayChannel(ServedChannel, PrecisionText, FloatLimits, ChannelDouble):
+    """A float64[] PV: DBR_DOUBLE of at most ``max_length`` elements (NELM), holding as many as were written (NORD)."""
 
     @classmethod
     def served(cls, info: PVInfo, reading: Reading) -> tuple[Any, Severity, Status]:
@@ -410,7 +578,7 @@ class ArrayChannel(ServedChannel, FloatLimits, ChannelDouble):
         return value, severity, status
 
 
-class LongChannel(ServedChannel, ChannelInteger):
+class LongChannel(ServedChannel, UnsetAlarmLimits, ChannelInteger):
     """An int PV (DBR_LONG, 32 bits: Channel Access has no 64-bit integer)."""
 
     @classmethod
@@ -420,6 +588,13 @@ class LongChannel(ServedChannel, ChannelInteger):
         if INT32_MIN <= value <= INT32_MAX:
             return value, reading.severity, reading.status
         return max(INT32_MIN, min(INT32_MAX, value)), Severity.INVALID, Status.HWLIMIT
+
+    def _bind(self, info: PVInfo, binding: Binding, pvname: str) -> None:
+        super()._bind(info, binding, pvname)
+        alarm = info.alarm
+        self.unset_alarm_limits = tuple(
+            key for key, level in _ALARM_LIMIT_OF.items() if alarm is None or getattr(alarm, level) is None
+        )
 
 
 class MenuEnum(ChannelEnum):
@@ -439,39 +614,58 @@ class MenuEnum(ChannelEnum):
         ChannelData._read_metadata(self, dbr_metadata)
 
 
-class EnumChannel(ServedChannel, MenuEnum):
-    """An enum or bool PV (DBR_ENUM; the value is the state index)."""
+class EnumChannel(ServedChannel, UnsetAlarmLimits, MenuEnum):
+    """An enum or bool PV (DBR_ENUM; the value is the state index). It has no alarm limits (NaN, as an mbbo's)."""
+
+    unset_alarm_limits = tuple(_ALARM_LIMIT_OF)
 
     @classmethod
     def served(cls, info: PVInfo, reading: Reading) -> tuple[Any, Severity, Status]:
         """The state index."""
         return int(reading.value), reading.severity, reading.status
 
-    def _from_text(self, text: str) -> Any:
-        # A state name (the core maps it), or a state index written as text.
-        states = self.enum_strings
-        if self.info.type is PVType.BOOL and text in states:
-            return states.index(text)
-        if text in states:
-            return text
-        return parse_number(text, integer=True)
+    @property
+    def states(self) -> tuple[str, ...]:
+        """The state strings as served."""
+        return tuple(self.enum_strings)
 
 
-class StringChannel(ServedChannel, ChannelString):
+class TextValues(UnsetAlarmLimits):
+    """A DBR_STRING channel as an IOC's string field: read as a number type, the number its text spells (a mixin).
+
+    Empty text reads 0; text that spells no number fails the read (ECA_GETFAIL, see
+    :func:`~labctl.server.ca.convert.text_as`). As a number it has no limits (0) and no alarm
+    limits (NaN), as a stringin's. DBR_STRING reads are cut to 39 bytes (the whole text is
+    ``NAME.VAL$``).
+    """
+
+    unset_alarm_limits = tuple(_ALARM_LIMIT_OF)
+
+    def wire_values(self, native_to: Any) -> Any:
+        if isinstance(native_to, _LongStringChannelType):  # the text's bytes and its NUL, as an lsi's .VAL$
+            return np.append(super().wire_values(native_to), np.uint8(0))
+        if native_to == ChannelType.STRING:
+            return super().wire_values(native_to)
+        number = text_as(ChannelType(native_to), str(self._data["value"]))
+        return np.array([number], dtype=backend.type_map[ChannelType(native_to)])
+
+    async def _read(self, data_type: Any, values: Any = None) -> Any:
+        return clip_strings(data_type, *await super()._read(data_type, values))
+
+    async def read_chars(self, data_type: Any) -> tuple[Any, Any]:
+        """The text's bytes as ``data_type``: how an IOC answers a read of a long string's ``NAME.VAL$``
+        (a DBR_CHAR array) as another type -- each byte as a number (or as its decimal text)."""
+        codes = self.wire_values(_LongStringChannelType.LONG_STRING).view(np.int8)  # DBF_CHAR is signed
+        native = native_type(ChannelType(data_type))
+        if native == ChannelType.STRING:
+            values: Any = DbrStringArray(str(int(c)).encode() for c in codes)
+        else:
+            values = codes.astype(backend.type_map[native])
+        return await self._read(data_type, values)
+
+
+class StringChannel(ServedChannel, TextValues, ChannelString):
     """A string PV (DBR_STRING; the whole string as a long string through ``NAME.VAL$``)."""
-
-    def _from_text(self, text: str) -> Any:
-        return text
-
-    def decode(self, data: Any, data_type: ChannelType) -> Any:
-        """Numbers written to a string PV become their text, as EPICS converts them."""
-        value = super().decode(data, data_type)
-        if isinstance(value, list):
-            return value
-        return value if isinstance(value, (str, bytes)) else format_number(value)
-
-    async def _read(self, data_type: ChannelType) -> Any:
-        return clip_strings(data_type, *await super()._read(data_type))
 
 
 def build_channel(info: PVInfo, reading: Reading, binding: Binding, pvname: str) -> ServedChannel:
@@ -491,7 +685,7 @@ def build_channel(info: PVInfo, reading: Reading, binding: Binding, pvname: str)
     elif t in (PVType.ENUM, PVType.BOOL):
         cls, kwargs = EnumChannel, {"enum_strings": states_of(info)}
     elif t is PVType.STRING:
-        cls, kwargs = StringChannel, {"long_string_max_length": info.max_length * 4 + 1}  # UTF-8 and the NUL
+        cls, kwargs = StringChannel, {"long_string_max_length": long_string_bytes(info)}
     else:  # pragma: no cover - PVType is closed
         raise AssertionError(f"unhandled PV type {t}")
     value, severity, status = cls.served(info, reading)

@@ -63,6 +63,10 @@ class CAConfig(Model):
     """TCP/UDP server port (default: ``EPICS_CAS_SERVER_PORT`` or 5064)."""
     beacon_port: int | None = Field(None, ge=0, le=65535)
     """Beacon port (default: ``EPICS_CAS_BEACON_PORT`` or 5065)."""
+    name_service: bool = True
+    """In a site (a PostgreSQL historian with the site directory): answer name searches that
+    arrive over TCP (clients' ``EPICS_CA_NAME_SERVERS``) for the PVs of the site's other servers
+    too, with the address of the server that owns each. ``false``: only this server's PVs."""
     access: CAAccessConfig = CAAccessConfig()
     limits: CALimits = CALimits()
     """Per-client resource limits."""

@@ -23,6 +23,14 @@ refusal's sentence. Refusals are expected: the core has audited and logged them,
 they get no traceback here; anything else is a bug, logged once with its traceback and
 answered ECA_INTERNAL.
 
+Gets. :class:`LabctlCircuit` answers ``READ_NOTIFY`` (and the old ``READ``) itself, as an
+IOC answers them: a request for ``n`` elements gets ``n`` (an array holding fewer, its
+NORD, is padded with zeros; :func:`padded`), a request for 0 gets the elements held, and
+a value that cannot be converted to the requested type is answered ECA_GETFAIL with a
+zeroed value (:func:`failed_read`; a monitor update the same way, :func:`failed_event`),
+which libca reports to that request alone. A long string's ``NAME.VAL$`` read as another
+type than DBR_CHAR gives its bytes as that type, as an lsi record's.
+
 A write the instrument took but whose read-back failed
 (:class:`~labctl.ioc.errors.WrittenUnconfirmed`) was neither refused nor failed, so it is
 not ECA_PUTFAIL (which tells the client the write did not happen, and invites a second
@@ -44,6 +52,14 @@ own (:meth:`LabctlCircuit.schedule_rights_refresh`), so a client that stops read
 connection delays no other client's new rights. A lock is held by a circuit, not a user
 name, so rights are evaluated per circuit (:meth:`LabctlCircuit.access_of`, also for the
 rights a new channel is created with).
+
+Name searches over TCP. A client whose ``EPICS_CA_NAME_SERVERS`` names this server
+searches on a circuit (:meth:`LabctlCircuit._search`): a name served here is answered as
+over UDP, and in a site a name another server owns is answered with that server's
+address (:mod:`labctl.server.ca.names`). libca repeats its UDP search frames on such a
+circuit, each headed by a VERSION message whose priority field is a sequence flag;
+VERSION messages after the first are ignored (caproto would take them for a change of
+the circuit's priority and close the connection).
 
 Hosts. A client's reported host name goes to the access rules unless
 ``check_client_ip`` is set: then the circuit's peer address stands in for it.
@@ -84,12 +100,16 @@ import functools
 import logging
 import socket
 import struct
+import time
+from collections import ChainMap
 from collections.abc import Collection
 from typing import Any, NoReturn
 
 import caproto as ca
-from caproto import CAStatus, apply_arr_filter
+import numpy as np
+from caproto import CAStatus, ChannelType, apply_arr_filter, backend
 from caproto._commands import bytes_needed_for_command
+from caproto._dbr import DBR_TYPES, DbrStringArray, _LongStringChannelType, native_type, native_types
 from caproto._utils import apply_deadband_filter
 from caproto.asyncio.server import Context, VirtualCircuit
 from caproto.asyncio.utils import (
@@ -98,11 +118,14 @@ from caproto.asyncio.utils import (
     _TransportWrapper,
     _UdpTransportWrapper,
 )
-from caproto.server.common import DisconnectedCircuit, LoopExit, host_endian
+from caproto.server.common import WRITE_LOCK_TIMEOUT, DisconnectedCircuit, LoopExit, host_endian
 from labctl.ioc.errors import DriverError, Forbidden, LabctlError, LockedBy, Refused, UnknownPV, WrittenUnconfirmed
+from labctl.server.ca.channels import NOT_CONVERTED, STRING_BYTES
 from labctl.server.ca.config import CALimits
+from labctl.server.ca.convert import NoConversion
 from labctl.server.ca.env import MIN_ARRAY_BYTES, CASettings
 from labctl.server.ca.monitors import Outbox
+from labctl.server.ca.names import NameService
 from labctl.server.peerlog import PeerLog
 
 log = logging.getLogger("labctl.ca")
@@ -251,6 +274,11 @@ class LabctlCircuit(VirtualCircuit):
         """caproto's, with a client's errors logged once and without a traceback."""
         if command is ca.DISCONNECTED:
             raise DisconnectedCircuit()
+        if isinstance(command, ca.VersionRequest) and self.circuit.priority is not None:
+            # A search frame's header (libca's EPICS_CA_NAME_SERVERS searches: see
+            # labctl.server.ca.names): its priority field holds a sequence flag, not the
+            # circuit's priority, which the first VERSION set. No answer, as from an IOC.
+            return None
         try:
             self.circuit.process_command(command)
         except ca.RemoteProtocolError as e:
@@ -330,8 +358,12 @@ class LabctlCircuit(VirtualCircuit):
             if not self.context.check_client_ip:
                 self.client_hostname = command.name
             return []
+        if isinstance(command, ca.SearchRequest):
+            return self._search(command)
         if isinstance(command, (ca.WriteRequest, ca.WriteNotifyRequest)):
             return await self._put(command)
+        if isinstance(command, (ca.ReadNotifyRequest, ca.ReadRequest)):
+            return await self._get(command)
         limits = self.context.limits
         if isinstance(command, ca.CreateChanRequest) and len(self.circuit.channels_sid) >= limits.channels_per_client:
             self.report(
@@ -369,6 +401,31 @@ class LabctlCircuit(VirtualCircuit):
                     response[i] = ca.AccessRightsResponse(cid=msg.cid, access_rights=self.access_of(entry))
         return response
 
+    def _search(self, command: Any) -> list[Any]:
+        """A name search on this connection (a client's ``EPICS_CA_NAME_SERVERS``).
+
+        A name this server serves is answered as over UDP (address 255.255.255.255: the
+        client creates the channel on this connection's server). In a site, a name another
+        server owns is answered with that server's address and TCP port
+        (:mod:`labctl.server.ca.names`). Otherwise no answer, or NOT_FOUND if asked for one.
+        """
+        version = ca.DEFAULT_PROTOCOL_VERSION
+        try:
+            own = self.context[command.name] is not None
+        except _MALFORMED:  # KeyError: not served; the others: a name caproto cannot parse, not served either
+            own = False
+        if own:
+            return [ca.SearchResponse(self.context.port, None, command.cid, version)]
+        names = self.context.names
+        redirect = names.resolve(command.name) if names is not None else None
+        if redirect is not None:
+            log.debug("name search for %r by %s: served by %r at %s:%d", command.name, self._describe(), redirect.server,
+                      redirect.address, redirect.port)
+            return [ca.SearchResponse(redirect.port, redirect.address, command.cid, version)]
+        if command.reply == ca.DO_REPLY:
+            return [ca.NotFoundResponse(version=version, cid=command.cid)]
+        return []
+
     def access_of(self, entry: Any) -> ca.AccessRights:
         """This circuit's access rights on a served entry (per circuit where the entry knows how: locks are per circuit)."""
         per_circuit = getattr(entry, "circuit_access", None)
@@ -381,6 +438,61 @@ class LabctlCircuit(VirtualCircuit):
         for _, sub in removed:
             self.subscription_ids.discard(sub.subscriptionid)
         return removed
+
+    async def _get(self, command: Any) -> list[Any]:
+        """A get, answered as an IOC answers it (caproto's, with its element counts and failures).
+
+        A request for ``n`` elements gets ``n``: an array holding fewer (NORD) is padded with
+        zeros; a request for 0 elements (a client of protocol 4.13+ asking for "what it
+        holds") gets the elements held. A value that cannot be converted to the requested
+        type is answered ECA_GETFAIL with a zeroed value (in a plain get's error message),
+        which libca reports to that request alone.
+        """
+        chan, db_entry = self._get_db_entry_from_command(command)
+        try:
+            data_type = command.data_type
+        except ValueError:
+            raise ca.RemoteProtocolError("Invalid data type") from None
+        await self.write_event.wait(timeout=WRITE_LOCK_TIMEOUT)  # a put in progress may finish first
+        read_data_type = data_type
+        chars = False
+        if chan.name.endswith("$"):
+            try:
+                read_data_type = _LongStringChannelType(read_data_type)
+            except ValueError:  # another type than DBR_CHAR of a long string: its bytes as that type
+                chars = hasattr(db_entry, "read_chars")
+        notify = isinstance(command, ca.ReadNotifyRequest)
+        count = command.data_count
+        try:
+            if chars:
+                metadata, data = await db_entry.read_chars(read_data_type)
+            else:
+                metadata, data = await db_entry.auth_read(
+                    self.client_hostname, self.client_username, read_data_type, user_address=self.circuit.address
+                )
+        except NoConversion as e:
+            log.debug("get of %s as %s by %s: %s", chan.name, ChannelType(data_type).name, self._describe(), e)
+            if not notify:
+                return [ca.ErrorResponse(command, chan.cid, status=CAStatus.ECA_GETFAIL, error_message=str(e))]
+            return [failed_read(chan, command)]
+        data = apply_arr_filter(chan.channel_filter.arr, data)
+        if count > 0 or self.circuit.protocol_version < 13:  # (before 4.13, 0 meant none)
+            data = padded(data, count, data_type)
+        if chan.channel_filter.ts and data_type in ca.time_types:  # the timestamp filter: the time of the read
+            time_type = type(metadata)
+            now = ca.TimeStamp.from_unix_timestamp(time.time())
+            metadata = time_type(**ChainMap({"stamp": now}, {f: getattr(metadata, f) for f, _ in time_type._fields_}))
+        return [
+            chan.read(
+                data=data,
+                data_type=data_type,
+                data_count=element_count(data_type, data, db_entry),
+                status=1,
+                ioid=command.ioid,
+                metadata=metadata,
+                notify=notify,
+            )
+        ]
 
     async def _put(self, command: Any) -> list[Any]:
         chan, db_entry = self._get_db_entry_from_command(command)
@@ -493,6 +605,8 @@ class LabctlContext(Context):
         """Largest payload a client may announce (site file, environment, else the service's default)."""
         self.peer_log = PeerLog(log)
         """One line per misbehaving client connection, rate-limited."""
+        self.names: NameService | None = None
+        """In a site: answers TCP name searches for the PVs of other servers (set by the service)."""
         self.circuit_listeners: list[Any] = []
         """``fn(hostname, username, address)`` once a client connection is gone (the arbiter withdraws its queued requests)."""
         self._udp_reported: set[Any] = set()
@@ -652,10 +766,12 @@ class LabctlContext(Context):
         circuit = sub.circuit
         if not circuit.connected:
             return
+        if values is NOT_CONVERTED:  # the value cannot be read as this subscription's type (as an IOC: ECA_GETFAIL)
+            circuit.post_event(sub, sub_spec, bytes(failed_event(sub)))
+            return
         values = apply_arr_filter(sub_spec.channel_filter.arr, values)
-        data_count = sub.data_count or len(values)
-        if data_count != len(values):
-            values = values[:data_count]
+        data_count = sub.data_count or element_count(sub.data_type, values, sub.db_entry)
+        values = padded(values, data_count, sub.data_type)  # a count asked for is the count sent
         command = sub.channel.subscribe(
             data=values,
             metadata=metadata,
@@ -767,6 +883,81 @@ async def _bound_tcp_socket(interface: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def element_count(data_type: Any, values: Any, db_entry: Any) -> int:
+    """The element count of an answer: DBR_STSACK_STRING holds its first value in its struct."""
+    if data_type == ChannelType.STSACK_STRING:
+        return 1 + len(values) // STRING_BYTES
+    if data_type == ChannelType.CLASS_NAME:
+        return 1
+    return db_entry.calculate_length(values)
+
+
+def padded(values: Any, count: int, data_type: Any) -> Any:
+    """``values`` cut or padded with zeros (empty strings) to ``count`` elements, as an IOC sends them."""
+    data_type = ChannelType(data_type)
+    if data_type == ChannelType.CLASS_NAME:
+        return values
+    if data_type == ChannelType.STSACK_STRING:  # strings of 40 bytes after the first, which is in the struct
+        return bytes(values[: (count - 1) * STRING_BYTES]).ljust((count - 1) * STRING_BYTES, b"\0")
+    n = len(values)
+    if n == count:
+        return values
+    if n > count:
+        return values[:count]
+    if isinstance(values, np.ndarray):
+        return np.concatenate([values, np.zeros(count - n, dtype=values.dtype)])
+    if isinstance(values, bytes | bytearray):
+        return bytes(values) + bytes(count - n)
+    if native_type(data_type) == ChannelType.STRING:
+        return DbrStringArray([*values, *([b""] * (count - n))])
+    return [*values, *([0] * (count - n))]
+
+
+def _zeroed(data_type: ChannelType, count: int) -> tuple[Any, Any]:
+    """The metadata and ``count`` values of ``data_type``, all zero: a failed read's payload."""
+    native = native_type(data_type)
+    metadata = b"" if data_type in native_types else DBR_TYPES[_STS_LAYOUT.get(data_type, data_type)]()
+    if native == ChannelType.STRING:
+        return metadata, DbrStringArray([b""] * count)
+    return metadata, np.zeros(count, dtype=backend.type_map[native])
+
+
+#: DBR_GR_STRING and DBR_CTRL_STRING have DBR_STS_STRING's layout.
+_STS_LAYOUT = {ChannelType.GR_STRING: ChannelType.STS_STRING, ChannelType.CTRL_STRING: ChannelType.STS_STRING}
+
+
+def failed_read(chan: Any, command: Any) -> Any:
+    """The ECA_GETFAIL answer to a READ_NOTIFY whose value cannot be converted: zeroed, its count as asked.
+
+    As an IOC: a request for 0 elements (autosized) gets 0.
+    """
+    data_type = ChannelType(command.data_type)
+    metadata, data = _zeroed(data_type, command.data_count)
+    return chan.read(
+        data=data,
+        data_type=data_type,
+        data_count=command.data_count,
+        status=CAStatus.ECA_GETFAIL,
+        ioid=command.ioid,
+        metadata=metadata,
+        notify=True,
+    )
+
+
+def failed_event(sub: Any) -> Any:
+    """The ECA_GETFAIL monitor update of a subscription whose value cannot be converted to its type."""
+    data_type = ChannelType(sub.data_type)
+    metadata, data = _zeroed(data_type, sub.data_count)
+    return sub.channel.subscribe(
+        data=data,
+        metadata=metadata,
+        data_type=data_type,
+        data_count=sub.data_count,
+        subscriptionid=sub.subscriptionid,
+        status=CAStatus.ECA_GETFAIL,
+    )
 
 
 def _first_line(error: BaseException) -> str:

@@ -15,9 +15,9 @@ server port (UDP and TCP)    ``port`` | ``EPICS_CAS_SERVER_PORT`` | ``EPICS_CA_S
 beacon port                  ``beacon_port`` | ``EPICS_CAS_BEACON_PORT`` |
                              ``EPICS_CA_REPEATER_PORT`` | 5065
 beacon addresses             ``EPICS_CAS_BEACON_ADDR_LIST`` (else ``EPICS_CA_ADDR_LIST``),
-                             plus the limited broadcast address unless
-                             ``EPICS_CAS_AUTO_BEACON_ADDR_LIST`` (else
-                             ``EPICS_CA_AUTO_ADDR_LIST``) is ``NO``; an entry may carry its
+                             plus, unless ``EPICS_CAS_AUTO_BEACON_ADDR_LIST`` (else
+                             ``EPICS_CA_AUTO_ADDR_LIST``) is ``NO``, the broadcast addresses
+                             of the interfaces served (see below); an entry may carry its
                              own ``:port``; an empty result sends no beacons
 beacon period                ``EPICS_CAS_BEACON_PERIOD`` | ``EPICS_CA_BEACON_PERIOD`` | 15 s
 ignored clients              ``EPICS_CAS_IGNORE_ADDR_LIST`` (their searches get no answer)
@@ -25,6 +25,15 @@ largest client message       ``limits.max_array_bytes`` | ``EPICS_CAS_MAX_ARRAY_
                              ``EPICS_CA_MAX_ARRAY_BYTES`` | 16 384 + the largest PV's value
                              (the service adds that default; at least 16 384)
 ===========================  ==============================================================
+
+Beacons go where an IOC's go (``rsrv``'s automatic beacon list): a server bound to the
+wildcard address beacons to the broadcast address of every interface of the host that is
+up and not loopback (the peer address of a point-to-point link); one bound to given
+addresses beacons to the broadcast address of each one's interface, and to a loopback
+address itself (a server on 127.0.0.1 beacons to 127.0.0.1, where a CA repeater on the
+host listens). The host's interfaces are read once, when the settings are resolved
+(:func:`host_interfaces`; on a system where they cannot be read, a wildcard server falls
+back to the limited broadcast address 255.255.255.255).
 
 caproto's own server reads only part of this (it binds ``EPICS_CA_SERVER_PORT``, not
 ``EPICS_CAS_SERVER_PORT``, and matches the ignore list against (host, port) pairs), which
@@ -47,7 +56,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Mapping
+import socket
+import struct
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from labctl.ioc.errors import LabctlError
@@ -87,6 +98,86 @@ class CASettings:
     """Client addresses whose searches are not answered."""
     max_array_bytes: int | None = None
     """Largest payload a client may send (None: the service's default for its PVs)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NetInterface:
+    """One IPv4 network interface of the host that is up."""
+
+    name: str
+    address: str
+    beacon_to: str | None
+    """Its broadcast address, or the peer of a point-to-point link (None: neither)."""
+    loopback: bool = False
+
+
+def host_interfaces() -> list[NetInterface] | None:
+    """The host's IPv4 interfaces that are up (their primary addresses); None where they cannot be read.
+
+    Linux only (``SIOCGIF*`` requests on each interface): elsewhere None.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        return None
+    if not hasattr(socket, "if_nameindex"):
+        return None
+    out: list[NetInterface] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+
+        def request(code: int, name: bytes) -> bytes | None:
+            try:
+                return fcntl.ioctl(sock.fileno(), code, struct.pack("256s", name))
+            except OSError:  # no IPv4 address, or not this kind of interface
+                return None
+
+        try:
+            names = [name for _, name in socket.if_nameindex()]
+        except OSError:
+            return None
+        for name in names:
+            raw = name.encode()[:15]
+            flags_reply = request(_SIOCGIFFLAGS, raw)
+            address_reply = request(_SIOCGIFADDR, raw)
+            if flags_reply is None or address_reply is None:
+                continue
+            flags = struct.unpack_from("H", flags_reply, 16)[0]
+            if not flags & _IFF_UP:
+                continue
+            beacon_to = None
+            if flags & _IFF_BROADCAST:
+                reply = request(_SIOCGIFBRDADDR, raw)
+                beacon_to = socket.inet_ntoa(reply[20:24]) if reply else None
+            elif flags & _IFF_POINTOPOINT:
+                reply = request(_SIOCGIFDSTADDR, raw)
+                beacon_to = socket.inet_ntoa(reply[20:24]) if reply else None
+            if beacon_to == "0.0.0.0":
+                beacon_to = None
+            out.append(NetInterface(name, socket.inet_ntoa(address_reply[20:24]), beacon_to, bool(flags & _IFF_LOOPBACK)))
+    return out
+
+
+# Linux <linux/sockios.h> and <net/if.h>
+_SIOCGIFFLAGS, _SIOCGIFADDR, _SIOCGIFDSTADDR, _SIOCGIFBRDADDR = 0x8913, 0x8915, 0x8917, 0x8919
+_IFF_UP, _IFF_BROADCAST, _IFF_LOOPBACK, _IFF_POINTOPOINT = 0x1, 0x2, 0x8, 0x10
+#: Where a wildcard server beacons when the host's interfaces cannot be read.
+LIMITED_BROADCAST = "255.255.255.255"
+
+
+def auto_beacon_addresses(served: tuple[str, ...], interfaces: list[NetInterface] | None) -> list[str]:
+    """The beacon destinations of a server bound to ``served``, as an IOC chooses them (module docstring)."""
+    out: list[str] = []
+    for address in served:
+        if address == "0.0.0.0":
+            if interfaces is None:
+                out.append(LIMITED_BROADCAST)
+                continue
+            out.extend(i.beacon_to for i in interfaces if not i.loopback and i.beacon_to)
+        elif ipaddress.IPv4Address(address).is_loopback:
+            out.append(address)
+        else:
+            out.extend(i.beacon_to for i in interfaces or () if i.address == address and i.beacon_to)
+    return out
 
 
 def _get(environ: Mapping[str, str], *names: str) -> str | None:
@@ -141,8 +232,14 @@ def _yes(text: str | None, default: bool) -> bool:
     return text.strip().upper() in ("YES", "Y", "TRUE", "1")
 
 
-def resolve(cfg: CAConfig, environ: Mapping[str, str] | None = None) -> CASettings:
+def resolve(
+    cfg: CAConfig,
+    environ: Mapping[str, str] | None = None,
+    host: Callable[[], list[NetInterface] | None] = host_interfaces,
+) -> CASettings:
     """The settings for ``cfg`` (the site file's ``server.ca``) in environment ``environ``.
+
+    ``host`` lists the host's network interfaces (called only for automatic beacon addresses).
 
     Raises:
         CASettingsError: a variable holds something that is not an address or a port.
@@ -172,7 +269,7 @@ def resolve(cfg: CAConfig, environ: Mapping[str, str] | None = None) -> CASettin
     addresses = [_address(a, beacon_port, list_name) for a in listed]
     auto = _yes(_get(env, "EPICS_CAS_AUTO_BEACON_ADDR_LIST", "EPICS_CA_AUTO_ADDR_LIST"), True)
     if auto:
-        addresses.append(("255.255.255.255", beacon_port))
+        addresses.extend((a, beacon_port) for a in auto_beacon_addresses(interfaces, host()))
 
     period_text = _get(env, "EPICS_CAS_BEACON_PERIOD", "EPICS_CA_BEACON_PERIOD")
     try:

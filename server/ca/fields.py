@@ -30,9 +30,9 @@ from labctl.ioc.errors import NotWritable
 from labctl.ioc.pv import PVInfo
 from labctl.ioc.types import PVType, Reading, Severity, Status
 from labctl.server.ca.access import Client
-from labctl.server.ca.channels import MaskedChannel, MenuEnum
+from labctl.server.ca.channels import MaskedChannel, MenuEnum, TextValues
 from labctl.server.ca.metadata import MAX_UNITS_BYTES, record_type, states_of
-from labctl.server.ca.wire import ENCODING, clip_strings, clip_utf8
+from labctl.server.ca.wire import ENCODING, clip_utf8
 
 if TYPE_CHECKING:
     from labctl.server.ca.channels import ServedChannel
@@ -183,11 +183,8 @@ class LongField(FieldChannel, ChannelInteger):
     """A DBR_LONG field."""
 
 
-class StringField(FieldChannel, ChannelString):
+class StringField(FieldChannel, TextValues, ChannelString):
     """A DBR_STRING field (the whole text through ``PV.FIELD$``)."""
-
-    async def _read(self, data_type):
-        return clip_strings(data_type, *await super()._read(data_type))
 
 
 class EnumField(FieldChannel, MenuEnum):

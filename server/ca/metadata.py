@@ -12,6 +12,12 @@ Units are cut to the 7 bytes DBR_CTRL holds. The record type a client sees (``RT
 DBR_CLASS_NAME) is the EPICS record a PV most resembles (:func:`record_type`). Enum and
 bool PVs serve state strings (bool: ``false``/``true``) cut to the 25 bytes a
 DBR_CTRL_ENUM string holds; a DBR_CTRL_ENUM carries at most 16 of them.
+
+A string PV whose declared length exceeds the 39 characters of DBR_STRING is a *long
+string*, as an EPICS lsi/lso record: DBR_STRING reads give its first 39 bytes, and its
+whole text is the DBR_CHAR array ``NAME.VAL$`` (:func:`long_string_bytes` elements, room
+for the declared number of characters in UTF-8). A string PV of at most 39 characters is
+a stringin/stringout, whole in DBR_STRING (its ``.VAL$`` works too, as on an IOC).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Any
 
 from labctl.ioc.pv import PVInfo
 from labctl.ioc.types import PVType
-from labctl.server.ca.wire import clip_utf8
+from labctl.server.ca.wire import MAX_STRING_BYTES, clip_utf8
 
 #: DBR_CTRL units hold 8 bytes including the NUL.
 MAX_UNITS_BYTES = 7
@@ -31,6 +37,16 @@ MAX_ENUM_STRING_BYTES = 25
 BOOL_STATES = ("false", "true")
 
 
+def long_string(info: PVInfo) -> bool:
+    """Whether a string PV is a long string: its declared length exceeds what DBR_STRING holds (39)."""
+    return info.type is PVType.STRING and info.max_length > MAX_STRING_BYTES
+
+
+def long_string_bytes(info: PVInfo) -> int:
+    """Elements of a string PV's long-string form ``NAME.VAL$`` (DBR_CHAR): its length in UTF-8 and the NUL."""
+    return info.max_length * 4 + 1
+
+
 def record_type(info: PVInfo) -> str:
     """The EPICS record type a PV most resembles (``RTYP``, DBR_CLASS_NAME)."""
     if info.type is PVType.FLOAT64_ARRAY:
@@ -38,6 +54,8 @@ def record_type(info: PVInfo) -> str:
     if info.expr is not None:
         return "calc"
     out = info.writable
+    if long_string(info):
+        return ("lsi", "lso")[out]
     return {
         PVType.FLOAT64: ("ai", "ao"),
         PVType.INT: ("longin", "longout"),

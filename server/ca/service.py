@@ -28,6 +28,11 @@ read-back). Refusals raise the core's errors, which the core has already audited
 :meth:`CAService.refuse` audits the few refusals decided here (writes to record fields,
 alarm acknowledgements), so every write attempt reaches the audit trail.
 
+Sites. In a server that is part of a site (it has a site directory service), a
+:class:`~labctl.server.ca.names.NameService` answers name searches that arrive over TCP
+(clients' ``EPICS_CA_NAME_SERVERS``) for PVs other servers of the site own, with the
+owner's address; UDP searches are answered for this server's PVs only.
+
 Locks. In a server with a control layer (``server.control``), each lockable resource
 also gets the CA-only command channels ``ARB:<RES>:REQUEST`` and ``ARB:<RES>:RELEASE``,
 and access rights of open channels are re-sent when a lease changes hands (see
@@ -49,6 +54,7 @@ from caproto import AccessRights
 from labctl.ioc.access import AuditRecord
 from labctl.ioc.arbiter import LeaseEvent
 from labctl.ioc.database import Database
+from labctl.ioc.errors import WrongType
 from labctl.ioc.subscription import Callback
 from labctl.ioc.types import EventMask, PVType, Reading, Update
 from labctl.server.ca.access import AccessRules, Client, access_rights
@@ -56,6 +62,8 @@ from labctl.server.ca.arbiter import ArbiterChannels, Control
 from labctl.server.ca.channels import ServedChannel, build_channel
 from labctl.server.ca.context import CAStartError, LabctlContext
 from labctl.server.ca.env import MIN_ARRAY_BYTES, CASettings, resolve, tune_latency
+from labctl.server.ca.metadata import long_string_bytes
+from labctl.server.ca.names import NameService, SiteDirectory
 
 from labctl.backoff import Backoff
 from labctl.supervision import supervise
@@ -70,7 +78,8 @@ class Host(Protocol):
     """What the service needs from the server it runs in (``server.app.Server``).
 
     A server with a control layer also has ``control`` (the arbiter's commands); without
-    one, no lock command channels are served.
+    one, no lock command channels are served. A server of a site also has
+    ``service("sitedir")`` (its site directory), used by the name service.
     """
 
     db: Database
@@ -84,7 +93,7 @@ def default_max_array_bytes(db: Database) -> int:
         if info.type is PVType.FLOAT64_ARRAY:
             largest = max(largest, 8 * info.max_length)
         elif info.type is PVType.STRING:
-            largest = max(largest, 4 * info.max_length + 1)  # whole UTF-8 strings, through NAME.VAL$
+            largest = max(largest, long_string_bytes(info))  # whole UTF-8 strings, through NAME.VAL$
     return MIN_ARRAY_BYTES + largest
 
 
@@ -178,6 +187,7 @@ class CAService:
     name = "ca"
 
     def __init__(self, server: Host) -> None:
+        self._host = server
         self.db = server.db
         self.site = server.site
         self.config = server.site.server.ca
@@ -194,6 +204,8 @@ class CAService:
         self.control: Control | None = getattr(server, "control", None)
         self.arbiter: ArbiterChannels | None = None
         """Lock command channels and access-rights refreshes (with a control layer)."""
+        self.names: NameService | None = None
+        """In a site: the name service answering TCP name searches for other servers' PVs."""
         if self.control is not None:
             self.control.on_lease_events(self._lease_events)
 
@@ -232,6 +244,11 @@ class CAService:
             self.context = None
             raise
         self._pump = supervise("ca updates", self._queue.run, backoff=Backoff(0.05, 5.0)).task  # restarted if it fails
+        directory = self._site_directory()
+        if directory is not None:
+            self.names = NameService(directory, self.prefix)
+            await self.names.start()
+            self.context.names = self.names
         if self.arbiter is not None:
             self.arbiter.start(self.context)
         log.info(
@@ -248,6 +265,11 @@ class CAService:
         if self._subscription is not None:
             self.db.unsubscribe(self._subscription)
             self._subscription = None
+        if self.names is not None:
+            if self.context is not None:
+                self.context.names = None
+            await self.names.stop()
+            self.names = None
         if self._pump is not None:
             self._pump.cancel()
             await asyncio.gather(self._pump, return_exceptions=True)
@@ -259,11 +281,24 @@ class CAService:
             self.context = None
 
     def endpoints(self) -> list[str]:
-        """``ca://<interface>:<port>`` per bound interface, with the PV prefix."""
+        """``ca://<interface>:<port>`` per bound interface, with the PV prefix (and the name service, in a site)."""
         if self.context is None:
             return []
         prefix = f" (PV prefix {self.prefix!r})" if self.prefix else ""
-        return [f"ca://{i}:{self.context.ca_server_port}{prefix}" for i in self.context.interfaces]
+        names = " (name server of the site's PVs on TCP)" if self.names is not None else ""
+        return [f"ca://{i}:{self.context.ca_server_port}{prefix}{names}" for i in self.context.interfaces]
+
+    def _site_directory(self) -> SiteDirectory | None:
+        """The server's site directory service, when it is part of a site and ``server.ca.name_service`` is on."""
+        if not self.config.name_service:
+            return None
+        find = getattr(self._host, "service", None)
+        if find is None:
+            return None
+        try:
+            return find("sitedir")
+        except KeyError:  # a single server: no directory
+            return None
 
     @property
     def port(self) -> int:
@@ -321,6 +356,15 @@ class CAService:
         """The latest reading the core holds of ``pv`` (a channel's read refreshes from it)."""
         return self.db.read(pv)
 
+    def acknowledgement(self, pv: str) -> tuple[int, int]:
+        """ACKT and ACKS of ``pv`` (DBR_STSACK_STRING): its alarm's latch, and the severity not yet acknowledged."""
+        alarms = getattr(self.control, "alarms", None)
+        table = getattr(alarms, "table", None)
+        if table is None or pv not in table:
+            return 0, 0
+        alarm = table.get(pv)
+        return int(alarm.latch), int(alarm.latched) if alarm.unacknowledged else 0
+
     def rights(self, pv: str, client: Client) -> AccessRights:
         """Access rights of ``client`` on ``pv`` now."""
         return access_rights(self.db, pv, self.rules.identity(client))
@@ -329,6 +373,18 @@ class CAService:
         """Write ``value`` to ``pv`` for ``client`` through the core write path."""
         await self.db.write(pv, value, self.rules.identity(client))
         await self._queue.flush(pv)
+
+    def refuse_value(self, pv: str, client: Client, value: Any, error: WrongType) -> NoReturn:
+        """Refuse a put whose value this adapter cannot convert (audited once, by the core).
+
+        The write path's order holds: a client that may not write the PV at all (read-only,
+        role, lock) is refused for that, as the core refuses it; otherwise for the value.
+        """
+        identity = self.rules.identity(client)
+        if not self.db.may_write(pv, identity):
+            with self.db.refusals_audited(identity, new=value):
+                self.db.check_write(pv, value, identity)  # raises the refusal of the identity
+        raise self.db.refuse(identity, error, old=self.db.read(pv).value, new=value)
 
     def refuse(self, target: str, client: Client, value: Any, error: Exception) -> NoReturn:
         """Audit a write refused by the adapter itself, then raise ``error``."""

@@ -8,12 +8,9 @@ values read from a channel (39 bytes and the NUL).
 
 A client's put arrives as caproto's decoded wire data of one of :data:`VALUE_TYPES`;
 :func:`wire_values` turns it into plain Python numbers or strings (DBR_CHAR arrays as
-text when written to a string PV). What a channel then makes of text is the channel's
-choice (:mod:`labctl.server.ca.channels`): a string written to a numeric PV is parsed as
-a number (:func:`parse_number`), as EPICS does, and a number written to a string PV
-becomes its text (:func:`format_number`). Nothing here refuses a value: text that is no
-number, or bytes that are no UTF-8, are passed on and the core refuses them, so every
-attempt reaches the audit trail.
+text when written to a string PV). What that becomes for the PV is decided by
+:mod:`labctl.server.ca.convert`, as an IOC converts it. Bytes that are no UTF-8 are passed
+on as bytes and refused there or by the core, so every attempt reaches the audit trail.
 """
 
 from __future__ import annotations
@@ -83,27 +80,6 @@ def _text(value: Any) -> Any:
         except UnicodeDecodeError:
             return value
     return value
-
-
-def parse_number(text: str, *, integer: bool) -> Any:
-    """A number from text, or the text itself if it is none (the core then refuses it)."""
-    stripped = text.strip()
-    if integer:
-        try:
-            return int(stripped, 0)
-        except ValueError:
-            pass
-    try:
-        return float(stripped)
-    except ValueError:
-        return text
-
-
-def format_number(value: Any) -> str:
-    """A number as the text a string PV receives (integral floats without ``.0``)."""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value)) if abs(value) < 1e15 else repr(value)
-    return str(value)
 
 
 def plain_value(data: Any) -> Any:

@@ -6,7 +6,9 @@ catalogue), :mod:`~labctl.server.historian.timescale` (TimescaleDB specifics), :
 (engines and error classes), :mod:`~labctl.server.historian.rollup` (aggregates and rollup cells),
 :mod:`~labctl.server.historian.spool` (store-and-forward), :mod:`~labctl.server.historian.ingest` (the
 batching worker), :mod:`~labctl.server.historian.query` (reads) and :mod:`~labctl.server.historian.service`
-(the service and its async query API).
+(the service and its async query API). Beside them, in a site's PostgreSQL database:
+:mod:`~labctl.server.historian.directory` (the site directory's tables: servers, PV owners,
+accounts) and :mod:`~labctl.server.historian.accounts` (account changes, audited).
 """
 
 from labctl.server.archive import Bucket, HistorianError, HistorianUnavailable, SchemaTooNew

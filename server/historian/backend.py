@@ -60,8 +60,11 @@ class Backend:
         self.engine.dispose()
 
 
-def open_backend(url: str) -> Backend:
+def open_backend(url: str, *, application_name: str = "labctl historian", pool_size: int = 4) -> Backend:
     """Build the engine for a historian URL (no connection is made).
+
+    ``application_name`` and ``pool_size`` (PostgreSQL): how the connections show in
+    ``pg_stat_activity``, and how many are kept (as many again may open under load).
 
     Raises:
         HistorianError: the URL is malformed or names a backend or driver labctl does not use.
@@ -96,11 +99,11 @@ def open_backend(url: str) -> Backend:
         engine = create_engine(
             u,
             pool_pre_ping=True,  # a pooled connection that died with the server is replaced, not used
-            pool_size=4,
-            max_overflow=4,
+            pool_size=pool_size,
+            max_overflow=pool_size,
             connect_args={
                 "connect_timeout": CONNECT_TIMEOUT_S,
-                "application_name": "labctl historian",
+                "application_name": application_name,
                 # JIT compiles each big aggregate for tens of milliseconds to seconds before running
                 # it; the historian's queries are index range scans that finish faster than that.
                 # psycopg prepares a statement after 5 runs, and PostgreSQL may then switch it to a

@@ -16,15 +16,18 @@ transaction (:func:`write`), spooled while the database is away.
   submission time, and log lines and results are written only under the job they were
   captured from (their rows carry its submission time until written): should a job id
   ever be reused (a start without the database, see below), the archived job is neither
-  overwritten nor extended.
+  overwritten nor extended. Each job row names the server that runs it (``server``, the
+  last column, so a row spooled by an older labctl is a prefix and is completed here).
 * **Alarm states** are one row per source in ``alarm_state``, upserted with the newest
   state of each source in a batch.
 
-At start the historian reads every record (:func:`load`) and then lays over it the
-records still waiting in the spool (:meth:`Records.apply`), oldest first, so a restart
-during an outage restores what the control layer last saved. When the database is
-unreachable at start only the spooled records are restored; the job manager then numbers
-new jobs from the highest id it knows.
+At start the historian reads the records (:func:`load`) -- in a site's PostgreSQL
+database only this server's jobs, after adopting jobs archived before jobs named their
+server (:func:`adopt_jobs`); a SQLite archive belongs to one server, so all of them -- and
+then lays over them the records still waiting in the spool (:meth:`Records.apply`),
+oldest first, so a restart during an outage restores what the control layer last saved.
+Other servers' jobs are read with :func:`read_job`, :func:`read_jobs` and
+:func:`read_site_jobs` (the site's job mirror, :mod:`labctl.server.historian.sitejobs`).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from labctl.ioc.alarms import Alarm
 from labctl.ioc.jobs import Job, JobState, Result
 from labctl.ioc.types import Severity, Status
 from labctl.server.historian.schema import alarm_state, insert, job, job_log, job_result
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.engine import Connection
 
 log = logging.getLogger(__name__)
@@ -77,7 +80,9 @@ def _unjson(text: str | None) -> Any:
 class RecordCapture:
     """Turns jobs and alarm events into row tuples, sending each log line and result once."""
 
-    def __init__(self) -> None:
+    def __init__(self, server: str = "") -> None:
+        self.server = server
+        """The server's name, for jobs that do not name theirs."""
         self._sent: dict[int, tuple[int, int]] = {}
 
     def mark(self, j: Job) -> None:
@@ -100,6 +105,7 @@ class RecordCapture:
         row = (
             j.id, j.procedure, j.owner, _json(list(j.roles)), _json(j.params), j.priority, _json(list(j.resources)),
             j.state.value, bool(j.paused), _us(j.submitted_at), _us(j.started_at), _us(j.ended_at), j.error, now_us,
+            j.server or self.server,
         )  # fmt: skip
         return row, logs, results
 
@@ -113,6 +119,12 @@ class RecordCapture:
 
 
 # ---- writing (on the ingest thread, in the batch's transaction) ------------------------------------
+
+
+def complete_job_row(row: Iterable[Any]) -> tuple:
+    """A job row with every column: one spooled by a labctl before jobs named their server gets ``server`` ""."""
+    row = tuple(row)
+    return row + ("",) * (len(JOB_COLUMNS) - len(row))
 
 
 def _newest(rows: Iterable[tuple]) -> list[tuple]:
@@ -132,7 +144,7 @@ def write(conn: Connection, kind: str, jobs: list[tuple], logs: list[tuple], res
             set_={c: stmt.excluded[c] for c in JOB_COLUMNS if c not in ("id", "submitted_us")},
             where=job.c.submitted_us == stmt.excluded.submitted_us,  # never another job that reused the id
         )
-        conn.execute(stmt, [dict(zip(JOB_COLUMNS, r, strict=True)) for r in _newest(jobs)])
+        conn.execute(stmt, [dict(zip(JOB_COLUMNS, complete_job_row(r), strict=True)) for r in _newest(jobs)])
     if logs or results:
         # Only under the job they came from (its row was queued before them, so it is written).
         ids = sorted({r[0] for r in logs} | {r[0] for r in results})
@@ -174,9 +186,10 @@ class Records:
     def add(self, jobs: Iterable[tuple], logs: Iterable[tuple], results: Iterable[tuple], alarms: Iterable[tuple]) -> None:
         """Lay rows over these (later rows win, as in the database)."""
         for r in jobs:
+            r = complete_job_row(r)
             old = self.jobs.get(r[0])
             if old is None or old[9] == r[9]:  # same submission time: the same job (see write())
-                self.jobs[r[0]] = tuple(r)
+                self.jobs[r[0]] = r
         for r in logs:  # spooled rows carry their job's submission time (see write())
             if len(r) == 4 or self._same_job(r[0], r[4]):
                 self.logs.setdefault(r[0], {}).setdefault(r[1], tuple(r[:4]))
@@ -217,6 +230,7 @@ def job_of(row: tuple, logs: Iterable[tuple] = (), results: Iterable[tuple] = ()
         log.error("historian: job %s has state %r, which this labctl does not know; not restored", r["id"], r["state"])
         return None
     return Job(
+        server=r["server"] or "",
         id=int(r["id"]),
         procedure=r["procedure"],
         owner=r["owner"],
@@ -261,13 +275,30 @@ def alarm_of(row: tuple) -> Alarm | None:
     )
 
 
-def load(conn: Connection) -> Records:
-    """Every job (with log and results) and alarm state in the database."""
+def adopt_jobs(conn: Connection, server: str) -> int:
+    """Make jobs archived before jobs named their server (``server`` "") this server's; how many.
+
+    Before version 3 of the schema one server of a database ran jobs, so the first server
+    to start after the upgrade takes them (row locks serialise two starting at once).
+    """
+    if not server:
+        return 0
+    return conn.execute(update(job).where(job.c.server == "").values(server=server)).rowcount or 0
+
+
+def load(conn: Connection, server: str | None = None) -> Records:
+    """Jobs (with log and results) and every alarm state in the database: all jobs, or only ``server``'s."""
     rec = Records()
+    jobs_q, logs_q, results_q = select(job), select(job_log), select(job_result)
+    if server is not None:
+        mine = select(job.c.id).where(job.c.server == server)
+        jobs_q = jobs_q.where(job.c.server == server)
+        logs_q = logs_q.where(job_log.c.job_id.in_(mine))
+        results_q = results_q.where(job_result.c.job_id.in_(mine))
     rec.add(
-        conn.execute(select(job).order_by(job.c.id)).all(),
-        conn.execute(select(job_log).order_by(job_log.c.job_id, job_log.c.n)).all(),
-        conn.execute(select(job_result).order_by(job_result.c.job_id, job_result.c.n)).all(),
+        conn.execute(jobs_q.order_by(job.c.id)).all(),
+        conn.execute(logs_q.order_by(job_log.c.job_id, job_log.c.n)).all(),
+        conn.execute(results_q.order_by(job_result.c.job_id, job_result.c.n)).all(),
         conn.execute(select(alarm_state)).all(),
     )
     return rec
@@ -283,11 +314,13 @@ def read_job(conn: Connection, job_id: int) -> Job | None:
     return job_of(tuple(row), [tuple(r) for r in logs], [tuple(r) for r in results])
 
 
-def read_jobs(conn: Connection, owner: str | None = None, limit: int | None = None) -> list[Job]:
-    """Jobs (of one owner), newest first, without their logs and results."""
+def read_jobs(conn: Connection, owner: str | None = None, limit: int | None = None, server: str | None = None) -> list[Job]:
+    """Jobs (of one owner, of one server), newest first, without their logs and results."""
     q = select(job)
     if owner is not None:
         q = q.where(job.c.owner == owner)
+    if server is not None:
+        q = q.where(job.c.server == server)
     q = q.order_by(job.c.id.desc())
     if limit is not None:
         q = q.limit(limit)

@@ -36,15 +36,22 @@ The shape follows the EPICS archivers (the Phoebus TimescaleDB archive, HDB++):
     Submitted jobs (:class:`labctl.ioc.jobs.Job`) as records that survive a restart: one row per
     job with its current state (updated in place), its log lines and the values it read
     (both append-only, keyed ``(job_id, n)`` so a replay is a no-op). Results are found by
-    job id; a value is stored as JSON, with its severity, status and label.
+    job id; a value is stored as JSON, with its severity, status and label. Since version 3
+    each job row names the ``server`` that runs it (a server restores only its own jobs),
+    and in PostgreSQL job ids are unique in the site: each server numbers its jobs within
+    blocks of ids it reserved from the sequence ``job_id_seq``, recorded in
+    ``job_id_block`` (:mod:`labctl.server.historian.jobids`). SQLite keeps one server's jobs,
+    numbered from 1.
 ``alarm_state``
     The alarm state of each alarmed PV (:class:`labctl.ioc.alarms.Alarm`: latched severity,
     acknowledged, shelved until...), one row per source updated in place, so
     acknowledgements and shelving survive a restart. The transitions themselves are in
     ``alarm_event`` (severity changes) and ``audit_event`` (acknowledge, shelve).
 ``historian_schema``
-    The schema version. :func:`ensure_schema` creates or upgrades the schema under an
-    advisory lock (PostgreSQL), idempotently, at every start.
+    The schema version of each component: ``historian`` (these tables) and, in a site's
+    PostgreSQL database, ``site`` (the site directory, :mod:`labctl.server.historian.directory`).
+    :func:`ensure_schema` creates or upgrades the schema under an advisory lock
+    (PostgreSQL), idempotently, at every start.
 
 A view ``sample_named`` joins samples to PV names with a readable time, for people and
 tools that query the database directly (Grafana, psql, sqlite3).
@@ -71,6 +78,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    inspect,
     select,
     text,
 )
@@ -78,7 +86,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 #: The schema version this code writes and reads (see :data:`MIGRATIONS`).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Key of the advisory lock serialising schema changes of several servers on one PostgreSQL.
 _SCHEMA_LOCK_KEY = 0x6C616263746C  # "labctl"
 
@@ -234,7 +242,10 @@ job = Table(
     Column("ended_us", BigInteger),
     Column("error", Text, nullable=False, default=""),
     Column("updated_us", BigInteger, nullable=False),
+    # version 3 (last, so a row tuple of version 2 is a prefix of one of version 3)
+    Column("server", Text, nullable=False, default="", server_default="", comment="the server that runs the job"),
     Index("job_owner", "owner", "id"),
+    Index("job_server", "server", "id"),
 )
 
 job_log = Table(
@@ -278,9 +289,24 @@ alarm_state = Table(
     Column("updated_us", BigInteger, nullable=False),
 )
 
+# ---- version 3: jobs of a site -----------------------------------------------------------
+
+job_id_block = Table(
+    "job_id_block",
+    metadata,
+    Column("first_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("last_id", BigInteger, nullable=False),
+    Column("server", Text, nullable=False),
+    Column("reserved_us", BigInteger, nullable=False),
+    Index("job_id_block_server", "server", "first_id"),
+)
+
 #: Tables of each schema version (a migration creates exactly its own).
 V1_TABLES = (schema_version, pv, pv_meta, sample, sample_rollup, alarm_event, audit_event)
 V2_TABLES = (job, job_log, job_result, alarm_state)
+V3_TABLES = (job_id_block,)
+#: Job ids a server reserves at a time in a PostgreSQL database (the sequence's increment).
+JOB_ID_BLOCK = 1000
 
 
 # ---- dialect helpers ----------------------------------------------------------------------
@@ -316,9 +342,25 @@ def _create_v2(conn: Connection, kind: str) -> None:
     metadata.create_all(conn, tables=list(V2_TABLES), checkfirst=True)
 
 
+def _create_v3(conn: Connection, kind: str) -> None:
+    """Jobs of a site: each job names its server; PostgreSQL hands out site-unique job ids in blocks.
+
+    The sequence starts above every job id already archived, so ids of a version-2
+    archive are never handed out again.
+    """
+    columns = {c["name"] for c in inspect(conn).get_columns(job.name)}
+    if "server" not in columns:
+        conn.execute(text("ALTER TABLE job ADD COLUMN server TEXT NOT NULL DEFAULT ''"))
+    next(i for i in job.indexes if i.name == "job_server").create(conn, checkfirst=True)
+    metadata.create_all(conn, tables=list(V3_TABLES), checkfirst=True)
+    if kind == "postgresql":
+        start = int(conn.execute(text("SELECT COALESCE(MAX(id), 0) + 1 FROM job")).scalar_one())
+        conn.execute(text(f"CREATE SEQUENCE IF NOT EXISTS job_id_seq INCREMENT BY {JOB_ID_BLOCK} MINVALUE 1 START WITH {start}"))
+
+
 #: version -> step that brings a database from version-1 to it. Each step is idempotent
 #: (``checkfirst``), so a step cut short by a crash simply runs again.
-MIGRATIONS: dict[int, Callable[[Connection, str], None]] = {1: _create_v1, 2: _create_v2}
+MIGRATIONS: dict[int, Callable[[Connection, str], None]] = {1: _create_v1, 2: _create_v2, 3: _create_v3}
 
 
 def ensure_schema(conn: Connection, kind: str, now_us: int) -> tuple[int, int]:

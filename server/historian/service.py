@@ -16,7 +16,11 @@ process database:
   with their logs and results, and alarm states, are captured on the loop and written by
   the same ingest thread (:mod:`labctl.server.historian.records`). ``start()`` reads the saved
   records (and those still in the spool) before any other service starts, so
-  :meth:`Historian.load_jobs` and :meth:`Historian.load_alarms` answer at once.
+  :meth:`Historian.load_jobs` and :meth:`Historian.load_alarms` answer at once. In a
+  PostgreSQL database it restores only this server's jobs (``server_name``), hands out
+  job ids unique in the site (:meth:`Historian.next_job_id`,
+  :mod:`labctl.server.historian.jobids`), and mirrors the other servers' jobs into the job
+  manager (:meth:`Historian.watch_site_jobs`, :mod:`labctl.server.historian.sitejobs`).
 * ``stop()`` unsubscribes and waits for the ingest thread to write -- or spool --
   everything it was given.
 * The query API (``read_raw``, ``read_last``, ``read_processed`` and their ``_many``
@@ -45,17 +49,20 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from labctl.ioc.access import AuditRecord
 from labctl.ioc.alarms import Alarm, AlarmEvent
 from labctl.ioc.database import Database
-from labctl.ioc.jobs import Job
+from labctl.ioc.jobs import Job, JobIdsUnavailable, JobManager
+from labctl.ioc.policy import Action
 from labctl.ioc.subscription import Callback
 from labctl.ioc.types import EventMask, Reading, Update
 from labctl.server.archive import Bucket, HistorianError, HistorianUnavailable
-from labctl.server.historian import query, records
+from labctl.server.historian import jobids, query, records
 from labctl.server.historian.backend import Backend, is_unreachable, open_backend, short
 from labctl.server.historian.config import HistorianConfig
 from labctl.server.historian.encoding import to_us
 from labctl.server.historian.ingest import Ingestor, now_us
 from labctl.server.historian.query import Entry, RawPage
+from labctl.server.historian.sitejobs import SiteJobs
 from labctl.server.historian.spool import Spool
+from labctl.server.siteinfo import default_server_name
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -77,10 +84,12 @@ class Historian:
 
     name = "historian"
 
-    def __init__(self, db: Database, config: HistorianConfig, state_dir: Path | str) -> None:
+    def __init__(self, db: Database, config: HistorianConfig, state_dir: Path | str, *, server_name: str = "") -> None:
         self.db = db
         self.config = config
         self.state_dir = Path(state_dir)
+        self.server_name = server_name
+        """This server's name in a site: recorded in its jobs, whose ids it reserves."""
         self.url = config.url.replace("{state_dir}", str(self.state_dir))
         self.backend: Backend | None = None
         self.ingestor: Ingestor | None = None
@@ -89,8 +98,11 @@ class Historian:
         self._queries: ThreadPoolExecutor | None = None
         self._entries: dict[str, Entry] = {}
         self._records = records.Records()
-        self._capture = records.RecordCapture()
+        self._capture = records.RecordCapture(server_name)
         self._dropped_records = 0
+        self._job_ids: jobids.JobIds | None = None
+        self._reserving: asyncio.Task[None] | None = None
+        self._reserve_failed = False
 
     # ---- Service --------------------------------------------------------------------------
 
@@ -117,7 +129,7 @@ class Historian:
             backend.dispose()
             raise
         try:
-            self._records = await asyncio.to_thread(self._load_records, backend, spool, up)
+            self._records, self._job_ids = await asyncio.to_thread(self._load_records, backend, spool, up)
         except BaseException:
             backend.dispose()
             raise
@@ -136,6 +148,9 @@ class Historian:
         if self.ingestor is None:
             return
         self._accepting = False
+        if self._reserving is not None:
+            await asyncio.gather(self._reserving, return_exceptions=True)  # a reservation in flight is recorded
+            self._reserving = None
         self.db.remove_audit_sink(self._on_audit)
         if self._subscription is not None:
             self.db.unsubscribe(self._subscription)
@@ -147,30 +162,64 @@ class Historian:
         self.backend.dispose()
         self.ingestor = None
 
-    def _load_records(self, backend: Backend, spool: Spool, up: bool) -> records.Records:
-        """Saved jobs and alarm states: the database's, then the spool's over them (a worker thread)."""
+    def _load_records(self, backend: Backend, spool: Spool, up: bool) -> tuple[records.Records, jobids.JobIds | None]:
+        """Saved jobs and alarm states: the database's, then the spool's over them; the job ids (a worker thread).
+
+        In PostgreSQL only this server's jobs (jobs archived before jobs named their server
+        are adopted first), and the block of job ids to go on with.
+        """
         rec = records.Records()
+        site = backend.kind == "postgresql"
+        ids = jobids.JobIds(self.state_dir, backend.display_url, self.server_name) if site else None
+        block: jobids.Block | None = None
+        archived: int | None = None
         if up:
             try:
-                with backend.engine.connect() as conn:
-                    rec = records.load(conn)
+                with backend.engine.begin() as conn:
+                    if site:
+                        adopted = records.adopt_jobs(conn, self.server_name)
+                        if adopted:
+                            log.info("historian: %d jobs archived before jobs named their server are now server %r's",
+                                     adopted, self.server_name)
+                        rec = records.load(conn, self.server_name)
+                        block = jobids.newest_block(conn, self.server_name)
+                        archived = jobids.highest_id(conn, block) if block is not None else None
+                    else:
+                        rec = records.load(conn)
             except Exception as e:
                 if not is_unreachable(e):
                     raise HistorianError(f"historian database {backend.display_url}: cannot read job and alarm records: {short(e)}") from e
                 up = False
-        if not up:
-            log.warning(
-                "historian: database %s unreachable at start: jobs and alarm states of earlier runs are restored only "
-                "from the spool, and new job ids may repeat archived ones (the archived jobs are kept)",
-                backend.display_url,
-            )
         for seg in spool.all():
             if seg.events:
                 try:
                     rec.apply(spool.read(seg))
                 except (OSError, ValueError) as e:  # the back-fill quarantines it later
                     log.warning("historian: cannot read spooled records from %s: %s", seg.path.name, e)
-        return rec
+        if ids is None:
+            if not up:
+                log.warning("historian: database %s unreachable at start: jobs and alarm states of earlier runs are "
+                            "restored only from the spool", backend.display_url)
+            return rec, None
+        if up:
+            ids.restore(block, archived, rec.jobs)
+            if ids.left == 0:
+                try:
+                    with backend.engine.begin() as conn:
+                        ids.add_block(jobids.reserve_block(conn, self.server_name, now_us()))
+                except Exception as e:
+                    if not is_unreachable(e):
+                        raise
+                    log.warning("historian: cannot reserve job ids in %s (%s); jobs can be submitted once it is back",
+                                backend.display_url, short(e))
+        elif ids.restore_offline(rec.jobs):
+            log.warning("historian: database %s unreachable at start: jobs and alarm states of earlier runs are restored "
+                        "only from the spool; new jobs go on with ids %d-%d", backend.display_url, ids.next, ids.block.last)  # type: ignore[union-attr]
+        else:
+            log.warning("historian: database %s unreachable at start: jobs and alarm states of earlier runs are restored "
+                        "only from the spool, and jobs can be submitted once the database is back (it hands out their ids)",
+                        backend.display_url)
+        return rec, ids
 
     def endpoints(self) -> list[str]:
         """The archive's URL (password hidden) and backend."""
@@ -220,6 +269,62 @@ class Historian:
         for job in jobs:
             self._capture.mark(job)
         return jobs
+
+    def next_job_id(self) -> int | None:
+        """A new job id unique in the site (:class:`labctl.ioc.jobs.JobIdSource`); None with SQLite (one server's).
+
+        Never waits: the next block of ids is reserved in the background when this one runs low.
+
+        Raises:
+            JobIdsUnavailable: no block of ids could be reserved yet (the database has been
+                away since this server started for the first time).
+        """
+        ids = self._job_ids
+        if ids is None:
+            return None
+        job_id = ids.take()
+        if ids.wants_block:
+            self._reserve_ids()
+        if job_id is None:
+            raise JobIdsUnavailable(
+                f"no job id can be handed out: the site database {self.backend.display_url if self.backend else self.url} "
+                "that hands them out has been unreachable since this server started; submit again once it is back",
+                action=Action.JOB_SUBMIT,
+            )
+        return job_id
+
+    def _reserve_ids(self) -> None:
+        if self._reserving is not None or not self._accepting:
+            return
+        self._reserving = asyncio.get_running_loop().create_task(self._reserve(), name="historian job ids")
+
+    async def _reserve(self) -> None:
+        try:
+            block = await self._run(lambda conn: self._reserve_in(conn))
+        except HistorianError as e:  # away: tried again at the next submission
+            if not self._reserve_failed:
+                log.warning("historian: cannot reserve job ids now: %s", e)
+            self._reserve_failed = True
+        except Exception:  # a bug: logged once here, at the boundary; the next submission tries again
+            log.exception("historian: reserving job ids failed")
+        else:
+            self._reserve_failed = False
+            assert self._job_ids is not None
+            self._job_ids.add_block(block)
+            log.info("historian: job ids %d-%d reserved for server %r", block.first, block.last, self.server_name)
+        finally:
+            self._reserving = None
+
+    def _reserve_in(self, conn: Any) -> jobids.Block:
+        block = jobids.reserve_block(conn, self.server_name, now_us())
+        conn.commit()
+        return block
+
+    def watch_site_jobs(self, jobs: JobManager, refresh_s: float) -> SiteJobs | None:
+        """A mirror of the site's other servers' jobs in ``jobs`` (not started); None with SQLite (one server's)."""
+        if self.backend is None or self.backend.kind != "postgresql":
+            return None
+        return SiteJobs(self, jobs, refresh_s)
 
     def save_alarm(self, event: AlarmEvent) -> None:
         """Record the alarm state an alarm event leaves (never blocks)."""
@@ -394,9 +499,9 @@ class Historian:
         """An archived job with its log and results (None if no job has that id)."""
         return await self._run(records.read_job, job_id)
 
-    async def read_jobs(self, *, owner: str | None = None, limit: int | None = None) -> list[Job]:
-        """Archived jobs (of one owner), newest first, without logs and results."""
-        return await self._run(functools.partial(records.read_jobs, owner=owner, limit=limit))
+    async def read_jobs(self, *, owner: str | None = None, limit: int | None = None, server: str | None = None) -> list[Job]:
+        """Archived jobs (of one owner, of one server of the site), newest first, without logs and results."""
+        return await self._run(functools.partial(records.read_jobs, owner=owner, limit=limit, server=server))
 
     async def read_alarm_events(self, name: str, start: Time, end: Time) -> list[tuple[float, Any, Any]]:
         """Alarm transitions of ``name`` in ``[start, end)``: (time, severity, status), oldest first."""
@@ -425,4 +530,5 @@ class HistorianService(Historian):
     """Stopped after the instruments and every other service, so their last states are archived."""
 
     def __init__(self, server: Server) -> None:
-        super().__init__(server.db, server.site.historian, server.state_dir)
+        name = server.site.server.name or default_server_name()
+        super().__init__(server.db, server.site.historian, server.state_dir, server_name=name)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from labctl.server.historian.schema import _SCHEMA_LOCK_KEY
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
@@ -80,21 +81,31 @@ def detect(conn: Connection, *, create: bool = True) -> TimescaleInfo:
                 "using plain PostgreSQL (add shared_preload_libraries = 'timescaledb' and restart it to get hypertables)"
             )
         elif available:
-            # The library must be preloaded for CREATE EXTENSION to work; probe in a savepoint
-            # so a refusal (not preloaded, no privilege) leaves the transaction usable.
-            nested = conn.begin_nested()
-            try:
-                conn.execute(text("CREATE EXTENSION IF NOT EXISTS timescaledb"))
-                nested.commit()
-            except Exception as e:  # noqa: BLE001 -- any refusal means: run on plain PostgreSQL
-                nested.rollback()
-                log.warning("historian: the server has TimescaleDB but it cannot be enabled here (%s); using plain PostgreSQL",
-                            str(e).splitlines()[0])
+            # Servers of a site starting at once would race to create it: serialise them with the
+            # schema's transaction-scoped lock, and look again once it is held.
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
             version = conn.execute(text("SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'")).scalar()
+            if version is None:
+                version = _create(conn)
     if version is None:
         return PLAIN
     edition = conn.execute(text("SELECT current_setting('timescaledb.license', true)")).scalar() or "apache"
     return TimescaleInfo(str(version), str(edition))
+
+
+def _create(conn: Connection) -> str | None:
+    """CREATE EXTENSION; its version, or None when refused."""
+    # The library must be preloaded for CREATE EXTENSION to work; probe in a savepoint
+    # so a refusal (not preloaded, no privilege) leaves the transaction usable.
+    nested = conn.begin_nested()
+    try:
+        conn.execute(text("CREATE EXTENSION IF NOT EXISTS timescaledb"))
+        nested.commit()
+    except Exception as e:  # noqa: BLE001 -- any refusal means: run on plain PostgreSQL
+        nested.rollback()
+        log.warning("historian: the server has TimescaleDB but it cannot be enabled here (%s); using plain PostgreSQL",
+                    str(e).splitlines()[0])
+    return conn.execute(text("SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'")).scalar()
 
 
 def configure(conn: Connection, info: TimescaleInfo, retention_days: float | None, *, announce: bool = True) -> None:

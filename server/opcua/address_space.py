@@ -4,14 +4,16 @@ Theory of operation.
 
 *Names.* The site's namespace is ``urn:labctl:<site>``. Every PV is a variable whose
 NodeId is ``ns=<idx>;s=<PV name>``: derived from the name alone, so it is the same after
-every restart and SCADA configurations survive. The browse path is
-``Objects/<site>/<instrument>/<channel>``; soft PVs live under ``Objects/<site>/soft``
-and derived PVs under ``Objects/<site>/derived``, with the PV name as browse name.
-asyncua checks every new node against all its siblings, so a folder that would hold more
-than :data:`MAX_CHILDREN` nodes is split into sub-folders, first by the colon-separated
-segments of the PV names (``CRYO``, then ``MXC``...), else into numbered ranges. Other
-nodes use NodeIds PV names cannot have: folders ``/<site>/...`` (PV names have no
-``/``), properties ``<PV>.EURange`` (PV names have no ``.``).
+every restart and SCADA configurations survive. Every PV variable's BrowseName and
+DisplayName are its PV name, so a tag browser (UaExpert, Ignition) lists ``CRYO:MXC:TEMP``
+rather than an instrument's channel. Instrument PVs live under
+``Objects/<site>/<instrument>``, soft PVs under ``Objects/<site>/soft`` and derived PVs
+under ``Objects/<site>/derived``. asyncua checks every new node against all its siblings,
+so a folder that would hold more than :data:`MAX_CHILDREN` nodes is split into
+sub-folders, first by the colon-separated segments of the PV names (``CRYO``, then
+``MXC``...), else into numbered ranges. Other nodes use NodeIds PV names cannot have:
+folders ``/<site>/...`` (PV names have no ``/``), properties and components
+``<PV>.EURange``, ``<PV>.AlarmState`` (PV names have no ``.``).
 
 *Types.* float64 -> Double, int -> Int64, bool -> Boolean, string -> String, enum ->
 UInt32 on a MultiStateDiscreteType with EnumStrings (Part 8 gives that type an unsigned
@@ -20,7 +22,8 @@ the length may vary] (:mod:`labctl.server.opcua.values`). Numeric PVs are Analog
 with EngineeringUnits and EURange (the display range, else the drive limits); a numeric
 PV with neither range is a BaseAnalogType, whose EURange is optional. Floating-point PVs
 carry their precision (EPICS PREC) as the DataItemType property ``ValuePrecision``. Description is the
-PV's description.
+PV's description. Every PV has the component ``AlarmState`` (its EPICS severity and
+status, of the enumeration DataType ``EpicsAlarmState``: :mod:`labctl.server.opcua.values`).
 
 *Building.* :func:`build` lays out the folders (:func:`folder_layout`) and makes the
 folders and PV variables with a builder of :mod:`labctl.server.opcua.builders` (in bulk,
@@ -31,9 +34,10 @@ reasons of its last refused write and method call (``LastWriteRefusal``,
 ``LastCallRefusal``); :mod:`labctl.server.opcua.sessions` answers them per session.
 
 *Values.* A PV node's Value is the DataValue of its latest reading
-(:func:`labctl.server.opcua.values.data_value`, which says how severity and status map to
-StatusCodes); :func:`store_readings` puts the current ones in before the server starts,
-the publisher (:mod:`labctl.server.opcua.publisher`) keeps them current.
+(:func:`labctl.server.opcua.values.data_value`, which says what its StatusCode says), and
+its ``AlarmState`` the reading's severity and status; :func:`store_readings` puts the
+current ones in before the server starts, the publisher
+(:mod:`labctl.server.opcua.publisher`) keeps them current.
 """
 
 from __future__ import annotations
@@ -49,7 +53,17 @@ from labctl.ioc.pv import PVInfo
 from labctl.ioc.types import PVType, Reading
 from labctl.server.opcua.builders import Builder, BulkBuilder
 from labctl.server.opcua.units import eu_information
-from labctl.server.opcua.values import DATA_TYPES, HISTORY_READ, access_level, data_value
+from labctl.server.opcua.values import (
+    ALARM_STATE,
+    ALARM_STATE_TYPE,
+    DATA_TYPES,
+    HISTORY_READ,
+    READ,
+    access_level,
+    alarm_state_names,
+    alarm_state_value,
+    data_value,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +96,9 @@ class PVNode:
     nodeid: ua.NodeId
     value: AttributeValue
     """asyncua's holder of the Value attribute, written in place by the publisher."""
+    alarm: AttributeValue
+    """The Value of its ``AlarmState`` variable (severity and status), written by the publisher."""
+    alarm_nodeid: ua.NodeId
 
 
 @dataclass
@@ -100,6 +117,8 @@ class SiteNodes:
     site_folder: ua.NodeId
     pvs: dict[str, PVNode]
     by_nodeid: dict[ua.NodeId, PVNode]
+    by_alarm_nodeid: dict[ua.NodeId, PVNode]
+    """PV nodes by the NodeId of their ``AlarmState`` variable."""
     session_user: ua.NodeId
     session_roles: ua.NodeId
     session_refusal: ua.NodeId
@@ -109,32 +128,21 @@ class SiteNodes:
         """The PV node with this NodeId, or None for any other node."""
         return self.by_nodeid.get(nodeid)
 
+    def alarm_of(self, nodeid: ua.NodeId) -> PVNode | None:
+        """The PV node whose ``AlarmState`` variable has this NodeId, or None."""
+        return self.by_alarm_nodeid.get(nodeid)
+
 
 def folder_layout(site: str, infos: Iterable[PVInfo]) -> _Folder:
     """The folder tree of a site's PVs (pure; no nodes created)."""
     root = _Folder(site, f"/{site}")
     groups: dict[str, list[tuple[str, PVInfo]]] = {}
     for info in infos:
-        if info.instrument is not None:
-            folder, browse = info.instrument, info.channel or info.name
-        else:
-            folder, browse = (DERIVED_FOLDER if info.expr else SOFT_FOLDER), info.name
-        groups.setdefault(folder, []).append((browse, info))
+        folder = info.instrument if info.instrument is not None else (DERIVED_FOLDER if info.expr else SOFT_FOLDER)
+        groups.setdefault(folder, []).append((info.name, info))  # browse name: the PV name, unique in the site
     for name, members in groups.items():
-        root.children.append(_split(_Folder(name, f"{root.path}/{name}"), _unique(members), depth=0))
+        root.children.append(_split(_Folder(name, f"{root.path}/{name}"), members, depth=0))
     return root
-
-
-def _unique(members: list[tuple[str, PVInfo]]) -> list[tuple[str, PVInfo]]:
-    """Browse names unique within a folder: a repeated one falls back to the PV name."""
-    seen: set[str] = set()
-    out = []
-    for browse, info in members:
-        if browse in seen:
-            browse = info.name
-        seen.add(browse)
-        out.append((browse, info))
-    return out
 
 
 def _split(folder: _Folder, members: list[tuple[str, PVInfo]], depth: int) -> _Folder:
@@ -167,6 +175,7 @@ def build(iserver: InternalServer, idx: int, site: str, infos: list[PVInfo], *, 
     asyncua's AddNodes service, node by node.
     """
     b = builder(iserver, idx)
+    _alarm_state_type(b, idx)
     root = folder_layout(site, infos)
     site_folder = b.object(root.path, site, ua.NodeId(ua.ObjectIds.ObjectsFolder))
 
@@ -205,12 +214,17 @@ def build(iserver: InternalServer, idx: int, site: str, infos: list[PVInfo], *, 
     b.flush()
 
     aspace = iserver.aspace
-    pvs = {info.name: PVNode(info, nodeid, aspace[nodeid].attributes[ua.AttributeIds.Value]) for info, nodeid in pending}
+    value = ua.AttributeIds.Value
+    pvs = {}
+    for info, nodeid in pending:
+        alarm_id = alarm_state_id(info.name, idx)
+        pvs[info.name] = PVNode(info, nodeid, aspace[nodeid].attributes[value], aspace[alarm_id].attributes[value], alarm_id)
     return SiteNodes(
         namespace_index=idx,
         site_folder=site_folder,
         pvs=pvs,
         by_nodeid={n.nodeid: n for n in pvs.values()},
+        by_alarm_nodeid={n.alarm_nodeid: n for n in pvs.values()},
         session_user=session_ids[0],
         session_roles=session_ids[1],
         session_refusal=session_ids[2],
@@ -219,7 +233,7 @@ def build(iserver: InternalServer, idx: int, site: str, infos: list[PVInfo], *, 
 
 
 def mark_historizing(iserver: InternalServer, nodes: SiteNodes) -> None:
-    """Make every PV Historizing, with the HistoryRead bit in its AccessLevel.
+    """Make every PV (and its ``AlarmState``) Historizing, with the HistoryRead bit in its AccessLevel.
 
     Each node gets new AttributeValues (one per distinct access level, shared): the old
     ones may be shared with nodes that do not change (see :class:`~labctl.server.opcua.builders.BulkBuilder`).
@@ -228,21 +242,70 @@ def mark_historizing(iserver: InternalServer, nodes: SiteNodes) -> None:
     historizing = AttributeValue(ua.DataValue(ua.Variant(True, ua.VariantType.Boolean)))
     levels: dict[int, AttributeValue] = {}
     for node in nodes.pvs.values():
-        attrs = aspace[node.nodeid].attributes
-        level = attrs[ua.AttributeIds.AccessLevel].value.Value.Value | HISTORY_READ  # type: ignore[union-attr]
-        if level not in levels:
-            levels[level] = AttributeValue(ua.DataValue(ua.Variant(level, ua.VariantType.Byte)))
-        attrs[ua.AttributeIds.AccessLevel] = levels[level]
-        attrs[ua.AttributeIds.Historizing] = historizing
+        for nodeid in (node.nodeid, node.alarm_nodeid):  # the AlarmState's history is the PV's
+            attrs = aspace[nodeid].attributes
+            level = attrs[ua.AttributeIds.AccessLevel].value.Value.Value | HISTORY_READ  # type: ignore[union-attr]
+            if level not in levels:
+                levels[level] = AttributeValue(ua.DataValue(ua.Variant(level, ua.VariantType.Byte)))
+            attrs[ua.AttributeIds.AccessLevel] = levels[level]
+            attrs[ua.AttributeIds.Historizing] = historizing
+        # The AlarmState is read-only for everyone: its UserAccessLevel is its AccessLevel
+        # (a PV's own is answered per session, :mod:`labctl.server.opcua.sessions`).
+        alarm = aspace[node.alarm_nodeid].attributes
+        alarm[ua.AttributeIds.UserAccessLevel] = alarm[ua.AttributeIds.AccessLevel]
 
 
 def store_readings(nodes: SiteNodes, read: Callable[[str], Reading]) -> None:
-    """Put every PV's current reading into its node."""
+    """Put every PV's current reading into its node and its ``AlarmState``."""
     for name, node in nodes.pvs.items():
-        node.value.value = data_value(node.info, read(name))
+        reading = read(name)
+        node.value.value = data_value(node.info, reading)
+        node.alarm.value = alarm_state_value(reading)
+
+
+def alarm_state_id(name: str, idx: int) -> ua.NodeId:
+    """The NodeId of a PV's ``AlarmState`` variable."""
+    return ua.NodeId(f"{name}.{ALARM_STATE}", idx)
+
+
+def _alarm_state_type(b: Builder, idx: int) -> ua.NodeId:
+    """The enumeration DataType ``EpicsAlarmState`` (value ``100 x severity + status``), with its EnumValues."""
+    nodeid = ua.NodeId(ALARM_STATE_TYPE, idx)
+    attrs = ua.DataTypeAttributes()
+    attrs.DisplayName = ua.LocalizedText("EpicsAlarmState")
+    attrs.Description = ua.LocalizedText("EPICS alarm severity and status of a PV: 100 x severity + status")
+    attrs.IsAbstract = False
+    item = ua.AddNodesItem()
+    item.RequestedNewNodeId = nodeid
+    item.BrowseName = ua.QualifiedName("EpicsAlarmState", idx)
+    item.NodeClass = ua.NodeClass.DataType
+    item.ParentNodeId = ua.NodeId(ua.ObjectIds.Enumeration)
+    item.ReferenceTypeId = ua.NodeId(ua.ObjectIds.HasSubtype)
+    item.NodeAttributes = attrs
+    b.add(item)
+    names = alarm_state_names()
+    values = [ua.EnumValueType(Value=v, DisplayName=ua.LocalizedText(n), Description=ua.LocalizedText(n)) for v, n in names]
+    b.variable(
+        ua.NodeId(f"{ALARM_STATE_TYPE}/EnumValues", idx),
+        ua.QualifiedName("EnumValues", 0),
+        nodeid,
+        reference=ua.ObjectIds.HasProperty,
+        typedef=ua.ObjectIds.PropertyType,
+        value=ua.Variant(values, ua.VariantType.ExtensionObject, is_array=True),
+        datatype=ua.NodeId(ua.ObjectIds.EnumValueType),
+        value_rank=ua.ValueRank.OneDimension,
+        dimensions=[len(values)],
+    )
+    b.flush()
+    definition = ua.EnumDefinition(Fields=[ua.EnumField(Value=v, DisplayName=ua.LocalizedText(n), Name=n) for v, n in names])
+    b.iserver.aspace[nodeid].attributes[ua.AttributeIds.DataTypeDefinition] = AttributeValue(
+        ua.DataValue(ua.Variant(definition, ua.VariantType.ExtensionObject))
+    )
+    return nodeid
 
 
 def _pv_variable(b: Builder, info: PVInfo, browse: str, parent: ua.NodeId) -> ua.NodeId:
+    """A PV's variable with its properties and its ``AlarmState``; ``browse`` is its BrowseName (the PV name)."""
     nodeid = ua.NodeId(info.name, b.idx)
     rng = info.display or info.drive
     if info.numeric:
@@ -277,4 +340,15 @@ def _pv_variable(b: Builder, info: PVInfo, browse: str, parent: ua.NodeId) -> ua
     elif info.type is PVType.ENUM:
         states = [ua.LocalizedText(s) for s in info.states]
         b.property(info.name, "EnumStrings", nodeid, ua.Variant(states, ua.VariantType.LocalizedText, is_array=True), ua.ObjectIds.LocalizedText)
+    b.variable(
+        alarm_state_id(info.name, b.idx),
+        ua.QualifiedName(ALARM_STATE, b.idx),
+        nodeid,
+        reference=ua.ObjectIds.HasComponent,
+        typedef=ua.ObjectIds.BaseDataVariableType,
+        value=ua.Variant(0, ua.VariantType.Int32),  # store_readings() puts the current one in
+        datatype=ua.NodeId(ALARM_STATE_TYPE, b.idx),
+        description="EPICS alarm severity and status (SEVR, STAT): 100 x severity + status",
+        access=READ,
+    )
     return nodeid

@@ -212,7 +212,8 @@ class BulkBuilder(Builder):
         self._attrs: dict[Hashable, AttributeValue] = {}
         self._nodeids: dict[int, ua.NodeId] = {}
         self._type_refs: dict[int, ua.ReferenceDescription] = {}
-        self._up: tuple[ua.NodeId, int, ua.ReferenceDescription] | None = None
+        self._up: dict[tuple[ua.NodeId, int], ua.ReferenceDescription] = {}
+        """The inverse references to the latest parents (a PV's folder, the PV for its properties and components)."""
 
         def browse_name(nodeid: ua.NodeId) -> ua.QualifiedName:
             return aspace[nodeid].browse_name  # type: ignore[attr-defined,no-any-return]
@@ -328,12 +329,15 @@ class BulkBuilder(Builder):
         return found
 
     def _parent_ref(self, parent: ua.NodeId, reference: int) -> ua.ReferenceDescription:
-        """The inverse reference to the parent (kept for the siblings that follow)."""
-        if self._up is not None and self._up[0] == parent and self._up[1] == reference:
-            return self._up[2]
-        ref = self._describe(parent, reference, is_forward=False)
-        self._up = (parent, reference, ref)
-        return ref
+        """The inverse reference to the parent (kept for the siblings that follow, and for the next PV of a folder)."""
+        key = (parent, reference)
+        found = self._up.pop(key, None)  # least recently used first: re-inserted at the end
+        if found is None:
+            if len(self._up) >= 8:
+                del self._up[next(iter(self._up))]
+            found = self._describe(parent, reference, is_forward=False)
+        self._up[key] = found
+        return found
 
     def _type_ref(self, typedef: int) -> ua.ReferenceDescription:
         found = self._type_refs.get(typedef)

@@ -9,7 +9,10 @@ adapter only translates arguments, results and refusals. The answers live by con
   Part 100's LockingServices with labctl's leases (RequestLock, RenewLease, ReleaseLease);
 * :mod:`labctl.server.opcua.methods` -- ``Objects/<site>/Control``: the jobs, alarm,
   interlock and audit methods (structured results are JSON strings, schemas in the
-  decision record), and Part 9's Acknowledge on a ConditionId;
+  decision record), and Part 9's methods of the alarm conditions (Acknowledge, Confirm,
+  the shelving methods) on a ConditionId;
+* :mod:`labctl.server.opcua.control_events` -- Part 9's ConditionRefresh and
+  ConditionRefresh2 on the ConditionType, answered for the calling session's subscription;
 * :mod:`labctl.server.opcua.arguments` -- the methods' signatures, argument checks and
   results;
 * event types ``LeaseEventType`` and ``InterlockEventType``, and the events of alarms,
@@ -49,7 +52,7 @@ from labctl.ioc.arbiter import LeaseEvent
 from labctl.ioc.errors import InvalidArgument, LabctlError
 from labctl.ioc.errors import Refused as CoreRefused
 from labctl.ioc.interlocks import Transition
-from labctl.ioc.policy import Action
+from labctl.ioc.policy import Action, Target
 from labctl.server.opcua import control_events
 from labctl.server.opcua.arguments import (
     STRING,
@@ -64,7 +67,17 @@ from labctl.server.opcua.arguments import (
 )
 from labctl.server.opcua.builders import Builder
 from labctl.server.opcua.locking import LockingServices
-from labctl.server.opcua.methods import ACKNOWLEDGE, ACKNOWLEDGE_SPEC, CONTROL_METHODS, ControlMethods
+from labctl.server.opcua.methods import (
+    ACKNOWLEDGE,
+    ACKNOWLEDGE_SPEC,
+    CONDITION_TYPE,
+    CONFIRM,
+    CONFIRM_SPEC,
+    CONTROL_METHODS,
+    REFRESH,
+    SHELVING,
+    ControlMethods,
+)
 from labctl.server.opcua.refusals import status_of
 
 if TYPE_CHECKING:
@@ -86,7 +99,13 @@ METHOD_ACTIONS: dict[str, Action] = {
     "ListAudit": Action.AUDIT_READ, "ListAlarms": Action.ALARM_LIST, "AcknowledgeAlarm": Action.ALARM_ACK,
     "Acknowledge": Action.ALARM_ACK, "ShelveAlarm": Action.ALARM_SHELVE, "UnshelveAlarm": Action.ALARM_UNSHELVE,
     "ListInterlocks": Action.INTERLOCK_LIST, "ResetInterlock": Action.INTERLOCK_RESET,
+    "Confirm": Action.ALARM_ACK, "ConditionRefresh": Action.ALARM_LIST, "ConditionRefresh2": Action.ALARM_LIST,
+    "TimedShelve": Action.ALARM_SHELVE, "TimedShelve2": Action.ALARM_SHELVE, "OneShotShelve": Action.ALARM_SHELVE,
+    "OneShotShelve2": Action.ALARM_SHELVE, "Unshelve": Action.ALARM_UNSHELVE, "Unshelve2": Action.ALARM_UNSHELVE,
 }  # fmt: skip
+
+#: Which kind of call a :class:`_Target` is, beyond the Control object's and the locks' methods.
+CONDITION, REFRESHING, SHELVE = "condition", "refresh", "shelve"
 
 
 @dataclass(frozen=True)
@@ -94,6 +113,8 @@ class _Target:
     spec: MethodSpec
     resource: str | None = None
     source: str | None = None
+    kind: str = ""
+    """CONDITION (Acknowledge, Confirm), SHELVE or REFRESHING; empty for the other methods."""
 
 
 class OpcUaControl:
@@ -109,7 +130,9 @@ class OpcUaControl:
         self.di = di_index
         self._targets: dict[ua.NodeId, _Target] = {}
         self._last_severity: dict[str, int] = {}
-        self.events = control_events.EventQueue(iserver)
+        self.retained = control_events.RetainedConditions()
+        """The retained conditions, for ConditionRefresh."""
+        self.events = control_events.EventQueue(iserver, emitted=self.retained.emitted)
         self.lease_type = control_events.event_type_id("LeaseEventType", site, self.idx)
         self.interlock_type = control_events.event_type_id("InterlockEventType", site, self.idx)
         self.locking = LockingServices(control, iserver, site, self.idx, di_index, self.events, self.lease_type)
@@ -157,6 +180,7 @@ class OpcUaControl:
     def start(self) -> None:
         """Follow the core: lease, alarm and interlock changes become variable updates and events."""
         self._running = True
+        control_events.install_of_type()  # alarm clients filter conditions by OfType(a supertype)
         self.events.start()
         self.control.on_lease_events(self._on_lease_events)
         self.control.alarms.on_event(self._on_alarm_event)
@@ -215,10 +239,19 @@ class OpcUaControl:
         spec = self.locking.type_methods.get(req.MethodId)
         if spec is not None and req.ObjectId in self.locking.lock_objects:  # the type's method called on an instance
             return _Target(spec, self.locking.lock_objects[req.ObjectId])
-        if req.MethodId == ACKNOWLEDGE:
+        if req.MethodId in REFRESH:
+            return _Target(REFRESH[req.MethodId], kind=REFRESHING) if req.ObjectId == CONDITION_TYPE else None
+        if req.MethodId in (ACKNOWLEDGE, CONFIRM):
             source = control_events.source_of_condition(req.ObjectId, self.idx)
             if source is not None:
-                return _Target(ACKNOWLEDGE_SPEC, source=source)
+                return _Target(ACKNOWLEDGE_SPEC if req.MethodId == ACKNOWLEDGE else CONFIRM_SPEC, source=source, kind=CONDITION)
+        if req.MethodId in SHELVING:
+            obj = req.ObjectId
+            if isinstance(obj.Identifier, str) and obj.Identifier.endswith("/ShelvingState"):
+                obj = ua.NodeId(obj.Identifier[: -len("/ShelvingState")], obj.NamespaceIndex)
+            source = control_events.source_of_condition(obj, self.idx)
+            if source is not None:
+                return _Target(SHELVING[req.MethodId], source=source, kind=SHELVE)
         return None
 
     async def call(self, session: LabctlSession, req: ua.CallMethodRequest) -> tuple[ua.CallMethodResult, LabctlError | None]:
@@ -249,6 +282,14 @@ class OpcUaControl:
         try:
             if spec is ACKNOWLEDGE_SPEC:
                 outputs = self.methods.acknowledge_condition(caller, target.source or "", *values)
+            elif spec is CONFIRM_SPEC:
+                outputs = self.methods.confirm_condition(caller, target.source or "", *values)
+            elif target.kind == SHELVE:
+                outputs = self.methods.shelve_condition(caller, target.source or "", spec.name, *values)
+            elif target.kind == REFRESHING:
+                self.db.policy.decide(caller.identity, Action.ALARM_LIST, Target("alarms"))
+                await self.retained.refresh(session, *values)
+                outputs = []
             elif target.resource is not None:
                 outputs = self._handlers[spec.name](caller, target.resource, *values)
             else:

@@ -10,11 +10,23 @@ SourceNode and SourceName say what it is about. Three kinds:
   SourceNode/InputNode are the PV's node, SourceName and ConditionName its name, the
   ConditionId (the event field ``NodeId``) is ``ns=<site>;s=<PV>.Alarm``, Severity maps
   the EPICS severity through :data:`SEVERITY`, and ActiveState (the value is in alarm
-  now), AckedState, LatchedState, SuppressedOrShelved, Retain (the alarm still needs
-  attention), Quality, Comment and ClientUserId follow the alarm. The conditions are not
-  nodes of the address space (Part 9 allows that); retained ones are kept by asyncua for
-  ConditionRefresh, and :mod:`labctl.server.opcua.methods` answers the standard Acknowledge
-  method called on a ConditionId.
+  now), AckedState, LatchedState, ShelvingState (Unshelved or TimedShelved, with
+  UnshelveTime), SuppressedOrShelved, Retain (the alarm still needs attention), Quality
+  (the StatusCode of its value: Good unless INVALID), Comment and ClientUserId follow the
+  alarm. The conditions are not nodes of the address space (Part 9 allows that), so their
+  methods are called with the type's MethodId on the ConditionId (see
+  :mod:`labctl.server.opcua.methods`: Acknowledge, TimedShelve2, Unshelve2...).
+  *Refresh* (Part 9 5.5.7, 5.5.8): :class:`RetainedConditions` keeps the latest event of
+  every condition whose Retain is true, as it was sent; ConditionRefresh(SubscriptionId)
+  queues, for the calling session's subscription, a RefreshStartEvent to each of its event
+  monitored items, every retained condition event (the same EventId, so it can be
+  acknowledged) to the items whose filter it meets, and a RefreshEndEvent; ConditionRefresh2
+  does the same for one monitored item. The bracket events ignore the where clause, as
+  Part 9 4.5 asks. New events may come between them, as Part 9 allows.
+  *Filters.* Alarm clients select conditions with a where clause ``OfType(ConditionType)``
+  or ``OfType(AcknowledgeableConditionType)`` (node-opcua's alarm list does); Part 4 7.7.3
+  makes OfType true for the type and its subtypes, where asyncua's evaluator compares the
+  EventType for equality only. :func:`install_of_type` makes it follow the subtypes.
 * **Interlock transitions**: an ``InterlockEventType`` event (labctl namespace, subtype
   of BaseEventType, fields Interlock, FromState, ToState, Reason) from the interlock's
   state PV ``ILK:<NAME>:STATE``.
@@ -34,22 +46,29 @@ import datetime as _dt
 import logging
 import uuid
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from asyncua import ua
-from asyncua.common.event_objects import AlarmCondition, BaseEvent
+from asyncua.common.event_objects import AlarmCondition, BaseEvent, RefreshEndEvent, RefreshStartEvent
 from asyncua.server.address_space import AttributeValue
 from asyncua.server.internal_server import InternalServer
+from asyncua.server.monitored_item_service import WhereClauseEvaluator
 from labctl.ioc.alarms import Alarm, AlarmEvent
 from labctl.ioc.arbiter import LeaseEvent
+from labctl.ioc.errors import Conflict, Forbidden, InvalidArgument, NotFound
 from labctl.ioc.interlocks import Transition, state_pv
+from labctl.ioc.policy import Action
 from labctl.ioc.types import Reading, Severity
+from labctl.server.opcua.arguments import Refused
 from labctl.server.opcua.values import status_code
 
 from labctl.backoff import Backoff
 from labctl.supervision import supervise
 
 log = logging.getLogger(__name__)
+
+_S = ua.StatusCodes
 
 #: EPICS severity -> OPC UA event Severity (1..1000).
 SEVERITY: dict[Severity, int] = {Severity.NO_ALARM: 1, Severity.MINOR: 300, Severity.MAJOR: 700, Severity.INVALID: 900}
@@ -63,6 +82,9 @@ QUEUE_LIMIT = 10_000
 
 SERVER = ua.NodeId(ua.ObjectIds.Server)
 PROCESS_CONDITION_CLASS = ua.NodeId(ua.ObjectIds.ProcessConditionClassType)
+#: ShelvingState/CurrentState/Id of a condition: Part 9's ShelvedStateMachineType states.
+UNSHELVED = ua.NodeId(ua.ObjectIds.ShelvedStateMachineType_Unshelved)
+TIMED_SHELVED = ua.NodeId(ua.ObjectIds.ShelvedStateMachineType_TimedShelved)
 
 #: Custom event types (labctl namespace): type name -> (field, description) in order.
 EVENT_TYPES: dict[str, tuple[tuple[str, str], ...]] = {
@@ -150,7 +172,14 @@ def condition_event(ev: AlarmEvent, idx: int, last_severity: int, now: float) ->
     latched = a.latch and a.active and a.current < a.latched
     e.LatchedState = _state(latched, "Latched", "Unlatched")
     setattr(e, "LatchedState/Id", latched)
-    e.SuppressedOrShelved = a.shelved(now)
+    shelved = a.shelved(now)
+    e.SuppressedOrShelved = shelved
+    shelving = ua.LocalizedText("TimedShelved" if shelved else "Unshelved")
+    e.add_variable("ShelvingState", shelving, ua.VariantType.LocalizedText)
+    e.add_property("ShelvingState/CurrentState", shelving, ua.VariantType.LocalizedText)
+    e.add_property("ShelvingState/CurrentState/Id", TIMED_SHELVED if shelved else UNSHELVED, ua.VariantType.NodeId)
+    remaining_ms = max(0.0, (a.shelved_until - now) * 1000.0) if shelved and a.shelved_until is not None else 0.0
+    e.add_property("ShelvingState/UnshelveTime", remaining_ms, ua.VariantType.Double)
     e.Quality = status_code(Reading(a.value, a.since, a.current, a.status))
     e.LastSeverity = last_severity
     e.Comment = ua.LocalizedText(ev.reason if ev.kind in ("acknowledged", "shelved") else "")
@@ -208,8 +237,10 @@ def interlock_event(t: Transition, type_id: ua.NodeId, idx: int) -> BaseEvent:
 class EventQueue:
     """Events (and data changes of control variables) from synchronous listeners, sent in order by one task."""
 
-    def __init__(self, iserver: InternalServer, limit: int = QUEUE_LIMIT) -> None:
+    def __init__(self, iserver: InternalServer, limit: int = QUEUE_LIMIT, emitted: Callable[[Any], None] | None = None) -> None:
+        """``emitted(event)`` is called for each event once it is sent (the retained conditions follow it)."""
         self.iserver = iserver
+        self.emitted = emitted
         self._events: deque[Any] = deque(maxlen=limit)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -252,6 +283,8 @@ class EventQueue:
                         await callback(handle, dv)
                 else:
                     await service.trigger_event(item)
+                    if self.emitted is not None:
+                        self.emitted(item)
             except Exception:  # one malformed event must not stop the others
                 log.exception("triggering OPC UA event %s failed", item)
 
@@ -260,3 +293,143 @@ class EventQueue:
             await self._wake.wait()
             self._wake.clear()
             await self.drain()
+
+
+# ---- ConditionRefresh ----------------------------------------------------------------------------------
+
+
+class RetainedConditions:
+    """The latest event of every retained condition, as it was sent, and ConditionRefresh (Part 9 5.5.7, 5.5.8)."""
+
+    def __init__(self) -> None:
+        self._events: dict[ua.NodeId, AlarmCondition] = {}
+        self._refreshing: set[int] = set()
+
+    def emitted(self, event: Any) -> None:
+        """Follow a sent event: a condition with Retain true is kept, one without is let go."""
+        if not isinstance(event, AlarmCondition):
+            return
+        cid = getattr(event, "NodeId", None)
+        if cid is None:
+            return
+        if event.Retain:
+            self._events[cid] = event
+        else:
+            self._events.pop(cid, None)
+
+    def retained(self) -> list[AlarmCondition]:
+        """The retained conditions' latest events, oldest condition first."""
+        return list(self._events.values())
+
+    async def refresh(self, session: Any, subscription_id: int, monitored_item_id: int | None = None) -> None:
+        """Send the refresh to ``session``'s subscription (or one of its monitored items); else raise Refused.
+
+        Refusals (Part 9 tables 21 and 23): BadSubscriptionIdInvalid (no such subscription),
+        BadUserAccessDenied (another session's), BadMonitoredItemIdInvalid (ConditionRefresh2:
+        not an event item of it), BadNothingToDo (it has no event monitored items),
+        BadRefreshInProgress (a refresh of it is still running).
+        """
+        target = f"subscription {subscription_id}"
+        method = "ConditionRefresh" if monitored_item_id is None else "ConditionRefresh2"
+        sub = session.subscription_service.subscriptions.get(subscription_id)
+        if sub is None:
+            raise Refused(_S.BadSubscriptionIdInvalid, NotFound(f"{method}: no subscription {subscription_id}", action=Action.ALARM_LIST, target=target))
+        if sub.session_id != session.session_id:
+            raise Refused(_S.BadUserAccessDenied, Forbidden(f"{method}: subscription {subscription_id} is not this session's", action=Action.ALARM_LIST, target=target))
+        service = sub.monitored_item_srv
+        items = service._monitored_items  # noqa: SLF001 -- asyncua 2.1 (pinned) keeps them there
+        event_items = [mid for mid, data in items.items() if isinstance(data.filter, ua.EventFilter)]
+        if monitored_item_id is not None:
+            if monitored_item_id not in event_items:
+                raise Refused(_S.BadMonitoredItemIdInvalid, InvalidArgument(f"{method}: subscription {subscription_id} has no event monitored item {monitored_item_id}", action=Action.ALARM_LIST, target=target))
+            event_items = [monitored_item_id]
+        if not event_items:
+            raise Refused(_S.BadNothingToDo, InvalidArgument(f"{method}: subscription {subscription_id} has no event monitored items", action=Action.ALARM_LIST, target=target))
+        if subscription_id in self._refreshing:
+            raise Refused(_S.BadRefreshInProgress, Conflict(f"{method}: a refresh of subscription {subscription_id} is still running", action=Action.ALARM_LIST, target=target))
+        self._refreshing.add(subscription_id)
+        try:
+            start, end = _bracket(RefreshStartEvent(), "started"), _bracket(RefreshEndEvent(), "ended")
+            for mid in event_items:
+                await _enqueue(service, mid, start, filtered=False)
+            retained = self.retained()
+            server_items = set(service._monitored_events.get(SERVER, ()))  # noqa: SLF001 -- the items on the Server object, which emits the conditions
+            for event in retained:
+                for mid in event_items:
+                    if mid in server_items:
+                        await _enqueue(service, mid, event, filtered=True)
+            for mid in event_items:
+                await _enqueue(service, mid, end, filtered=False)
+        finally:
+            self._refreshing.discard(subscription_id)
+
+
+def _bracket(event: BaseEvent, what: str) -> BaseEvent:
+    """A RefreshStartEvent or RefreshEndEvent from the Server object."""
+    event.emitting_node = SERVER
+    event.SourceNode = SERVER
+    event.SourceName = "Server"
+    event.Severity = 100
+    event.Message = ua.LocalizedText(f"ConditionRefresh {what}")
+    _stamp(event, _dt.datetime.now(_dt.UTC).timestamp())
+    return event
+
+
+async def _enqueue(service: Any, mid: int, event: BaseEvent, *, filtered: bool) -> None:
+    """Queue one event for one monitored item (its select clauses; its where clause only if ``filtered``)."""
+    data = service._monitored_items.get(mid)  # noqa: SLF001
+    if data is None:
+        return
+    if filtered and (data.where_clause_evaluator is None or not data.where_clause_evaluator.eval(event)):
+        return
+    fields = ua.EventFieldList()
+    fields.ClientHandle = data.client_handle
+    fields.EventFields = event.to_event_fields(data.filter.SelectClauses)
+    await service.isub.enqueue_event(mid, fields, data.queue_size)
+
+
+# ---- OfType in where clauses ---------------------------------------------------------------------------
+
+_HAS_SUBTYPE = ua.NodeId(ua.ObjectIds.HasSubtype)
+
+
+def is_subtype(aspace: Any, node: ua.NodeId, base: ua.NodeId) -> bool:
+    """Whether type ``node`` is ``base`` or one of its subtypes (following inverse HasSubtype references)."""
+    seen: set[ua.NodeId] = set()
+    current: ua.NodeId | None = node
+    while current is not None and current not in seen:
+        if current == base:
+            return True
+        seen.add(current)
+        data = aspace.get(current)
+        current = None
+        for ref in data.references if data is not None else ():
+            if not ref.IsForward and ref.ReferenceTypeId == _HAS_SUBTYPE:
+                current = ref.NodeId
+                break
+    return False
+
+
+def install_of_type() -> None:
+    """Make asyncua's where-clause evaluator answer OfType for subtypes too (Part 4 7.7.3). Idempotent.
+
+    Checked against the pinned asyncua: if the method it wraps changes, asyncua is left as
+    it is and a warning says so.
+    """
+    cls: Any = WhereClauseEvaluator
+    current = cls._eval_el
+    if getattr(current, "_labctl", False):
+        return
+    if "OfType" not in current.__code__.co_names or current.__code__.co_argcount != 3:
+        log.warning("asyncua's WhereClauseEvaluator changed; OfType keeps matching the exact event type only")
+        return
+
+    def _eval_el(self: Any, index: int, event: Any) -> Any:
+        el = self.elements[index]
+        if el.FilterOperator == ua.FilterOperator.OfType:
+            base = self._eval_op(el.FilterOperands[0], event)
+            return isinstance(base, ua.NodeId) and is_subtype(self._aspace, event.EventType, base)
+        return current(self, index, event)
+
+    _eval_el._labctl = True  # type: ignore[attr-defined]
+    cls._eval_el = _eval_el

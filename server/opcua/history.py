@@ -19,8 +19,11 @@ two pieces (:meth:`labctl.server.opcua.service.OpcUaService.enable_history`):
 
 **Raw** (ReadRawModifiedDetails, Part 11 6.4.3). Values come in time order with their
 SourceTimestamp and the StatusCode a live read would show (:func:`~labctl.server.opcua.
-values.status_code`: severity and status map to Good/Uncertain/Bad, and an
-INVALID reading has no value). ``StartTime < EndTime`` reads ``[Start, End)`` forward,
+values.status_code`: Good, or Bad with the reason for an INVALID reading, which has no
+value). A PV's ``AlarmState`` variable has the same history, from the same samples: each
+sample's severity and status (:func:`~labctl.server.opcua.values.alarm_state`), Good, so
+a client that reads both nodes in one request gets one alarm state per value, page for
+page (the processed kinds answer BadAggregateInvalidInputs there). ``StartTime < EndTime`` reads ``[Start, End)`` forward,
 ``StartTime > EndTime`` reads ``(End, Start]`` newest first; with only StartTime the read
 goes forward from it, with only EndTime backward from it (inclusive), and
 NumValuesPerNode must then be given. NumValuesPerNode caps the values of one response
@@ -89,7 +92,7 @@ from labctl.ioc.pv import PVInfo
 from labctl.ioc.types import PVType, Reading, Status
 from labctl.server.archive import Bucket, HistorianError, HistorianUnavailable
 from labctl.server.opcua.address_space import SiteNodes
-from labctl.server.opcua.values import status_code, variant
+from labctl.server.opcua.values import alarm_state, status_code, variant
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +270,9 @@ class HistorianStorage(HistoryStorageInterface):
         """One node of a HistoryRead request (raw or processed), never raising."""
         result = ua.HistoryReadResult()
         node = self.nodes.pv(item.NodeId)
+        alarm = node is None and self.nodes.alarm_of(item.NodeId) is not None
+        if alarm:
+            node = self.nodes.alarm_of(item.NodeId)
         try:
             if node is None:
                 raise _Refused(_S.BadHistoryOperationUnsupported)
@@ -275,8 +281,10 @@ class HistorianStorage(HistoryStorageInterface):
                     result.HistoryData = ua.HistoryModifiedData()
                     result.StatusCode = ua.StatusCode(_S.GoodNoData)  # the archive is never rewritten
                     return result
-                values, cont = await self._read_raw(node.info, details, item.ContinuationPoint, timestamps)
+                values, cont = await self._read_raw(node.info, details, item.ContinuationPoint, timestamps, alarm=alarm)
             elif isinstance(details, ua.ReadProcessedDetails):
+                if alarm:
+                    raise _Refused(_S.BadAggregateInvalidInputs)  # an enumeration of alarm states
                 values, cont = await self._read_processed(node.info, details, aggregate, item.ContinuationPoint, timestamps)
             else:
                 raise _Refused(_S.BadHistoryOperationUnsupported)
@@ -304,8 +312,9 @@ class HistorianStorage(HistoryStorageInterface):
         return result
 
     async def _read_raw(
-        self, info: PVInfo, d: ua.ReadRawModifiedDetails, continuation: bytes | None, timestamps: ua.TimestampsToReturn
+        self, info: PVInfo, d: ua.ReadRawModifiedDetails, continuation: bytes | None, timestamps: ua.TimestampsToReturn, *, alarm: bool = False
     ) -> tuple[list[ua.DataValue], bytes | None]:
+        """Raw values of a PV, or (``alarm``) the alarm states of the same samples."""
         has_start, has_end = _specified(d.StartTime), _specified(d.EndTime)
         n_req = int(d.NumValuesPerNode or 0)
         if not has_start and not has_end:
@@ -326,7 +335,7 @@ class HistorianStorage(HistoryStorageInterface):
             first_bound = s_us if s_us is not None else e_us
         bounds = bool(d.ReturnBounds)
         two_sided = s_us is not None and e_us is not None
-        fingerprint = _fingerprint("raw", info.name, s_us, e_us, n_req, bounds)
+        fingerprint = _fingerprint("raw-alarm" if alarm else "raw", info.name, s_us, e_us, n_req, bounds)
         pos = _decode(fingerprint, continuation)
         left = pos.left if pos.left is not None else (None if two_sided else n_req)
         cap = min(n_req or self.max_values, self.max_values)
@@ -361,7 +370,8 @@ class HistorianStorage(HistoryStorageInterface):
             left -= len(out)
             if left <= 0:
                 phase = "done"
-        values = [_raw_value(info, r, timestamps) if isinstance(r, Reading) else _no_bound(r[0], timestamps) for r in out]
+        as_value = _alarm_value if alarm else _raw_value
+        values = [as_value(info, r, timestamps) if isinstance(r, Reading) else _no_bound(r[0], timestamps) for r in out]
         if phase == "done":
             return values, None
         return values, _encode(fingerprint, _Position(phase, token, left))
@@ -444,6 +454,12 @@ def _raw_value(info: PVInfo, r: Reading, timestamps: ua.TimestampsToReturn) -> u
     else:
         var = variant(info, r.value)
     return _stamp(ua.DataValue(var, code), round(r.timestamp * 1e6), timestamps)
+
+
+def _alarm_value(info: PVInfo, r: Reading, timestamps: ua.TimestampsToReturn) -> ua.DataValue:
+    """An archived sample as its ``AlarmState`` value (Good: the severity and status are known)."""
+    var = ua.Variant(alarm_state(r.severity, r.status), ua.VariantType.Int32)
+    return _stamp(ua.DataValue(var, ua.StatusCode(_S.Good)), round(r.timestamp * 1e6), timestamps)
 
 
 def _no_bound(us: int, timestamps: ua.TimestampsToReturn) -> ua.DataValue:

@@ -7,10 +7,24 @@ the core's (:class:`labctl.server.control.ControlService`, with the caller's ide
 adapter only translates arguments, results and refusals. Structured results are JSON
 strings (:func:`job_json`, :func:`lock_json`; schemas in ``docs/decisions/opcua-control.md``).
 
-It also answers Part 9's ``Acknowledge(EventId, Comment)`` called on an alarm's
-ConditionId (:data:`ACKNOWLEDGE`): the EventId must be one of that condition's recent
-events (:meth:`ControlMethods.remember_event`, fed with the condition events of
-:mod:`labctl.server.opcua.control_events`).
+It also answers Part 9's methods of an alarm condition, called with the type's MethodId
+on the ConditionId ``ns=<site>;s=<PV>.Alarm`` (the conditions are not nodes, so generic
+clients call them so; for the shelving methods the ObjectId may also be
+``<PV>.Alarm/ShelvingState``):
+
+* ``Acknowledge(EventId, Comment)`` (:data:`ACKNOWLEDGE`): the EventId must be one of that
+  condition's recent events (:meth:`ControlMethods.remember_event`, fed with the condition
+  events of :mod:`labctl.server.opcua.control_events`; a refreshed event keeps its EventId).
+  It is the core's acknowledge, so the alarm is acknowledged for every protocol (the
+  ``ALARM:UNACKED:*`` PVs over Channel Access too).
+* ``Confirm``: labctl's alarms have no ConfirmedState (acknowledging is enough), so their
+  conditions have no Confirm method (BadMethodInvalid, with the reason as data).
+* Shelving (:data:`SHELVING`, the ShelvedStateMachineType's methods): ``TimedShelve2(ShelvingTime,
+  Comment)`` shelves for ShelvingTime ms with the comment as the reason, ``Unshelve2(Comment)``
+  and ``Unshelve()`` end it. labctl's shelving needs a reason, so ``TimedShelve(ShelvingTime)``,
+  which carries none, is refused (BadInvalidArgument, naming TimedShelve2); shelving until the
+  alarm clears (``OneShotShelve``, ``OneShotShelve2``) is not supported (BadNotSupported).
+  Part 9's codes: BadConditionAlreadyShelved, BadConditionNotShelved, BadShelvingTimeOutOfRange.
 
 *Refusals.* Every decision is the core's: its typed refusals (forbidden, not found,
 conflict, invalid, unavailable, with their fields) propagate to the call router
@@ -24,12 +38,13 @@ refusal, which is audited all the same.
 from __future__ import annotations
 
 import json
+import math
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from asyncua import ua
-from labctl.ioc.alarms import AlarmStateConflict, NoSuchAlarm
+from labctl.ioc.alarms import AlarmStateConflict, BadShelving, NoSuchAlarm
 from labctl.ioc.errors import InvalidArgument
 from labctl.ioc.jobs import Job
 from labctl.ioc.policy import Action, Target
@@ -78,6 +93,28 @@ CONTROL_METHODS: tuple[MethodSpec, ...] = (
 )  # fmt: skip
 
 ACKNOWLEDGE_SPEC = MethodSpec("Acknowledge", (("EventId", BYTES, ""), ("Comment", TEXT, "")), (), "Part 9 Acknowledge")
+#: Part 9's Confirm (not supported: labctl's alarms have no ConfirmedState).
+CONFIRM = ua.NodeId(ua.ObjectIds.AcknowledgeableConditionType_Confirm)
+CONFIRM_SPEC = MethodSpec("Confirm", (("EventId", BYTES, ""), ("Comment", TEXT, "")), (), "Part 9 Confirm")
+
+#: Part 9's ConditionRefresh and ConditionRefresh2, called on the ConditionType.
+CONDITION_TYPE = ua.NodeId(ua.ObjectIds.ConditionType)
+REFRESH: dict[ua.NodeId, MethodSpec] = {
+    ua.NodeId(ua.ObjectIds.ConditionType_ConditionRefresh): MethodSpec("ConditionRefresh", (("SubscriptionId", INT32, ""),), (), "Part 9 ConditionRefresh"),
+    ua.NodeId(ua.ObjectIds.ConditionType_ConditionRefresh2): MethodSpec(
+        "ConditionRefresh2", (("SubscriptionId", INT32, ""), ("MonitoredItemId", INT32, "")), (), "Part 9 ConditionRefresh2"
+    ),
+}
+
+#: The ShelvedStateMachineType's methods (Part 9 5.8.10), called on a condition.
+SHELVING: dict[ua.NodeId, MethodSpec] = {
+    ua.NodeId(ua.ObjectIds.ShelvedStateMachineType_TimedShelve): MethodSpec("TimedShelve", (("ShelvingTime", DOUBLE, "ms"),)),
+    ua.NodeId(ua.ObjectIds.ShelvedStateMachineType_TimedShelve2): MethodSpec("TimedShelve2", (("ShelvingTime", DOUBLE, "ms"), ("Comment", TEXT, "why"))),
+    ua.NodeId(ua.ObjectIds.ShelvedStateMachineType_Unshelve): MethodSpec("Unshelve"),
+    ua.NodeId(ua.ObjectIds.ShelvedStateMachineType_Unshelve2): MethodSpec("Unshelve2", (("Comment", TEXT, ""),)),
+    ua.NodeId(ua.ObjectIds.ShelvedStateMachineType_OneShotShelve): MethodSpec("OneShotShelve"),
+    ua.NodeId(ua.ObjectIds.ShelvedStateMachineType_OneShotShelve2): MethodSpec("OneShotShelve2", (("Comment", TEXT, ""),)),
+}
 
 #: The longest ParamsJson a SubmitTask takes, and the deepest nesting of its arrays and objects.
 MAX_PARAMS_JSON = 64 * 1024
@@ -248,6 +285,36 @@ class ControlMethods:
         except AlarmStateConflict as e:
             if self.control.alarms.table.get(source).acked:
                 raise Refused(_S.BadConditionBranchAlreadyAcked, e) from None
+            raise
+        return []
+
+    def confirm_condition(self, c: Caller, source: str, event_id: bytes, comment: str) -> list[ua.Variant]:
+        """Part 9's Confirm: refused, labctl's alarms have no ConfirmedState."""
+        raise Refused(_S.BadMethodInvalid, InvalidArgument("Confirm: labctl's alarms have no confirmed state; Acknowledge is all they need", action=Action.ALARM_ACK, target=source))
+
+    def shelve_condition(self, c: Caller, source: str, method: str, *args: Any) -> list[ua.Variant]:
+        """A ShelvedStateMachineType method called on ``source``'s condition (see the module docstring)."""
+        alarms = self.control.alarms
+        if method.startswith("OneShotShelve"):
+            raise Refused(_S.BadNotSupported, InvalidArgument(f"{method}: shelving until the alarm clears is not supported; use TimedShelve2", action=Action.ALARM_SHELVE, target=source))
+        if method.startswith("Unshelve"):
+            self.db.policy.decide(c.identity, Action.ALARM_UNSHELVE, Target(source))  # permission before state
+            if not alarms.table.get(source, Action.ALARM_UNSHELVE).shelved(self.db.clock()):
+                raise Refused(_S.BadConditionNotShelved, AlarmStateConflict("not shelved", source=source, action=Action.ALARM_UNSHELVE))
+            alarms.unshelve(source, c.identity)
+            return []
+        self.db.policy.decide(c.identity, Action.ALARM_SHELVE, Target(source))
+        shelving_ms = args[0]
+        reason = args[1] if len(args) > 1 else ""
+        if method == "TimedShelve":
+            raise Refused(_S.BadInvalidArgument, BadShelving("TimedShelve carries no reason and labctl's shelving needs one: call TimedShelve2 with a Comment", source=source, action=Action.ALARM_SHELVE))
+        if alarms.table.get(source, Action.ALARM_SHELVE).shelved(self.db.clock()):
+            raise Refused(_S.BadConditionAlreadyShelved, AlarmStateConflict("already shelved; Unshelve2 first", source=source, action=Action.ALARM_SHELVE))
+        try:
+            alarms.shelve(source, c.identity, shelving_ms / 1000.0, reason)
+        except BadShelving as e:
+            if not (shelving_ms > 0 and math.isfinite(shelving_ms)):
+                raise Refused(_S.BadShelvingTimeOutOfRange, e) from None
             raise
         return []
 

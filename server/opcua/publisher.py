@@ -4,7 +4,10 @@ Theory of operation. :class:`Publisher` subscribes once to the database (mask
 VALUE|ALARM: changes that passed the monitor deadband, and alarm changes). Its callback
 runs inline in :meth:`labctl.ioc.database.Database.post`, which must not await, so it does
 only synchronous work: build the DataValue, store it in the node's Value attribute, and,
-if any monitored item watches the node, queue it. A task drains the queue in order and
+if any monitored item watches the node, queue it. When the reading's severity or status
+changed, the node's ``AlarmState`` variable gets the new one the same way, queued
+before the value (both go out in the same publish, stamped with the reading's time,
+:mod:`labctl.server.opcua.values`). A task drains the queue in order and
 hands each DataValue to the node's monitored items, which asyncua then batches per
 subscription and publishing interval. The queue is bounded: under overload the oldest
 notifications are dropped and counted (:attr:`Publisher.dropped`) rather than letting
@@ -45,7 +48,7 @@ from labctl.ioc.database import Database
 from labctl.ioc.subscription import Callback
 from labctl.ioc.types import EventMask, Reading, Update
 from labctl.server.opcua.address_space import PVNode
-from labctl.server.opcua.values import data_value
+from labctl.server.opcua.values import alarm_state_value, data_value
 
 from labctl.backoff import Backoff
 from labctl.supervision import supervise
@@ -67,6 +70,8 @@ class Publisher:
         self._queue: deque[tuple[AttributeValue, ua.DataValue]] = deque()
         self._shown: dict[str, Reading] = {}
         """The reading each node's Value was built from (compared with the core's by identity)."""
+        self._alarms: dict[str, tuple[int, int]] = {}
+        """The (severity, status) each node's AlarmState shows."""
         self._max = max_pending
         self._wake = asyncio.Event()
         self._subscription: Callback | None = None
@@ -77,7 +82,8 @@ class Publisher:
         self._subscription = self.db.subscribe(self._on_update, mask=EventMask.VALUE | EventMask.ALARM)
         read = self.db.read
         for name, node in self.nodes.items():
-            self._shown[name] = read(name)
+            reading = self._shown[name] = read(name)
+            self._alarms[name] = (reading.severity, reading.status)
             node.value.value_callback = functools.partial(self.current, node)
         self._task = supervise("opcua-publisher", self._drain, backoff=Backoff(0.05, 5.0)).task  # restarted if it fails
 
@@ -98,10 +104,17 @@ class Publisher:
         node = self.nodes.get(update.name)
         if node is None:  # not in the address space (none such today: the PV set is fixed at start)
             return
-        dv = data_value(node.info, update.reading)
-        attr = node.value
+        reading = update.reading
+        alarm = (reading.severity, reading.status)
+        if self._alarms.get(update.name) != alarm:
+            self._alarms[update.name] = alarm
+            self._store(node.alarm, alarm_state_value(reading))
+        self._store(node.value, data_value(node.info, reading))
+        self._shown[update.name] = reading
+
+    def _store(self, attr: AttributeValue, dv: ua.DataValue) -> None:
+        """Make ``dv`` the attribute's value and queue it for the monitored items watching it."""
         attr.value = dv
-        self._shown[update.name] = update.reading
         if attr.datachange_callbacks:
             if len(self._queue) >= self._max:
                 self._queue.popleft()

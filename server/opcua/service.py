@@ -41,11 +41,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from asyncua import ua
+from labctl.ioc.access import AuditRecord
 from labctl.ioc.errors import LabctlError
 from labctl.server.opcua.address_space import (
     SiteNodes,
@@ -231,6 +233,27 @@ class OpcUaService:
                 await session.close_session(True)
             self.ua_server = None
         self.users.checker.close()
+
+    async def end_sessions(self, users: Mapping[str, str]) -> int:
+        """Close every open session of the users in ``users`` (user -> why), each audited as a ``logout``; return how many.
+
+        Called when the site's accounts change (:mod:`labctl.server.accounts`): the client's
+        next request is refused (BadSessionNotActivated, or BadSessionIdInvalid), and a new
+        login is checked against the accounts as they are now.
+        """
+        if self._iserver is None or not users:
+            return 0
+        closed = 0
+        for session in list(self._iserver.sessions):
+            who = session.identity
+            why = users.get(who.user)
+            if why is None or not session.is_activated():
+                continue
+            log.warning("OPC UA: closing the session of %s from %s: %s", who.user, session.host, why)
+            self.db.audit(AuditRecord.of(self.db.clock(), "logout", who, "session", reason=why))
+            await session.close_session(True)
+            closed += 1
+        return closed
 
     def endpoints(self) -> list[str]:
         """The endpoint URL and its security policies."""

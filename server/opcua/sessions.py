@@ -59,6 +59,7 @@ import asyncio
 import dataclasses
 import logging
 import weakref
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from asyncua import ua
@@ -111,6 +112,8 @@ class LabctlInternalServer(InternalServer):
         """Per-client limits (``server.opcua.limits``); the service applies the site's."""
         self.peer_log = PeerLog(logging.getLogger("labctl.opcua"))
         """One line per misbehaving connection or session, rate-limited."""
+        self.held: Counter[str] = Counter()
+        """New connections held unread per throttled address (:class:`labctl.server.opcua.processor.LabctlProtocol`)."""
         self.sessions: weakref.WeakSet[LabctlSession] = weakref.WeakSet()
         """External sessions not yet closed (for ``limits.sessions``)."""
 
@@ -213,6 +216,7 @@ class LabctlSession(InternalSession):
         decision: Identity | Refusal
         why = directory.throttle.check(username, source, directory.clock())
         if why is not None:
+            directory.throttle.refused(source, directory.clock())
             decision = Refusal(username, why)
         else:
             try:

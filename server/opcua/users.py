@@ -17,14 +17,29 @@ the OPC UA adapter decides what a role may do.
 * Failed logins are throttled by :class:`LoginThrottle`, per source address and per
   (account, source address): after a few consecutive failures further attempts from that
   address (for that account) are refused *without hashing* for a back-off that doubles up
-  to a maximum. A flood from one address therefore costs almost nothing after its first
-  failures, and never locks the real user out from another address. (An attacker with
+  to a maximum. An attempt refused that way counts against its address too, so an
+  address that keeps trying while throttled soon has its *connections* held at the door
+  (:data:`HOLD_PER_SOURCE`, :data:`MAX_HOLD_S`, in :mod:`labctl.server.opcua.processor`):
+  nothing it sends is read until its back-off is over. A flood from one address therefore
+  costs almost nothing after its first failures (neither CPU for the server nor a
+  turn on the event loop that other clients wait behind), and never locks the real user
+  out from another address. Other clients at the flooding address are delayed by the
+  same hold, as fail2ban would block them. (An attacker with
   many addresses gets a few guesses per address: deploy OPC UA on networks you trust to
   that degree, and choose passwords accordingly.)
 * Certificate: asyncua has verified the token's signature (the client holds the private
   key); the certificate must equal, byte for byte, the one configured for a user.
 * Anonymous: an identity with no roles, which the role policy lets read and never
   write; refused altogether when the site sets ``server.opcua.anonymous: false``.
+
+Where accounts come from. By default from the site file, once, at start. A server of a
+site whose file says ``server.accounts: database`` takes them from the site's database
+instead: :class:`labctl.server.accounts.AccountsService` reads them every few seconds and
+hands them to :meth:`UserDirectory.replace_accounts`, which answers which accounts lost
+their sessions' grounds -- disabled, removed, or given other roles (an identity's roles
+are fixed at login) -- so the OPC UA service closes those sessions. A disabled account
+is refused like a wrong password (after the same hashing, so it cannot be told from
+one), with ``account disabled`` in the audit record.
 
 asyncua only distinguishes Admin / User / Anonymous; every session here is its plain
 ``User`` role (never Admin, which asyncua lets write anything) carrying the labctl
@@ -52,6 +67,7 @@ from labctl.ioc.config.access import UserConfig
 from labctl.ioc.errors import ConfigError, LabctlError
 from labctl.ioc.types import Identity
 from labctl.server.passwords import CheckerBusy, PasswordChecker, PasswordHashError, dummy_hash
+from labctl.server.siteinfo import Account
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +81,10 @@ FREE_SOURCE_FAILURES = 15
 MAX_BACKOFF_S = 60.0
 #: Password checks one address may have waiting or running at once.
 PENDING_PER_SOURCE = 4
+#: New connections of a throttled address held unread at once; more are closed at once.
+HOLD_PER_SOURCE = 8
+#: Longest a new connection of a throttled address is held before it is served.
+MAX_HOLD_S = 10.0
 #: The password-token encryptions asyncua (and the OPC UA specification) know.
 _TOKEN_DECRYPT = {
     "http://www.w3.org/2001/04/xmlenc#rsa-oaep": uacrypto.decrypt_rsa_oaep,
@@ -91,6 +111,7 @@ class _Account:
     roles: frozenset[str]
     password_hash: str | None
     certificate: bytes | None = None
+    disabled: bool = False
 
 
 @dataclass
@@ -179,6 +200,15 @@ class LoginThrottle:
                 return f"too many failed logins {what}; retry in {b.blocked_until - now:.0f} s"
         return None
 
+    def source_blocked_for(self, source: str, now: float) -> float:
+        """Seconds until ``source`` as a whole may try again (0: it may now)."""
+        b = self._keys.get((source, ""))
+        return max(0.0, b.blocked_until - now) if b is not None else 0.0
+
+    def refused(self, source: str, now: float) -> None:
+        """Count an attempt refused by :meth:`check` against its address (it kept trying while throttled)."""
+        self._bump((source, ""), self.free_source_failures, now)
+
     def failed(self, account: str, source: str, now: float) -> int:
         """Count a failed login; the consecutive failures of ``account`` from ``source``."""
         self._bump((source, ""), self.free_source_failures, now)
@@ -217,6 +247,8 @@ class UserDirectory:
     throttle: LoginThrottle = field(default_factory=LoginThrottle)
     checker: PasswordChecker = field(default_factory=PasswordChecker)
     pending_per_source: int = PENDING_PER_SOURCE
+    accounts_source: str = "site file"
+    """Where the accounts come from: ``site file``, or ``site database`` (:meth:`replace_accounts` while serving)."""
     _in_flight: Counter[str] = field(default_factory=Counter, init=False)
     _accounts: dict[str, _Account] = field(default_factory=dict, init=False)
     _by_certificate: dict[bytes, _Account] = field(default_factory=dict, init=False)
@@ -227,8 +259,34 @@ class UserDirectory:
 
     @property
     def password_users(self) -> bool:
-        """Whether any account can log in with a password."""
-        return any(a.password_hash for a in self._accounts.values())
+        """Whether any account can log in with a password (always, with accounts from the site database: they come and go)."""
+        return self.accounts_source != "site file" or any(a.password_hash for a in self._accounts.values())
+
+    def replace_accounts(self, accounts: Iterable[Account]) -> dict[str, str]:
+        """Take ``accounts`` as the whole set of accounts (the site database's); return {user: why} whose sessions must end.
+
+        Sessions end for an account that is now disabled or gone, or whose roles changed (a
+        session keeps the roles it logged in with); a new password leaves them open. A
+        certificate configured for an account stays with it.
+        """
+        old = self._accounts
+        new: dict[str, _Account] = {}
+        for a in accounts:
+            before = old.get(a.name)
+            certificate = before.certificate if before is not None else None
+            new[a.name] = _Account(a.name, frozenset(a.roles), a.password_hash, certificate, a.disabled)
+        ended: dict[str, str] = {}
+        for name, before in old.items():
+            after = new.get(name)
+            if after is None:
+                ended[name] = "the account was removed"
+            elif after.disabled and not before.disabled:
+                ended[name] = "the account was disabled"
+            elif after.roles != before.roles:
+                ended[name] = f"the account's roles changed to {', '.join(sorted(after.roles)) or '(none)'}"
+        self._accounts = new
+        self._by_certificate = {der: new[a.name] for der, a in self._by_certificate.items() if a.name in new}
+        return ended
 
     @property
     def certificate_users(self) -> bool:
@@ -263,6 +321,8 @@ class UserDirectory:
             account = self._by_certificate.get(_der(certificate))
             if account is None:
                 return Refusal("<certificate>", f"no user has the certificate {_describe_certificate(certificate)}")
+            if account.disabled:
+                return Refusal(account.name, "account disabled")
             return Identity(account.name, account.roles, PROTOCOL)
         if not self.anonymous:
             return Refusal("anonymous", "anonymous access is disabled on this server")
@@ -276,6 +336,7 @@ class UserDirectory:
         """
         why = self.throttle.check(username, source, self.clock())
         if why is not None:
+            self.throttle.refused(source, self.clock())
             return Refusal(username, why)
         if self._in_flight[source] >= self.pending_per_source:
             return Refusal(username, f"too many logins under way from {source}", ua.StatusCodes.BadTooManyOperations)
@@ -293,10 +354,12 @@ class UserDirectory:
             self._in_flight[source] -= 1
             if not self._in_flight[source]:
                 del self._in_flight[source]
-        if not (known and ok):
+        if not (known and ok) or account.disabled:  # type: ignore[union-attr]
             failures = self.throttle.failed(username, source, self.clock())
             if account is None:
                 return Refusal(username, "unknown user")
+            if account.disabled:
+                return Refusal(username, "account disabled")
             if not known:
                 return Refusal(username, "the user has no password (certificate login only)")
             return Refusal(username, f"wrong password ({failures} consecutive failure(s) from {source})")

@@ -9,9 +9,11 @@ identity, so roles, locks, limits and interlocks decide and every write, accepte
 refused, is audited by the core.
 
 A refusal is mapped to a StatusCode through the one table of
-:mod:`labctl.server.opcua.refusals`, and the refusal itself (kind, fields, sentence: ``who
-holds the lock until when``, ``which limit``) goes back with the response as the node's
-DiagnosticInfo; the sentence is also kept on the session
+:mod:`labctl.server.opcua.refusals`, with one case only the adapter tells apart: a state
+index outside a MultiStateDiscrete PV's EnumStrings is BadOutOfRange, as Part 8 says,
+where the core refuses it as a wrong value for the type (:func:`status_of_write`). The
+refusal itself (kind, fields, sentence: ``who holds the lock until when``, ``which
+limit``) goes back with the response as the node's DiagnosticInfo; the sentence is also kept on the session
 (``Objects/<site>/Session/LastWriteRefusal``, for people browsing with a generic client).
 
 Anything else is refused, and audited once by the core like any refusal: other
@@ -28,7 +30,15 @@ from typing import TYPE_CHECKING, Any
 from asyncua import ua
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.address_space import AttributeService
-from labctl.ioc.errors import DriverError, Forbidden, InvalidArgument, LabctlError, Refused, WrittenUnconfirmed
+from labctl.ioc.errors import (
+    DriverError,
+    Forbidden,
+    InvalidArgument,
+    LabctlError,
+    Refused,
+    WrittenUnconfirmed,
+    WrongType,
+)
 from labctl.ioc.policy import Action
 from labctl.ioc.types import SYSTEM, Identity, PVType
 from labctl.server.opcua.refusals import status_of
@@ -54,6 +64,19 @@ def python_value(node: PVNode, value: ua.Variant | None) -> Any:
     if isinstance(v, ua.LocalizedText) and node.info.type is PVType.ENUM:
         return v.Text
     return v
+
+
+def status_of_write(node: PVNode, error: BaseException) -> int:
+    """The StatusCode of a refused write of ``node``: the refusal table's, except an enum state index out of range.
+
+    Part 8 (MultiStateDiscreteType): a value outside the EnumStrings is BadOutOfRange.
+    """
+    if isinstance(error, WrongType) and node.info.type is PVType.ENUM:
+        v = error.value
+        index = v if isinstance(v, int) and not isinstance(v, bool) else (int(v) if isinstance(v, float) and v.is_integer() else None)
+        if index is not None and not 0 <= index < len(node.info.states):
+            return _S.BadOutOfRange
+    return status_of(error)
 
 
 def identity_of(user: User) -> Identity:
@@ -91,7 +114,7 @@ async def write_pv(db: Database, node: PVNode, wv: ua.WriteValue, user: User) ->
         await db.write(name, python_value(node, dv.Value), identity)
     except (Refused, DriverError) as e:  # the core audited it and logged it once
         _note(user, e, str(e) if isinstance(e, (Refused, WrittenUnconfirmed)) else f"{name}: write failed: {e}")
-        return ua.StatusCode(status_of(e))
+        return ua.StatusCode(status_of_write(node, e))
     except Exception:  # a bug in a driver or the core: report it here, once, and keep serving
         log.exception("opcua write of %s by %s failed unexpectedly", name, identity)
         _note(user, None, f"{name}: write failed: internal server error (see the server log)")

@@ -8,12 +8,19 @@ import math
 import pytest
 from labctl.drivers.cryostat import ACK, ENQ, NAK, CryostatOptions, CryostatPlant, UnknownCommand
 from labctl.drivers.registry import create_driver, create_plant, fault_injector
+from labctl.drivers.values import NoReading
 from labctl.ioc.config.instruments import InstrumentConfig, SimulationConfig
 from labctl.ioc.errors import ConfigError, DriverFault, DriverTimeout
+from labctl.ioc.types import Status
 
 from tests.drivers.fakes import FakeClock
 
 BASE, COOLING, TAU_MXC = 0.010, 8.4e-3, 120.0
+
+
+def magnet_controller(plant: CryostatPlant):
+    inst = InstrumentConfig.model_validate({"name": "magtc", "driver": "lakeshore336", "simulation": "cryo"})
+    return create_driver(inst, simulations={"cryo": plant})
 
 
 def bridge_and_gauge(plant: CryostatPlant):
@@ -156,7 +163,7 @@ async def test_forced_gauge_status_reaches_the_driver(clock):
     _, gauge = await connected(*bridge_and_gauge(plant))
     plant.set_gauge_status(2, 3)
     values = await gauge.read(["pressure:1", "pressure:2", "status:2"])
-    assert math.isnan(values["pressure:2"]) and values["status:2"] == 3
+    assert values["pressure:2"] == NoReading(Status.READ, "sensor error") and values["status:2"] == 3
     assert values["pressure:1"] == pytest.approx(2e-8)
     plant.set_gauge_status(2, None)
     assert (await gauge.read(["status:2"]))["status:2"] == 0
@@ -172,7 +179,7 @@ def test_each_link_keeps_its_own_handshake(clock):
     assert first.handle(ENQ) == "0,2.0000E-08"
     assert second.handle(ENQ) == "0,5.0000E-07"
     assert first.handle("WHAT") == NAK
-    with pytest.raises(ValueError, match="speaks lakeshore372, tpg, not keithley2400"):
+    with pytest.raises(ValueError, match="speaks lakeshore336, lakeshore372, tpg, not keithley2400"):
         plant.endpoint("keithley2400")
 
 
@@ -229,3 +236,111 @@ def test_create_plant_validates_options(clock):
     assert any("expected 'cold' or 'warm'" in line for line in lines)
     assert any("unknown stage 'mk'" in line for line in lines)
     assert any("channel '20'" in line for line in lines)
+
+
+# ---- the magnet and its Lake Shore 336 -------------------------------------------------
+
+TAU_MAGNET, K_PER_W = 300.0, 2.0
+
+
+async def test_the_magnet_sits_on_the_4k_plate_and_its_336_reads_it(clock):
+    plant = CryostatPlant(clock=clock)
+    (magtc,) = await connected(magnet_controller(plant))
+    assert magtc.identity.startswith("LSCI,MODEL336")
+    values = await magtc.read(["temperature:A", "temperature:B", "temperature:C", "setpoint:1", "heater_range:1", "heater_output:1"])
+    # A on the coil (at the 4 K plate's temperature, heater off), B on the leads' heat sink (50 K plate), C has no sensor
+    assert values == {
+        "temperature:A": 3.1, "temperature:B": 42.0, "temperature:C": 0.0,
+        "setpoint:1": 4.2, "heater_range:1": 0, "heater_output:1": 0.0,
+    }  # fmt: skip
+    assert plant.temperature("magnet") == 3.1 and plant.magnet_heater_power() == 0.0
+    assert "magnet" not in plant.temperatures()  # the refrigerator's stages only
+
+
+async def test_the_magnet_heater_holds_its_setpoint_with_the_coil_time_constant(clock):
+    plant = CryostatPlant(clock=clock)
+    (magtc,) = await connected(magnet_controller(plant))
+    assert await magtc.write("setpoint:1", 4.0) == 4.0
+    assert await magtc.write("heater_range:1", 3) == 3  # high: 1 W
+    power = (4.0 - 3.1) / K_PER_W  # what holds the coil at 4.0 K
+    assert plant.magnet_heater_power() == pytest.approx(power, rel=1e-12)
+    assert (await magtc.read(["heater_output:1"]))["heater_output:1"] == pytest.approx(100 * math.sqrt(power), abs=0.01)
+    clock.advance(TAU_MAGNET)
+    assert plant.temperature("magnet") == pytest.approx(lag(4.0, 3.1, TAU_MAGNET, TAU_MAGNET), rel=1e-12)
+    clock.advance(20 * TAU_MAGNET)
+    assert (await magtc.read(["temperature:A"]))["temperature:A"] == pytest.approx(4.0, rel=1e-5)
+    # too small a range saturates: low is 10 mW, 20 mK above the plate
+    assert await magtc.write("heater_range:1", 1) == 1
+    clock.advance(30 * TAU_MAGNET)
+    assert plant.temperature("magnet") == pytest.approx(3.1 + K_PER_W * 0.01, rel=1e-9)
+    assert (await magtc.read(["heater_output:1"]))["heater_output:1"] == 100.0
+    assert await magtc.write("heater_range:1", 0) == 0
+    clock.advance(30 * TAU_MAGNET)
+    assert plant.temperature("magnet") == pytest.approx(3.1, rel=1e-9)
+
+
+async def test_the_magnet_warms_with_the_cryostat(clock):
+    plant = CryostatPlant(clock=clock)
+    (magtc,) = await connected(magnet_controller(plant))
+    plant.stop_compressor()
+    before = await magtc.read(["temperature:A", "temperature:B"])
+    clock.advance(3600)
+    after = await magtc.read(["temperature:A", "temperature:B"])
+    assert after["temperature:A"] > before["temperature:A"] + 1.0 and after["temperature:B"] > before["temperature:B"] + 1.0
+    # the coil follows the plate it is mounted on, a time constant behind
+    plate = plant.temperature("4K")
+    assert 0.9 * plate < plant.temperature("magnet") < plate
+
+
+async def test_magnet_readings_move_as_real_ones_and_repeat_with_the_seed(clock):
+    options = CryostatOptions(noise=0.003, drift=0.01, seed=18)
+    runs = []
+    for _ in range(2):
+        clock.now = 1000.0
+        (magtc,) = await connected(magnet_controller(CryostatPlant(options, clock=clock)))
+        readings = []
+        for _ in range(5):
+            clock.advance(2.0)
+            readings.append(await magtc.read(["temperature:A", "temperature:B"]))
+        runs.append(readings)
+    assert runs[0] == runs[1]  # seeded: the same readings every run
+    coil = [r["temperature:A"] for r in runs[0]]
+    assert len(set(coil)) == len(coil)  # every reading differs...
+    assert all(abs(t - 3.1) < 3.1 * 0.05 for t in coil)  # ...around the coil's temperature
+
+
+def test_magnet_inputs_place_the_336_thermometers(clock):
+    plant = create_plant("cryo", SimulationConfig(model="cryostat", options={"magnet_inputs": {"a": "still", "D": "magnet"}}), clock)
+    link = plant.endpoint("lakeshore336")
+    assert float(link.handle("KRDG? A")) == 0.75 and float(link.handle("KRDG? D")) == 3.1
+    assert float(link.handle("KRDG? B")) == 0.0
+    with pytest.raises(ConfigError, match="input 'E'"):
+        create_plant("cryo", SimulationConfig(model="cryostat", options={"magnet_inputs": {"E": "magnet"}}), clock)
+    with pytest.raises(ConfigError, match="places 50K, 4K, still, mxc, magnet"):
+        create_plant("cryo", SimulationConfig(model="cryostat", options={"magnet_inputs": {"A": "coil"}}), clock)
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        ("KRDG? E", "no input 'E'"),
+        ("SETP 5,4.2", "no output 5"),
+        ("RANGE 1,4", "expected an integer in \\[0, 3\\]"),
+        ("RANGE 3,2", "expected an integer in \\[0, 1\\]"),
+        ("HTR? 3", "no output 3"),
+        ("MOUT 1,101", "expected a number in \\[0, 100\\]"),
+        ("OUTMODE? 1", "Lake Shore 336 does not know 'OUTMODE\\? 1'"),
+    ],
+)
+def test_lakeshore336_commands_it_refuses(clock, command, message):
+    endpoint = CryostatPlant(clock=clock).endpoint("lakeshore336")
+    with pytest.raises(UnknownCommand, match=message):
+        endpoint.handle(command)
+
+
+def test_lakeshore336_settings_round_trip(clock):
+    endpoint = CryostatPlant(clock=clock).endpoint("lakeshore336")
+    for command, query, reply in [("SETP 2,77.5", "SETP? 2", "+77.5"), ("RANGE 2,2", "RANGE? 2", "2"), ("MOUT 4,12.5", "MOUT? 4", "+12.50")]:
+        assert endpoint.handle(command) is None
+        assert endpoint.handle(query) == reply
+    assert endpoint.handle("HTR? 2") == "+0.00"  # output 2 heats nothing in the plant

@@ -159,9 +159,10 @@ def test_options_are_checked():
 def test_simulation_must_speak_the_drivers_protocol():
     config = inst(driver="keithley2400", simulation="cryo")
     assert check_instrument(config, simulations=SIMULATIONS) == [
-        (("simulation",), "simulation 'cryo' cannot host the keithley2400 driver; it speaks lakeshore372, tpg")
+        (("simulation",), "simulation 'cryo' cannot host the keithley2400 driver; it speaks lakeshore336, lakeshore372, tpg")
     ]
     assert check_instrument(inst(driver="lakeshore372", simulation="cryo"), simulations=SIMULATIONS) == []
+    assert check_instrument(inst(driver="lakeshore336", simulation="cryo"), simulations=SIMULATIONS) == []
     assert check_instrument(inst(driver="tpg", simulation="ice"), simulations=SIMULATIONS) == [
         (("simulation",), "unknown simulation 'ice'; declared: ['cryo']")
     ]

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 from labctl.drivers.keithley2400 import Keithley2400
+from labctl.drivers.values import NoReading
 from labctl.ioc.errors import DriverFault, OutOfRange
+from labctl.ioc.types import Status
 
 K2400 = "GPIB0::24::INSTR"
 IDN = "KEITHLEY INSTRUMENTS INC.,MODEL 2400,4123456,C32   Oct  4 2010 14:20:11/A02  /S/K"
@@ -21,7 +21,8 @@ async def test_reads_every_channel_with_output_off(sim_driver):
         values = await smu.read(smu.channels())
     assert set(values) == set(smu.channels())
     assert values["output_enabled"] is False
-    assert math.isnan(values["voltage"]) and math.isnan(values["current"])
+    # no measurement while the output is off: the channels read "disabled", not a NaN
+    assert values["voltage"] == values["current"] == NoReading(Status.DISABLE, "output off")
     assert values["voltage_setpoint"] == 1.0
     assert values["compliance_current"] == 0.000105
     assert values["source_mode"] == 0
@@ -93,7 +94,7 @@ async def test_output_off_means_no_measurement_and_no_trigger(expected_protocol)
     # :READ? would switch the output on, so it is never sent while the output is off.
     async with expected_protocol(Keithley2400, [(":OUTP?", "0"), (":SOUR:VOLT:LEV?", "+5.000000E+00")]) as smu:
         values = await smu.read(["current", "voltage_setpoint"])
-    assert math.isnan(values["current"]) and values["voltage_setpoint"] == 5.0
+    assert values == {"current": NoReading(Status.DISABLE, "output off"), "voltage_setpoint": 5.0}
 
 
 async def test_write_checks_the_error_queue_then_reads_back(expected_protocol):

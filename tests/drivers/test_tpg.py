@@ -6,7 +6,9 @@ import math
 
 import pytest
 from labctl.drivers.tpg import ACK, ENQ, NAK, TPG
+from labctl.drivers.values import NoReading
 from labctl.ioc.errors import DriverFault
+from labctl.ioc.types import Status
 
 GAUGE = "ASRL4::INSTR"
 FAULTY_GAUGE = "ASRL5::INSTR"
@@ -32,7 +34,7 @@ async def test_over_range_and_sensor_off(sim_driver):
     async with sim_driver(TPG, FAULTY_GAUGE) as tpg:
         values = await tpg.read(["pressure:1", "pressure:2", "status:1", "status:2"])
     assert values["pressure:1"] == math.inf and values["status:1"] == 2
-    assert math.isnan(values["pressure:2"]) and values["status:2"] == 4
+    assert values["pressure:2"] == NoReading(Status.DISABLE, "sensor off") and values["status:2"] == 4
 
 
 async def test_unknown_mnemonic_is_refused_at_once(sim_driver):
@@ -71,20 +73,16 @@ async def test_connect_asks_the_firmware_number(expected_protocol):
         ("0,1.2340E-03", 1.234e-3),  # OK
         ("1,5.0000E-09", 5e-9),  # underrange: the lower limit, an upper bound on the truth
         ("2,1.0000E+03", math.inf),  # overrange: never lower than the truth
-        ("3,0.0000E+00", math.nan),  # sensor error
-        ("4,0.0000E+00", math.nan),  # sensor off
-        ("5,2.0000E-02", math.nan),  # no sensor
-        ("6,0.0000E+00", math.nan),  # identification error
+        ("3,0.0000E+00", NoReading(Status.READ, "sensor error")),  # no measurement: a fault
+        ("4,0.0000E+00", NoReading(Status.DISABLE, "sensor off")),  # switched off, not broken
+        ("5,2.0000E-02", NoReading(Status.READ, "no sensor")),
+        ("6,0.0000E+00", NoReading(Status.READ, "identification error")),
     ],
 )
 async def test_status_codes(expected_protocol, reply, pressure):
     async with expected_protocol(TPG, [("PR2", ACK), (ENQ, reply)]) as tpg:
         values = await tpg.read(["pressure:2", "status:2"])
-    assert values["status:2"] == int(reply[0])
-    if math.isnan(pressure):
-        assert math.isnan(values["pressure:2"])
-    else:
-        assert values["pressure:2"] == pressure
+    assert values == {"pressure:2": pressure, "status:2": int(reply[0])}
 
 
 @pytest.mark.parametrize(

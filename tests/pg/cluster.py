@@ -9,6 +9,11 @@ same port with its data kept, so a test can take the database away and bring it 
 As root, the server runs as the ``postgres`` system user (created by Debian's PostgreSQL
 packages; ``LABCTL_PG_OS_USER`` picks another), as any other user it runs as that user.
 
+``netns`` (as root) runs the server inside that network namespace (``ip netns exec``,
+then ``setpriv`` to its account), listening on ``host``:``port`` there -- an address of
+the namespace that this process reaches over the namespace's network
+(:mod:`tests.site.netns`).
+
 In pytest, use the fixtures of :mod:`tests.pg.fixtures`. Without pytest: ``with
 PgCluster() as c: ...``, or ``python -m tests.pg.cluster`` (starts one and prints its URL
 until Ctrl-C).
@@ -146,6 +151,9 @@ class PgCluster:
         settings: dict[str, object] | None = None,
         bindir: str | os.PathLike[str] | None = None,
         tmpdir: str | os.PathLike[str] | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        netns: str | None = None,
     ) -> None:
         self.bindir = Path(bindir or pg_bindir())
         ok, why = postgres_available(self.bindir)
@@ -157,8 +165,9 @@ class PgCluster:
         self.timescaledb: bool = tsdb_ok if timescaledb is None else bool(timescaledb)
         self.timescaledb_version: str | None = tsdb_info if self.timescaledb else None
         self.dbname = dbname
-        self.host = "127.0.0.1"
-        self.port = 0
+        self.host = host
+        self.port = port
+        self.netns = netns
         self.settings = dict(settings or {})
         self._tmpdir = tmpdir or _default_tmpdir()
         self._user = _os_user()
@@ -209,7 +218,7 @@ class PgCluster:
         first = self.base is None
         if first:
             self._initdb()
-        attempts = 5 if first else 1  # a first start may lose its port to a race: pick another
+        attempts = 5 if first and self.netns is None else 1  # a first start may lose its port to a race: pick another
         for attempt in range(attempts):
             try:
                 self._launch_and_wait(timeout)
@@ -357,20 +366,29 @@ class PgCluster:
         with open(self.datadir / "postgresql.conf", "a") as f:
             f.write("\n# --- labctl throwaway test cluster (tests/pg/cluster.py)\n")
             f.writelines(f"{k} = {_quote_conf(v)}\n" for k, v in conf.items())
-        self.port = _free_port(self.host)
+        if self.host != "127.0.0.1":  # initdb trusts loopback only; a namespace's clients come over its subnet
+            with open(self.datadir / "pg_hba.conf", "a") as f:
+                f.write("host all all samenet trust\n")
+        if not self.port:
+            self.port = _free_port(self.host)
 
     def _launch_and_wait(self, timeout: float) -> None:
         start_offset = self.logfile.stat().st_size if self.logfile.exists() else 0
+        cmd = [str(self.bindir / "postgres"), "-D", str(self.datadir), "-p", str(self.port)]
+        as_user = self._as_user()
+        if self.netns is not None:  # setns needs root: enter the namespace, then drop to the server's account
+            drop = [] if self._user is None else ["setpriv", f"--reuid={self._user.pw_uid}", f"--regid={self._user.pw_gid}", "--clear-groups"]
+            cmd, as_user = ["ip", "netns", "exec", self.netns, *drop, *cmd], {}
         with open(self.logfile, "ab") as log:
             self._proc = subprocess.Popen(
-                [str(self.bindir / "postgres"), "-D", str(self.datadir), "-p", str(self.port)],
+                cmd,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self._env(),
                 cwd=self.base,
                 start_new_session=True,
-                **self._as_user(),
+                **as_user,
             )
         deadline = time.monotonic() + timeout
         delay = 0.005

@@ -201,12 +201,18 @@ FAMILIES = {
 }
 
 
+#: caproto's client decodes DBR_GR_STRING and DBR_CTRL_STRING with the DBR_TIME_STRING layout;
+#: EPICS (and labctl's server) send them in the DBR_STS_STRING layout, so caproto would misread
+#: them. The stock caget checks those two (tests/protocol/ca/test_conformance_tools.py).
+_CAPROTO_MISREADS = {ChannelType.GR_STRING, ChannelType.CTRL_STRING}
+
+
 def _dbr_types() -> list[ChannelType]:
     out = []
     for name in FAMILIES:
         for prefix in ("", "STS_", "TIME_", "GR_", "CTRL_"):
             t = getattr(ChannelType, prefix + name, None)
-            if t is not None and t not in out:
+            if t is not None and t not in out and t not in _CAPROTO_MISREADS:
                 out.append(t)
     return out
 

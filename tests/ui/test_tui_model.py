@@ -93,7 +93,7 @@ def test_parse_input(meta, text, value):
         (SETP, "warm", "CRYO:MXC:SETP is float64: expected a number, got 'warm'"),
         (RANGE, "Turbo", "MAG:HTR:RANGE is enum: expected one of ['Off', 'Low', 'High'] or a state index, got 'Turbo'"),
         (RANGE, "3", "MAG:HTR:RANGE has states 0..2: Off, Low, High"),
-        (WAVE, "1, 2", "LAB:WAVE takes exactly 3 numbers, got 2"),
+        (WAVE, "1, 2, 3, 4", "LAB:WAVE takes at most 3 numbers, got 4"),
         (ON, "maybe", "SMU1:OUT is bool: expected true or false (or 1/0, on/off), got 'maybe'"),
     ],
 )

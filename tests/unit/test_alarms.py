@@ -36,6 +36,14 @@ def test_non_latching_alarm_follows_the_value(table):
     assert table.update("T", r(4, 1.1, OK)) == []  # no change of alarm state
 
 
+def test_a_channel_switched_off_is_not_an_alarm_but_a_lost_one_is(table):
+    disabled = (Severity.INVALID, Status.DISABLE)
+    assert table.update("T", r(1, 0.0, disabled)) == [], "output off: INVALID/DISABLE, no alarm (as EPICS)"
+    assert not table.get("T").active
+    assert kinds(table.update("T", r(2, 0.0, COMM))) == ["raised"]
+    assert kinds(table.update("T", r(3, 0.0, disabled))) == ["cleared"]
+
+
 def test_latching_alarm_stays_until_acknowledged(table):
     table.update("L", r(1, 9.0, HIHI))
     assert kinds(table.update("L", r(2, 1.0, OK))) == ["returned"]

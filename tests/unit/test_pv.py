@@ -60,10 +60,10 @@ def test_coerce_accepts(t, kw, value, expected):
         (PVType.ENUM, {"states": ("OFF", "ON")}, "MAYBE", "not one of the states"),
         (PVType.ENUM, {"states": ("OFF", "ON")}, 2, "outside 0..1"),
         (PVType.ENUM, {"states": ("OFF", "ON")}, -1, "outside 0..1"),
-        (PVType.STRING, {}, "x" * 41, "at most 40"),
+        (PVType.STRING, {}, "x" * 40, "at most 39"),  # the default length: what DBR_STRING holds
         (PVType.STRING, {"length": 5}, "abcdef", "at most 5"),
         (PVType.STRING, {}, 12, "expected a string"),
-        (PVType.FLOAT64_ARRAY, {"length": 3}, [1.0, 2.0], "exactly 3"),
+        (PVType.FLOAT64_ARRAY, {"length": 3}, [1.0, 2.0, 3.0, 4.0], "at most 3"),  # fewer are taken (NORD)
         (PVType.FLOAT64_ARRAY, {}, [1.0, math.nan], "element [1]"),
         (PVType.FLOAT64_ARRAY, {}, "abc", "expected an array"),
         (PVType.FLOAT64_ARRAY, {}, [1.0, "x"], "expected a number"),

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.helpers import free_port, free_tcp_udp_port
+from tests.protocol.ca.epics_tools import EpicsTools, find_tools
 
 
 @pytest.fixture
@@ -26,3 +27,14 @@ def caproto_env(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
         monkeypatch.setenv("EPICS_CA_AUTO_ADDR_LIST", "NO")
 
     return point
+
+
+@pytest.fixture
+def epics_tools() -> Callable[[int], EpicsTools]:
+    """EPICS base's caget/caput/camonitor/cainfo, pinned to a server port: ``epics_tools(port)``.
+
+    Missing tools skip the test, naming ``bash scripts/install-epics-base.sh`` (under ``CI=true``
+    they fail it).
+    """
+    bindir = find_tools()
+    return lambda port: EpicsTools(bindir, port)

@@ -6,6 +6,8 @@ enforce access rights itself, so these tests also reach the server's refusals.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from caproto import AccessRights, ChannelType, SubscriptionType
 from labctl.ioc.types import Severity, Status
@@ -94,12 +96,18 @@ async def test_fields_and_alarm_acknowledgement_cannot_be_written(ports, caproto
         ("TEST:TEMP", ["12.5"], ChannelType.STRING, 12.5),  # text is parsed, as an IOC does
         ("TEST:COUNT", ["0x10"], ChannelType.STRING, 16),
         ("TEST:COUNT", [12.0], ChannelType.DOUBLE, 12),
+        ("TEST:COUNT", [20.7], ChannelType.DOUBLE, 20),  # truncated toward zero, as an IOC's C conversion
+        ("TEST:ENABLED", [1.0], ChannelType.DOUBLE, True),  # caput's DBR_DOUBLE to a bool: the state index
+        ("TEST:MODE", [2.0], ChannelType.DOUBLE, 2),
+        ("TEST:MODE", ["2"], ChannelType.STRING, 2),
         ("TEST:MODE", ["AUTO"], ChannelType.STRING, 2),  # a state by name
         ("TEST:MODE", ["0"], ChannelType.STRING, 0),  # ...or by its index as text
         ("TEST:ENABLED", ["true"], ChannelType.STRING, True),
         ("TEST:ENABLED", [1], ChannelType.LONG, True),
         ("TEST:LABEL", [42], ChannelType.LONG, "42"),  # a number to a string PV is its text
         ("TEST:SPECTRUM", [1, 2, 3, 4, 5, 6, 7, 8], ChannelType.LONG, (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)),
+        ("TEST:SPECTRUM", [9.0, 8.0], ChannelType.DOUBLE, (9.0, 8.0)),  # fewer: the PV holds that many (NORD)
+        ("TEST:SPECTRUM", [9.0, 8.0], ChannelType.DOUBLE, (9.0, 8.0)),  # fewer: the PV holds that many (NORD)
     ],
 )
 async def test_values_are_converted_like_an_ioc_does(ports, caproto_env, pv, data, data_type, expected):
@@ -116,7 +124,7 @@ async def test_values_are_converted_like_an_ioc_does(ports, caproto_env, pv, dat
         ("TEST:TEMP", ["warm"], ChannelType.STRING, "expected a number"),
         ("TEST:MODE", ["TURBO"], ChannelType.STRING, "not one of the states"),
         ("TEST:MODE", [7], ChannelType.LONG, "outside 0..2"),
-        ("TEST:SPECTRUM", [1.0, 2.0], ChannelType.DOUBLE, "exactly 8"),
+        ("TEST:SPECTRUM", [1.0] * 9, ChannelType.DOUBLE, "at most 8 allowed"),
         ("TEST:COUNT", [501], ChannelType.LONG, "outside the drive limits"),
     ],
 )
@@ -189,3 +197,32 @@ async def test_severity_fields_post_monitors(ports, caproto_env):
         await rec.until(lambda: rec.got["sevr"][-1][0] == Severity.NO_ALARM)
         assert [v for v, _, _ in rec.got["sevr"]] == [0, 2, 0]
         await rec.close()
+
+
+async def test_a_monitor_whose_value_cannot_be_converted_gets_a_failed_update_and_goes_on(ports, caproto_env):
+    """As an IOC: a string PV monitored as DBR_DOUBLE gets ECA_GETFAIL while its text is no number."""
+    pvs = "pvs:\n  - {name: T:TEXT, type: string, writable: true, initial: '12.5'}\n"
+    async with serve(site_yaml(*ports, pvs=pvs)) as s, client(s.port, caproto_env) as ctx:
+        pv = await connect(ctx, "T:TEXT")
+        got: list[tuple[str, object]] = []
+        changed = asyncio.Event()
+
+        async def record(sub, response):
+            ok = response.status.name == "ECA_NORMAL"
+            got.append((response.status.name, response.data[0] if ok else None))
+            changed.set()
+
+        sub = pv.subscribe(data_type=ChannelType.TIME_DOUBLE)
+        sub.add_callback(record)
+
+        async def next_update():
+            await asyncio.wait_for(changed.wait(), 10.0)
+            changed.clear()
+            return got[-1]
+
+        assert await next_update() == ("ECA_NORMAL", 12.5)
+        s.db.post("T:TEXT", "warm")
+        assert await next_update() == ("ECA_GETFAIL", None)
+        s.db.post("T:TEXT", "7")
+        assert await next_update() == ("ECA_NORMAL", 7.0)
+        await sub.clear()

@@ -9,18 +9,64 @@ import pytest
 from caproto import CLIENT, Beacon, Broadcaster, SearchRequest, SearchResponse, VersionRequest
 from caproto.server import common
 from labctl.server.ca.config import CAConfig
-from labctl.server.ca.env import MAX_LATENCY_S, WARN_LATENCY_S, CASettingsError, resolve, tune_latency
+from labctl.server.ca.env import (
+    MAX_LATENCY_S,
+    WARN_LATENCY_S,
+    CASettingsError,
+    NetInterface,
+    host_interfaces,
+    resolve,
+    tune_latency,
+)
 
 from tests.helpers import free_port, free_tcp_udp_port
 from tests.protocol.ca.support import serve, site_yaml
 
+#: A host with loopback, an Ethernet interface, a point-to-point link and an interface without broadcast.
+HOST = [
+    NetInterface("lo", "127.0.0.1", None, loopback=True),
+    NetInterface("eth0", "10.0.0.5", "10.0.0.255"),
+    NetInterface("tun0", "10.8.0.2", "10.8.0.1"),
+    NetInterface("wg0", "10.9.0.2", None),
+]
+
+
+def host() -> list[NetInterface]:
+    return HOST
+
 
 def test_defaults_without_environment():
-    s = resolve(CAConfig(), {})
+    s = resolve(CAConfig(), {}, host)
     assert s.interfaces == ("0.0.0.0",)
     assert (s.port, s.beacon_port, s.beacon_period_s) == (5064, 5065, 15.0)
-    assert s.beacon_addresses == (("255.255.255.255", 5065),)
+    assert s.beacon_addresses == (("10.0.0.255", 5065), ("10.8.0.1", 5065))  # never loopback's, as an IOC
     assert s.ignore_hosts == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("interfaces", "env", "beacons"),
+    [
+        # served on loopback only: beacons to loopback, not to a broadcast the host cannot reach
+        (("127.0.0.1",), {}, ("127.0.0.1",)),
+        (("10.0.0.5",), {}, ("10.0.0.255",)),  # one interface: its broadcast address
+        (("10.0.0.5", "127.0.0.1"), {}, ("10.0.0.255", "127.0.0.1")),
+        (("10.9.0.2",), {}, ()),  # no broadcast there: no automatic beacons (an IOC warns of an empty list)
+        (("10.0.0.5",), {"EPICS_CAS_BEACON_ADDR_LIST": "10.1.2.3"}, ("10.1.2.3", "10.0.0.255")),
+        (("10.0.0.5",), {"EPICS_CAS_BEACON_ADDR_LIST": "10.1.2.3", "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO"}, ("10.1.2.3",)),
+    ],
+)
+def test_beacons_go_to_the_served_interfaces_broadcast_addresses(interfaces, env, beacons):
+    s = resolve(CAConfig(interfaces=interfaces), env, host)
+    assert s.beacon_addresses == tuple((b, 5065) for b in beacons)
+
+
+def test_a_wildcard_server_beacons_to_the_limited_broadcast_where_interfaces_cannot_be_read():
+    assert resolve(CAConfig(), {}, lambda: None).beacon_addresses == (("255.255.255.255", 5065),)
+
+
+def test_this_hosts_interfaces_are_read():
+    found = host_interfaces()
+    assert found is not None and any(i.loopback and i.address.startswith("127.") for i in found)
 
 
 def test_cas_variables_win_over_ca_variables():
@@ -65,7 +111,7 @@ def test_site_file_wins_over_the_environment():
 
 
 def test_no_beacons_when_asked_for_none():
-    s = resolve(CAConfig(), {"EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO"})
+    s = resolve(CAConfig(), {"EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO"}, host)
     assert s.beacon_addresses == ()
 
 
@@ -194,3 +240,18 @@ async def test_an_address_not_on_this_host_is_a_clear_error():
     with pytest.raises(CAStartError, match=r"cannot bind UDP 192\.0\.2\.1:\d+"):
         async with serve(site):
             pass
+
+
+async def test_a_loopback_server_beacons_to_loopback_by_itself(monkeypatch):
+    """No beacon list, automatic beacons on: a server on 127.0.0.1 beacons to 127.0.0.1 (not 255.255.255.255)."""
+    monkeypatch.delenv("EPICS_CAS_BEACON_ADDR_LIST", raising=False)
+    monkeypatch.delenv("EPICS_CA_ADDR_LIST", raising=False)
+    monkeypatch.setenv("EPICS_CAS_AUTO_BEACON_ADDR_LIST", "YES")
+    beacon_port = free_port(socket.SOCK_DGRAM)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as listener:
+        listener.bind(("127.0.0.1", beacon_port))
+        listener.setblocking(False)
+        async with serve(site_yaml(free_tcp_udp_port(), beacon_port)) as s:
+            assert s.service.settings is not None
+            assert s.service.settings.beacon_addresses == (("127.0.0.1", beacon_port),)
+            assert (await _beacon(listener)).server_port == s.service.port

@@ -1,4 +1,4 @@
-"""The address space as an asyncua client sees it: names, paths, types, metadata, values, quality."""
+"""The address space as an asyncua client sees it: names, paths, types, metadata, values, quality, alarm states."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from asyncua import Server as UaServer
 from asyncua import ua
 from asyncua.server.internal_server import InternalServer
 from asyncua.ua.ua_binary import struct_to_binary
-from labctl.clients.values import quality
+from labctl.clients.values import alarm_of, quality
 from labctl.ioc.pv import PVInfo
 from labctl.ioc.types import PVType, Reading, Severity, Status
 from labctl.server.app import Server
 from labctl.server.opcua.address_space import MAX_CHILDREN, build, folder_layout
 from labctl.server.opcua.builders import Builder
 from labctl.server.opcua.units import eu_information, unit_id
-from labctl.server.opcua.values import QUALITY, status_code
+from labctl.server.opcua.values import ALARM_STATE_TYPE, QUALITY, alarm_state, alarm_state_name, status_code
 
 from .conftest import NAMESPACE, SITE, make_site, ns, pv_node
 
@@ -53,12 +53,16 @@ async def test_browse_path_objects_site_folder_pv(connect):
     assert names == {"soft", "derived", "Session", "Control"}  # no Resources: the site has no lockable resource
 
 
-async def test_instrument_pvs_under_instrument_and_channel(instrument_server, connect_to):
+async def test_instrument_pvs_browse_by_pv_name_under_their_instrument(instrument_server, connect_to):
     service, _, _ = instrument_server
     client = await connect_to(service.url)
     idx = await ns(client)
-    node = await client.nodes.objects.get_child([f"{idx}:{SITE}", f"{idx}:ctl", f"{idx}:temperature"])
+    node = await client.nodes.objects.get_child([f"{idx}:{SITE}", f"{idx}:ctl", f"{idx}:CTL:TEMP"])
     assert node.nodeid == ua.NodeId("CTL:TEMP", idx)
+    assert (await node.read_browse_name()) == ua.QualifiedName("CTL:TEMP", idx)
+    assert (await node.read_display_name()).Text == "CTL:TEMP", "a tag browser lists the PV name, not the driver channel"
+    children = await client.get_node(ua.NodeId(f"/{SITE}/ctl", idx)).get_children_descriptions()
+    assert sorted((c.BrowseName.Name, c.DisplayName.Text) for c in children) == [("CTL:SETP", "CTL:SETP"), ("CTL:TEMP", "CTL:TEMP")]
     assert await node.read_value() == 4.0
     assert (await node.read_attribute(ua.AttributeIds.MinimumSamplingInterval)).Value.Value == pytest.approx(100.0)
 
@@ -156,26 +160,60 @@ async def test_derived_pv_of_invalid_input_is_bad(server, connect):
     assert dv.StatusCode.is_bad()
 
 
-async def test_alarms_set_limit_bits_and_uncertain_for_major(server, connect):
+async def test_alarms_read_good_with_the_alarm_in_the_alarm_state(server, connect):
     client = await connect()
+    idx = await ns(client)
     node = await pv_node(client, "LAB:TEMP")
+    alarm = await node.get_child(f"{idx}:AlarmState")
+    assert alarm.nodeid == ua.NodeId("LAB:TEMP.AlarmState", idx)
+    assert (await alarm.read_data_type()) == ua.NodeId(ALARM_STATE_TYPE, idx)
+    assert await alarm.read_value() == 0
     server.db.post("LAB:TEMP", 150.0)  # above high: MINOR HIGH
     dv = await node.read_data_value()
-    assert dv.StatusCode.value == ua.StatusCodes.Good | 0x200
-    assert dv.Value.Value == 150.0
+    assert (dv.StatusCode.value, dv.Value.Value) == (ua.StatusCodes.Good, 150.0), "an alarm is no quality problem: no limit bits"
+    assert await alarm.read_value() == alarm_state(Severity.MINOR, Status.HIGH) == 104
     server.db.post("LAB:TEMP", 250.0)  # above hihi: MAJOR HIHI
-    dv = await node.read_data_value(raise_on_bad_status=False)
-    assert dv.StatusCode.value == ua.StatusCodes.UncertainEngineeringUnitsExceeded | 0x200
-    assert dv.Value.Value == 250.0, "an alarming value is still a value"
+    dv = await node.read_data_value()
+    assert (dv.StatusCode.value, dv.Value.Value) == (ua.StatusCodes.Good, 250.0), "an alarming value is still a value"
+    state = await alarm.read_data_value()
+    assert state.Value.Value == 203 and state.SourceTimestamp == dv.SourceTimestamp
+    server.db.invalidate(["LAB:TEMP"], Status.COMM)
+    assert (await node.read_data_value(raise_on_bad_status=False)).StatusCode.value == ua.StatusCodes.BadCommunicationError
+    assert await alarm.read_value() == 309
+
+
+async def test_alarm_state_is_an_enumeration_a_generic_client_can_name(connect):
+    client = await connect()
+    idx = await ns(client)
+    dtype = client.get_node(ua.NodeId(ALARM_STATE_TYPE, idx))
+    assert (await dtype.read_node_class()) == ua.NodeClass.DataType
+    assert (await dtype.read_browse_name()).Name == "EpicsAlarmState"
+    values = {v.Value: v.DisplayName.Text for v in await (await dtype.get_child("0:EnumValues")).read_value()}
+    assert (values[0], values[104], values[203], values[309]) == ("NO_ALARM", "MINOR HIGH", "MAJOR HIHI", "INVALID COMM")
+    definition = (await dtype.read_attribute(ua.AttributeIds.DataTypeDefinition)).Value.Value
+    assert {f.Value: f.Name for f in definition.Fields} == values
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [(Status.COMM, "BadCommunicationError"), (Status.TIMEOUT, "BadTimeout"), (Status.UDF, "BadWaitingForInitialData"),
+     (Status.DISABLE, "BadOutOfService"), (Status.READ, "BadDeviceFailure"), (Status.HWLIMIT, "BadSensorFailure"),
+     (Status.LINK, "BadNoCommunication"), (Status.CALC, "BadDataUnavailable"), (Status.SOFT, "Bad")],
+)  # fmt: skip
+def test_invalid_reads_bad_with_its_reason(status, code):
+    assert status_code(Reading(None, 0.0, Severity.INVALID, status)).value == getattr(ua.StatusCodes, code)
 
 
 def test_quality_table_round_trips_through_the_client_library():
     for severity, status in itertools.product(Severity, Status):
         code = status_code(Reading(1.0, 0.0, severity, status)).value
-        back = quality(code)
-        assert back[0] is severity or (severity is Severity.MINOR and back[0] is Severity.NO_ALARM), (severity, status)
-        if (severity, status) in QUALITY:
-            assert back == (severity, status)
+        if severity is Severity.INVALID:
+            assert quality(code) == (Severity.INVALID, status if (severity, status) in QUALITY else Status.READ), status
+        else:
+            assert code == ua.StatusCodes.Good, (severity, status)
+        state = alarm_state(severity, status)
+        assert alarm_of(state) == (severity, status)
+        assert alarm_state_name(state) == ("NO_ALARM" if state == 0 else f"{severity.name} {status.name}")
 
 
 def test_folders_hold_at_most_max_children():
@@ -331,6 +369,7 @@ async def test_pv_node_and_property_as_read_and_browsed(connect):
         (ua.ObjectIds.HasProperty, True, f"ns={idx};s=LAB:TEMP.EURange", "0:EURange"),
         (ua.ObjectIds.HasProperty, True, f"ns={idx};s=LAB:TEMP.EngineeringUnits", "0:EngineeringUnits"),
         (ua.ObjectIds.HasProperty, True, f"ns={idx};s=LAB:TEMP.ValuePrecision", "0:ValuePrecision"),  # Part 8: its PREC
+        (ua.ObjectIds.HasComponent, True, f"ns={idx};s=LAB:TEMP.AlarmState", f"{idx}:AlarmState"),  # its SEVR and STAT
     }
     assert await client.get_node(ua.NodeId("LAB:TEMP.ValuePrecision", idx)).read_value() == 3.0  # the default precision
     forward = {r.NodeId: r for r in await client.get_node(ua.NodeId(f"/{SITE}/soft", idx)).get_references(refs=ua.ObjectIds.Organizes)}

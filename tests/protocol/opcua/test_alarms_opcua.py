@@ -113,7 +113,8 @@ async def test_a_warm_up_raises_alarm_events_trips_the_interlock_and_is_acknowle
     state = alice.get_node(ua.NodeId("ILK:MXC_WARM:STATE", idx))
     dv = await state.read_data_value(raise_on_bad_status=False)
     assert dv.Value.Value == STATES.index("TRIPPED")
-    assert dv.StatusCode.value & 0xFFFF0000 == ua.StatusCodes.Uncertain  # MAJOR/STATE
+    assert dv.StatusCode.value == ua.StatusCodes.Good  # an alarm is no quality problem...
+    assert await alice.get_node(ua.NodeId("ILK:MXC_WARM:STATE.AlarmState", idx)).read_value() == 207  # ...its AlarmState says MAJOR STATE
     assert await events.seen(lambda e: e.SourceName == "ILK:MXC_WARM:STATE" and e.Severity == 700)  # its alarm too
     await wait_for(lambda: served.db.read("CRYO:STILL:HTR").value == 0.0, what="heater off")
 
@@ -212,3 +213,23 @@ async def test_a_latched_alarm_is_listed_acknowledged_and_shelved(served, open_s
         ("alarm.ack", "vic", "LAB:PRES"), ("alarm.ack", "alice", "LAB:PRES"), ("alarm.ack", "alice", "NOPE"),
         ("alarm.shelve", "alice", "LAB:PRES"), ("alarm.shelve", "erin", "LAB:PRES"),
     ]  # fmt: skip
+
+
+async def test_condition_refresh_refuses_what_part_9_refuses(served, open_ua):
+    vic = await open_ua(served.url, "vic")
+    condition_type = vic.get_node(ua.ObjectIds.ConditionType)
+    refresh, refresh2 = ua.NodeId(ua.ObjectIds.ConditionType_ConditionRefresh), ua.NodeId(ua.ObjectIds.ConditionType_ConditionRefresh2)
+
+    async def status(method, *args) -> str:
+        try:
+            await condition_type.call_method(method, *(ua.Variant(a, ua.VariantType.UInt32) for a in args))
+        except ua.UaStatusCodeError as e:
+            return ua.StatusCode(e.code).name
+        return "Good"
+
+    values = await vic.create_subscription(50, None)
+    handles = await values.subscribe_data_change([vic.get_node(ua.NodeId("LAB:PRES", await vic.get_namespace_index(NAMESPACE)))])
+    assert await status(refresh, values.subscription_id) == "BadNothingToDo", "no event monitored items"
+    assert await status(refresh2, values.subscription_id, handles[0]) == "BadMonitoredItemIdInvalid", "not an event item"
+    assert await status(refresh, 4_000_000) == "BadSubscriptionIdInvalid"
+    await values.delete()

@@ -206,9 +206,14 @@ async def test_raw_statuses_follow_the_live_quality_mapping(server, connect):
         Reading(20.0, t0 + 4),
     ]
     assert [v.StatusCode.value for v in values] == [status_code(r).value for r in expected]
-    assert values[1].StatusCode.value == _S.Good | 0x200
+    assert [v.StatusCode.value for v in values[:3]] == [_S.Good] * 3, "an alarm is no quality problem"
     assert values[3].StatusCode.value == _S.BadCommunicationError and values[3].Value.Value is None
     assert [v.Value.Value for v in values] == [50.0, 150.0, 250.0, None, 20.0]
+    # The AlarmState's history: the same samples' severity and status (100 x severity + status), Good.
+    alarm = client.get_node(ua.NodeId("LAB:TEMP.AlarmState", node.nodeid.NamespaceIndex))
+    states = await alarm.read_raw_history(utc(t0), utc(t0 + 5), return_bounds=False)
+    assert [(v.Value.Value, v.StatusCode.value) for v in states] == [(0, 0), (104, 0), (203, 0), (309, 0), (0, 0)]
+    assert [v.SourceTimestamp for v in states] == [v.SourceTimestamp for v in values]
 
 
 async def test_processed_average_minimum_maximum_count(server, connect, series):

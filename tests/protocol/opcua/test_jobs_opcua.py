@@ -187,7 +187,7 @@ async def test_submit_refusals_and_procedures(served, open_session, open_ua):
     assert res.StatusCode.is_good() and res.OutputArguments[0].VariantType == ua.VariantType.Int64
     job_id = res.OutputArguments[0].Value
     (listed,) = [j for j in await call_json(raw, "ListJobs", b(True)) if j["id"] == job_id]
-    assert set(listed) == {"id", "procedure", "owner", "state", "paused", "priority", "params", "resources", "submitted_at", "started_at", "ended_at", "error", "phase", "waiting", "waiting_reason"}  # fmt: skip
+    assert set(listed) == {"id", "procedure", "owner", "state", "paused", "priority", "params", "resources", "submitted_at", "started_at", "ended_at", "error", "phase", "waiting", "waiting_reason", "server"}  # fmt: skip
     await wait_for(lambda: served.control.jobs.get(job_id).state.final, what="job done")
     detail = await call_json(raw, "GetJob", i64(job_id))
     assert detail["results"][0] == {"time": detail["results"][0]["time"], "pv": "CRYO:SP", "value": 0.4, "severity": "NO_ALARM", "status": "NO_ALARM", "label": "sp=0.4"}  # fmt: skip

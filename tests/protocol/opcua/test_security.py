@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import socket
 import types
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
 from asyncua import Client, ua
 from asyncua.crypto import uacrypto
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
+from asyncua.ua.ua_binary import uatcp_to_binary
 from asyncua.ua.uaerrors import UaStatusCodeError
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -23,7 +26,9 @@ from labctl.ioc.types import Identity
 from labctl.server.app import Server
 from labctl.server.cli import main as labctl
 from labctl.server.opcua.trust import CertificateRefused, TrustList, thumbprint
-from labctl.server.opcua.users import FREE_FAILURES, LoginThrottle, Refusal, UserDirectory
+from labctl.server.opcua.users import FREE_FAILURES, HOLD_PER_SOURCE, LoginThrottle, Refusal, UserDirectory
+
+from tests.helpers import wait_for
 
 from .conftest import PASSWORDS, AuditLog, make_site
 from .test_auth import whoami
@@ -373,6 +378,76 @@ async def test_over_the_wire_a_flood_from_one_address_leaves_another_address_in(
             await real.disconnect()
         accepted = [r for r in log.of("login") if r.accepted]
         assert [(r.user, r.host) for r in accepted] == [("admin", "127.0.0.2")]
+    finally:
+        await srv.stop()
+
+
+def test_an_address_that_keeps_trying_while_throttled_is_throttled_as_a_whole():
+    t = LoginThrottle(free_failures=2, free_source_failures=4, max_backoff_s=8)
+    for _ in range(2):
+        t.failed("admin", "h1", 0.0)
+    assert t.check("admin", "h1", 0.1) is not None and t.source_blocked_for("h1", 0.1) == 0.0
+    for _ in range(2):  # refused without hashing, but counted against the address
+        t.refused("h1", 0.1)
+    assert t.source_blocked_for("h1", 0.2) > 0 and t.check("anyone", "h1", 0.2) is not None
+    assert t.source_blocked_for("h2", 0.2) == 0.0
+
+
+def _hello(url: str) -> bytes:
+    hello = ua.Hello()
+    hello.EndpointUrl = url
+    return uatcp_to_binary(ua.MessageType.Hello, hello)
+
+
+def _raw_from_127_0_0_2(url: str) -> socket.socket:
+    u = urlparse(url)
+    sock = socket.create_connection((u.hostname, u.port), timeout=10, source_address=("127.0.0.2", 0))
+    sock.sendall(_hello(url))
+    return sock
+
+
+async def test_a_throttled_address_is_held_at_the_door_and_other_addresses_are_served(tmp_path):
+    srv, log, url = await started(tmp_path)
+    directory = srv.service("opcua").users
+    try:
+        for _ in range(50):  # bounded: the address is throttled as a whole after 15 failures
+            if directory.throttle.source_blocked_for("127.0.0.2", directory.clock()) > 0:
+                break
+            flood = Client(url, timeout=10)
+            flood.uaclient.connect_socket = types.MethodType(_connect_from_127_0_0_2, flood.uaclient)
+            flood.set_user("admin")
+            flood.set_password("guess")
+            with pytest.raises(UaStatusCodeError):
+                await flood.connect()
+            await _quiet_disconnect(flood)
+        assert directory.throttle.source_blocked_for("127.0.0.2", directory.clock()) > 0
+        for _ in range(5):  # it keeps trying: its back-off grows past this test's length
+            directory.throttle.refused("127.0.0.2", directory.clock())
+
+        held = [await asyncio.to_thread(_raw_from_127_0_0_2, url) for _ in range(HOLD_PER_SOURCE)]
+        one_more = await asyncio.to_thread(_raw_from_127_0_0_2, url)
+        try:
+            one_more.settimeout(10)
+            try:  # beyond the held connections, closed at once (reset: the Hello was never read)
+                assert await asyncio.to_thread(one_more.recv, 64) == b""
+            except ConnectionResetError:
+                pass
+            for sock in held:  # nothing was read from them: no Acknowledge
+                sock.settimeout(0.3)
+                with pytest.raises(TimeoutError):
+                    sock.recv(64)
+            assert srv.service("opcua")._iserver.held["127.0.0.2"] == HOLD_PER_SOURCE
+
+            other = Client(url, timeout=10)  # another address is served at once
+            await other.connect()
+            try:
+                assert await user_of(other) == "anonymous"
+            finally:
+                await other.disconnect()
+        finally:
+            for sock in [*held, one_more]:
+                sock.close()
+        await wait_for(lambda: not srv.service("opcua")._iserver.held, timeout=10)
     finally:
         await srv.stop()
 

@@ -88,13 +88,24 @@ async def test_alarm_and_validity_changes_are_notified(server, connect):
     server.db.post("LAB:TEMP", 5.0)
     await wait_for(lambda: len(handler.changes["LAB:TEMP"]) >= 5, what="4 changes")
     codes = [dv.StatusCode.value for dv in handler.changes["LAB:TEMP"][1:]]
-    assert codes == [
-        ua.StatusCodes.Good | 0x200,
-        ua.StatusCodes.UncertainEngineeringUnitsExceeded | 0x200,
-        ua.StatusCodes.BadCommunicationError,
-        ua.StatusCodes.Good,
-    ]
+    assert codes == [ua.StatusCodes.Good, ua.StatusCodes.Good, ua.StatusCodes.BadCommunicationError, ua.StatusCodes.Good]
     assert handler.changes["LAB:TEMP"][3].Value.Value is None
+
+
+async def test_alarm_state_changes_are_notified_with_the_time_of_their_reading(server, connect):
+    client = await connect()
+    handler, _ = await subscribe(client, ["LAB:TEMP", "LAB:TEMP.AlarmState"])
+    server.db.post("LAB:TEMP", 150.0)  # MINOR HIGH
+    server.db.post("LAB:TEMP", 160.0)  # still MINOR HIGH: no AlarmState change
+    server.db.post("LAB:TEMP", 250.0)  # MAJOR HIHI
+    server.db.invalidate(["LAB:TEMP"], Status.COMM)
+    server.db.post("LAB:TEMP", 5.0)
+    await wait_for(lambda: len(handler.changes["LAB:TEMP.AlarmState"]) >= 5, what="4 alarm changes")
+    await wait_for(lambda: len(handler.changes["LAB:TEMP"]) >= 6, what="5 value changes")
+    assert handler.values("LAB:TEMP.AlarmState") == [0, 104, 203, 309, 0]
+    values = {dv.SourceTimestamp: dv for dv in handler.changes["LAB:TEMP"]}
+    for state in handler.changes["LAB:TEMP.AlarmState"][1:]:
+        assert state.SourceTimestamp in values, "stamped with the time of the reading that set it"
 
 
 async def test_writes_by_one_client_reach_the_others(server, connect):

@@ -69,9 +69,9 @@ REFUSED = [
     ("operator", "LAB:TEMP", ua.Variant("warm"), ua.StatusCodes.BadTypeMismatch, "expected a number"),
     ("operator", "LAB:TEMP", ua.Variant(True), ua.StatusCodes.BadTypeMismatch, "expected a number"),
     ("operator", "LAB:COUNT", ua.Variant(1.5), ua.StatusCodes.BadTypeMismatch, "expected an integer"),
-    ("operator", "LAB:MODE", ua.Variant(7, ua.VariantType.UInt32), ua.StatusCodes.BadTypeMismatch, "outside 0..2"),
+    ("operator", "LAB:MODE", ua.Variant(7, ua.VariantType.UInt32), ua.StatusCodes.BadOutOfRange, "outside 0..2"),  # Part 8
     ("operator", "LAB:NOTE", ua.Variant("x" * 30), ua.StatusCodes.BadTypeMismatch, "at most 20"),
-    ("operator", "LAB:WAVE", ua.Variant([1.0, 2.0], ua.VariantType.Double, is_array=True), ua.StatusCodes.BadTypeMismatch, "exactly 3"),
+    ("operator", "LAB:WAVE", ua.Variant([1.0, 2.0, 3.0, 4.0], ua.VariantType.Double, is_array=True), ua.StatusCodes.BadTypeMismatch, "at most 3"),
     ("operator", "LAB:TEMP", ua.Variant(float("nan")), ua.StatusCodes.BadTypeMismatch, "nan"),
 ]
 

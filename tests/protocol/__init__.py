@@ -1,0 +1,1 @@
+"""Protocol adapters on loopback with real and independent clients (Channel Access, OPC UA)."""

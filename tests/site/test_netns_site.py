@@ -1,0 +1,370 @@
+"""A site across network namespaces: three ``labctl serve`` processes and PostgreSQL/TimescaleDB, each in its own.
+
+The network is :mod:`tests.site.netns` (a bridge and veth pairs on ``10.213.0.0/24``,
+which exists only on this machine); the cluster runs in namespace ``db``, the servers in
+``a``, ``b``, ``c`` (and ``d`` for an intruder), each serving OPC UA and Channel Access on
+its own address. The test talks to them over the bridge: the site directory and the
+archive from the database, PV writes over OPC UA. Every load loop is bounded in count
+and time; waits are for conditions, with timeouts.
+
+* all three register with their endpoints; a fourth serving a PV of the first is refused;
+* kill -9 of one: the others go on serving and archiving, it shows down once its lapse
+  is over, its archived history stays readable, and restarted it takes its PVs back;
+* a database outage (``OUTAGE_S``, 20 s by default; ``LABCTL_SITE_OUTAGE_S=60`` for the
+  full minute -- the spool's behaviour is the same) while all three archive: every value
+  written to every server is in the archive exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from asyncua import Client, ua
+from labctl.server.historian import query as history
+from labctl.server.historian.backend import open_backend
+from labctl.server.passwords import hash_password
+
+from tests.helpers import wait_for
+from tests.pg.availability import require_timescaledb
+from tests.pg.cluster import PgCluster, PgDatabase
+from tests.site.conftest import directory, login, query, read_owners
+from tests.site.netns import SiteNetwork, require_netns
+
+SITE = "lab"
+HEARTBEAT_S = 0.5
+LAPSE_S = 3.0
+OPCUA_PORT = 4840
+CA_PORT = 5064
+PG_PORT = 5432
+NAMESPACE = f"urn:labctl:{SITE}"
+WRITER, WRITER_PW = "writer", "writer-pw-1"
+PVS_PER_SERVER = 4
+OUTAGE_S = float(os.environ.get("LABCTL_SITE_OUTAGE_S", "20"))
+#: The servers: node (namespace) -> (server name, PV prefix).
+SERVERS = {"a": ("alpha", "A"), "b": ("beta", "B"), "c": ("gamma", "C")}
+
+_db_names = itertools.count(1)
+
+
+@dataclass
+class Site:
+    """The network and the database cluster of this module's tests."""
+
+    net: SiteNetwork
+    cluster: PgCluster
+    writer_hash: str
+
+
+@pytest.fixture(scope="module")
+def site_network() -> Iterator[Site]:
+    """The namespaces, the bridge, and PostgreSQL/TimescaleDB in namespace ``db``; all removed after the module."""
+    require_netns()
+    require_timescaledb()
+    net = SiteNetwork(["db", "a", "b", "c", "d"]).create()
+    cluster = None
+    try:
+        db = net["db"]
+        cluster = PgCluster(timescaledb=True, host=db.address, port=PG_PORT, netns=db.netns)
+        cluster.start()
+        yield Site(net, cluster, hash_password(WRITER_PW))
+    finally:
+        if cluster is not None:
+            cluster.cleanup(mode="immediate")
+        net.destroy()
+
+
+@pytest.fixture
+def site_db(site_network: Site) -> Iterator[PgDatabase]:
+    """A fresh database with TimescaleDB on the namespace's cluster (started again if a test stopped it)."""
+    cluster = site_network.cluster
+    cluster.start()
+    db = cluster.create_database(f"site{next(_db_names)}", timescaledb=True)
+    yield db
+    if cluster.is_running():
+        cluster.drop_database(db.name)
+
+
+class NsServer:
+    """``labctl serve`` in a node's namespace, its log lines collected as they come."""
+
+    def __init__(self, site: Site, node: str, name: str, pvs: list[str], url: str, tmp_path: Path) -> None:
+        self.site, self.node, self.name, self.pvs = site, node, name, pvs
+        self.address = site.net[node].address
+        self.url = f"opc.tcp://{self.address}:{OPCUA_PORT}"
+        self.state_dir = tmp_path / f"state-{name}"
+        self.site_file = tmp_path / f"{name}.yaml"
+        pv_lines = "".join(f'  - {{name: "{pv}", type: float64, initial: 0.0, writable: true}}\n' for pv in pvs)
+        self.site_file.write_text(f"""
+site: {SITE}
+server:
+  name: {name}
+  directory: {{heartbeat_s: {HEARTBEAT_S}, lapse_s: {LAPSE_S}}}
+  opcua: {{host: "{self.address}", port: {OPCUA_PORT}, trust: auto, security: [None, Basic256Sha256_SignAndEncrypt]}}
+  ca: {{interfaces: ["{self.address}"], port: {CA_PORT}}}
+historian: {{url: "{url}", batch_age_s: 0.05}}
+autosave: {{enabled: false}}
+users:
+  - {{name: {WRITER}, roles: [admin], password_hash: "{site.writer_hash}"}}
+pvs:
+{pv_lines}""")
+        self.proc: subprocess.Popen[str] | None = None
+        self.lines: list[str] = []
+        self._reader: threading.Thread | None = None
+
+    def start(self) -> NsServer:
+        """Start it (its log from the start on is collected)."""
+        self.lines = []
+        env = {**os.environ, "LABCTL_LOG_LEVEL": "INFO"}
+        argv = [sys.executable, "-m", "labctl", "serve", str(self.site_file), "--state-dir", str(self.state_dir)]
+        self.proc = self.site.net.spawn(self.node, argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            self.lines.append(line.rstrip())
+
+    def saw(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
+    async def ready(self, timeout: float = 60.0) -> NsServer:
+        """Until it logs that it is ready (failing with its log if it exits first)."""
+        assert self.proc is not None
+        await wait_for(lambda: self.saw("ready;") or self.proc.poll() is not None, timeout=timeout, what=f"{self.name} ready")
+        assert self.proc.poll() is None, "\n".join(self.lines)
+        return self
+
+    def signal(self, sig: int) -> int:
+        """Send ``sig`` and reap the process; its exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout=30)
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+        return rc
+
+
+@pytest.fixture
+def servers(site_network: Site, site_db: PgDatabase, tmp_path: Path) -> Iterator[Callable[..., NsServer]]:
+    """``servers(node)`` -> an NsServer for that node's server on this test's database (not started); all ended after."""
+    made: list[NsServer] = []
+
+    def make(node: str, name: str | None = None, pvs: list[str] | None = None) -> NsServer:
+        default_name, prefix = SERVERS.get(node, (node, node.upper()))
+        pvs = pvs if pvs is not None else [f"{prefix}:V{k}" for k in range(PVS_PER_SERVER)]
+        s = NsServer(site_network, node, name or default_name, pvs, site_db.url, tmp_path)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        if s.proc is not None and s.proc.poll() is None:
+            s.signal(signal.SIGTERM)
+
+
+async def start_all(make: Callable[..., NsServer]) -> dict[str, NsServer]:
+    """The three servers, started at once; by node."""
+    started = {node: make(node).start() for node in SERVERS}
+    await asyncio.gather(*(s.ready() for s in started.values()))
+    return started
+
+
+# ---- writing and counting ------------------------------------------------------------------------------------
+
+
+class Writer:
+    """Writes 1, 2, 3... to every PV of one server over OPC UA (one Write request each time), counting what was taken."""
+
+    def __init__(self, server: NsServer) -> None:
+        self.server = server
+        self.written = 0
+        """The last value every PV of the server took (Good status)."""
+        self.client: Client | None = None
+        self.nodes: list = []
+
+    async def open(self) -> Writer:
+        self.client = await login(self.server.url, WRITER, WRITER_PW)
+        idx = await self.client.get_namespace_index(NAMESPACE)
+        self.nodes = [self.client.get_node(ua.NodeId(pv, idx)) for pv in self.server.pvs]
+        return self
+
+    async def close(self) -> None:
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                await self.client.disconnect()
+            self.client = None
+
+    async def write(self, count: int, period_s: float, until: asyncio.Event | None = None, limit_s: float = 120.0) -> None:
+        """Up to ``count`` more values, one every ``period_s``, stopping early when ``until`` is set or ``limit_s`` passes."""
+        assert self.client is not None
+        deadline = time.monotonic() + limit_s
+        for _ in range(count):
+            if (until is not None and until.is_set()) or time.monotonic() > deadline:
+                return
+            value = float(self.written + 1)
+            await self.client.write_values(self.nodes, [value] * len(self.nodes))
+            self.written += 1
+            await asyncio.sleep(period_s)  # pacing a bounded load, not waiting for an event
+
+
+def archived(url: str, pvs: list[str]) -> dict[str, dict[float, int]]:
+    """PV -> {value: rows} of the values >= 1 archived for ``pvs`` (blocking)."""
+    rows = query(
+        url, "SELECT pv, float_val, count(*) AS n FROM sample_named WHERE pv = ANY(:pvs) AND float_val >= 1 GROUP BY pv, float_val",
+        pvs=pvs,
+    )  # fmt: skip
+    out: dict[str, dict[float, int]] = {pv: {} for pv in pvs}
+    for r in rows:
+        out[r.pv][r.float_val] = r.n
+    return out
+
+
+async def all_archived(url: str, server: NsServer, upto: int) -> bool:
+    found = await asyncio.to_thread(archived, url, server.pvs)
+    return all(len(values) >= upto for values in found.values())
+
+
+def assert_exactly_once(url: str, server: NsServer, upto: int) -> None:
+    """Each value 1..upto of every PV of ``server`` is archived exactly once (none lost, none twice, none extra)."""
+    expected = {float(v): 1 for v in range(1, upto + 1)}
+    for pv, values in archived(url, server.pvs).items():
+        assert values == expected, f"{pv}: {len(values)} distinct values for {upto} written; twice: {[v for v, n in values.items() if n != 1][:5]}"
+
+
+async def _is_down(url: str, name: str) -> bool:
+    return not (await directory(url))[name].up
+
+
+async def _all_ok(url: str, names: list[str]) -> bool:
+    found = await directory(url)
+    return all(n in found and found[n].up and found[n].health == "ok" for n in names)
+
+
+# ---- the tests ----------------------------------------------------------------------------------------------
+
+
+async def test_three_servers_in_their_namespaces_register_and_a_taken_pv_is_refused(site_db, servers, site_network):
+    url = site_db.url
+    started = await start_all(servers)
+    found = await directory(url)
+    assert sorted(found) == ["alpha", "beta", "gamma"]
+    for node, s in started.items():
+        entry = found[s.name]
+        assert entry.up and entry.opcua_endpoint == s.url, entry
+        assert (entry.ca_address, entry.ca_port) == (site_network.net[node].address, CA_PORT)
+        assert entry.pv_count == PVS_PER_SERVER
+    owners = await asyncio.to_thread(read_owners, url)
+    assert owners == {pv: s.name for s in started.values() for pv in s.pvs}
+
+    intruder = servers("d", "delta", ["D:V0", "A:V1"]).start()
+    assert intruder.proc is not None
+    await wait_for(lambda: intruder.proc.poll() is not None, timeout=60, what="delta refused")
+    assert intruder.signal(signal.SIGTERM) == 1, "\n".join(intruder.lines)
+    refusal = intruder.lines[-1]
+    assert "server 'delta' cannot serve 1 PV(s)" in refusal and "PV 'A:V1' is served by 'alpha'" in refusal, refusal
+    assert started["a"].url in refusal
+    assert "delta" not in await directory(url)
+
+
+async def test_a_killed_server_leaves_the_others_serving_its_history_readable_and_takes_its_pvs_back(site_db, servers):
+    url = site_db.url
+    started = await start_all(servers)
+    writers = {node: await Writer(s).open() for node, s in started.items()}
+    try:
+        await asyncio.gather(*(w.write(20, 0.01) for w in writers.values()))
+        beta = started["b"]
+        await wait_for(lambda: all_archived(url, beta, 20), timeout=20, what="beta's values archived")
+        killed_at = time.monotonic()
+        assert beta.signal(signal.SIGKILL) == -signal.SIGKILL
+        await writers["b"].close()
+
+        # the others serve and archive on
+        await asyncio.gather(writers["a"].write(20, 0.01), writers["c"].write(20, 0.01))
+        for node in ("a", "c"):
+            await wait_for(lambda n=node: all_archived(url, started[n], 40), timeout=20, what=f"{started[node].name} archiving")
+            assert_exactly_once(url, started[node], 40)
+        # down once its lapse is over, not before
+        await wait_for(lambda: _is_down(url, "beta"), timeout=LAPSE_S + 15, what="beta down")
+        assert time.monotonic() - killed_at >= LAPSE_S - 0.5
+        assert {e.name: e.up for e in (await directory(url)).values()} == {"alpha": True, "beta": False, "gamma": True}
+        # its history stays in the shared archive, read with labctl's history queries
+        assert_exactly_once(url, beta, 20)
+        page = await asyncio.to_thread(_read_history, url, beta.pvs[0])
+        assert [v for _, v in page] == [0.0, *map(float, range(1, 21))]  # the start-up value, then every one written
+
+        # restarted, it takes its PVs back and archives again
+        beta.start()
+        await beta.ready()
+        assert (await directory(url))["beta"].up
+        owners = await asyncio.to_thread(read_owners, url)
+        assert {owners[pv] for pv in beta.pvs} == {"beta"}
+        writers["b"] = await Writer(beta).open()
+        writers["b"].written = 20
+        await writers["b"].write(10, 0.01)
+        await wait_for(lambda: all_archived(url, beta, 30), timeout=20, what="beta archiving again")
+        assert_exactly_once(url, beta, 30)
+    finally:
+        for w in writers.values():
+            await w.close()
+
+
+def _read_history(url: str, pv: str) -> list[tuple[float, float]]:
+    backend = open_backend(url, pool_size=1)
+    try:
+        with backend.engine.connect() as conn:
+            (entry,) = history.catalogue(conn, [pv], {})
+            page = history.read_raw(conn, entry, 0, int(time.time() * 1e6) + 10_000_000)
+            return [(r.timestamp, r.value) for r in page.readings]
+    finally:
+        backend.dispose()
+
+
+async def test_a_database_outage_loses_and_duplicates_no_sample_of_any_server(site_db, servers, site_network):
+    url = site_db.url
+    cluster = site_network.cluster
+    started = await start_all(servers)
+    writers = [await Writer(s).open() for s in started.values()]
+    names = [s.name for s in started.values()]
+    try:
+        await asyncio.gather(*(w.write(20, 0.02) for w in writers))
+        back = asyncio.Event()
+        period_s = 0.05
+        budget = int((OUTAGE_S + 10) / period_s)  # bounded: the outage and a little after, at most
+
+        async def outage() -> None:
+            await asyncio.to_thread(cluster.stop, "fast")
+            await asyncio.sleep(OUTAGE_S)  # the fault's length is the test's parameter, not a wait for an event
+            await asyncio.to_thread(cluster.start)
+            await asyncio.sleep(2.0)  # and two seconds of writing with the database back
+            back.set()
+
+        await asyncio.gather(outage(), *(w.write(budget, period_s, until=back, limit_s=OUTAGE_S + 30) for w in writers))
+        for w in writers:
+            assert w.written > 20 + OUTAGE_S / period_s / 2, f"{w.server.name} took too few writes: {w.written}"
+        for w in writers:
+            await wait_for(lambda w=w: all_archived(url, w.server, w.written), timeout=60, what=f"{w.server.name} back-filled")
+        await wait_for(lambda: _all_ok(url, names), timeout=30, what="every server ok, spools empty")
+        for w in writers:
+            assert_exactly_once(url, w.server, w.written)
+        for s in started.values():
+            assert s.saw("unreachable") and not s.saw("Traceback"), "\n".join(s.lines[-30:])
+    finally:
+        for w in writers:
+            await w.close()
