@@ -19,9 +19,11 @@ process is stopped when the run ends, however it ends.
   asyncua) subscribe to every PV and time each update from that stamp (DBR_TIME,
   SourceTimestamp) to its arrival, with callbacks kept lean so the client is not the
   limit. :mod:`bench.rig` joins a server and its clients into one measurement window.
-* Scenarios: :mod:`bench.fanout`, :mod:`bench.roundtrip`, :mod:`bench.archive`,
-  :mod:`bench.scale` (with :mod:`bench.sitefile`), :mod:`bench.history`; run, printed
-  and saved by :mod:`bench.cli` and :mod:`bench.report`.
+* Scenarios: :mod:`bench.fanout`, :mod:`bench.roundtrip` (with :mod:`bench.stages`: the
+  server-side time of each step of a write), :mod:`bench.archive`, :mod:`bench.scale`
+  (with :mod:`bench.sitefile`), :mod:`bench.history`, :mod:`bench.loginflood`,
+  :mod:`bench.sitebench` (several servers archiving into one database); run, printed and
+  saved by :mod:`bench.cli` and :mod:`bench.report`.
 * :mod:`bench.profiling` records labctl with py-spy under the fan-out and archive loads
   and at start-up, in separate repetitions, so the tables say where the time goes.
 

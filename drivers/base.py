@@ -486,6 +486,9 @@ class VisaDriver:
         value = self._accept(b, value)
         command = b.command(value)
         async with self.transport.locked():
+            if b.get is not None and b.spec.readback and self.error_query is None and type(self)._ask is VisaDriver._ask:
+                # The command and its read-back in one exchange with the link (one hand-over to its I/O thread).
+                return self._parse(b, await self.transport.write_then_query(command, b.get))
             await self.transport.write(command)
             await self._check_write(command)
             if b.get is None or not b.spec.readback:

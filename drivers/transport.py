@@ -140,6 +140,25 @@ class Transport(abc.ABC):
         async with self.locked():
             await self._write(command)
 
+    async def write_then_query(self, command: str, query: str) -> str:
+        """Send ``command``, then ``query``, and return the query's reply (a write and its read-back).
+
+        The same as :meth:`write` then :meth:`query` under one hold of the lock; a link
+        with an I/O thread does both in one turn of that thread, so a write with a
+        read-back hands over to the thread (and waits for the GIL there and back) once,
+        not twice.
+
+        Raises:
+            DriverFault: the link failed.
+            DriverTimeout: no reply within ``timeout_s``.
+        """
+        async with self.locked():
+            return await self._write_then_query(command, query)
+
+    async def _write_then_query(self, command: str, query: str) -> str:
+        await self._write(command)
+        return await self._query(query, False)
+
     @abc.abstractmethod
     async def _query(self, command: str, raw: bool) -> str:
         """Do one query; the caller holds the lock."""
@@ -275,6 +294,14 @@ class VisaTransport(Transport):
 
     async def _write(self, command: str) -> None:
         await self._run(repr(command), self._write_blocking, command)
+
+    async def _write_then_query(self, command: str, query: str) -> str:
+        return await self._run(f"{command!r} then {query!r}", self._write_then_query_blocking, command, query)
+
+    def _write_then_query_blocking(self, command: str, query: str) -> str:
+        resource = self._ready()
+        resource.write(command)
+        return resource.query(query)
 
     def _query_blocking(self, command: str, raw: bool) -> str:
         resource = self._ready()
@@ -479,6 +506,11 @@ class FaultyTransport(Transport):
         if self._stopped:
             await self._fail(command)
         await self.inner.write(command)
+
+    async def _write_then_query(self, command: str, query: str) -> str:
+        if self._stopped:
+            await self._fail(command)
+        return await self.inner.write_then_query(command, query)
 
     def __repr__(self) -> str:
         state = "answering" if self.answering else "stopped"

@@ -52,6 +52,20 @@ async def test_336_writes_read_back(sim_driver):
         }
 
 
+async def test_a_write_and_its_read_back_are_one_turn_of_the_io_thread(sim_driver):
+    async with sim_driver(LakeShore336, LS336) as ls:
+        turns = []
+        run = ls.transport._run
+
+        async def counting(what, fn, *args, **kw):
+            turns.append(what)
+            return await run(what, fn, *args, **kw)
+
+        ls.transport._run = counting
+        assert await ls.write("setpoint:1", 4.5) == 4.5
+        assert turns == ["'SETP 1,4.5' then 'SETP? 1'"], "command and read-back handed to the I/O thread once"
+
+
 async def test_336_refuses_bad_values_before_any_io(sim_driver):
     async with sim_driver(LakeShore336, LS336) as ls:
         with pytest.raises(OutOfRange) as info:
