@@ -8,6 +8,8 @@ the same run:
 ``archive``    samples/s into SQLite and TimescaleDB under load, none dropped (:mod:`bench.archive`)
 ``scale``      start-up time and memory with 10 000 and 100 000 PVs (:mod:`bench.scale`)
 ``history``    downsampled day/week/month queries on both backends (:mod:`bench.history`)
+``site``       N servers x M PVs archiving into one TimescaleDB against one server of
+             N x M PVs: start-up, sustained samples/s, none dropped (:mod:`bench.sitebench`)
 
 ``--quick`` runs smaller sizes and shorter windows (a few minutes on two cores); the
 default is the full run. Profiles (py-spy) of labctl under the fan-out load, the
@@ -37,12 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import archive, fanout, history, loginflood, profiling, report, roundtrip, scale
+from bench import archive, fanout, history, loginflood, profiling, report, roundtrip, scale, sitebench
 from bench.env import wait_quiet
 from bench.machine import describe
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCENARIOS = ("fanout", "roundtrip", "archive", "scale", "history", "loginflood")
+SCENARIOS = ("fanout", "roundtrip", "archive", "scale", "history", "loginflood", "site")
 
 
 @dataclass
@@ -75,6 +77,12 @@ class Plan:
     flood_measure_s: float = 5.0
     """Seconds of CA gets, then of OPC UA reads, idle and under the login flood."""
     flooders: int = 4
+    site_servers: int = 4
+    site_pvs: int = 25_000
+    """PVs of each server of the site; the single server it is compared with has servers x pvs."""
+    site_rate: float = 20_000
+    """Total updates/s through ``Database.post``, spread evenly over the site's servers."""
+    site_duration_s: float = 10.0
 
 
 QUICK = dict(
@@ -89,6 +97,8 @@ QUICK = dict(
     history_raw_repeat=1,
     profiles=["fanout-ca", "fanout-opcua"],
     flood_measure_s=2.0,
+    site_pvs=2_500,
+    site_duration_s=3.0,
 )
 
 
@@ -111,6 +121,9 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, Plan]:
     p.add_argument("--scale-sizes", type=_ints, help="PV counts of the start-up scenario, e.g. 10000,100000")
     p.add_argument("--backends", help="archive/history backends: sqlite,timescaledb")
     p.add_argument("--history-days-many", type=float, help="days of data for each of the 100 PVs (default 1)")
+    p.add_argument("--site-servers", type=int, help="servers of the site scenario (default 4)")
+    p.add_argument("--site-pvs", type=int, help="PVs of each server of the site scenario (default 25000)")
+    p.add_argument("--site-rate", type=float, help="total updates/s of the site scenario (default 20000)")
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
     p.add_argument(
         "--wait-quiet",
@@ -133,12 +146,15 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, Plan]:
         ("rate_many", "rate_many"),
         ("scale_sizes", "scale_sizes"),
         ("history_days_many", "history_days_many"),
+        ("site_servers", "site_servers"),
+        ("site_pvs", "site_pvs"),
+        ("site_rate", "site_rate"),
     ):
         value = getattr(args, name)
         if value is not None:
             setattr(plan, attr, value)
     if args.duration is not None:
-        plan.duration_s = plan.archive_duration_s = args.duration
+        plan.duration_s = plan.archive_duration_s = plan.site_duration_s = args.duration
     if args.protocols:
         plan.protocols = [x.strip() for x in args.protocols.split(",")]
     if args.backends:
@@ -204,6 +220,15 @@ class Run:
             )
             self.results["machine"]["timescaledb"] = self.pg.timescaledb_version
         return self.pg.create_database(name, timescaledb=True).url
+
+    def database_pid(self) -> int | None:
+        """The process id of the run's PostgreSQL server (its backends are its children), if it runs."""
+        if self.pg is None:
+            return None
+        try:
+            return int((self.pg.datadir / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
 
     async def quiet(self) -> dict[str, float] | None:
         """Wait (bounded) for the machine to be idle before a measurement; say if it is not."""
@@ -387,6 +412,41 @@ class Run:
             )
         except Exception as e:
             cell = {"scenario": "loginflood", **self.error("loginflood", e)}
+        out.append(cell)
+
+    async def site(self) -> None:
+        p = self.plan
+        out = self.results.setdefault("site", [])
+        label = f"site {p.site_servers} x {p.site_pvs} PVs @ {p.site_rate:.0f}/s"
+        try:
+            url_one = self.database_url("timescaledb", "site_one")
+            url_site = self.database_url("timescaledb", "site_many")
+            cell = await sitebench.run(
+                url_one,
+                url_site,
+                p.site_servers,
+                p.site_pvs,
+                p.site_rate,
+                duration_s=p.site_duration_s,
+                warmup_s=p.warmup_s,
+                workdir=self.workdir / "site",
+                database_pid=self.database_pid(),
+                settle=self.quiet,
+            )
+            one, many = cell["one"], cell["site"]
+            say(
+                f"{label}: start-up {one['startup_s']:.1f} s (one server) / {many['startup_s']:.1f} s (site), "
+                f"sustained {one['sustained_rate']:.0f} / {many['sustained_rate']:.0f} /s, "
+                f"dropped {one['counts']['dropped']} / {many['counts']['dropped']}"
+            )
+        except Exception as e:
+            cell = {
+                "scenario": "site",
+                "servers": p.site_servers,
+                "pvs_per_server": p.site_pvs,
+                "rate_offered": p.site_rate,
+                **self.error(label, e),
+            }
         out.append(cell)
 
     async def profiles(self) -> None:

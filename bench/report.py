@@ -276,6 +276,81 @@ def loginflood_table(cells: list[dict]) -> str:
     return _table(["operation", "idle p50 ms", "idle p99 ms", "flood p50 ms", "flood p99 ms", "p99 flood/idle"], rows)
 
 
+def site_table(cells: list[dict]) -> str:
+    """One row per arrangement (one server, the site), then one per server."""
+    rows, servers = [], []
+    for c in cells:
+        if "error" in c:
+            rows.append([f"{c['servers']} x {c['pvs_per_server']}", "ERROR: " + c["error"][:70], *[""] * 13])
+            continue
+        for label, a in (("one server", c["one"]), ("site", c["site"])):
+            n = a["counts"]
+            db = a["database_cores"]
+            rows.append(
+                [
+                    f"{a['servers']} x {a['pvs'] // a['servers']}",
+                    label,
+                    f"{a['startup_s']:.1f}",
+                    "yes" if a["registered"] else "NO",
+                    f"{_k(a['rate_offered'])} -> {_k(a['posted_rate'])}",
+                    _k(a["ingest_rate"]),
+                    _k(a["sustained_rate"]),
+                    f"{a['drain_s']:.1f}",
+                    n["posted"],
+                    n["rows"],
+                    n["dropped"],
+                    n["lost"],
+                    f"{a['rss_total_ready'] / MiB:.0f} -> {a['rss_total_end'] / MiB:.0f}",
+                    f"{a['servers_cores']:.2f} / " + ("-" if db is None else f"{db:.2f}"),
+                    f"{a['load']['foreign_cores']:.2f}",
+                ]
+            )
+            for v in a["per_server"]:
+                servers.append(
+                    [
+                        label,
+                        v["name"],
+                        v["pvs"],
+                        f"{v['ready_s']:.1f}",
+                        _k(v["posted_rate"]),
+                        v["posted"],
+                        v["rows"],
+                        v["dropped"],
+                        v["lost"],
+                        f"{v['rss_ready'] / MiB:.0f}",
+                        f"{v['rss_end'] / MiB:.0f}",
+                        f"{v['cores']:.2f}",
+                    ]
+                )
+    out = _table(
+        [
+            "servers x PVs",
+            "arrangement",
+            "start-up s",
+            "registered",
+            "offered -> posted/s",
+            "ingest/s (window)",
+            "sustained/s",
+            "drain s",
+            "samples posted",
+            "rows archived",
+            "dropped",
+            "lost",
+            "RSS MiB, all servers (ready -> end)",
+            "cores: servers / database",
+            "other load",
+        ],
+        rows,
+    )
+    if servers:
+        out += "\n\nPer server:\n\n" + _table(
+            ["arrangement", "server", "PVs", "ready s", "posted/s", "posted", "rows", "dropped", "lost",
+             "RSS MiB ready", "RSS MiB end", "cores"],
+            servers,
+        )  # fmt: skip
+    return out
+
+
 def profiles_text(profiles: dict) -> str:
     """Per profile: what ran, where each thread's time went, and its busiest functions."""
     parts = []
@@ -325,6 +400,7 @@ def tables(results: dict) -> str:
         ("Scale", "scale", lambda r: scale_table(r["scale"], r.get("sitefile", []))),
         ("History", "history", lambda r: history_table(r["history"])),
         ("Login flood", "loginflood", lambda r: loginflood_table(r["loginflood"])),
+        ("A site of several servers", "site", lambda r: site_table(r["site"])),
         ("Profiles (py-spy, separate repetitions)", "profiles", lambda r: profiles_text(r["profiles"])),
     ]
     for title, key, render in sections:
@@ -456,4 +532,32 @@ def judge(results: dict) -> list[dict]:
                 flood <= 2 * idle,
                 _ratio(flood, 2 * idle),
             )
+    for c in results.get("site", []):
+        if "error" in c:
+            continue
+        one, many = c["one"], c["site"]
+        where = f"site of {c['servers']} servers x {c['pvs_per_server']} PVs"
+        for label, a in ((f"one server of {c['pvs']} PVs", one), (where, many)):
+            n = a["counts"]
+            add(
+                f"{label}: none dropped",
+                f"{n['dropped']} of {n['posted']}",
+                "0",
+                n["dropped"] == 0 and n["lost"] == 0,
+                f"{n['dropped']} dropped, {n['lost']} lost",
+            )
+        add(
+            f"{where}: every server up, every PV claimed once",
+            "yes" if many["registered"] else "no",
+            "yes",
+            many["registered"],
+            "-",
+        )
+        add(
+            f"{where}: sustained samples/s >= one server",
+            _k(many["sustained_rate"]),
+            _k(one["sustained_rate"]),
+            many["sustained_rate"] >= one["sustained_rate"] * (1 - RATE_TOLERANCE),
+            _ratio(many["sustained_rate"], one["sustained_rate"]),
+        )
     return out

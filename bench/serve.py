@@ -10,7 +10,8 @@ ports and the time each start-up phase took), and then takes requests (:mod:`ben
   OPC UA notifications);
 * labctl only: ``feed`` (archive-only samples straight into the historian's ingest
   path), ``flush``, ``count`` (archived rows), ``bare`` (the same rows written by a bare
-  COPY / executemany, for comparison);
+  COPY / executemany, for comparison), ``directory`` (the site's servers and how many
+  PVs each owns, with a PostgreSQL historian);
 * ``stop``.
 
 Kinds:
@@ -18,6 +19,8 @@ Kinds:
 ``labctl``  :class:`labctl.server.app.Server` on a generated site (:mod:`bench.site`): Channel
             Access and OPC UA served, the historian archiving (SQLite unless
             ``--historian`` names another URL), all in one process as in production.
+            ``--prefix`` and ``--server-name`` make it one server of a site of several
+            (:mod:`bench.sitebench`).
 ``caproto`` a plain caproto asyncio server: one ``ChannelDouble`` per PV, caproto's
             defaults, updates by ``await channel.write(value, timestamp=...)``.
 ``asyncua`` a plain asyncua server: one Double variable per PV (NodeId ``ns=<idx>;s=<name>``,
@@ -95,7 +98,7 @@ class Labctl:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.server: Any = None
-        self.names = pv_names(PREFIX, args.count)
+        self.names = pv_names(args.prefix, args.count)
         self.arch_names = pv_names("ARCH:", args.extra)
 
     async def start(self, phases: Phases) -> dict[str, Any]:
@@ -117,6 +120,8 @@ class Labctl:
             password_hash=args.password_hash,
             extra_count=args.extra,
             numbered=True,
+            prefix=args.prefix,
+            server_name=args.server_name,
         )
         path = write_site(Path(args.state_dir) / "bench-site.yaml", data)
         del data
@@ -205,6 +210,20 @@ class Labctl:
                 ).scalar_one()
 
         return {"rows": await asyncio.to_thread(run)}
+
+    async def directory(self) -> dict[str, Any]:
+        """The site's servers as the directory has them now, each with the number of PVs it owns."""
+        from collections import Counter
+
+        sitedir = self.server.service("sitedir")
+        servers = await sitedir.read_servers()
+        owned = Counter((await sitedir.read_owners()).values())
+        return {
+            "servers": [
+                {"name": e.name, "up": e.up, "health": e.health, "pv_count": e.pv_count, "owned": owned[e.name]}
+                for e in servers
+            ]
+        }
 
     async def bare(self, rows: int, batch: int) -> dict[str, Any]:
         """The same rows written by a bare COPY (PostgreSQL) / executemany (SQLite)."""
@@ -374,6 +393,8 @@ async def main() -> None:
     parser.add_argument("kind", choices=sorted(KINDS))
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--extra", type=int, default=0, help="labctl: archive-only PVs (ARCH:...)")
+    parser.add_argument("--prefix", default=PREFIX, help=f"labctl: the PVs' names are <prefix>00000... (default {PREFIX})")
+    parser.add_argument("--server-name", default=None, help="labctl: server.name in the site directory")
     parser.add_argument("--state-dir", default=None)
     parser.add_argument("--historian", default="sqlite:///{state_dir}/history.sqlite")
     parser.add_argument("--beacon-port", type=int, default=None)
@@ -416,7 +437,7 @@ async def main() -> None:
         from bench import stages
 
         handlers["stages"] = lambda: (stages.summary(), stages.reset())[0]
-    for op in ("feed", "flush", "count", "bare"):
+    for op in ("feed", "flush", "count", "bare", "directory"):
         if hasattr(server, op):
             handlers[op] = getattr(server, op)
     requests = Requests(loop, handlers)

@@ -47,12 +47,16 @@ def site_data(
     password_hash: str | None = None,
     extra_count: int = 0,
     numbered: bool = False,
+    prefix: str = PREFIX,
+    server_name: str | None = None,
 ) -> dict[str, Any]:
     """The site file's data for ``count`` fan-out PVs (plus ``extra_count`` archive-only PVs).
 
     ``numbered``: each family of PVs as one ``range`` entry rather than one entry per PV.
+    ``prefix`` names the fan-out PVs and ``server_name`` is ``server.name``: the servers of
+    one site each serve their own names (:mod:`bench.sitebench`).
     """
-    pvs = _pvs(PREFIX, count, numbered) + _pvs("ARCH:", extra_count, numbered)
+    pvs = _pvs(prefix, count, numbered) + _pvs("ARCH:", extra_count, numbered)
     ca_cfg: dict[str, Any] = {
         "enabled": ca,
         "interfaces": ["127.0.0.1"],
@@ -61,12 +65,14 @@ def site_data(
     }
     if beacon_port is not None:
         ca_cfg["beacon_port"] = beacon_port
+    server: dict[str, Any] = {} if server_name is None else {"name": server_name}
     # A password travels encrypted with the server certificate, which asyncua offers only
     # when a policy other than None is on the endpoint list (labctl refuses plain text).
     security = ["None", "Basic256Sha256_SignAndEncrypt"] if password_hash is not None else ["None"]
     data: dict[str, Any] = {
         "site": "bench",
         "server": {
+            **server,
             "state_dir": state_dir,
             "opcua": {"enabled": opcua, "host": "127.0.0.1", "port": 0, "security": security, "anonymous": True, "trust": "auto"},
             "ca": ca_cfg,

@@ -4,6 +4,8 @@
     ├── ConnectError                unreachable, login refused, or the security is not offered   kind "connection"
     │   └── LoginRefused            the user name or password was refused (not worth retrying)
     ├── ConnectionLost              the connection broke (while monitoring, or mid-request)      kind "connection"
+    ├── ServerDown                  a PV's server (another of the site) is down or unreachable    kind "connection"
+    ├── TooManySessions             every session to other servers a client may open is in use    kind "unavailable"
     ├── RequestTimeout (TimeoutError)   the server did not answer in time                        kind "timeout"
     ├── LockWaitTimeout (TimeoutError)  a queued lock request was not granted in time            kind "timeout"
     ├── WriteUnconfirmed            a write was sent, but the instrument's read-back failed      kind "unconfirmed"
@@ -92,6 +94,41 @@ class ConnectionLost(ClientError):
     """The connection to the server broke while monitoring (or mid-request)."""
 
     kind = "connection"
+
+
+class ServerDown(ClientError):
+    """The server of the site that owns a PV is down (the site directory says so), or cannot be reached.
+
+    ``server`` is its name, ``endpoint`` its OPC UA endpoint, ``pvs`` the PVs asked for,
+    ``down`` whether the site directory says it is down (False: it could not be reached,
+    ``reason`` says why).
+    """
+
+    kind = "connection"
+
+    def __init__(self, pvs: list[str], server: str, endpoint: str, *, down: bool, reason: str = "") -> None:
+        self.pvs = list(pvs)
+        self.server = server
+        self.endpoint = endpoint
+        self.down = down
+        self.reason = reason
+        self.error = "ServerDown"
+        self.action = ""
+        self.target = self.pvs[0] if len(self.pvs) == 1 else ""
+        self.fields: dict[str, Any] = {"pvs": self.pvs, "server": server, "endpoint": endpoint, "down": down}
+        shown = ", ".join(self.pvs[:3]) + (f" and {len(self.pvs) - 3} more" if len(self.pvs) > 3 else "")
+        where = f"server {server!r}" + (f" ({endpoint})" if endpoint else "")
+        if down:
+            why = "which is down (the site directory says so)"
+        else:
+            why = f"which cannot be reached: {reason or 'no answer'}"
+        super().__init__(f"{shown}: served by {where}, {why}")
+
+
+class TooManySessions(ClientError):
+    """A PV of yet another server of the site, while every session to other servers this session may open is in use."""
+
+    kind = "unavailable"
 
 
 class RequestTimeout(ClientError, TimeoutError):

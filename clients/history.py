@@ -24,6 +24,10 @@ labctl server answers from its historian:
   only where the PV had no valid value at all in it (status UDF when nothing was known,
   else the status of the INVALID reading in force); elsewhere its severity is NO_ALARM.
 
+On a site, the history of any PV is read through the connected server (the archive is
+shared): a PV's metadata comes from its own server, or, while that server is down, from
+the archived values (:func:`labctl.clients.site.archived_metadata`: the type, not the unit).
+
 The result is a :class:`History`: ``times`` (UNIX seconds, float64), ``values`` (float64
 for numeric PVs -- int, bool and enum included -- else objects), ``severities`` and
 ``statuses`` (small ints of :class:`labctl.ioc.types.Severity`/:class:`labctl.ioc.types.Status`), and
@@ -49,7 +53,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from asyncua import ua
-from labctl.clients.errors import ClientError
+from labctl.clients.errors import ClientError, ServerDown
+from labctl.clients.site import archived_metadata
 from labctl.clients.values import Metadata, alarm_node_name, format_number, format_value, quality, reading_of
 from labctl.ioc.types import PVType, Severity, Status
 
@@ -167,9 +172,14 @@ async def read_history(
         raise ValueError(f"the history range must end after it starts (since {start}, until {end})")
     if every is not None and not (math.isfinite(every) and every > 0):
         raise ValueError(f"every must be a positive number of seconds, got {every!r}")
-    meta = await session.info(name)
+    try:
+        meta = await session.info(name)
+    except ServerDown:  # the archive is the site's: its history is still read through this server
+        meta = Metadata(name, None, historizing=True)
     if every is None:
         return await _raw(session, meta, start, end, bounds)
+    if meta.type is None:
+        meta = archived_metadata(name, ())
     if meta.type not in _NUMERIC:
         raise ValueError(f"{name} is a {meta.type.value if meta.type else 'non-numeric'} PV; buckets need a number")
     return await _processed(session, meta, start, end, every)
@@ -229,6 +239,8 @@ async def _raw(session: Session, meta: Metadata, start: float, end: float, bound
                 pending[n] = result.ContinuationPoint
             else:
                 del pending[n]
+    if meta.type is None:  # its server is down: the type its archived values carry
+        meta = archived_metadata(meta.name, values)
     readings = [
         reading_of(meta, dv, alarm)
         for dv, alarm in _paired(values, alarms)

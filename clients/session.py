@@ -39,6 +39,16 @@ under it only when handed its token -- ``put(name, value, lease=token)`` (or the
 first binds the token to this session with the server's ``Control/UseLease`` (once per
 token and session), then writes. :meth:`Session.use_lease` does the binding alone.
 
+A site of several servers (:mod:`labctl.clients.site`): connected to any server of a
+site (one that publishes ``Objects/<site>/Site``), the session reaches every PV of the site.
+A name the connected server does not serve goes, through the server's ``FindOwners``, to
+a session of its own to the server that owns it (opened when first needed with the same
+login and security, kept, at most ``max_sessions``): ``get_many``, ``put``, ``monitor``,
+``info`` and the locks route by owner, history and audit are read through the connected
+server (the archive is shared). A PV whose server is down raises
+:class:`~labctl.clients.errors.ServerDown` (a monitor shows it disconnected instead).
+:meth:`Session.servers` lists the site; ``list_pvs(site=True)`` lists every server's PVs.
+
 This module talks to the server over the network only; it shares no code with the
 server beyond the value types of :mod:`labctl.ioc.types`.
 """
@@ -53,7 +63,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from typing import Any
 
 from asyncua import Client, ua
@@ -92,6 +102,7 @@ from labctl.clients.records import (
     decode_lock,
     decode_procedure,
 )
+from labctl.clients.site import MAX_SESSIONS, SITE_OBJECT, Owner, ServerInfo, SiteMonitor, SiteRouter
 from labctl.clients.values import (
     METADATA_ATTRIBUTES,
     METADATA_PROPERTIES,
@@ -125,8 +136,10 @@ async def connect(
     timeout_s: float = 10.0,
     certificate: str | None = None,
     private_key: str | None = None,
+    site: bool = True,
+    max_sessions: int = MAX_SESSIONS,
 ) -> Session:
-    """Open a session to a labctl server.
+    """Open a session to a labctl server (and, through it, to the other servers of its site).
 
     Args:
         url: the endpoint, ``opc.tcp://host:4840``.
@@ -138,10 +151,16 @@ async def connect(
         certificate: this client's application certificate (PEM/DER file); a
             self-signed one is made for the process when omitted.
         private_key: the certificate's private key file.
+        site: reach the PVs of the other servers of the connected server's site too
+            (False: this server's PVs only).
+        max_sessions: sessions to other servers of the site opened at most (see
+            :mod:`labctl.clients.site`).
 
     Raises:
         ConnectError: unreachable, login refused, or the security is not offered.
     """
+    if max_sessions < 1:
+        raise ValueError(f"max_sessions must be at least 1, got {max_sessions}")
     client = await open_client(
         url, user, password, security, timeout_s=timeout_s, certificate=certificate, private_key=private_key
     )
@@ -151,6 +170,13 @@ async def connect(
     except BaseException:
         await session.close()
         raise
+    if site and session.server_name:
+
+        def open_owner(endpoint: str) -> Awaitable[Session]:
+            return connect(endpoint, user, password, security, timeout_s=timeout_s, certificate=certificate,
+                           private_key=private_key, site=False)  # fmt: skip
+
+        session._site = SiteRouter(session, open_owner, max_sessions=max_sessions)
     return session
 
 
@@ -167,8 +193,12 @@ class Session:
         self.user = ""
         """Who the server says this session is."""
         self.roles: tuple[str, ...] = ()
+        self.server_name = ""
+        """The connected server's name in its site's directory ("" for a server that is not part of a site)."""
+        self._site: SiteRouter | None = None
+        """Routes requests to the other servers of the site (None: this server's PVs only)."""
         self._meta: dict[str, Metadata] = {}
-        self._monitors: set[Monitor] = set()
+        self._monitors: set[Monitor | SiteMonitor] = set()
         self._closed = False
         self._leases_used: set[str] = set()
         """Tokens of leases this session was handed (bound with UseLease)."""
@@ -182,7 +212,26 @@ class Session:
                 break
         else:
             raise ConnectError(f"{self.url} is not a labctl server (no urn:labctl:<site> namespace)")
-        await self.whoami()
+        base = f"/{self.site}/Session"
+        values = await self._read([
+            (self._node_id(f"{base}/User"), ua.AttributeIds.Value),
+            (self._node_id(f"{base}/Roles"), ua.AttributeIds.Value),
+            (self._node_id(f"/{self.site}/{SITE_OBJECT}/ThisServer"), ua.AttributeIds.Value),
+        ])  # fmt: skip
+        self.user, self.roles = _who(values[0], values[1])
+        this = values[2]
+        if this.StatusCode is None or this.StatusCode.is_good():
+            self.server_name = str(this.Value.Value or "") if this.Value is not None else ""
+
+    @property
+    def closed(self) -> bool:
+        """Whether the session was closed."""
+        return self._closed
+
+    @property
+    def site_router(self) -> SiteRouter | None:
+        """What reaches the other servers of the site (None: a server that is not part of a site, or ``site=False``)."""
+        return self._site
 
     def _node_id(self, name: str) -> ua.NodeId:
         return ua.NodeId(name, self.namespace_index)
@@ -204,6 +253,8 @@ class Session:
         self._closed = True
         for mon in list(self._monitors):
             await mon.close()
+        if self._site is not None:
+            await self._site.close()
         await disconnect_quietly(self.client)
 
     async def __aenter__(self) -> Session:
@@ -218,18 +269,35 @@ class Session:
         """This session's user and roles, as the server sees them."""
         base = f"/{self.site}/Session"
         values = await self._read([(self._node_id(f"{base}/User"), ua.AttributeIds.Value), (self._node_id(f"{base}/Roles"), ua.AttributeIds.Value)])
-        self.user = values[0].Value.Value if values[0].Value is not None else ""
-        self.roles = tuple(values[1].Value.Value or ()) if values[1].Value is not None else ()
+        self.user, self.roles = _who(values[0], values[1])
         return self.user, self.roles
 
     async def info(self, name: str) -> Metadata:
-        """A PV's metadata (cached for the session). Raises NoSuchPV."""
+        """A PV's metadata (cached for the session). Raises NoSuchPV, or ServerDown for a PV of a server that is down."""
         meta = self._meta.get(name)
-        if meta is None:
-            meta = (await self._infos([name]))[0]
-        return meta
+        if meta is not None:
+            return meta
+        if self._site is not None:
+            _, remote = await self._site.route([name])
+            for server, names in remote.items():
+                return await self._site.call(server, names, lambda s: s.info(name))
+            return self._meta[name]
+        return (await self._infos([name]))[0]
 
     async def _infos(self, names: Sequence[str], paths: Sequence[str] | None = None) -> list[Metadata]:
+        metas = await self._read_infos(names, paths)
+        for name, meta in zip(names, metas, strict=True):
+            if meta is None:
+                raise NoSuchPV(name)
+        return metas  # type: ignore[return-value]
+
+    async def _probe(self, names: Sequence[str]) -> set[str]:
+        """Read the metadata of the names this server serves; return the others."""
+        metas = await self._read_infos(names)
+        return {n for n, m in zip(names, metas, strict=True) if m is None}
+
+    async def _read_infos(self, names: Sequence[str], paths: Sequence[str] | None = None) -> list[Metadata | None]:
+        """Metadata of ``names`` (cached), None for a name this server has no node for."""
         reqs = []
         for name in names:
             nid = self._node_id(name)
@@ -237,12 +305,13 @@ class Session:
             reqs += [(self._node_id(f"{name}.{p}"), ua.AttributeIds.Value) for p in METADATA_PROPERTIES]
         values = await self._read(reqs)
         per = len(METADATA_ATTRIBUTES) + len(METADATA_PROPERTIES)
-        out = []
+        out: list[Metadata | None] = []
         for i, name in enumerate(names):
             chunk = values[i * per : (i + 1) * per]
             dtype_status = chunk[0].StatusCode
-            if dtype_status is not None and dtype_status.value == _S.BadNodeIdUnknown:
-                raise NoSuchPV(name)
+            if dtype_status is not None and dtype_status.value in (_S.BadNodeIdUnknown, _S.BadNodeIdInvalid):
+                out.append(None)
+                continue
             meta = metadata_of(name, chunk, paths[i] if paths else "")
             self._meta[name] = meta
             out.append(meta)
@@ -260,8 +329,35 @@ class Session:
             out += await self._call(self.client.uaclient.read(params))
         return out
 
-    async def list_pvs(self, pattern: str | None = None) -> list[Metadata]:
-        """Every PV (or those whose name matches the glob ``pattern``), in browse order, with metadata."""
+    async def list_pvs(self, pattern: str | None = None, *, site: bool = False) -> list[Metadata]:
+        """Every PV (or those whose name matches the glob ``pattern``), in browse order, with metadata.
+
+        ``site``: then the PVs of every other server of the site that is up, server by server
+        (a server that cannot be reached is left out, with a warning in the log); each name once.
+        """
+        local = await self._list_local(pattern)
+        if site and self._site is not None:
+            return await self._site.list_pvs(pattern, local)
+        return local
+
+    async def servers(self) -> list[ServerInfo]:
+        """The servers of the connected server's site, by name, as its ``Site`` folder shows them.
+
+        A server that is not part of a site has no such folder: the list is empty.
+        """
+        if not self.server_name:
+            return []
+        router = self._site or SiteRouter(self, _no_opener)
+        return await router.servers()
+
+    async def find_owners(self, names: Iterable[str]) -> dict[str, Owner | None]:
+        """The server of the site that owns each PV, with its endpoint and state (None: no server owns it)."""
+        if not self.server_name:
+            raise CommandRefused("FindOwners", "BadNotSupported", _S.BadNotSupported, f"{self.url} is not a server of a site")
+        router = self._site or SiteRouter(self, _no_opener)
+        return await router.find_owners(names)
+
+    async def _list_local(self, pattern: str | None) -> list[Metadata]:
         found: list[tuple[str, str]] = []  # (name, path)
         level = [(self._node_id(f"/{self.site}"), self.site)]
         while level:
@@ -297,7 +393,21 @@ class Session:
         return (await self.get_many([name]))[0]
 
     async def get_many(self, names: Sequence[str]) -> list[PVValue]:
-        """Several PVs' readings, read in one request (metadata from the cache or one more)."""
+        """Several PVs' readings, read in one request per server (metadata from the cache or one more).
+
+        Raises NoSuchPV, or ServerDown for a PV of a server that is down.
+        """
+        if self._site is not None:
+            local, remote = await self._site.route(names)
+            if remote:
+                site = self._site
+                parts = [self._get_local(local)] if local else []
+                parts += [site.call(server, group, lambda s, g=group: s.get_many(g)) for server, group in remote.items()]
+                read = {v.name: v for part in await asyncio.gather(*parts) for v in part}
+                return [read[n] for n in names]
+        return await self._get_local(names)
+
+    async def _get_local(self, names: Sequence[str]) -> list[PVValue]:
         missing = [n for n in dict.fromkeys(names) if n not in self._meta]
         if missing:
             await self._infos(missing)
@@ -317,6 +427,10 @@ class Session:
         token raises its CommandRefused). WriteUnconfirmed: the instrument was sent the value but reading it back failed
         (the value is very likely set; the PV reads INVALID until it is read again).
         """
+        if self._site is not None:
+            _, remote = await self._site.route([name])
+            for server, names in remote.items():
+                return await self._site.call(server, names, lambda s: s.put(name, value, lease=lease))
         if lease is not None:
             token = lease.token if isinstance(lease, Lease) else lease
             if token not in self._leases_used:
@@ -400,6 +514,10 @@ class Session:
         ``timeout_s`` (None: no limit) the request is withdrawn and LockWaitTimeout raised.
         A request this session already holds renews it.
         """
+        server = await self._lock_server(resource)
+        if server is not None:
+            return await self._at_lock(server, resource, lambda s: s.lock(resource, duration_s=duration_s, priority=priority,
+                                                                          wait=wait, timeout_s=timeout_s))  # fmt: skip
         path = f"Resources/{resource}/Lock"
         args = (_double(duration_s), ua.Variant(int(priority), ua.VariantType.Int32), ua.Variant(bool(wait), ua.VariantType.Boolean))
         try:
@@ -447,6 +565,9 @@ class Session:
 
     async def renew(self, resource: str, token: str, duration_s: float | None = None) -> Lease:
         """Renew a lease from now (for ``duration_s``, or its own duration). Raises CommandRefused if it was lost."""
+        server = await self._lock_server(resource)
+        if server is not None:
+            return await self._at_lock(server, resource, lambda s: s.renew(resource, token, duration_s))
         (expires_at,) = await self._command(f"Resources/{resource}/Lock", "RenewLease", _string(token), _double(duration_s or 0.0))
         return Lease(resource, token, expires_at)
 
@@ -466,6 +587,9 @@ class Session:
 
         Raises AccessDenied without the right, CommandConflict if nobody holds the lock.
         """
+        server = await self._lock_server(resource)
+        if server is not None:
+            return await self._at_lock(server, resource, lambda s: s.break_lock(resource))
         (status,), refusal = await self._command_diagnosed(f"Resources/{resource}/Lock", "BreakLock")
         if status != 0:
             raise refusal_from_dict(refusal or {"kind": "conflict", "action": "lock.break", "target": resource,
@@ -473,6 +597,9 @@ class Session:
 
     async def unlock(self, resource: str, token: str | None = None) -> None:
         """Release a lease or withdraw a queued request (by token, else this user's own on the resource)."""
+        server = await self._lock_server(resource)
+        if server is not None:
+            return await self._at_lock(server, resource, lambda s: s.unlock(resource, token))
         await self._command(f"Resources/{resource}/Lock", "ReleaseLease", _string(token or ""))
 
     @contextlib.asynccontextmanager
@@ -487,6 +614,14 @@ class Session:
         lapsed while the server was unreachable), renewing stops and the
         :class:`HeldLock` says why in ``lost``.
         """
+        server = await self._lock_server(resource)
+        if server is not None:
+            assert self._site is not None
+            async with self._site.holding(server, [_lock_pv(resource)]) as owner, owner.hold_lock(
+                resource, duration_s, priority=priority, wait=wait, timeout_s=timeout_s
+            ) as held:
+                yield held
+            return
         lease = await self.lock(resource, duration_s=duration_s, priority=priority, wait=wait, timeout_s=timeout_s)
         held = HeldLock(lease)
         task = asyncio.create_task(self._keep(held, duration_s), name=f"labctl lock {resource}")
@@ -526,6 +661,20 @@ class Session:
             if sub is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(sub.delete())
+
+    async def _lock_server(self, resource: str) -> str | None:
+        """The other server of the site whose resource ``resource`` is (it serves its lock PV), or None: this one."""
+        if self._site is None or _lock_pv(resource) in self._meta:
+            return None
+        try:
+            _, remote = await self._site.route([_lock_pv(resource)])
+        except NoSuchPV:  # no server has it: this one says so in its own words
+            return None
+        return next(iter(remote), None)
+
+    async def _at_lock(self, server: str, resource: str, fn: Any) -> Any:
+        assert self._site is not None
+        return await self._site.call(server, [_lock_pv(resource)], fn)
 
     # ---- control: alarms and interlocks ----------------------------------------------
 
@@ -595,14 +744,31 @@ class Session:
 
         return await read_history(self, name, since, until, every, bounds=bounds)
 
-    def monitor(self, names: Iterable[str], *, queue_size: int = 10_000, publishing_interval_ms: float = 100.0) -> Monitor:
+    def monitor(self, names: Iterable[str], *, queue_size: int = 10_000, publishing_interval_ms: float = 100.0) -> Monitor | SiteMonitor:
         """Watch PVs: an async iterator (and async context manager) of :class:`~labctl.clients.values.Sample`.
 
         The current value of each PV comes first, then every change the server publishes.
         Up to ``queue_size`` samples wait for the consumer; beyond that the oldest are
-        dropped. The server batches changes every ``publishing_interval_ms``.
+        dropped. The server batches changes every ``publishing_interval_ms``. On a site,
+        PVs of other servers are watched on their servers (:class:`~labctl.clients.site.SiteMonitor`:
+        a PV whose server is down is shown disconnected).
         """
+        if self._site is not None:
+            return SiteMonitor(self, list(names), queue_size, publishing_interval_ms)
         return Monitor(self, list(names), queue_size, publishing_interval_ms)
+
+
+def _lock_pv(resource: str) -> str:
+    """The PV that says who holds ``resource``'s lock (served by the server whose resource it is; named as the server names it)."""
+    return f"ARB:{resource.upper()}:OWNER"
+
+
+def _who(user: ua.DataValue, roles: ua.DataValue) -> tuple[str, tuple[str, ...]]:
+    return (user.Value.Value if user.Value is not None else "") or "", tuple(roles.Value.Value or ()) if roles.Value is not None else ()
+
+
+async def _no_opener(endpoint: str) -> Session:
+    raise ConnectError(f"{endpoint}: this session does not open sessions to other servers (connected with site=False)")
 
 
 def _string(v: str) -> ua.Variant:

@@ -39,6 +39,7 @@ from labctl.clients.records import (
     LockInfo,
     ProcedureInfo,
 )
+from labctl.clients.site import MAX_SESSIONS, Owner, ServerInfo, SiteMonitor
 from labctl.clients.values import Metadata, PVValue, Sample
 
 T = TypeVar("T")
@@ -93,9 +94,22 @@ class SyncSession:
         """The roles of this session's user."""
         return self.session.roles
 
-    def list_pvs(self, pattern: str | None = None) -> list[Metadata]:
-        """Every PV (or those matching a glob pattern) with its metadata."""
-        return self._run(self.session.list_pvs(pattern))
+    @property
+    def server_name(self) -> str:
+        """The connected server's name in its site ("" for a server that is not part of a site)."""
+        return self.session.server_name
+
+    def list_pvs(self, pattern: str | None = None, *, site: bool = False) -> list[Metadata]:
+        """Every PV (or those matching a glob pattern) with its metadata (``site``: of every server of the site that is up)."""
+        return self._run(self.session.list_pvs(pattern, site=site), max(self.timeout_s, 60.0) if site else None)
+
+    def servers(self) -> list[ServerInfo]:
+        """The servers of the connected server's site (empty for a server that is not part of a site)."""
+        return self._run(self.session.servers())
+
+    def find_owners(self, names: Iterable[str]) -> dict[str, Owner | None]:
+        """The server of the site that owns each PV (None: none does)."""
+        return self._run(self.session.find_owners(list(names)))
 
     def info(self, name: str) -> Metadata:
         """A PV's metadata."""
@@ -253,7 +267,7 @@ class SyncSession:
 class SyncMonitor:
     """Blocking iteration over a :class:`~labctl.clients.monitor.Monitor`."""
 
-    def __init__(self, owner: SyncSession, monitor: Monitor, timeout_s: float | None = None) -> None:
+    def __init__(self, owner: SyncSession, monitor: Monitor | SiteMonitor, timeout_s: float | None = None) -> None:
         self._owner = owner
         self._monitor = monitor
         self.timeout_s = timeout_s
@@ -297,14 +311,17 @@ def connect(
     timeout_s: float = 10.0,
     certificate: str | None = None,
     private_key: str | None = None,
+    site: bool = True,
+    max_sessions: int = MAX_SESSIONS,
 ) -> SyncSession:
     """Open a blocking session (arguments as :func:`labctl.clients.session.connect`)."""
     sync = SyncSession(timeout_s)
     try:
         sync._session = sync._run(
-            _session.connect(url, user, password, security, timeout_s=timeout_s, certificate=certificate, private_key=private_key),
+            _session.connect(url, user, password, security, timeout_s=timeout_s, certificate=certificate,
+                             private_key=private_key, site=site, max_sessions=max_sessions),
             timeout_s * 3,
-        )
+        )  # fmt: skip
     except BaseException:
         sync.close()
         raise

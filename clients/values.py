@@ -111,6 +111,10 @@ class Sample:
 
     name: str
     reading: Reading
+    connected: bool = True
+    """False: the PV's server (another server of the site) went down or cannot be reached; the
+    reading is then INVALID/COMM without a value, never the last value it had
+    (:class:`labctl.clients.site.SiteMonitor`)."""
 
 
 def quality(code: int) -> tuple[Severity, Status]:

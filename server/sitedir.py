@@ -477,20 +477,27 @@ def has_site_schema(conn: Any) -> bool:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``labctl servers`` to the ``labctl`` command."""
+    from labctl.clients.cli.arguments import connection_options
+
     p = subparsers.add_parser(
         "servers",
-        help="list the servers of a site from its database: endpoints, version, PVs, heartbeat, up or down",
-        description="List the servers registered in a site's directory (its PostgreSQL database), "
-        "or --forget one that is down for good (its PV claims go with it; audited).",
+        parents=[connection_options()],
+        help="list the servers of a site: endpoints, version, PVs, heartbeat, up or down",
+        description="List the servers registered in a site's directory: from its PostgreSQL database with "
+        "--historian-url, else through the server at --url (its Site folder); "
+        "or --forget one that is down for good (its PV claims go with it; audited; needs the database).",
     )
     add_database_argument(p)
-    p.add_argument("--json", action="store_true", help="one JSON array of servers (times ISO 8601 UTC)")
     p.add_argument("--forget", metavar="NAME", help="remove a server that is down from the directory, with its PV claims")
     p.set_defaults(func=cmd_servers)
 
 
 def cmd_servers(args: argparse.Namespace) -> int:
     """``labctl servers``."""
+    if not args.historian_url and not args.forget:  # through a server: its Site folder
+        from labctl.clients.cli.servers import cmd_servers as servers_through_opcua
+
+        return servers_through_opcua(args)
     backend = open_site_database(args.historian_url, "servers")
     if args.forget:
         actor = command_actor()

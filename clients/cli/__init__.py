@@ -13,6 +13,8 @@ commands live by concern:
 * :mod:`labctl.clients.cli.pvs` -- ``ls``, ``get``, ``put``, ``monitor``;
 * :mod:`labctl.clients.cli.control` -- locks, jobs, the audit trail, alarms, interlocks;
 * :mod:`labctl.clients.history` -- ``history`` (beside the history it reads);
+* :mod:`labctl.clients.cli.servers` -- ``servers`` through a server (the command itself is
+  registered with the site directory's, :mod:`labctl.server.sitedir`, which reads the database);
 
 and share :mod:`labctl.clients.cli.arguments` (connection options, argument types,
 ``UsageError``), :mod:`labctl.clients.cli.runner` (one session per command, exit

@@ -8,7 +8,9 @@ writes it through the server's roles, locks and limits, and shows the PV afterwa
 by the token ``labctl lock`` printed);
 ``monitor PV... [--count N] [--timeout S]`` prints changes until Ctrl-C, waiting as long
 as it takes for each (as ``camonitor``; with ``--timeout`` it gives up, exit status 1 and
-error kind ``timeout``, when no change came for S seconds). Output is a table for people,
+error kind ``timeout``, when no change came for S seconds). On a site, PVs of every server
+can be named together; a PV whose server is down reads ``disconnected`` (INVALID/COMM,
+with why; in JSON ``"connected": false``) until its server serves again. Output is a table for people,
 or strict JSON with ``--json`` (one document for ``ls``/``get``/``put``, one JSON object
 per line for ``monitor``; NaN as ``null``, times ISO 8601 UTC, an enum's ``state`` beside
 its ``value``).
@@ -154,26 +156,37 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     """Print changes until Ctrl-C (or --count samples; or --timeout seconds without one)."""
 
     async def body(s: Session) -> int:
-        metas = {n: await s.info(n) for n in args.pvs}
         width = max(len(n) for n in args.pvs)
         seen = 0
-        async with s.monitor(args.pvs) as mon:
+        async with s.monitor(args.pvs) as mon:  # NoSuchPV here, before anything is printed
+            metas: dict[str, Metadata] = {}
             while args.count is None or seen < args.count:
                 try:
                     sample = await mon.next(args.wait_s)  # RequestTimeout after --timeout S without a change
                 except StopAsyncIteration:  # the monitor ended with the session
                     break
-                _print_sample(sample, metas[sample.name], width, args.json)
+                meta = metas.get(sample.name)
+                if meta is None and sample.connected:
+                    meta = metas[sample.name] = await s.info(sample.name)
+                why = getattr(mon, "disconnected", {}).get(sample.name, "")
+                _print_sample(sample, meta or Metadata(sample.name, None), width, args.json, why)
                 seen += 1
         return 0
 
     return run(args, body)
 
 
-def _print_sample(sample: Sample, meta: Metadata, width: int, as_json: bool) -> None:
+def _print_sample(sample: Sample, meta: Metadata, width: int, as_json: bool, why: str = "") -> None:
     r = sample.reading
     if as_json:
-        print_json(_value_json(sample.name, r, meta), indent=None)
+        doc = _value_json(sample.name, r, meta)
+        if not sample.connected:  # its server (another of the site) is down: no value, not a stale one
+            doc.update(connected=False, reason=why)
+        print_json(doc, indent=None)
+        return
+    if not sample.connected:
+        print(f"{format_time(r.timestamp)}  {sample.name:<{width}}  disconnected  {r.severity.name} {r.status.name}"
+              f"{'  (' + why + ')' if why else ''}", flush=True)  # fmt: skip
         return
     alarm = "" if r.severity.name == "NO_ALARM" else f"  {r.severity.name} {r.status.name}"
     unit = f" {meta.unit}" if meta.unit else ""

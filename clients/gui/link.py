@@ -5,7 +5,8 @@ only be touched from the Qt thread, so the two sides share nothing but an :class
 and a few thread-safe requests:
 
 * :class:`Link` owns one daemon thread running an asyncio loop. On it, a session from
-  :func:`labctl.clients.session.connect` lists the server's PVs, reads their current values,
+  :func:`labctl.clients.session.connect` lists the server's PVs (on a site, every server's:
+  :mod:`labctl.clients.site`), reads their current values,
   subscribes (one :class:`~labctl.clients.monitor.Monitor` for what the display shows plus the
   server's own alarm-summary, lock and interlock PVs) and polls the alarm list, locks and
   jobs where the session offers them. Everything it learns goes into the inbox.
@@ -355,7 +356,7 @@ class Link:
         """Everything but the subscription, for one session: returns why the session is lost."""
         reason = "connection lost"
         try:
-            metas = {m.name: m for m in await session.list_pvs()}
+            metas = {m.name: m for m in await session.list_pvs(site=True)}  # on a site: every server's PVs
             typed = [n for n, m in metas.items() if m.type is not None]
             readings = {v.name: v.reading for v in await session.get_many(typed)} if typed else {}
             features = frozenset(f for f in FEATURES if callable(getattr(session, f, None)))

@@ -11,7 +11,9 @@ they need with messages (messages up, see :mod:`labctl.clients.tui.screens.base`
 * readings collect in the link and are applied once per display tick (:data:`TICK_S`),
   so a burst of updates is one repaint;
 * after each connection the PV list (with metadata) is fetched again in a worker and
-  handed to every screen;
+  handed to every screen: on a site, the PVs of every server that is up
+  (``list_pvs(site=True)``, :mod:`labctl.clients.site`), each watched on its own server,
+  and shown INVALID when their server goes down;
 * while not connected a banner says why and when the next attempt is, the data is
   dimmed as stale, and the status line shows the state.
 
@@ -250,7 +252,7 @@ class LabctlApp(App[None]):
         if session is None:
             return
         try:
-            metas = await session.list_pvs()
+            metas = await session.list_pvs(site=True)  # on a site: every server's PVs
         except ClientError as e:
             self.notify(f"cannot list the PVs: {e}", severity="error")
             self.link.lost(str(e))

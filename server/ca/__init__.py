@@ -18,6 +18,8 @@ Modules, outside in:
   and access rights that follow the lock.
 * :mod:`labctl.server.ca.access` -- access rules (user and host groups, as in an EPICS ACF).
 * :mod:`labctl.server.ca.env` -- ``EPICS_CAS_*`` settings and caproto's latency knobs.
+* :mod:`labctl.server.ca.names` -- in a site, name searches over TCP answered for the PVs of the
+  other servers (``EPICS_CA_NAME_SERVERS``), from the site directory.
 """
 
 from labctl.server.ca.service import CAService

@@ -7,8 +7,8 @@ the name server, sends VERSION, CLIENT_NAME and HOST_NAME, then the same frames 
 would send over UDP: a VERSION message (whose priority field carries a sequence flag)
 followed by SEARCH messages. A search reply holds a TCP port and an IPv4 address; libca
 connects there to create the channel, or to the name server itself when the address is
-255.255.255.255. An EPICS name server (a CA gateway's, or the ``pvAccess`` name server's
-CA twin) answers with the address of the IOC that serves the name.
+255.255.255.255. An EPICS CA name server answers with the address of the IOC that serves
+the name.
 
 A labctl server that is part of a site (:mod:`labctl.server.siteinfo`) does the same on
 its CA TCP port (:class:`~labctl.server.ca.context.LabctlCircuit` asks
@@ -305,8 +305,6 @@ class NameService:
         self._unresolved: set[str] = set()
         self._supervisor: Supervisor | None = None
         self._unreadable = ""
-        self.loaded = asyncio.Event()
-        """Set once the owner map was first read."""
 
     async def start(self) -> None:
         """Listen to the directory and read the owner map in the background."""
@@ -351,6 +349,7 @@ class NameService:
 
     async def _run(self) -> None:
         retry = Backoff(0.5, 10.0)
+        self._wake.set()  # (re)started: catch up on what was asked meanwhile
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -371,7 +370,6 @@ class NameService:
                 self.table.replace_owners(owners)
                 self._readable()
                 retry.reset()
-                self.loaded.set()
                 log.debug("Channel Access name service: %d PVs of %d servers", len(owners), len(set(owners.values())))
             batch = self.table.take_pending()
             if batch:

@@ -14,6 +14,8 @@ Modules, outside in:
 * :mod:`labctl.server.opcua.writes` -- Write requests through the core write path, refusals
   mapped to StatusCodes by one table.
 * :mod:`labctl.server.opcua.history` -- HistoryRead (raw and processed) served from the historian.
+* :mod:`labctl.server.opcua.site` -- on a server of a site: ``Objects/<site>/Site`` (the site's
+  servers and ``FindOwners``), and the history of the other servers' PVs from the shared archive.
 * :mod:`labctl.server.opcua.calls` -- the control layer's nodes, and its method calls routed,
   checked and answered for the calling session:
   :mod:`labctl.server.opcua.locking` (Part 100 locks of the resources, leases),

@@ -67,6 +67,12 @@ token, or the next interval's index) with a fingerprint of the request, so nothi
 held for a client that never comes back and ReleaseContinuationPoints has nothing to
 free. A continuation point replayed with another request is BadContinuationPointInvalid.
 
+*Other servers' PVs.* On a server of a site, whose archive the site's servers share, a
+node this server does not have may still be a PV of another server (``ns=<site>;s=<PV>``,
+or its ``<PV>.AlarmState``): :attr:`HistorianStorage.foreign` finds it in the archive
+(:class:`labctl.server.opcua.site.ArchivedPVs`) and the read is answered as for a PV of
+this server, so the history of any PV of the site can be read through any of its servers.
+
 Timestamps: the archive keeps each value's source timestamp; when a client asks for
 server timestamps too, they carry the same time. TimestampsToReturn Neither is
 BadTimestampsToReturnInvalid, as Part 11 requires.
@@ -80,7 +86,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,6 +215,9 @@ class HistorianStorage(HistoryStorageInterface):
         self.nodes = nodes
         self.max_values = max_values
         self.max_intervals = max_intervals
+        self.foreign: Callable[[ua.NodeId], Awaitable[tuple[PVInfo, bool] | None]] | None = None
+        """PVs this server does not serve but the shared archive holds: NodeId -> (PV, whether it is the
+        ``AlarmState``) or None (set by :class:`labctl.server.opcua.site.ArchivedPVs` on a site's server)."""
 
     # ---- asyncua's HistoryStorageInterface ---------------------------------------------------
 
@@ -266,26 +275,41 @@ class HistorianStorage(HistoryStorageInterface):
 
     # ---- labctl's HistoryRead -------------------------------------------------------------
 
-    async def read(self, details: Any, item: ua.HistoryReadValueId, timestamps: ua.TimestampsToReturn, aggregate: ua.NodeId | None = None) -> ua.HistoryReadResult:
-        """One node of a HistoryRead request (raw or processed), never raising."""
+    async def read(
+        self, details: Any, item: ua.HistoryReadValueId, timestamps: ua.TimestampsToReturn, aggregate: ua.NodeId | None = None,
+        *, exists: bool = True,
+    ) -> ua.HistoryReadResult:  # fmt: skip
+        """One node of a HistoryRead request (raw or processed), never raising.
+
+        ``exists``: the node is in this server's address space; one that is not may be a PV
+        of another server of the site that the shared archive holds (:attr:`foreign`).
+        """
         result = ua.HistoryReadResult()
+        info: PVInfo | None = None
         node = self.nodes.pv(item.NodeId)
         alarm = node is None and self.nodes.alarm_of(item.NodeId) is not None
         if alarm:
             node = self.nodes.alarm_of(item.NodeId)
         try:
-            if node is None:
+            if node is not None:
+                info = node.info
+            elif not exists:
+                found = await self.foreign(item.NodeId) if self.foreign is not None else None
+                if found is None:
+                    raise _Refused(_S.BadNodeIdUnknown)
+                info, alarm = found
+            if info is None:
                 raise _Refused(_S.BadHistoryOperationUnsupported)
             if isinstance(details, ua.ReadRawModifiedDetails):
                 if details.IsReadModified:
                     result.HistoryData = ua.HistoryModifiedData()
                     result.StatusCode = ua.StatusCode(_S.GoodNoData)  # the archive is never rewritten
                     return result
-                values, cont = await self._read_raw(node.info, details, item.ContinuationPoint, timestamps, alarm=alarm)
+                values, cont = await self._read_raw(info, details, item.ContinuationPoint, timestamps, alarm=alarm)
             elif isinstance(details, ua.ReadProcessedDetails):
                 if alarm:
                     raise _Refused(_S.BadAggregateInvalidInputs)  # an enumeration of alarm states
-                values, cont = await self._read_processed(node.info, details, aggregate, item.ContinuationPoint, timestamps)
+                values, cont = await self._read_processed(info, details, aggregate, item.ContinuationPoint, timestamps)
             else:
                 raise _Refused(_S.BadHistoryOperationUnsupported)
         except _Refused as e:
@@ -294,11 +318,11 @@ class HistorianStorage(HistoryStorageInterface):
         except UnknownPV:  # a PV of this site file that was never archived yet
             values, cont = [], None
         except HistorianUnavailable as e:
-            log.warning("OPC UA HistoryRead of %s: %s", node.info.name if node else item.NodeId, e)
+            log.warning("OPC UA HistoryRead of %s: %s", info.name if info else item.NodeId, e)
             result.StatusCode = ua.StatusCode(_S.BadNoCommunication)
             return result
         except HistorianError as e:
-            log.info("OPC UA HistoryRead of %s refused: %s", node.info.name if node else item.NodeId, e)
+            log.info("OPC UA HistoryRead of %s refused: %s", info.name if info else item.NodeId, e)
             result.StatusCode = ua.StatusCode(_S.BadHistoryOperationInvalid)
             return result
         except Exception:  # the boundary for bugs: one traceback, the client gets a status
@@ -536,9 +560,10 @@ class HistoryManager(UaHistoryManager):
             aggregates = list(details.AggregateType)
 
         async def one(item: ua.HistoryReadValueId, aggregate: ua.NodeId | None) -> ua.HistoryReadResult:
-            if item.NodeId not in self.iserver.aspace:
+            exists = item.NodeId in self.iserver.aspace
+            if not exists and storage.foreign is None:
                 return ua.HistoryReadResult(StatusCode=ua.StatusCode(_S.BadNodeIdUnknown))
-            return await storage.read(details, item, params.TimestampsToReturn, aggregate)
+            return await storage.read(details, item, params.TimestampsToReturn, aggregate, exists=exists)
 
         return list(await asyncio.gather(*(one(i, a) for i, a in zip(items, aggregates, strict=True))))
 

@@ -30,6 +30,11 @@ in the DI namespace registered after the site's), the ``Control`` object with th
 alarm, interlock and audit methods (:mod:`labctl.server.opcua.methods`), and the control
 events (:mod:`labctl.server.opcua.control_events`).
 
+Site: on a server of a site (it has a site directory service, :mod:`labctl.server.sitedir`),
+``Objects/<site>/Site`` lists the site's servers and answers ``FindOwners``
+(:mod:`labctl.server.opcua.site`), and HistoryRead also answers for the PVs of the other
+servers, which the shared archive holds.
+
 History: when the server also runs a historian, :func:`labctl.server.app.build_services` calls
 :meth:`OpcUaService.serve_history_from`; ``start`` then makes every PV Historizing with the
 HistoryRead access bit, and answers HistoryRead (raw and processed) from the historian
@@ -65,6 +70,7 @@ from labctl.server.opcua.pki import ensure_certificate
 from labctl.server.opcua.processor import LabctlServer
 from labctl.server.opcua.publisher import Publisher, install_copy_fastpath
 from labctl.server.opcua.sessions import LabctlInternalServer
+from labctl.server.opcua.site import ArchivedPVs, SiteDirectory, SiteFolder
 from labctl.server.opcua.trust import TrustList
 from labctl.server.opcua.users import LoginThrottle, UserDirectory, UserManager
 from labctl.server.passwords import PasswordChecker, dummy_hash
@@ -113,6 +119,9 @@ class OpcUaService:
         self._iserver: LabctlInternalServer | None = None
         self._publisher: Publisher | None = None
         self._history_source: Any = None
+        self._host = server
+        self.site_folder: SiteFolder | None = None
+        """``Objects/<site>/Site`` (None: a server that is not part of a site)."""
 
     @property
     def url(self) -> str:
@@ -171,8 +180,15 @@ class OpcUaService:
         publisher = Publisher(db, nodes.pvs)
         publisher.start()
         self.nodes, self.ua_server, self._iserver, self._publisher = nodes, ua_server, iserver, publisher
+        directory = self._site_directory()
+        if directory is not None:
+            self.site_folder = SiteFolder(iserver, nodes, site, directory)
+            self.site_folder.build()
         if self._history_source is not None:
-            self.enable_history(HistorianStorage(self._history_source, nodes))
+            storage = HistorianStorage(self._history_source, nodes)
+            if directory is not None:  # the archive is the site's: other servers' PVs too
+                storage.foreign = ArchivedPVs(self._history_source, idx).resolve
+            self.enable_history(storage)
         try:
             await ua_server.start()
         except OSError as e:
@@ -185,10 +201,22 @@ class OpcUaService:
         self.port = ua_server.bserver.port
         if self.control is not None:
             self.control.start()
+        if self.site_folder is not None:
+            await self.site_folder.start()
         if self.config.port == 0:
             _announce_port(ua_server, self.port)
         self._warn_about_configuration()
         log.info("OPC UA: %d PVs in namespace %s (ns=%d) at %s", len(nodes.pvs), namespace_uri(site), idx, self.url)
+
+    def _site_directory(self) -> SiteDirectory | None:
+        """The server's site directory service, when it is one of a site's servers."""
+        find = getattr(self._host, "service", None)
+        if find is None:
+            return None
+        try:
+            return find("sitedir")
+        except KeyError:  # a single server: no directory
+            return None
 
     def _identity_tokens(self) -> list[type]:
         tokens: list[type] = []
@@ -221,6 +249,8 @@ class OpcUaService:
             self._iserver.stopping = True  # closing sessions now is not their clients' doing: leases lapse
         if self.control is not None:
             await self.control.stop()
+        if self.site_folder is not None:
+            await self.site_folder.stop()
         if self._publisher is not None:
             await self._publisher.stop()
             self._publisher = None

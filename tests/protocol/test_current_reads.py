@@ -28,6 +28,7 @@ from labctl.server.app import Server
 from labctl.server.site import parse_site
 
 from tests.helpers import free_port, free_tcp_udp_port, wait_for
+from tests.protocol.ca.epics_tools import EpicsTools, find_tools
 from tests.protocol.ca.support import Recorder, client, connect, pyepics
 from tests.protocol.opcua.conftest import open_client, password_hash
 
@@ -297,3 +298,22 @@ async def test_pyepics_get_after_a_put_inside_the_monitor_deadband(served):
 
         await wait_for(later, what="a later scan's DBR_TIME stamp through libca")
 
+
+
+async def test_epics_base_caget_after_a_caput_inside_the_monitor_deadband(served):
+    """EPICS base's own tools (they send DBR_STRING for ``caput``, not the native type)."""
+    tools = EpicsTools(find_tools(), served.service("ca").port)  # type: ignore[attr-defined]
+    async with tools.camonitor("T:AO") as monitor:  # "T:AO  2026-12-07 10:00:00.123456 5"
+        first = await monitor.line()
+        assert first.split()[-1] == "5", first  # precision 3: camonitor prints "5" for 5.000
+        before = first.split()[1:3]
+        put = await tools.caput("-c", "T:AO", "4.6")  # inside MDEL 0.5
+        assert put.returncode == 0, put
+        got = await tools.caget("-t", "-d", "DBR_TIME_DOUBLE", "T:AO")
+        assert "4.6" in got.stdout, got
+        stamp = await tools.caget("-a", "T:AO")
+        assert served.db.read("T:AO").value == 4.6 and "4.6" in stamp.stdout, stamp
+        assert (await tools.caput("-c", "T:AO", "3")).returncode == 0  # outside the deadband
+        after = await monitor.line()
+        assert after.split()[-1] == "3", "the put inside the deadband posted no monitor: " + "\n".join(monitor.lines)
+        assert after.split()[1:3] > before

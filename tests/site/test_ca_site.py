@@ -20,10 +20,11 @@ import caproto as ca
 import pytest
 from caproto._commands import read_from_bytestream
 from labctl.server.app import Server
-from labctl.server.ca.names import NameTable, Redirect, pv_of
+from labctl.server.ca.names import NameService, NameTable, Redirect, pv_of
 from labctl.server.siteinfo import HEALTH_OK, HEALTH_STOPPED, ServerEntry
 
 from tests.helpers import free_port, free_tcp_udp_port, wait_for
+from tests.pg.availability import skip_or_fail
 from tests.protocol.ca.epics_tools import EpicsTools, find_tools
 from tests.protocol.ca.support import pyepics
 from tests.site.conftest import LAPSE_S
@@ -113,11 +114,14 @@ async def test_caget_and_caput_find_every_server_through_one_name_server(pg_data
     assert missing.returncode != 0 and "not found" in missing.output, missing
 
 
-async def test_pyepics_reads_and_writes_through_the_name_server(pg_database, start_server):
+async def test_pyepics_finds_three_servers_through_one_name_server(pg_database, start_server):
     url = pg_database.url
     a = await start_server("a", ["A:X"], url, opcua=False, ca=ca_section(free_tcp_udp_port()))
     b = await start_server("b", ["B:X"], url, opcua=False, ca=ca_section(free_tcp_udp_port(), access=WRITE_ME))
+    c = await start_server("c", ["C:X"], url, opcua=False, ca=ca_section(free_tcp_udp_port()))
     await knows(a, "B:X", b)
+    await knows(a, "C:X", c)
+    c.db.post("C:X", -3.5)
     env = {
         "EPICS_CA_NAME_SERVERS": f"127.0.0.1:{ca_of(a).tcp_port}",
         "EPICS_CA_ADDR_LIST": "",
@@ -132,6 +136,9 @@ async def test_pyepics_reads_and_writes_through_the_name_server(pg_database, sta
         await client.call("put_wait", pv="B:X", value=7.25)
         assert b.db.read("B:X").value == 7.25
         assert (await client.call("get", pv="B:X"))["value"] == 7.25
+        third = await client.call("connect", pv="C:X")
+        assert (third["read"], third["write"]) == (True, False)
+        assert (await client.call("get", pv="C:X"))["value"] == -3.5
 
 
 def _loopback_pair_port() -> int:
@@ -148,14 +155,14 @@ def _loopback_pair_port() -> int:
     raise RuntimeError("no port free on both 127.0.0.1 and 127.0.0.2")
 
 
-async def test_an_address_list_of_every_server_finds_each_ones_pvs(pg_database, start_server, bindir):
-    # Clients use one EPICS_CA_SERVER_PORT for all search addresses: each server binds its
-    # own loopback address (Linux routes all of 127.0.0.0/8 to the loopback interface), same port.
+async def test_an_address_list_of_every_server_on_one_port_finds_each_ones_pvs(pg_database, start_server, bindir):
+    # Entries without a port are searched on EPICS_CA_SERVER_PORT: each server binds its own
+    # loopback address (Linux routes all of 127.0.0.0/8 to the loopback interface), same port.
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.bind(("127.0.0.2", 0))
     except OSError:  # pragma: no cover - a system whose loopback has one address
-        pytest.skip("127.0.0.2 cannot be bound on this system: one address per server needs real interfaces")
+        skip_or_fail("127.0.0.2 cannot be bound on this system (one loopback address); the test needs two")
     url = pg_database.url
     port = _loopback_pair_port()
     a = await start_server("a", ["A:X"], url, opcua=False, ca=ca_section(port, interface="127.0.0.1"))
@@ -171,6 +178,19 @@ async def test_an_address_list_of_every_server_finds_each_ones_pvs(pg_database, 
     tools.env["EPICS_CA_ADDR_LIST"] = "127.0.0.1"
     alone = await tools.caget("-w", f"{NO_ANSWER_WAIT_S:g}", "B:X")
     assert alone.returncode != 0 and "not found" in alone.output, alone
+
+
+async def test_an_address_list_with_a_port_per_server_finds_each_ones_pvs(pg_database, start_server, bindir):
+    url = pg_database.url
+    servers = [
+        await start_server(name, [f"{name.upper()}:X"], url, opcua=False, ca=ca_section(free_tcp_udp_port()))
+        for name in ("a", "b", "c")
+    ]
+    tools = EpicsTools(bindir, free_tcp_udp_port())  # the default port: served by no one
+    tools.env["EPICS_CA_ADDR_LIST"] = " ".join(f"127.0.0.1:{ca_of(s).port}" for s in servers)
+    servers[2].db.post("C:X", 9.0)
+    got = await tools.caget("-t", "A:X", "B:X", "C:X")
+    assert got.returncode == 0 and got.stdout.split() == ["1", "1", "9"], got
 
 
 async def test_a_stopped_servers_pvs_disconnect_and_are_no_longer_found(pg_database, start_server, bindir):
@@ -309,3 +329,62 @@ def test_unknown_names_are_looked_up_once_per_ttl_and_bounded():
     assert list(table.pending) == ["N:1"]
     table.resolve("X" * 300, 7.5)
     assert list(table.pending) == ["N:1"]  # too long to be looked up
+
+
+class FakeDirectory:
+    """A site directory in memory that counts its queries and can be made unreadable."""
+
+    def __init__(self, servers: list[ServerEntry], owners: dict[str, str]) -> None:
+        self.server_name = "a"
+        self.servers = tuple(servers)
+        self.owners = dict(owners)
+        self.queries: list[list[str] | None] = []
+        self.readable = True
+        self.listeners: list[Any] = []
+
+    def add_listener(self, callback: Any) -> None:
+        self.listeners.append(callback)
+
+    def remove_listener(self, callback: Any) -> None:
+        self.listeners.remove(callback)
+
+    def change(self, servers: list[ServerEntry]) -> None:
+        self.servers = tuple(servers)
+        for callback in self.listeners:
+            callback(self.servers)
+
+    async def read_owners(self, names: Any = None) -> dict[str, str]:
+        wanted = None if names is None else list(names)
+        self.queries.append(wanted)
+        if not self.readable:
+            raise OSError("connection refused")
+        return {pv: s for pv, s in self.owners.items() if wanted is None or pv in wanted}
+
+
+async def test_name_service_reads_the_owners_on_registrations_and_looks_up_unknown_names_in_batches():
+    directory = FakeDirectory([entry("a"), entry("b")], {"B:X": "b"})
+    service = NameService(directory)
+    await service.start()
+    try:
+        await wait_for(lambda: service.resolve("B:X") is not None, what="the first reading")
+        assert directory.queries == [None]  # one whole reading
+        # unknown names: no answer now, one batched lookup, then answered from memory (or the negative cache)
+        directory.owners["B:NEW"] = "b"
+        assert [service.resolve(n) for n in ("B:NEW", "B:NONE", "B:NEW.EGU")] == [None, None, None]
+        await wait_for(lambda: service.resolve("B:NEW") is not None, what="the lookup")
+        assert directory.queries[1:] == [["B:NEW", "B:NONE"]]
+        assert service.resolve("B:NONE") is None and len(directory.queries) == 2  # negative: not asked again
+        # a server registering (new start time) makes a new whole reading; a down owner is not answered for
+        directory.owners["C:X"] = "c"
+        directory.change([entry("a"), entry("b", up=False), entry("c", address="10.0.0.3", started=2.0)])
+        await wait_for(lambda: service.resolve("C:X") is not None, what="the new reading")
+        assert service.resolve("C:X") == Redirect("c", "10.0.0.3", 5064)
+        assert service.resolve("B:X") is None
+        # the directory unreadable: the last reading still answers
+        directory.readable = False
+        directory.change([entry("a"), entry("b"), entry("c", address="10.0.0.3", started=3.0)])
+        await wait_for(lambda: len(directory.queries) >= 4, what="a failed reading")
+        assert service.resolve("B:X") == Redirect("b", "10.0.0.2", 5064)
+    finally:
+        await service.stop()
+    assert directory.listeners == []

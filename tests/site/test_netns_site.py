@@ -153,7 +153,11 @@ pvs:
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        rc = self.proc.wait(timeout=30)
+        try:
+            rc = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # it did not stop: end it, so nothing outlives the namespace
+            self.proc.kill()
+            rc = self.proc.wait(timeout=30)
         if self._reader is not None:
             self._reader.join(timeout=5)
         if self.proc.stderr is not None:
