@@ -33,7 +33,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,9 +189,13 @@ class SiteNetwork:
         """Start ``argv`` inside the node's namespace (``ip netns exec`` execs it: the process id is the command's)."""
         return subprocess.Popen(self.nodes[name].wrap(argv), text=True, **popen)  # type: ignore[call-overload]
 
-    def run(self, name: str, argv: Sequence[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        """Run ``argv`` inside the node's namespace to its end."""
-        return subprocess.run(self.nodes[name].wrap(argv), capture_output=True, text=True, timeout=timeout, check=False)
+    def run(
+        self, name: str, argv: Sequence[str], timeout: float = 60.0, env: Mapping[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` inside the node's namespace to its end (with ``env`` as its environment, when given)."""
+        return subprocess.run(
+            self.nodes[name].wrap(argv), capture_output=True, text=True, timeout=timeout, check=False, env=env
+        )  # fmt: skip
 
     def _take_lock(self) -> None:
         LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,13 @@ archive from the database, PV writes over OPC UA. Every load loop is bounded in 
 and time; waits are for conditions, with timeouts.
 
 * all three register with their endpoints; a fourth serving a PV of the first is refused;
-* kill -9 of one: the others go on serving and archiving, it shows down once its lapse
-  is over, its archived history stays readable, and restarted it takes its PVs back;
+* kill -9 of one: the others go on serving and archiving, its PV shows disconnected in a
+  client of another server within seconds, it shows down once its lapse is over, its
+  archived history stays readable, and restarted it takes its PVs back;
+* clients connected to one server only, with the accounts in the site database: the
+  library (from the test) and ``labctl get/put/monitor/history`` (from namespace ``d``)
+  on the other servers' PVs; pyepics finding every server's PVs through that server's CA
+  name service; a user disabled with ``labctl user disable`` refused on all three;
 * a database outage (``OUTAGE_S``, 20 s by default; ``LABCTL_SITE_OUTAGE_S=60`` for the
   full minute -- the spool's behaviour is the same) while all three archive: every value
   written to every server is in the archive exactly once.
@@ -20,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -29,17 +35,20 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from asyncua import Client, ua
+from labctl.clients.session import Session, connect
 from labctl.server.historian import query as history
 from labctl.server.historian.backend import open_backend
 from labctl.server.passwords import hash_password
 
-from tests.helpers import wait_for
+from tests.helpers import free_tcp_udp_port, wait_for
 from tests.pg.availability import require_timescaledb
 from tests.pg.cluster import PgCluster, PgDatabase
-from tests.site.conftest import directory, login, query, read_owners
+from tests.protocol.ca.support import pyepics
+from tests.site.conftest import directory, login, query, read_owners, run_labctl
 from tests.site.netns import SiteNetwork, require_netns
 
 SITE = "lab"
@@ -99,25 +108,30 @@ def site_db(site_network: Site) -> Iterator[PgDatabase]:
 class NsServer:
     """``labctl serve`` in a node's namespace, its log lines collected as they come."""
 
-    def __init__(self, site: Site, node: str, name: str, pvs: list[str], url: str, tmp_path: Path) -> None:
+    def __init__(
+        self, site: Site, node: str, name: str, pvs: list[str], url: str, tmp_path: Path, accounts: str = "site_file"
+    ) -> None:
         self.site, self.node, self.name, self.pvs = site, node, name, pvs
         self.address = site.net[node].address
         self.url = f"opc.tcp://{self.address}:{OPCUA_PORT}"
         self.state_dir = tmp_path / f"state-{name}"
         self.site_file = tmp_path / f"{name}.yaml"
         pv_lines = "".join(f'  - {{name: "{pv}", type: float64, initial: 0.0, writable: true}}\n' for pv in pvs)
+        # the accounts: the site file's writer, or the site database's (``labctl user``), re-read every heartbeat
+        users = f'users:\n  - {{name: {WRITER}, roles: [admin], password_hash: "{site.writer_hash}"}}\n'
+        if accounts == "database":
+            users = ""
         self.site_file.write_text(f"""
 site: {SITE}
 server:
   name: {name}
-  directory: {{heartbeat_s: {HEARTBEAT_S}, lapse_s: {LAPSE_S}}}
+  accounts: {accounts}
+  directory: {{heartbeat_s: {HEARTBEAT_S}, lapse_s: {LAPSE_S}, accounts_refresh_s: {HEARTBEAT_S}}}
   opcua: {{host: "{self.address}", port: {OPCUA_PORT}, trust: auto, security: [None, Basic256Sha256_SignAndEncrypt]}}
   ca: {{interfaces: ["{self.address}"], port: {CA_PORT}}}
 historian: {{url: "{url}", batch_age_s: 0.05}}
 autosave: {{enabled: false}}
-users:
-  - {{name: {WRITER}, roles: [admin], password_hash: "{site.writer_hash}"}}
-pvs:
+{users}pvs:
 {pv_lines}""")
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[str] = []
@@ -170,10 +184,10 @@ def servers(site_network: Site, site_db: PgDatabase, tmp_path: Path) -> Iterator
     """``servers(node)`` -> an NsServer for that node's server on this test's database (not started); all ended after."""
     made: list[NsServer] = []
 
-    def make(node: str, name: str | None = None, pvs: list[str] | None = None) -> NsServer:
+    def make(node: str, name: str | None = None, pvs: list[str] | None = None, accounts: str = "site_file") -> NsServer:
         default_name, prefix = SERVERS.get(node, (node, node.upper()))
         pvs = pvs if pvs is not None else [f"{prefix}:V{k}" for k in range(PVS_PER_SERVER)]
-        s = NsServer(site_network, node, name or default_name, pvs, site_db.url, tmp_path)
+        s = NsServer(site_network, node, name or default_name, pvs, site_db.url, tmp_path, accounts)
         made.append(s)
         return s
 
@@ -183,9 +197,9 @@ def servers(site_network: Site, site_db: PgDatabase, tmp_path: Path) -> Iterator
             s.signal(signal.SIGTERM)
 
 
-async def start_all(make: Callable[..., NsServer]) -> dict[str, NsServer]:
+async def start_all(make: Callable[..., NsServer], accounts: str = "site_file") -> dict[str, NsServer]:
     """The three servers, started at once; by node."""
-    started = {node: make(node).start() for node in SERVERS}
+    started = {node: make(node, accounts=accounts).start() for node in SERVERS}
     await asyncio.gather(*(s.ready() for s in started.values()))
     return started
 
@@ -291,13 +305,23 @@ async def test_a_killed_server_leaves_the_others_serving_its_history_readable_an
     url = site_db.url
     started = await start_all(servers)
     writers = {node: await Writer(s).open() for node, s in started.items()}
+    watcher = await connect(started["a"].url, WRITER, WRITER_PW, "auto")  # a client of alpha, watching beta's PV
+    watching = contextlib.AsyncExitStack()
     try:
         await asyncio.gather(*(w.write(20, 0.01) for w in writers.values()))
         beta = started["b"]
         await wait_for(lambda: all_archived(url, beta, 20), timeout=20, what="beta's values archived")
+        await wait_for(lambda: _sees_up(watcher, ["beta"]), timeout=SETTLE_S, what="beta up in alpha's site folder")
+        mon = await watching.enter_async_context(watcher.monitor([beta.pvs[0]]))
+        first = await mon.next(10)
+        assert (first.name, first.connected, first.reading.value) == (beta.pvs[0], True, 20.0)
         killed_at = time.monotonic()
         assert beta.signal(signal.SIGKILL) == -signal.SIGKILL
         await writers["b"].close()
+        # its PV shows disconnected in the client within seconds (no value, not a stale one)
+        gone = await mon.next(DISCONNECT_S)
+        assert time.monotonic() - killed_at < DISCONNECT_S
+        assert (gone.name, gone.connected, gone.reading.value) == (beta.pvs[0], False, None), gone
 
         # the others serve and archive on
         await asyncio.gather(writers["a"].write(20, 0.01), writers["c"].write(20, 0.01))
@@ -319,14 +343,30 @@ async def test_a_killed_server_leaves_the_others_serving_its_history_readable_an
         assert (await directory(url))["beta"].up
         owners = await asyncio.to_thread(read_owners, url)
         assert {owners[pv] for pv in beta.pvs} == {"beta"}
+        # the client's monitor follows it back
+        back = await _next_connected(mon, SETTLE_S + 10)
+        assert (back.name, back.reading.value) == (beta.pvs[0], 0.0), back
+        await watching.aclose()
         writers["b"] = await Writer(beta).open()
         writers["b"].written = 20
         await writers["b"].write(10, 0.01)
         await wait_for(lambda: all_archived(url, beta, 30), timeout=20, what="beta archiving again")
         assert_exactly_once(url, beta, 30)
     finally:
+        await watching.aclose()
+        await watcher.close()
         for w in writers.values():
             await w.close()
+
+
+async def _next_connected(mon: Any, timeout: float) -> Any:
+    """The monitor's next connected sample (at most ten samples, within ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    for _ in range(10):
+        sample = await mon.next(max(0.1, deadline - time.monotonic()))
+        if sample.connected:
+            return sample
+    raise AssertionError("ten samples and none connected")
 
 
 def _read_history(url: str, pv: str) -> list[tuple[float, float]]:
@@ -372,3 +412,143 @@ async def test_a_database_outage_loses_and_duplicates_no_sample_of_any_server(si
     finally:
         for w in writers:
             await w.close()
+
+
+# ---- clients across the namespaces ----------------------------------------------------------------------
+#
+# The servers take their accounts from the site database (``labctl user``, re-read every
+# heartbeat). Clients connect to alpha only: the library from the test (over the bridge),
+# the CLI from namespace ``d`` (a client machine of its own), pyepics from the test with
+# alpha's CA name service as its only way to find a PV.
+
+OPERATOR, OPERATOR_PW = "operator", "operator-pw-1"
+ALICE, ALICE_PW = "alice", "alice-pw-1"
+#: How long a change of the site may take to show to a client (the lapse and a few heartbeats).
+SETTLE_S = LAPSE_S + 10.0
+#: How soon after a kill -9 its PVs must show disconnected in a client's monitor.
+DISCONNECT_S = 5.0
+
+
+async def _add_user(url: str, name: str, password: str, roles: str) -> None:
+    rc, out, err = await run_labctl("user", "add", name, "--roles", roles, "--historian-url", url, "--stdin", stdin=f"{password}\n")
+    assert rc == 0, (out, err)
+
+
+async def _cli(net: SiteNetwork, *args: str, user: str = OPERATOR, password: str = OPERATOR_PW) -> subprocess.CompletedProcess[str]:
+    """``labctl ARGS`` run in namespace ``d`` as ``user`` (the password from the environment)."""
+    env = {**os.environ, "LABCTL_USER": user, "LABCTL_PASSWORD": password}
+    return await asyncio.to_thread(net.run, "d", [sys.executable, "-m", "labctl", *args], 60.0, env)
+
+
+async def _sees_up(s: Session, names: list[str]) -> bool:
+    shown = {e.name: e for e in await s.servers()}
+    return all(n in shown and shown[n].state == "up" and shown[n].endpoint for n in names)
+
+
+async def _login_refused(url: str, user: str, password: str) -> bool:
+    try:
+        client = await login(url, user, password)
+    except ua.UaStatusCodeError as e:
+        return e.code == ua.StatusCodes.BadUserAccessDenied
+    await client.disconnect()
+    return False
+
+
+async def _session_closed(client: Client) -> bool:
+    try:
+        await client.get_node(ua.ObjectIds.Server_ServerStatus_State).read_value()
+    except (ua.UaStatusCodeError, ConnectionError):
+        return True
+    return False
+
+
+async def _history_has(s: Session, pv: str, since: float, value: float) -> bool:
+    return value in list((await s.history(pv, since)).values)
+
+
+async def test_clients_in_other_namespaces_use_every_servers_pvs_through_one(site_db, servers, site_network):
+    url = site_db.url
+    net = site_network.net
+    await _add_user(url, OPERATOR, OPERATOR_PW, "operator")
+    await _add_user(url, ALICE, ALICE_PW, "operator")
+    started = await start_all(servers, accounts="database")
+    alpha = started["a"]
+    names = [s.name for s in started.values()]
+    since = time.time() - 60
+
+    # the library, connected to alpha only: get, put, monitor and history of beta's and gamma's PVs
+    s = await connect(alpha.url, OPERATOR, OPERATOR_PW, "auto")
+    try:
+        await wait_for(lambda: _sees_up(s, names), timeout=SETTLE_S, what="every server up in alpha's site folder")
+        values = await s.get_many(["B:V0", "A:V0", "C:V0"])
+        assert [(v.name, v.value) for v in values] == [("B:V0", 0.0), ("A:V0", 0.0), ("C:V0", 0.0)]
+        await s.put("B:V0", 2.5)
+        assert (await s.get("B:V0")).value == 2.5
+        async with s.monitor(["A:V1", "C:V1"]) as mon:
+            assert {(await mon.next(10)).name for _ in range(2)} == {"A:V1", "C:V1"}, "current values first"
+            await s.put("C:V1", 3.5)
+            sample = await mon.next(10)
+            assert (sample.name, sample.connected, sample.reading.value) == ("C:V1", True, 3.5)
+        await wait_for(lambda: _history_has(s, "B:V0", since, 2.5), timeout=20, what="B:V0's write in its history through alpha")
+
+        # the CLI in its own namespace, pointed at alpha: get across the three, put on beta, monitor gamma's PV, beta's history
+        got = await _cli(net, "get", "A:V2", "B:V2", "C:V2", "--url", alpha.url, "--json")
+        assert got.returncode == 0, got.stderr
+        assert [(v["name"], v["value"]) for v in json.loads(got.stdout)] == [("A:V2", 0.0), ("B:V2", 0.0), ("C:V2", 0.0)]
+        put = await _cli(net, "put", "B:V2", "4.25", "--url", alpha.url, "--json")
+        assert put.returncode == 0 and json.loads(put.stdout)["value"] == 4.25, put.stderr
+        assert (await s.get("B:V2")).value == 4.25
+        env = {**os.environ, "LABCTL_USER": OPERATOR, "LABCTL_PASSWORD": OPERATOR_PW}
+        argv = [sys.executable, "-m", "labctl", "monitor", "C:V2", "--url", alpha.url, "--json", "--count", "2", "--timeout", "20"]
+        monitor = net.spawn("d", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        try:
+            assert monitor.stdout is not None
+            first = json.loads(await asyncio.to_thread(monitor.stdout.readline) or "null")  # ends by --timeout at worst
+            assert first is not None and (first["name"], first["value"]) == ("C:V2", 0.0), monitor.stderr.read() if first is None else first
+            await s.put("C:V2", 5.5)
+            second = json.loads(await asyncio.to_thread(monitor.stdout.readline) or "null")
+            assert second is not None and (second["name"], second["value"]) == ("C:V2", 5.5), second
+            assert await asyncio.to_thread(monitor.wait, 30) == 0
+        finally:
+            if monitor.poll() is None:
+                monitor.kill()
+                monitor.wait(timeout=10)
+            for stream in (monitor.stdout, monitor.stderr):
+                if stream is not None:
+                    stream.close()
+        hist = await _cli(net, "history", "B:V0", "--url", alpha.url, "--since", "10m", "--json")
+        assert hist.returncode == 0, hist.stderr
+        assert 2.5 in [r["value"] for r in json.loads(hist.stdout)["rows"]], hist.stdout
+    finally:
+        await s.close()
+
+    # pyepics finds every server's PVs through alpha's name service, on the bridge (no search address at all)
+    entries = await directory(url)
+    env = {
+        "EPICS_CA_NAME_SERVERS": f"{alpha.address}:{entries['alpha'].ca_tcp_port}",
+        "EPICS_CA_ADDR_LIST": "",
+        "EPICS_CA_AUTO_ADDR_LIST": "NO",
+    }
+    async with pyepics(free_tcp_udp_port(), env=env) as client:  # its server port on loopback is served by no one
+        for pv, value in (("A:V3", 0.0), ("B:V0", 2.5), ("C:V1", 3.5)):  # each only on its owner's bridge address
+            found = await client.call("connect", pv=pv)
+            assert found["type"] == "DOUBLE" and found["read"], found
+            assert (await client.call("get", pv=pv))["value"] == value
+
+    # a user disabled with `labctl user disable` is refused on all three within seconds, open sessions closed
+    sessions = [await login(srv.url, ALICE, ALICE_PW) for srv in started.values()]
+    try:
+        rc, out, err = await run_labctl("user", "disable", ALICE, "--historian-url", url)
+        assert rc == 0, (out, err)
+        disabled_at = time.monotonic()
+        for srv in started.values():
+            await wait_for(lambda srv=srv: _login_refused(srv.url, ALICE, ALICE_PW), timeout=5, what=f"{ALICE} refused by {srv.name}")
+        for c in sessions:
+            await wait_for(lambda c=c: _session_closed(c), timeout=5, what=f"{ALICE}'s open session closed")
+        assert time.monotonic() - disabled_at < 10
+        for srv in started.values():  # the others are let in as before
+            await (await login(srv.url, OPERATOR, OPERATOR_PW)).disconnect()
+    finally:
+        for c in sessions:
+            with contextlib.suppress(Exception):
+                await c.disconnect()
