@@ -78,7 +78,9 @@ class Monitor:
         s._monitors.add(self)
         nodes, self._by_handle = [], {}
         for name in self.names:
-            for node_name, is_alarm in ((name, False), (alarm_node_name(name), True)):
+            meta = s._meta.get(name)
+            pairs = ((name, False), (alarm_node_name(name), True)) if meta is None or meta.alarm_state else ((name, False),)
+            for node_name, is_alarm in pairs:
                 node = s.client.get_node(s._node_id(node_name))
                 nodes.append(node)
                 self._by_handle[node.nodeid] = (name, is_alarm)

@@ -412,10 +412,17 @@ class Session:
         if missing:
             await self._infos(missing)
         reqs = []
-        for n in names:  # the value and its AlarmState, of the same reading
-            reqs += [(self._node_id(n), ua.AttributeIds.Value), (self._node_id(alarm_node_name(n)), ua.AttributeIds.Value)]
-        values = await self._read(reqs)
-        return [PVValue(n, reading_of(self._meta[n], values[2 * i], values[2 * i + 1]), self._meta[n]) for i, n in enumerate(names)]
+        for n in names:  # the value and its AlarmState (where the PV has one), of the same reading
+            reqs.append((self._node_id(n), ua.AttributeIds.Value))
+            if self._meta[n].alarm_state:
+                reqs.append((self._node_id(alarm_node_name(n)), ua.AttributeIds.Value))
+        values = iter(await self._read(reqs))
+        out = []
+        for n in names:
+            meta = self._meta[n]
+            value = next(values)
+            out.append(PVValue(n, reading_of(meta, value, next(values) if meta.alarm_state else None), meta))
+        return out
 
     # ---- commands -------------------------------------------------------------------
 

@@ -84,6 +84,9 @@ class Metadata:
     """Browse path below Objects, e.g. ``lab/magnet/MAG:TEMP:A`` (from :meth:`~labctl.clients.session.Session.list_pvs`)."""
     precision: int | None = None
     """Digits after the decimal point to show (the PV's PREC, OPC UA's ``ValuePrecision``); None: not declared."""
+    alarm_state: bool = True
+    """The PV has an ``AlarmState`` variable (it can be MINOR or MAJOR); without one its
+    severity is NO_ALARM or INVALID, from the Value's StatusCode alone."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,7 +289,7 @@ METADATA_ATTRIBUTES = (
 )
 #: The properties (``<PV name>.<property>`` nodes) read after :data:`METADATA_ATTRIBUTES`
 #: (``ValuePrecision``: Part 8's DataItemType property, digits after the decimal point of a Double).
-METADATA_PROPERTIES = ("EngineeringUnits", "EURange", "EnumStrings", "ValuePrecision")
+METADATA_PROPERTIES = ("EngineeringUnits", "EURange", "EnumStrings", "ValuePrecision", "AlarmState")
 _DATA_TYPES = {
     ua.ObjectIds.Double: PVType.FLOAT64,
     ua.ObjectIds.Float: PVType.FLOAT64,
@@ -308,7 +311,7 @@ def metadata_of(name: str, values: Sequence[ua.DataValue], path: str = "") -> Me
         ok = dv.StatusCode is None or dv.StatusCode.is_good()
         return dv.Value.Value if ok and dv.Value is not None else None
 
-    dtype, rank, dims, desc, access, user_access, hist, eu, eurange, states, prec = (good(v) for v in values)
+    dtype, rank, dims, desc, access, user_access, hist, eu, eurange, states, prec, alarm = (good(v) for v in values)
     t = _DATA_TYPES.get(dtype.Identifier) if isinstance(dtype, ua.NodeId) and dtype.NamespaceIndex == 0 else None
     if states and t in (PVType.INT, None):
         t = PVType.ENUM
@@ -329,4 +332,5 @@ def metadata_of(name: str, values: Sequence[ua.DataValue], path: str = "") -> Me
         historizing=bool(hist),
         path=path,
         precision=int(prec) if isinstance(prec, (int, float)) and not isinstance(prec, bool) and math.isfinite(prec) and 0 <= prec <= 17 else None,
+        alarm_state=alarm is not None,
     )

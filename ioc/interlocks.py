@@ -128,6 +128,10 @@ class Transition:
     reason: str
 
 
+#: The resource of the interlocks' state PVs.
+RESOURCE = "interlocks"
+
+
 def state_pv(name: str) -> str:
     """The PV that shows an interlock's state."""
     return f"ILK:{name.upper()}:STATE"
@@ -138,7 +142,7 @@ def state_pv_info(cfg: InterlockConfig) -> PVInfo:
     return PVInfo(
         name=state_pv(cfg.name),
         type=PVType.ENUM,
-        resource="interlocks",
+        resource=RESOURCE,
         description=(cfg.description or f"interlock {cfg.name}")[:40],
         states=STATES,
         initial=0,

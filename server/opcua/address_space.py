@@ -22,8 +22,12 @@ the length may vary] (:mod:`labctl.server.opcua.values`). Numeric PVs are Analog
 with EngineeringUnits and EURange (the display range, else the drive limits); a numeric
 PV with neither range is a BaseAnalogType, whose EURange is optional. Floating-point PVs
 carry their precision (EPICS PREC) as the DataItemType property ``ValuePrecision``. Description is the
-PV's description. Every PV has the component ``AlarmState`` (its EPICS severity and
-status, of the enumeration DataType ``EpicsAlarmState``: :mod:`labctl.server.opcua.values`).
+PV's description. A PV that can be in MINOR or MAJOR alarm (:func:`has_alarm_state`: it has
+alarm limits, is computed from other PVs, or is an interlock's state) has the component
+``AlarmState`` (its EPICS severity and status, of the enumeration DataType
+``EpicsAlarmState``: :mod:`labctl.server.opcua.values`). Any other PV is only ever NO_ALARM
+or INVALID, which its Value's StatusCode says (Good or Bad with the reason); leaving the
+variable out keeps a large site's address space (and its start-up) half the size.
 
 *Building.* :func:`build` lays out the folders (:func:`folder_layout`) and makes the
 folders and PV variables with a builder of :mod:`labctl.server.opcua.builders` (in bulk,
@@ -49,6 +53,7 @@ from dataclasses import dataclass, field
 from asyncua import ua
 from asyncua.server.address_space import AttributeValue
 from asyncua.server.internal_server import InternalServer
+from labctl.ioc.interlocks import RESOURCE as INTERLOCK_RESOURCE
 from labctl.ioc.pv import PVInfo
 from labctl.ioc.types import PVType, Reading
 from labctl.server.opcua.builders import Builder, BulkBuilder
@@ -96,9 +101,10 @@ class PVNode:
     nodeid: ua.NodeId
     value: AttributeValue
     """asyncua's holder of the Value attribute, written in place by the publisher."""
-    alarm: AttributeValue
-    """The Value of its ``AlarmState`` variable (severity and status), written by the publisher."""
-    alarm_nodeid: ua.NodeId
+    alarm: AttributeValue | None
+    """The Value of its ``AlarmState`` variable (severity and status), written by the publisher;
+    None for a PV without one (:func:`has_alarm_state`)."""
+    alarm_nodeid: ua.NodeId | None
 
 
 @dataclass
@@ -217,14 +223,17 @@ def build(iserver: InternalServer, idx: int, site: str, infos: list[PVInfo], *, 
     value = ua.AttributeIds.Value
     pvs = {}
     for info, nodeid in pending:
-        alarm_id = alarm_state_id(info.name, idx)
-        pvs[info.name] = PVNode(info, nodeid, aspace[nodeid].attributes[value], aspace[alarm_id].attributes[value], alarm_id)
+        if has_alarm_state(info):
+            alarm_id = alarm_state_id(info.name, idx)
+            pvs[info.name] = PVNode(info, nodeid, aspace[nodeid].attributes[value], aspace[alarm_id].attributes[value], alarm_id)
+        else:
+            pvs[info.name] = PVNode(info, nodeid, aspace[nodeid].attributes[value], None, None)
     return SiteNodes(
         namespace_index=idx,
         site_folder=site_folder,
         pvs=pvs,
         by_nodeid={n.nodeid: n for n in pvs.values()},
-        by_alarm_nodeid={n.alarm_nodeid: n for n in pvs.values()},
+        by_alarm_nodeid={n.alarm_nodeid: n for n in pvs.values() if n.alarm_nodeid is not None},
         session_user=session_ids[0],
         session_roles=session_ids[1],
         session_refusal=session_ids[2],
@@ -243,6 +252,8 @@ def mark_historizing(iserver: InternalServer, nodes: SiteNodes) -> None:
     levels: dict[int, AttributeValue] = {}
     for node in nodes.pvs.values():
         for nodeid in (node.nodeid, node.alarm_nodeid):  # the AlarmState's history is the PV's
+            if nodeid is None:
+                continue
             attrs = aspace[nodeid].attributes
             level = attrs[ua.AttributeIds.AccessLevel].value.Value.Value | HISTORY_READ  # type: ignore[union-attr]
             if level not in levels:
@@ -251,8 +262,9 @@ def mark_historizing(iserver: InternalServer, nodes: SiteNodes) -> None:
             attrs[ua.AttributeIds.Historizing] = historizing
         # The AlarmState is read-only for everyone: its UserAccessLevel is its AccessLevel
         # (a PV's own is answered per session, :mod:`labctl.server.opcua.sessions`).
-        alarm = aspace[node.alarm_nodeid].attributes
-        alarm[ua.AttributeIds.UserAccessLevel] = alarm[ua.AttributeIds.AccessLevel]
+        if node.alarm_nodeid is not None:
+            alarm = aspace[node.alarm_nodeid].attributes
+            alarm[ua.AttributeIds.UserAccessLevel] = alarm[ua.AttributeIds.AccessLevel]
 
 
 def store_readings(nodes: SiteNodes, read: Callable[[str], Reading]) -> None:
@@ -260,7 +272,18 @@ def store_readings(nodes: SiteNodes, read: Callable[[str], Reading]) -> None:
     for name, node in nodes.pvs.items():
         reading = read(name)
         node.value.value = data_value(node.info, reading)
-        node.alarm.value = alarm_state_value(reading)
+        if node.alarm is not None:
+            node.alarm.value = alarm_state_value(reading)
+
+
+def has_alarm_state(info: PVInfo) -> bool:
+    """Whether a PV can be in MINOR or MAJOR alarm, and so has an ``AlarmState`` variable.
+
+    Alarm limits make a PV MINOR or MAJOR, a computed PV takes its inputs' severity, an
+    interlock's state PV is MINOR or MAJOR when it trips; anything else is NO_ALARM or
+    INVALID only, which the Value's StatusCode carries.
+    """
+    return info.alarm is not None or info.expr is not None or info.resource == INTERLOCK_RESOURCE
 
 
 def alarm_state_id(name: str, idx: int) -> ua.NodeId:
@@ -340,6 +363,8 @@ def _pv_variable(b: Builder, info: PVInfo, browse: str, parent: ua.NodeId) -> ua
     elif info.type is PVType.ENUM:
         states = [ua.LocalizedText(s) for s in info.states]
         b.property(info.name, "EnumStrings", nodeid, ua.Variant(states, ua.VariantType.LocalizedText, is_array=True), ua.ObjectIds.LocalizedText)
+    if not has_alarm_state(info):
+        return nodeid
     b.variable(
         alarm_state_id(info.name, b.idx),
         ua.QualifiedName(ALARM_STATE, b.idx),

@@ -106,7 +106,7 @@ class Publisher:
             return
         reading = update.reading
         alarm = (reading.severity, reading.status)
-        if self._alarms.get(update.name) != alarm:
+        if node.alarm is not None and self._alarms.get(update.name) != alarm:
             self._alarms[update.name] = alarm
             self._store(node.alarm, alarm_state_value(reading))
         self._store(node.value, data_value(node.info, reading))
