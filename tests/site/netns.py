@@ -32,7 +32,7 @@ import os
 import shutil
 import signal
 import subprocess
-import time
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,16 +200,15 @@ class SiteNetwork:
     def _take_lock(self) -> None:
         LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-        deadline = time.monotonic() + LOCK_TIMEOUT_S
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    os.close(fd)
-                    raise RuntimeError(f"another run holds {LOCK_FILE} (its site network) for more than {LOCK_TIMEOUT_S:g} s") from None
-                time.sleep(0.1)
+        taken = threading.Event()
+
+        def take() -> None:  # blocks until the other run lets go: wait for that, not a poll
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            taken.set()
+
+        threading.Thread(target=take, name="site-network-lock", daemon=True).start()
+        if not taken.wait(LOCK_TIMEOUT_S):
+            raise RuntimeError(f"another run holds {LOCK_FILE} (its site network) for more than {LOCK_TIMEOUT_S:g} s")
         self._lock = fd
 
     def _release_lock(self) -> None:
