@@ -28,6 +28,8 @@ from labctl.ioc.types import EventMask, Update
 
 log = logging.getLogger(__name__)
 
+_AND = int.__and__
+
 
 @dataclass(eq=False)
 class Callback:
@@ -38,9 +40,13 @@ class Callback:
     names: frozenset[str] | None
     closed: bool = False
 
+    def __post_init__(self) -> None:
+        self._bits = int(self.mask)
+
     def wants(self, update: Update) -> bool:
         """Whether this subscriber receives ``update``."""
-        return bool(update.mask & self.mask) and (self.names is None or update.name in self.names)
+        # int's own operator: IntFlag's costs a microsecond, and this runs per post and subscriber.
+        return _AND(update.mask, self._bits) != 0 and (self.names is None or update.name in self.names)
 
     def deliver(self, update: Update) -> None:
         """Call the function; log (once per failure) and keep going if it raises."""
@@ -56,6 +62,7 @@ class Monitor:
     def __init__(self, names: Collection[str] | None, mask: EventMask, on_close: Callable[[Monitor], None]) -> None:
         self.names = frozenset(names) if names is not None else None
         self.mask = mask
+        self._bits = int(mask)
         self.dropped = 0
         """Updates replaced by a newer one before the consumer took them."""
         self._pending: dict[str, Update] = {}
@@ -65,7 +72,7 @@ class Monitor:
 
     def wants(self, update: Update) -> bool:
         """Whether this monitor receives ``update``."""
-        return bool(update.mask & self.mask) and (self.names is None or update.name in self.names)
+        return _AND(update.mask, self._bits) != 0 and (self.names is None or update.name in self.names)
 
     def deliver(self, update: Update) -> None:
         """Queue ``update``, replacing a pending one of the same PV (masks are merged)."""

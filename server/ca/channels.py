@@ -110,6 +110,10 @@ from labctl.server.ca.metadata import MAX_ENUM_STATES, long_string_bytes, numeri
 from labctl.server.ca.monitors import EventEncoder, epics_stamp, fast_type
 from labctl.server.ca.wire import ENCODING, VALUE_TYPES, clip_strings, plain_value, wire_values
 
+# Enum members by value: calling an IntEnum costs a microsecond, a dict lookup a tenth (once per post).
+_ALARM_STATUS = {int(m): m for m in AlarmStatus}
+_ALARM_SEVERITY = {int(m): m for m in AlarmSeverity}
+
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 #: Event bits of a database update -> caproto subscription flags (one table, by name).
@@ -348,8 +352,8 @@ class ServedChannel(MaskedChannel):
         data["value"] = self.preprocess_value(value)
         data["timestamp"] = TimeStamp(*stamp)
         alarm = self._alarm._data
-        alarm["status"] = AlarmStatus(status)
-        alarm["severity"] = AlarmSeverity(severity)
+        alarm["status"] = _ALARM_STATUS[status]
+        alarm["severity"] = _ALARM_SEVERITY[severity]
         self._content.clear()
         if self._direct:
             flags = int(mask)  # EventMask bits are the DBE_* bits

@@ -32,8 +32,6 @@ WIDTHS_S: tuple[int, ...] = (60,)
 
 #: Severity at and above which a sample is not aggregated (EPICS INVALID).
 INVALID = 3
-#: PV ids per IN list (well below SQLite's bound-parameter limit).
-_CHUNK = 500
 
 
 @dataclass(slots=True)
@@ -120,36 +118,12 @@ def valid_numeric(rows: Iterable[tuple]) -> list[tuple[int, int, int, float]]:
     return out
 
 
-def _cell_from_row(row) -> Aggregate:
-    r = row._mapping  # not attributes: a Row is a tuple, and tuple.count would shadow the column
-    return Aggregate(
-        r["count"], r["min"], r["max"], r["sum"], r["first_us"], r["first_seq"], r["first_val"],
-        r["last_us"], r["last_seq"], r["last_val"],
-    )
-
-
 def _cell_values(pv_id: int, width_s: int, start_us: int, a: Aggregate) -> dict:
     return {
         "pv_id": pv_id, "width_s": width_s, "start_us": start_us, "count": a.count, "min": a.min, "max": a.max,
         "sum": a.sum, "first_us": a.first_us, "first_seq": a.first_seq, "first_val": a.first,
         "last_us": a.last_us, "last_seq": a.last_seq, "last_val": a.last,
     }
-
-
-def _read_cells(conn: Connection, width_s: int, keys: Iterable[Key]) -> dict[Key, Aggregate]:
-    keys = list(keys)
-    pv_ids = sorted({k[0] for k in keys})
-    lo, hi = min(k[1] for k in keys), max(k[1] for k in keys)
-    out: dict[Key, Aggregate] = {}
-    r_ = sample_rollup.c
-    for i in range(0, len(pv_ids), _CHUNK):
-        rows = conn.execute(
-            select(sample_rollup).where(
-                r_.width_s == width_s, r_.pv_id.in_(pv_ids[i : i + _CHUNK]), r_.start_us >= lo, r_.start_us <= hi
-            )
-        ).all()
-        out.update({(r.pv_id, r.start_us): _cell_from_row(r) for r in rows})
-    return out
 
 
 def _write_cells(conn: Connection, kind: str, width_s: int, cells: Mapping[Key, Aggregate]) -> None:
@@ -164,11 +138,46 @@ def _write_cells(conn: Connection, kind: str, width_s: int, cells: Mapping[Key, 
     conn.execute(stmt, [_cell_values(pv_id, width_s, start, a) for (pv_id, start), a in cells.items()])
 
 
+_MERGE_COLUMNS = (  # fmt: skip
+    "pv_id", "width_s", "start_us", "count", "min", "max", "sum",
+    "first_us", "first_seq", "first_val", "last_us", "last_seq", "last_val",
+)
+
+
+def _merge_sql(kind: str) -> str:
+    """An upsert that merges a new cell into the stored one, in the database (:meth:`Aggregate.merge` in SQL).
+
+    Every right-hand side of ``SET`` reads the row as it was before the update, on SQLite and
+    PostgreSQL alike, so the first/last comparisons see the old ``first_us``/``last_us``.
+    """
+    least, greatest, mark = ("LEAST", "GREATEST", "%s") if kind == "postgresql" else ("min", "max", "?")
+    t = "sample_rollup"
+    earlier = f"(excluded.first_us, excluded.first_seq) < ({t}.first_us, {t}.first_seq)"
+    later = f"(excluded.last_us, excluded.last_seq) > ({t}.last_us, {t}.last_seq)"
+    sets = [
+        f"count = {t}.count + excluded.count",
+        f"min = {least}({t}.min, excluded.min)",
+        f"max = {greatest}({t}.max, excluded.max)",
+        f"sum = {t}.sum + excluded.sum",
+        *(f"{c} = CASE WHEN {earlier} THEN excluded.{c} ELSE {t}.{c} END" for c in ("first_us", "first_seq", "first_val")),
+        *(f"{c} = CASE WHEN {later} THEN excluded.{c} ELSE {t}.{c} END" for c in ("last_us", "last_seq", "last_val")),
+    ]
+    return (
+        f"INSERT INTO {t} ({', '.join(_MERGE_COLUMNS)}) VALUES ({', '.join([mark] * len(_MERGE_COLUMNS))}) "
+        f"ON CONFLICT (pv_id, width_s, start_us) DO UPDATE SET {', '.join(sets)}"
+    )
+
+
+_MERGE_SQL = {kind: _merge_sql(kind) for kind in ("sqlite", "postgresql")}
+
+
 def maintain(conn: Connection, kind: str, rows: list[tuple[int, int, int, float]], exact: bool) -> None:
     """Bring the rollup cells covering ``rows`` up to date, in the caller's transaction.
 
-    ``exact``: every one of ``rows`` was newly inserted (merge them in); otherwise some
-    were already archived and the affected cells are recomputed from the raw rows.
+    ``exact``: every one of ``rows`` was newly inserted: their aggregates are merged into
+    the stored cells by one upsert, in the database (no read of the cells, and little
+    Python on the historian's thread, which shares the interpreter with the event loop).
+    Otherwise some were already archived and the affected cells are recomputed from the raw rows.
     """
     if not rows:
         return
@@ -176,14 +185,14 @@ def maintain(conn: Connection, kind: str, rows: list[tuple[int, int, int, float]
         width_us = width_s * 1_000_000
         delta = aggregate(rows, width_us)
         if exact:
-            cells = _read_cells(conn, width_s, delta)
-            for key, d in delta.items():
-                old = cells.get(key)
-                if old is None:
-                    cells[key] = d
-                else:
-                    old.merge(d)
-            _write_cells(conn, kind, width_s, {k: cells[k] for k in delta})
+            conn.exec_driver_sql(
+                _MERGE_SQL[kind],
+                [
+                    (pv_id, width_s, start, a.count, a.min, a.max, a.sum, a.first_us, a.first_seq, a.first,
+                     a.last_us, a.last_seq, a.last)
+                    for (pv_id, start), a in delta.items()
+                ],
+            )  # fmt: skip
         else:
             recompute(conn, kind, width_s, delta.keys())
 

@@ -71,6 +71,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_ALARM = int(EventMask.ALARM)
+
 T = TypeVar("T")
 Time = float | dt.datetime
 """UNIX seconds, or an aware datetime."""
@@ -235,7 +237,8 @@ class Historian:
 
     def _on_update(self, update: Update) -> None:
         # Inline on the loop for every archived update: queue it and return.
-        self.ingestor.put(update.name, update.reading, bool(update.mask & EventMask.ALARM))  # type: ignore[union-attr]
+        alarm = int.__and__(update.mask, _ALARM) != 0  # int's operator: IntFlag's costs a microsecond
+        self.ingestor.put(update.name, update.reading, alarm)  # type: ignore[union-attr]
 
     def _on_audit(self, record: AuditRecord) -> None:
         if self._accepting and self.ingestor is not None:

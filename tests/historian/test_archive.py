@@ -14,10 +14,10 @@ import time
 import pytest
 from labctl.ioc.errors import PermissionDenied, UnknownPV, WrongType
 from labctl.ioc.types import Identity, Reading, Severity, Status
-from labctl.server.historian import Historian, HistorianError, SchemaTooNew, query
+from labctl.server.historian import Historian, HistorianError, SchemaTooNew, query, rollup
 from labctl.server.historian.encoding import to_us
 from labctl.server.historian.ingest import apply_retention
-from labctl.server.historian.schema import SCHEMA_VERSION, pv, pv_meta, sample_rollup, schema_version
+from labctl.server.historian.schema import SCHEMA_VERSION, pv, pv_meta, sample, sample_rollup, schema_version
 from sqlalchemy import create_engine, func, inspect, select, update
 
 from tests.helpers import wait_for
@@ -272,28 +272,47 @@ async def test_processed_buckets_from_rollups_and_raw_rows_agree(db, archive_url
 
 
 async def test_rollups_equal_their_raw_rows(db, archive_url, start_historian):
-    """Cells are merged batch by batch; afterwards each equals a recomputation from raw rows."""
+    """Cells are merged batch by batch, in the database; afterwards each equals its raw rows' aggregate.
+
+    Samples arrive out of time order across batches (a later batch brings earlier and later
+    times of a cell already stored), so every field of the merge is exercised: count, min,
+    max, sum, and first and last by time.
+    """
     h = await start_historian(db, archive_url, batch_size=7)
     t0 = future_minute()
-    for i in range(200):
-        db.post("CRYO:RAW", float((i * 37) % 11 + 1), t0 + i * 0.9)
+    n = 200
+    for i in range(n):
+        k = (i * 37) % n  # a permutation of the times: each batch straddles the others'
+        db.post("CRYO:RAW", float((k * 13) % 11 + 1), t0 + k * 0.9)
         if i % 50 == 0:
             await h.flush()  # several batches per cell
     assert await h.flush()
+    columns = ("start_us", "count", "min", "max", "sum", "first_us", "first_seq", "first_val", "last_us", "last_seq", "last_val")
     engine = create_engine(h.url)
     try:
         with engine.connect() as conn:
             pv_id = conn.execute(select(pv.c.id).where(pv.c.name == "CRYO:RAW")).scalar_one()
             cells = conn.execute(
-                select(sample_rollup.c.start_us, sample_rollup.c["count"], sample_rollup.c.sum)
+                select(*(sample_rollup.c[c] for c in columns))
                 .where(sample_rollup.c.pv_id == pv_id, sample_rollup.c.start_us >= int(t0 * 1e6))
                 .order_by(sample_rollup.c.start_us)
             ).all()
+            raw = conn.execute(
+                select(sample.c.pv_id, sample.c.time_us, sample.c.seq, sample.c.float_val, sample.c.num_val,
+                       sample.c.str_val, sample.c.array_val, sample.c.severity)
+                .where(sample.c.pv_id == pv_id, sample.c.time_us >= int(t0 * 1e6))
+            ).all()  # fmt: skip
     finally:
         engine.dispose()
-    assert sum(c[1] for c in cells) == 200
+    assert sum(c[1] for c in cells) == n
+    expected = rollup.aggregate(rollup.valid_numeric(raw), 60_000_000)
+    assert len(cells) == len(expected) >= 3
+    for row in cells:
+        a = expected[(pv_id, row[0])]
+        want = (a.count, a.min, a.max, pytest.approx(a.sum), a.first_us, a.first_seq, a.first, a.last_us, a.last_seq, a.last)
+        assert tuple(row[1:]) == want, f"cell at {row[0]}"
     buckets = await h.read_processed_many(["CRYO:RAW"], t0, t0 + 180, 60, use_rollups=False)
-    assert [(c[1], c[2]) for c in cells] == [(b.count, pytest.approx(b.mean * b.count)) for b in buckets["CRYO:RAW"]]
+    assert [(c[1], c[4]) for c in cells] == [(b.count, pytest.approx(b.mean * b.count)) for b in buckets["CRYO:RAW"]]
 
 
 # ---- schema ---------------------------------------------------------------------------------------
