@@ -29,12 +29,30 @@ the first service to start and the last to stop:
   previous heartbeat lapsed.
 * ``stop()`` marks the server ``stopped`` (down at once; its PVs may be taken over).
 
-Reading the directory: :attr:`SiteDirectoryService.servers` is the site as of the last
-heartbeat (listeners added with :meth:`SiteDirectoryService.add_listener` are called on
-the event loop when it changes); :meth:`SiteDirectoryService.read_servers` and
-:meth:`SiteDirectoryService.read_owners` ask the database now. Other services reach it as
-``server.service("sitedir")``. Without a server, ``labctl servers`` and
-:func:`open_site_database` with :mod:`labctl.server.historian.directory` read the same tables.
+Reading the directory. The service keeps the server's one copy of the site in memory,
+for every part of the server that needs it (the Channel Access name service, the OPC UA
+``Site`` folder and ``FindOwners``), so none of them queries the database for it:
+
+* :attr:`SiteDirectoryService.servers`: the site's servers as of the last heartbeat (each
+  heartbeat reads them in its transaction);
+* :attr:`SiteDirectoryService.owners`: the *owner map*, PV name -> owning server, for
+  every PV of the site. A heartbeat (or registration) reads it whole, in the same
+  transaction as the servers, only when ownership may have changed: when a server's
+  registration time or PV count differs from those of the last reading, or a server
+  came or went (:func:`~labctl.server.siteinfo.ownership`), and until it was read once.
+  While the database is away the last reading stays. :meth:`SiteDirectoryService.lookup_owners`
+  reads the owners of a few names now and adds those found (the CA name service asks
+  for names searched between two readings).
+
+Listeners added with :meth:`SiteDirectoryService.add_listener` are called on the event
+loop when a server comes, goes or changes, and when the owner map was read again;
+:meth:`SiteDirectoryService.read_servers` and :meth:`SiteDirectoryService.read_owners`
+ask the database now and change nothing. Other services reach the service as
+``server.service("sitedir")``, typed by :class:`~labctl.server.siteinfo.SiteDirectory`.
+Without a server, ``labctl servers`` and :func:`open_site_database` with
+:mod:`labctl.server.historian.directory` read the same tables; the table it prints is
+the client's (:func:`labctl.clients.cli.servers.format_servers`), so both ways of
+``labctl servers`` print the same.
 """
 
 from __future__ import annotations
@@ -49,10 +67,10 @@ import os
 import socket
 import sys
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from labctl.ioc.alarms import SUMMARY_PVS
@@ -67,11 +85,13 @@ from labctl.server.siteinfo import (
     HEALTH_DEGRADED,
     HEALTH_OK,
     HEALTH_STARTING,
+    Ownership,
     ServerEntry,
     SiteDirectoryError,
     check_server_name,
     default_server_name,
     is_site_database,
+    ownership,
 )
 from sqlalchemy import insert, inspect
 
@@ -79,6 +99,7 @@ from labctl import __version__
 from labctl.supervision import Supervisor
 
 if TYPE_CHECKING:
+    from labctl.clients.site import ServerInfo
     from labctl.server.app import Server
 
 log = logging.getLogger(__name__)
@@ -96,6 +117,10 @@ class _Outcome:
     claimed: sql.Claimed | None = None
     superseded: ServerEntry | None = None
     servers: list[ServerEntry] = field(default_factory=list)
+    owners: dict[str, str] | None = None
+    """The owner map, read whole because ownership changed (None: not read, unchanged)."""
+    ownership: Ownership | None = None
+    """:func:`~labctl.server.siteinfo.ownership` of ``servers``, when ``owners`` was read."""
 
 
 class SiteDirectoryService:
@@ -120,6 +145,11 @@ class SiteDirectoryService:
         self.host = socket.gethostname()
         self.servers: tuple[ServerEntry, ...] = ()
         """The site's servers as of the last heartbeat, by name (this one included)."""
+        self.owners_loaded = False
+        """Whether the owner map (:attr:`owners`) was read at least once."""
+        self._owners: dict[str, str] = {}
+        self._ownership: Ownership | None = None
+        """What the owner map was last read for (:func:`~labctl.server.siteinfo.ownership` of the servers then)."""
         self.conflicts: list[tuple[str, ServerEntry]] = []
         """PVs of this server owned by other servers that are up (only after a start without the database)."""
         self.registered = False
@@ -147,7 +177,7 @@ class SiteDirectoryService:
         self._backend = open_backend(self.url, application_name=f"labctl site directory {self.server_name}", pool_size=1)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="site-directory")
         try:
-            outcome = await self._call(self._register, True)
+            outcome = await self._call(self._register, self._ownership)
         except SiteDirectoryError:
             self._close()
             raise
@@ -211,6 +241,20 @@ class SiteDirectoryService:
         self._listeners.remove(callback)
 
     @property
+    def owners(self) -> Mapping[str, str]:
+        """PV name -> owning server, for every PV of the site, as last read (see the module docstring); read-only."""
+        return MappingProxyType(self._owners)
+
+    async def lookup_owners(self, names: Iterable[str]) -> dict[str, str]:
+        """The owners of ``names`` read now (those that have one), added to :attr:`owners`; raises if unreadable.
+
+        For names the owner map lacks: a server that registered since the last heartbeat.
+        """
+        found = await self.read_owners(names)
+        self._owners.update(found)
+        return found
+
+    @property
     def me(self) -> ServerEntry | None:
         """This server's entry as of the last heartbeat."""
         return next((e for e in self.servers if e.name == self.server_name), None)
@@ -238,7 +282,7 @@ class SiteDirectoryService:
         async with self._lock:
             beat = self._beat_fields()
             try:
-                outcome = await self._call(self._heartbeat, beat)
+                outcome = await self._call(self._heartbeat, beat, self._ownership)
             except SiteDirectoryError as e:  # registering again was refused (the name, the site)
                 self.refused = str(e)
                 log.error("site directory: server %r no longer heartbeats: %s", self.server_name, e)
@@ -274,8 +318,11 @@ class SiteDirectoryService:
             self.conflicts = claimed.conflicts
             self._report(claimed, first)
         self.servers = tuple(outcome.servers)
+        if outcome.owners is not None:
+            self._owners, self._ownership, self.owners_loaded = outcome.owners, outcome.ownership, True
+            log.debug("site directory: %d PVs of %d servers", len(self._owners), len(set(self._owners.values())))
         shown = tuple(tuple(getattr(e, f) for f in _SHOWN) for e in self.servers)
-        if shown != self._shown:
+        if shown != self._shown or outcome.owners is not None:
             self._shown = shown
             for callback in list(self._listeners):
                 try:
@@ -365,34 +412,37 @@ class SiteDirectoryService:
                      version, self._backend.display_url)
         self._schema_ready = True
 
-    def _register(self, refuse: bool, health: str = HEALTH_STARTING) -> _Outcome:
+    def _claim(self, conn: Any, refuse: bool, health: str) -> sql.Claimed:
+        return sql.register(conn, self._registration(self._pv_names, health), refuse_conflicts=refuse)
+
+    def _register(self, known: Ownership | None) -> _Outcome:
+        """At start: register, refusing PVs owned by servers that are up, and read the site."""
         assert self._backend is not None
         self._ensure_schema()
         with self._backend.engine.begin() as conn:
-            claimed = sql.register(conn, self._registration(self._pv_names, health), refuse_conflicts=refuse)
-            return _Outcome(claimed=claimed, servers=sql.read_servers(conn))
+            return _read_site(conn, known, claimed=self._claim(conn, True, HEALTH_STARTING))
 
-    def _heartbeat(self, beat: sql.Beat) -> _Outcome:
+    def _heartbeat(self, beat: sql.Beat, known: Ownership | None) -> _Outcome:
         assert self._backend is not None
         if self.registered and self.database_up:
             with self._backend.engine.begin() as conn:
                 result, other = sql.heartbeat(conn, self.server_name, self.instance, beat)
                 if result == "superseded":
-                    return _Outcome(superseded=other, servers=sql.read_servers(conn))
+                    return _read_site(conn, known, superseded=other)
                 if result == "ok":
-                    return _Outcome(servers=sql.read_servers(conn))
+                    return _read_site(conn, known)
             # lapsed or missing: others may have taken PVs over, or this is a new database
             log.warning("site directory: the heartbeat of server %r had %s; registering again", self.server_name,
                         "lapsed" if result == "lapsed" else "no row")
-        outcome = self._register(False, beat.health)
-        assert outcome.claimed is not None
-        if outcome.claimed.conflicts:  # the health computed on the loop did not know them yet
-            detail = "; ".join(d for d in (_conflict_detail(outcome.claimed.conflicts), beat.detail) if d)
+        self._ensure_schema()
+        with self._backend.engine.begin() as conn:
+            claimed = self._claim(conn, False, beat.health)
+        if claimed.conflicts:  # the health computed on the loop did not know them yet
+            detail = "; ".join(d for d in (_conflict_detail(claimed.conflicts), beat.detail) if d)
             beat = dataclasses.replace(beat, health=HEALTH_CONFLICT, detail=detail)
         with self._backend.engine.begin() as conn:
             sql.heartbeat(conn, self.server_name, self.instance, beat)  # the endpoints, at once
-            outcome.servers = sql.read_servers(conn)
-        return outcome
+            return _read_site(conn, known, claimed=claimed)
 
     def _mark_stopped(self) -> None:
         assert self._backend is not None
@@ -403,6 +453,15 @@ class SiteDirectoryService:
         assert self._backend is not None
         with self._backend.engine.connect() as conn:
             return fn(conn)
+
+
+def _read_site(conn: Any, known: Ownership | None, **found: Any) -> _Outcome:
+    """The site's servers, and the owner map if ownership changed since ``known`` (on the directory's thread)."""
+    servers = sql.read_servers(conn)
+    now = ownership(servers)
+    if now == known:
+        return _Outcome(servers=servers, **found)
+    return _Outcome(servers=servers, owners=sql.read_owners(conn), ownership=now, **found)
 
 
 def _conflict_detail(conflicts: list[tuple[str, ServerEntry]]) -> str:
@@ -530,18 +589,25 @@ def cmd_servers(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_servers(servers: list[ServerEntry]) -> str:
-    """The ``labctl servers`` table: one line per server, its health detail indented under it."""
-    head = ("NAME", "STATE", "HEALTH", "OPC UA", "CHANNEL ACCESS", "VERSION", "PVS", "STARTED (UTC)", "LAST HEARTBEAT")
-    rows = []
-    for e in servers:
-        ca = f"{e.ca_address}:{e.ca_port}" if e.ca_address else "-"
-        started = datetime.fromtimestamp(e.started, UTC).strftime("%Y-%m-%d %H:%M:%S")
-        rows.append((e.name, e.state, e.health, e.opcua_endpoint or "-", ca, e.version, str(e.pv_count), started, f"{e.age_s:.1f} s ago"))
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    lines = []
-    for i, r in enumerate([head, *rows]):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-        if i and servers[i - 1].detail:
-            lines.append(f"    {servers[i - 1].detail}")
-    return "\n".join(lines)
+def format_servers(servers: Sequence[ServerEntry]) -> str:
+    """The ``labctl servers`` table of directory rows, their ages by the database's clock.
+
+    The table is the client's (:func:`labctl.clients.cli.servers.format_servers`), so the
+    command prints the same whether it reads the database or asks a server.
+    """
+    from labctl.clients.cli.servers import format_servers as table
+
+    # every row of one reading was aged from the same database time; a heartbeat newer than it has age 0
+    now = min((e.heartbeat + e.age_s for e in servers), default=0.0)
+    return table([_server_info(e) for e in servers], now)
+
+
+def _server_info(entry: ServerEntry) -> ServerInfo:
+    """A directory row as a client sees a server in a ``Site`` folder (for the one ``labctl servers`` table)."""
+    from labctl.clients.site import ServerInfo
+
+    return ServerInfo(
+        name=entry.name, endpoint=entry.opcua_endpoint, state=entry.state, health=entry.health, detail=entry.detail,
+        version=entry.version, pv_count=entry.pv_count, host=entry.host, ca_address=entry.ca_address,
+        ca_port=entry.ca_port, ca_tcp_port=entry.ca_tcp_port, started=entry.started, heartbeat=entry.heartbeat,
+    )  # fmt: skip

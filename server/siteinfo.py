@@ -22,16 +22,19 @@ are the site file's ``users``.
 
 This module holds only plain data, settings and errors, with no database code, so the
 protocol adapters can read the directory through the services that keep it without
-depending on the historian (:mod:`labctl.server.historian.directory` holds the tables).
+depending on the historian (:mod:`labctl.server.historian.directory` holds the tables):
+:class:`SiteDirectory` is what they read of the directory service, which keeps the one
+copy of the site's servers and of the PV -> owner map that every adapter answers from.
 """
 
 from __future__ import annotations
 
 import re
 import socket
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from labctl.ioc.config.base import Model, PositiveSeconds
 from labctl.ioc.errors import LabctlError
@@ -135,6 +138,55 @@ class ServerEntry:
         doc["age_s"] = round(self.age_s, 3)
         doc["state"] = self.state
         return doc
+
+
+#: Each server's (name, registration time, PV count): see :func:`ownership`.
+Ownership = tuple[tuple[str, float, int], ...]
+
+
+def ownership(servers: Iterable[ServerEntry]) -> Ownership:
+    """What changes when PVs may have changed hands: each server's registration time and PV count.
+
+    A server registers (taking over PVs of servers that are down, dropping PVs no longer in
+    its site file) when it starts and when its heartbeat had lapsed, and each registration
+    sets ``started``; a server forgotten with ``labctl servers --forget`` leaves the tuple.
+    """
+    return tuple(sorted((e.name, e.started, e.pv_count) for e in servers))
+
+
+class SiteDirectory(Protocol):
+    """What the protocol adapters read from the site directory service (``server.service("sitedir")``).
+
+    The service (:class:`labctl.server.sitedir.SiteDirectoryService`) keeps the site's
+    servers and the owner map in memory, on the event loop; the adapters answer from
+    these and never query the database for them.
+    """
+
+    server_name: str
+    """This server's name in the directory."""
+    servers: tuple[ServerEntry, ...]
+    """The site's servers as of the last heartbeat, by name."""
+    config: DirectoryConfig
+    """``server.directory`` of the site file."""
+    owners_loaded: bool
+    """Whether the owner map was read at least once."""
+
+    @property
+    def owners(self) -> Mapping[str, str]:
+        """PV name -> owning server, for every PV of the site, as last read (read-only)."""
+        ...
+
+    def add_listener(self, callback: Callable[[tuple[ServerEntry, ...]], None]) -> None:
+        """Call ``callback(servers)`` on the event loop when a server comes, goes or changes, or the owners were read."""
+        ...
+
+    def remove_listener(self, callback: Callable[[tuple[ServerEntry, ...]], None]) -> None:
+        """Stop calling ``callback``."""
+        ...
+
+    async def lookup_owners(self, names: Iterable[str]) -> dict[str, str]:
+        """The owners of ``names`` read now (off the event loop), added to :attr:`owners`; raises if unreadable."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,11 @@ command) and lists the servers its ``Objects/<site>/Site`` folder shows
 (:meth:`labctl.clients.session.Session.servers`): the same table, or with ``--json`` the
 same JSON objects. A server that is not part of a site has no such folder: that is an
 error (exit status 1) saying so.
+
+:func:`format_servers` is the one ``labctl servers`` table: the command reading the
+database (:mod:`labctl.server.sitedir`) prints its rows through it too, as
+:class:`~labctl.clients.site.ServerInfo` (clients may not import the server; the server
+may import clients).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import time
+from collections.abc import Sequence
 
 from labctl.clients.cli.output import print_json
 from labctl.clients.cli.runner import run
@@ -47,8 +53,12 @@ def cmd_servers(args: argparse.Namespace) -> int:
     return run(args, body)
 
 
-def format_servers(servers: list[ServerInfo], now: float) -> str:
-    """The ``labctl servers`` table: one line per server, its health detail indented under it."""
+def format_servers(servers: Sequence[ServerInfo], now: float) -> str:
+    """The ``labctl servers`` table: one line per server, its health detail indented under it.
+
+    ``now`` is the time the heartbeats' ages are reckoned from, in UNIX seconds on the
+    clock of the heartbeats (the site database's). A time that is not known shows as ``-``.
+    """
     head = ("NAME", "STATE", "HEALTH", "OPC UA", "CHANNEL ACCESS", "VERSION", "PVS", "STARTED (UTC)", "LAST HEARTBEAT")
     rows = []
     for e in servers:

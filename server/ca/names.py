@@ -21,22 +21,25 @@ own PVs, so a client whose ``EPICS_CA_ADDR_LIST`` lists every server finds every
 
 Where the answers come from. Nothing here queries the database per search, nor on the
 event loop: :class:`NameTable` answers from memory, and :class:`NameService` keeps it
-up to date in one task, through the site directory service (which runs its queries on
-its own thread):
+up to date through the site directory service (:mod:`labctl.server.sitedir`), which
+runs its queries on its own thread:
 
-* the *owner map* (PV name -> server name) is read whole when the service starts and
-  again whenever a server of the site starts, registers again, or changes its PV count
-  (the directory's listener tells; see :meth:`NameService.servers_changed`); whether an
-  owner is up is taken from the directory's latest heartbeat, so a server that stopped
-  or whose heartbeat lapsed is not answered for from the next heartbeat on;
+* the *owner map* (PV name -> server name) is the directory service's own: it reads it
+  whole when a server of the site starts, registers again, or changes its PV count, once
+  for the whole server (the OPC UA ``Site`` folder answers from the same map), and its
+  listener hands the new map to the table (:meth:`NameService.servers_changed`). Whether
+  an owner is up is taken from the directory's latest heartbeat, so a server that
+  stopped or whose heartbeat lapsed is not answered for from the next heartbeat on;
 * a name the owner map does not hold is *looked up*: searched names are collected
   (at most :data:`PENDING_MAX` at a time), and looked up in batches of
-  :data:`LOOKUP_BATCH`, at most one query per :data:`MIN_QUERY_INTERVAL_S`. The search
-  itself gets no answer; libca repeats unanswered searches, and its next one is answered
-  from what the lookup found. Names found are added to the owner map; names not found go
-  to a *negative cache* (at most :data:`NEGATIVE_MAX` names, oldest dropped first, each
-  for :data:`NEGATIVE_TTL_S`), so a client searching for a name no server owns (a typo,
-  a PV of another control system) costs one lookup per TTL, not one per search;
+  :data:`LOOKUP_BATCH`, at most one query per :data:`MIN_QUERY_INTERVAL_S`, in one
+  supervised task. The search itself gets no answer; libca repeats unanswered searches,
+  and its next one is answered from what the lookup found. Names found are added to the
+  directory's owner map (:meth:`~labctl.server.siteinfo.SiteDirectory.lookup_owners`);
+  names not found go to a *negative cache* (at most :data:`NEGATIVE_MAX` names, oldest
+  dropped first, each for :data:`NEGATIVE_TTL_S`), so a client searching for a name no
+  server owns (a typo, a PV of another control system) costs one lookup per TTL, not
+  one per search. Nothing is looked up before the directory first read the owner map;
 * the address in a reply is the first of the owner's published CA interfaces
   (``ca_address`` in the directory: ``server.directory.address`` when set, else the
   interfaces it bound, with this host's name for a wildcard). A host name is resolved
@@ -60,10 +63,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from types import MappingProxyType
 
 from labctl.ioc.config.pvs import PV_NAME
-from labctl.server.siteinfo import ServerEntry
+from labctl.server.siteinfo import Ownership, ServerEntry, SiteDirectory, ownership
 
 from labctl.backoff import Backoff
 from labctl.supervision import Supervisor
@@ -98,25 +101,6 @@ class Redirect:
     """IPv4 address (dotted quad)."""
     port: int
     """The server's CA TCP port."""
-
-
-class SiteDirectory(Protocol):
-    """What the name service reads from the site directory service (``server.service("sitedir")``)."""
-
-    server_name: str
-    servers: tuple[ServerEntry, ...]
-
-    def add_listener(self, callback: Callable[[tuple[ServerEntry, ...]], None]) -> None:
-        """Call ``callback(servers)`` on the event loop when a server comes, goes or changes."""
-        ...
-
-    def remove_listener(self, callback: Callable[[tuple[ServerEntry, ...]], None]) -> None:
-        """Stop calling ``callback``."""
-        ...
-
-    async def read_owners(self, names: Iterable[str] | None = None) -> dict[str, str]:
-        """PV name -> owning server, now (all PVs of the site, or those named), off the event loop."""
-        ...
 
 
 def pv_of(name: str, prefix: str = "") -> str | None:
@@ -155,15 +139,6 @@ def ipv4(host: str) -> str | None:
         return None
 
 
-def ownership(servers: Iterable[ServerEntry]) -> tuple[tuple[str, float, int], ...]:
-    """What changes when PVs may have changed hands: each server's registration time and PV count.
-
-    A server registers (taking over PVs of servers that are down) when it starts and when
-    its heartbeat had lapsed; each registration sets ``started``.
-    """
-    return tuple(sorted((e.name, e.started, e.pv_count) for e in servers))
-
-
 class NameTable:
     """Answers name searches from memory (pure: no I/O, the time passed in)."""
 
@@ -182,8 +157,8 @@ class NameTable:
         self.negative_ttl_s = negative_ttl_s
         self.negative_max = negative_max
         self.pending_max = pending_max
-        self.owners: dict[str, str] = {}
-        """PV name -> owning server, as last read (and looked up since)."""
+        self.owners: Mapping[str, str] = MappingProxyType({})
+        """PV name -> owning server: the site directory's owner map (read-only here)."""
         self.loaded = False
         """Whether the owner map was read at least once."""
         self.servers: dict[str, ServerEntry] = {}
@@ -218,8 +193,8 @@ class NameTable:
                 unresolved.add(host)
         return unresolved
 
-    def replace_owners(self, owners: dict[str, str]) -> None:
-        """Take a whole new reading of the owner map."""
+    def replace_owners(self, owners: Mapping[str, str]) -> None:
+        """Answer from ``owners`` (the directory's map, as read whole; looked-up names are added to it there)."""
         self.owners = owners
         self.loaded = True
 
@@ -235,11 +210,12 @@ class NameTable:
         return batch
 
     def learned(self, asked: Iterable[str], found: Mapping[str, str], now: float) -> None:
-        """A lookup of ``asked`` found ``found`` (PV -> owner); the others are owned by no server."""
+        """A lookup of ``asked`` found ``found`` (PV -> owner); the others are owned by no server.
+
+        The directory added what was found to the owner map; here the others go to the negative cache.
+        """
         for pv in asked:
-            owner = found.get(pv)
-            if owner is not None:
-                self.owners[pv] = owner
+            if pv in found:
                 self._negative.pop(pv, None)
             else:
                 self._negative[pv] = now + self.negative_ttl_s
@@ -292,22 +268,21 @@ class NameTable:
 
 
 class NameService:
-    """Keeps a :class:`NameTable` up to date from the site directory, in one supervised task."""
+    """Keeps a :class:`NameTable` up to date from the site directory; looks names up in one supervised task."""
 
     def __init__(self, directory: SiteDirectory, prefix: str = "", *, clock: Callable[[], float] = time.monotonic) -> None:
         self.directory = directory
         self.table = NameTable(directory.server_name, prefix)
         self._clock = clock
         self._wake = asyncio.Event()
-        self._reload = True
-        self._ownership: tuple[tuple[str, float, int], ...] | None = None
+        self._ownership: Ownership | None = None
         self._resolved: dict[str, str | None] = {}
         self._unresolved: set[str] = set()
         self._supervisor: Supervisor | None = None
         self._unreadable = ""
 
     async def start(self) -> None:
-        """Listen to the directory and read the owner map in the background."""
+        """Answer from the directory as it is, follow its listener, and look names up in the background."""
         self.directory.add_listener(self.servers_changed)
         self.servers_changed(self.directory.servers)
         self._supervisor = Supervisor("ca name service", self._run, backoff=Backoff(0.5, 10.0), logger=log)
@@ -331,63 +306,44 @@ class NameService:
         return redirect
 
     def servers_changed(self, servers: tuple[ServerEntry, ...]) -> None:
-        """The directory's listener (on the loop, never waits): new servers, states and addresses.
+        """The directory's listener (on the loop, never waits): new servers, states, addresses and owner map.
 
-        A change of ownership (a server registered) reads the owner map again, and tries
-        again to resolve host names that could not be resolved.
+        A change of ownership (a server registered) also tries again to resolve host names
+        that could not be resolved.
         """
+        if self.directory.owners_loaded:
+            self.table.replace_owners(self.directory.owners)
         key = ownership(servers)
         if key != self._ownership:
             self._ownership = key
-            self._reload = True
             self._resolved = {host: address for host, address in self._resolved.items() if address is not None}
         self._unresolved = self.table.set_servers(servers, self._resolved)
-        if self._reload or self._unresolved:
+        if self._unresolved:
             self._wake.set()
 
     # ---- the task -------------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        retry = Backoff(0.5, 10.0)
         self._wake.set()  # (re)started: catch up on what was asked meanwhile
         while True:
             await self._wake.wait()
             self._wake.clear()
             if self._unresolved:
                 await self._resolve_hosts()
-            queried = False
-            if self._reload:
-                self._reload = False
-                queried = True
-                try:
-                    owners = await self.directory.read_owners()
-                except Exception as e:  # the directory's database is away: keep the last reading, try again
-                    self._reload = True
-                    self._report_unreadable(e)
-                    await asyncio.sleep(retry.next())
-                    self._wake.set()
-                    continue
-                self.table.replace_owners(owners)
-                self._readable()
-                retry.reset()
-                log.debug("Channel Access name service: %d PVs of %d servers", len(owners), len(set(owners.values())))
             batch = self.table.take_pending()
-            if batch:
-                if queried:
-                    await asyncio.sleep(MIN_QUERY_INTERVAL_S)
-                queried = True
-                try:
-                    found = await self.directory.read_owners(batch)
-                except Exception as e:  # as above; the names are asked again after the negative TTL
-                    self._report_unreadable(e)
-                    found = {}
-                else:
-                    self._readable()
-                self.table.learned(batch, found, self._clock())
-            if self.table.pending or self._reload:
+            if not batch:
+                continue
+            try:
+                found = await self.directory.lookup_owners(batch)
+            except Exception as e:  # the directory's database is away: the names are asked again after the negative TTL
+                self._report_unreadable(e)
+                found = {}
+            else:
+                self._readable()
+            self.table.learned(batch, found, self._clock())
+            if self.table.pending:
                 self._wake.set()
-            if queried:
-                await asyncio.sleep(MIN_QUERY_INTERVAL_S)
+            await asyncio.sleep(MIN_QUERY_INTERVAL_S)
 
     async def _resolve_hosts(self) -> None:
         loop = asyncio.get_running_loop()
@@ -411,8 +367,8 @@ class NameService:
         signature = f"{type(error).__name__}: {error}".splitlines()[0][:300]
         if signature != self._unreadable:
             log.warning(
-                "Channel Access name service: the site directory cannot be read (%s); PVs of other servers are "
-                "answered from the last reading", signature,
+                "Channel Access name service: the site directory cannot be read (%s); names not in its owner map "
+                "go unanswered, PVs of other servers are answered from the last reading", signature,
             )  # fmt: skip
             self._unreadable = signature
 

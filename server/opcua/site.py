@@ -19,12 +19,13 @@ connected to any server can use every PV of the site (:mod:`labctl.clients.site`
   for each PV name, the server that owns it, that server's endpoint and its state, or
   three empty strings for a name no server of the site owns. It is answered from memory,
   never by a query: this server's own PVs from its address space, the others from the
-  *owner map* (PV -> server), which :class:`SiteFolder` reads whole from the directory
-  when the service starts and again whenever ownership may have changed (a server
-  registered, or changed its PV count; see :func:`ownership`), and which stays as last
-  read while the database is away. A call names at most :data:`MAX_FIND_NAMES` PVs
-  (more: BadTooManyOperations); the names must be a String array (else
-  BadInvalidArgument, with BadTypeMismatch for the argument).
+  directory service's *owner map* (PV -> server), which that service reads whole, once
+  for the whole server (the Channel Access name service answers from the same map),
+  whenever ownership may have changed (a server registered, or changed its PV count;
+  :func:`~labctl.server.siteinfo.ownership`), and which stays as last read while the
+  database is away. A call names at most :data:`MAX_FIND_NAMES` PVs (more:
+  BadTooManyOperations); the names must be a String array (else BadInvalidArgument,
+  with BadTypeMismatch for the argument).
 
 The values follow the directory: its listener wakes :class:`SiteFolder`'s task when a
 server comes, goes or changes, and the task also runs every heartbeat of this server so
@@ -38,9 +39,10 @@ PV in the archive's catalogue, with the metadata its owner archived (its type ab
 which the values are sent in), keeping at most :data:`ARCHIVED_INFOS` of them. A name the
 archive does not know is BadNodeIdUnknown, as before.
 
-Discovery servers (OPC UA Part 12 RegisterServer2) are not registered with: every server
-of a site has the same ApplicationUri (``urn:labctl:<site>:server``), under which a
-discovery server keeps one registration only.
+Every server of a site is an OPC UA application of its own (ApplicationUri
+``urn:labctl:<site>:<server name>``, :func:`~labctl.server.opcua.address_space.application_uri`),
+so discovery servers list each one (:mod:`labctl.server.opcua.discovery`); the ``Site``
+object is how a client finds the site's servers and PVs without one.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ import datetime as _dt
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Any
 
 from asyncua import ua
 from labctl.ioc.config.pvs import PV_NAME
@@ -60,7 +62,7 @@ from labctl.ioc.types import PVType
 from labctl.server.opcua.address_space import SiteNodes
 from labctl.server.opcua.builders import Builder
 from labctl.server.opcua.values import ALARM_STATE
-from labctl.server.siteinfo import ServerEntry
+from labctl.server.siteinfo import ServerEntry, SiteDirectory
 
 from labctl.supervision import Supervisor
 
@@ -96,36 +98,6 @@ SERVER_VARIABLES: tuple[tuple[str, int, Callable[[ServerEntry], ua.Variant], str
 )  # fmt: skip
 
 
-class SiteDirectory(Protocol):
-    """What the Site folder reads from the site directory service (``server.service("sitedir")``)."""
-
-    server_name: str
-    servers: tuple[ServerEntry, ...]
-    config: Any
-    """``server.directory`` of the site file (``heartbeat_s``)."""
-
-    def add_listener(self, callback: Callable[[tuple[ServerEntry, ...]], None]) -> None:
-        """Call ``callback(servers)`` on the event loop when a server comes, goes or changes."""
-        ...
-
-    def remove_listener(self, callback: Callable[[tuple[ServerEntry, ...]], None]) -> None:
-        """Stop calling ``callback``."""
-        ...
-
-    async def read_owners(self, names: Iterable[str] | None = None) -> dict[str, str]:
-        """PV name -> owning server, now (off the event loop)."""
-        ...
-
-
-def ownership(servers: Iterable[ServerEntry]) -> tuple[tuple[str, float, int], ...]:
-    """What changes when PVs may have changed hands: each server's registration time and PV count.
-
-    A server registers (taking over PVs of servers that are down) when it starts and when
-    its heartbeat had lapsed; each registration sets ``started``.
-    """
-    return tuple(sorted((e.name, e.started, e.pv_count) for e in servers))
-
-
 def site_object_id(site: str, idx: int) -> ua.NodeId:
     """The NodeId of ``Objects/<site>/Site``."""
     return ua.NodeId(f"/{site}/{SITE_OBJECT}", idx)
@@ -140,17 +112,11 @@ class SiteFolder:
         self.idx = nodes.namespace_index
         self.directory = directory
         self.base = f"/{site}/{SITE_OBJECT}"
-        self.owners: dict[str, str] = {}
-        """PV name -> owning server, as last read from the directory."""
-        self.loaded = False
-        """Whether the owner map was read at least once."""
         self.servers: dict[str, ServerEntry] = {}
         """The servers shown, by name."""
         self._shown: dict[str, dict[str, ua.Variant]] = {}
-        self._ownership: tuple[tuple[str, float, int], ...] | None = None
         self._wake = asyncio.Event()
         self._supervisor: Supervisor | None = None
-        self._unreadable = ""
 
     # ---- nodes ------------------------------------------------------------------------------------
 
@@ -237,7 +203,7 @@ class SiteFolder:
         else:
             if len(name) > MAX_NAME_CHARS:
                 return "", "", ""
-            owner = self.owners.get(name, "")
+            owner = self.directory.owners.get(name, "")
             if not owner:
                 return "", "", ""
         entry = self.servers.get(owner)
@@ -294,34 +260,15 @@ class SiteFolder:
         self._wake.set()
 
     async def _run(self) -> None:
-        period = float(getattr(self.directory.config, "heartbeat_s", 2.0))
+        period = self.directory.config.heartbeat_s
         while True:
-            servers = self.directory.servers
-            await self.show(servers)
-            key = ownership(servers)
-            if key != self._ownership or not self.loaded:
-                try:
-                    owners = await self.directory.read_owners()
-                except Exception as e:  # the database is away: answer from the last reading, try again next time
-                    self._report_unreadable(e)
-                else:
-                    self.owners, self.loaded, self._ownership = owners, True, key
-                    if self._unreadable:
-                        log.info("OPC UA site folder: the site directory can be read again")
-                        self._unreadable = ""
+            await self.show(self.directory.servers)
             try:
                 async with asyncio.timeout(period):
                     await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()
-
-    def _report_unreadable(self, error: Exception) -> None:
-        signature = f"{type(error).__name__}: {error}".splitlines()[0][:300]
-        if signature != self._unreadable:
-            log.warning("OPC UA site folder: the owners of the site's PVs cannot be read (%s); FindOwners answers "
-                        "from the last reading", signature)  # fmt: skip
-            self._unreadable = signature
 
 
 # ---- history of the whole site ----------------------------------------------------------------------

@@ -5,12 +5,15 @@ with Channel Access on loopback; the clients are EPICS base's own tools and pyep
 (libca), in subprocesses, configured only through the EPICS environment as people
 configure them: ``EPICS_CA_NAME_SERVERS`` naming one labctl server (with no search
 address at all), or ``EPICS_CA_ADDR_LIST`` naming every server. The name service's
-rules (names, the negative cache, bounds) are also tested without sockets.
+rules (names, the negative cache, bounds) are also tested without sockets, and its one
+source of owners, the site directory service (shared with the OPC UA ``FindOwners``),
+by counting the directory's queries.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import pwd
 import socket
@@ -20,8 +23,11 @@ import caproto as ca
 import pytest
 from caproto._commands import read_from_bytestream
 from labctl.server.app import Server
-from labctl.server.ca.names import NameService, NameTable, Redirect, pv_of
+from labctl.server.ca.names import NameTable, Redirect, pv_of
+from labctl.server.historian import directory as sql
+from labctl.server.historian.backend import open_backend
 from labctl.server.siteinfo import HEALTH_OK, HEALTH_STOPPED, ServerEntry
+from sqlalchemy import event
 
 from tests.helpers import free_port, free_tcp_udp_port, wait_for
 from tests.pg.availability import skip_or_fail
@@ -310,12 +316,14 @@ def test_unknown_names_are_looked_up_once_per_ttl_and_bounded():
     table.set_servers([entry("b")], {})
     assert table.resolve("N:1", 0.0) is None
     assert table.pending == {}  # nothing looked up before the owner map was first read
-    table.replace_owners({})
+    owners: dict[str, str] = {}  # the directory's map: a lookup adds what it found there
+    table.replace_owners(owners)
     for name in ("N:1", "N:1.EGU", "N:2", "N:3"):
         table.resolve(name, 0.0)
     assert list(table.pending) == ["N:1", "N:2"] and table.dropped == 1  # one entry per PV, at most two
     batch = table.take_pending()
     assert batch == ["N:1", "N:2"] and table.pending == {}
+    owners["N:2"] = "b"
     table.learned(batch, {"N:2": "b"}, now=1.0)  # N:2 found; N:1 owned by no server
     assert table.resolve("N:2", 1.0) == Redirect("b", "10.0.0.2", 5064)
     table.resolve("N:1", 5.9)
@@ -331,60 +339,94 @@ def test_unknown_names_are_looked_up_once_per_ttl_and_bounded():
     assert list(table.pending) == ["N:1"]  # too long to be looked up
 
 
-class FakeDirectory:
-    """A site directory in memory that counts its queries and can be made unreadable."""
+class OwnerQueries:
+    """The owner queries a server's site directory service sends its database: whole readings and lookups of names."""
 
-    def __init__(self, servers: list[ServerEntry], owners: dict[str, str]) -> None:
-        self.server_name = "a"
-        self.servers = tuple(servers)
-        self.owners = dict(owners)
-        self.queries: list[list[str] | None] = []
-        self.readable = True
-        self.listeners: list[Any] = []
+    def __init__(self, server: Server) -> None:
+        self.engine = server.service("sitedir")._backend.engine  # type: ignore[attr-defined]
+        self.whole = 0
+        self.lookups: list[list[str]] = []
+        event.listen(self.engine, "before_cursor_execute", self._sent)
 
-    def add_listener(self, callback: Any) -> None:
-        self.listeners.append(callback)
+    def _sent(self, conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+        if statement.lstrip().startswith("SELECT site_pv.name, site_pv.server"):
+            if "WHERE" in statement:
+                self.lookups.append(sorted(parameters.values()))
+            else:
+                self.whole += 1
 
-    def remove_listener(self, callback: Any) -> None:
-        self.listeners.remove(callback)
-
-    def change(self, servers: list[ServerEntry]) -> None:
-        self.servers = tuple(servers)
-        for callback in self.listeners:
-            callback(self.servers)
-
-    async def read_owners(self, names: Any = None) -> dict[str, str]:
-        wanted = None if names is None else list(names)
-        self.queries.append(wanted)
-        if not self.readable:
-            raise OSError("connection refused")
-        return {pv: s for pv, s in self.owners.items() if wanted is None or pv in wanted}
+    def close(self) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._sent)
 
 
-async def test_name_service_reads_the_owners_on_registrations_and_looks_up_unknown_names_in_batches():
-    directory = FakeDirectory([entry("a"), entry("b")], {"B:X": "b"})
-    service = NameService(directory)
-    await service.start()
+def _claim_unseen(url: str, pv: str, server: str) -> None:
+    """A claim of ``pv`` for ``server`` that changes no server row: the directory's heartbeats do not read it."""
+    backend = open_backend(url, pool_size=1)
     try:
-        await wait_for(lambda: service.resolve("B:X") is not None, what="the first reading")
-        assert directory.queries == [None]  # one whole reading
-        # unknown names: no answer now, one batched lookup, then answered from memory (or the negative cache)
-        directory.owners["B:NEW"] = "b"
-        assert [service.resolve(n) for n in ("B:NEW", "B:NONE", "B:NEW.EGU")] == [None, None, None]
-        await wait_for(lambda: service.resolve("B:NEW") is not None, what="the lookup")
-        assert directory.queries[1:] == [["B:NEW", "B:NONE"]]
-        assert service.resolve("B:NONE") is None and len(directory.queries) == 2  # negative: not asked again
-        # a server registering (new start time) makes a new whole reading; a down owner is not answered for
-        directory.owners["C:X"] = "c"
-        directory.change([entry("a"), entry("b", up=False), entry("c", address="10.0.0.3", started=2.0)])
-        await wait_for(lambda: service.resolve("C:X") is not None, what="the new reading")
-        assert service.resolve("C:X") == Redirect("c", "10.0.0.3", 5064)
-        assert service.resolve("B:X") is None
-        # the directory unreadable: the last reading still answers
-        directory.readable = False
-        directory.change([entry("a"), entry("b"), entry("c", address="10.0.0.3", started=3.0)])
-        await wait_for(lambda: len(directory.queries) >= 4, what="a failed reading")
-        assert service.resolve("B:X") == Redirect("b", "10.0.0.2", 5064)
+        with backend.engine.begin() as conn:
+            conn.execute(sql.site_pv.insert().values(name=pv, server=server, claimed_us=sql.db_now_us(conn)))
     finally:
-        await service.stop()
-    assert directory.listeners == []
+        backend.dispose()
+
+
+def _published(directory: Any, name: str) -> bool:
+    """Whether ``directory`` shows server ``name`` up with its Channel Access ports."""
+    return any(e.name == name and e.up and e.ca_tcp_port for e in directory.servers)
+
+
+async def test_one_reading_of_the_owners_serves_the_name_service_and_find_owners(pg_cluster_factory, start_server, caplog):
+    """The directory service reads the owner map once per change of ownership; both adapters answer from it."""
+    cluster = pg_cluster_factory()
+    url = cluster.url
+    a = await start_server("a", ["A:X"], url, ca=ca_section(free_tcp_udp_port()))  # OPC UA too
+    sitedir = a.service("sitedir")
+    names = ca_of(a).names
+    folder = a.service("opcua").site_folder  # type: ignore[attr-defined]
+    assert names is not None and folder is not None
+    queries = OwnerQueries(a)
+    try:
+        # another server registers: a's next heartbeat reads the owners, once, and both adapters answer from that
+        b = await start_server("b", ["B:X"], url, ca=ca_section(free_tcp_udp_port()))
+        b_url = b.service("opcua").url  # type: ignore[attr-defined]
+        await wait_for(lambda: sitedir.owners.get("B:X") == "b" and _published(sitedir, "b"), timeout=LAPSE_S + 10,
+                       what="b and its PV in a's directory")  # fmt: skip
+        assert names.resolve("B:X") == Redirect("b", "127.0.0.1", ca_of(b).tcp_port)  # at once: no query of its own
+        assert folder.owner_of("B:X")[0] == "b"
+        await wait_for(lambda: folder.owner_of("B:X") == ("b", b_url, "up"), what="b shown in the Site folder")
+        assert (queries.whole, queries.lookups) == (1, [])
+
+        # a name the map lacks is looked up once for a batch of searches; what is found serves FindOwners too
+        await asyncio.to_thread(_claim_unseen, url, "B:EXTRA", "b")
+        assert names.resolve("B:EXTRA") is None and names.resolve("B:NONE") is None
+        await wait_for(lambda: names.resolve("B:EXTRA") is not None, what="the lookup")
+        assert folder.owner_of("B:EXTRA") == ("b", b_url, "up") and sitedir.owners["B:EXTRA"] == "b"
+        assert names.resolve("B:NONE") is None and folder.owner_of("B:NONE") == ("", "", "")  # negative: not asked again
+        assert (queries.whole, queries.lookups) == (1, [["B:EXTRA", "B:NONE"]])
+
+        # a server that starts takes over the PVs of one that stopped: one more reading, seen by both
+        await b.stop()
+        await wait_for(lambda: folder.owner_of("B:X") == ("b", b_url, "down"), timeout=LAPSE_S + 10, what="b down")
+        assert names.resolve("B:X") is None  # a down owner is not answered for
+        c = await start_server("c", ["B:X", "C:X"], url, ca=ca_section(free_tcp_udp_port()))
+        c_url = c.service("opcua").url  # type: ignore[attr-defined]
+        await wait_for(lambda: sitedir.owners.get("B:X") == "c" and _published(sitedir, "c"), timeout=LAPSE_S + 10,
+                       what="c owning B:X in a's directory")  # fmt: skip
+        for pv in ("B:X", "C:X"):
+            assert names.resolve(pv) == Redirect("c", "127.0.0.1", ca_of(c).tcp_port)
+        await wait_for(lambda: folder.owner_of("C:X") == ("c", c_url, "up"), what="c shown in the Site folder")
+        assert folder.owner_of("B:X") == ("c", c_url, "up")
+        assert (queries.whole, len(queries.lookups)) == (2, 1)  # b's stop changed no ownership; c's registration did
+
+        # the database away: both answer from the last reading; lookups fail, logged once
+        caplog.set_level(logging.WARNING, logger="labctl.ca")
+        await asyncio.to_thread(cluster.stop)
+        await wait_for(lambda: not sitedir.database_up, timeout=10, what="the outage noticed")
+        assert names.resolve("C:X") == Redirect("c", "127.0.0.1", ca_of(c).tcp_port)
+        assert folder.owner_of("C:X") == ("c", c_url, "up")
+        assert names.resolve("D:X") is None
+        await wait_for(lambda: any("site directory cannot be read" in r.getMessage() for r in caplog.records),
+                       what="the failed lookup logged")  # fmt: skip
+        await asyncio.to_thread(cluster.start)
+        await wait_for(lambda: sitedir.database_up, timeout=15, what="the directory back")
+    finally:
+        queries.close()

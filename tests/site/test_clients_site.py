@@ -376,6 +376,10 @@ async def test_labctl_get_across_two_servers_and_servers_through_one(site):
     assert rc == 0, err
     assert out.splitlines()[0].split()[:3] == ["NAME", "STATE", "HEALTH"]
     assert [line.split()[:3] for line in out.splitlines()[1:]] == [["alpha", "up", "ok"], ["beta", "up", "ok"]]
+    rc, direct, err = await run_labctl("servers", "--historian-url", site.url)
+    assert rc == 0, err
+    # one table either way: the same lines, but for the heartbeats' ages (reckoned at two moments)
+    assert [line.split()[:-3] for line in direct.splitlines()] == [line.split()[:-3] for line in out.splitlines()]
 
     await site.stop("beta")
     async with session_to(site, "alpha") as s:

@@ -1,8 +1,9 @@
 """The site directory: servers of one PostgreSQL database register, heartbeat, own their PVs.
 
 Real servers in-process on a fresh database each (heartbeat 0.2 s, down after 1 s), and
-the ``labctl servers`` command reading the same tables. Waiting is for events (a row
-changes), with timeouts; nothing sleeps a fixed time.
+the ``labctl servers`` command reading the same tables. Each server's directory service
+keeps the site's owner map in memory, checked against the database's. Waiting is for
+events (a row changes), with timeouts; nothing sleeps a fixed time.
 """
 
 from __future__ import annotations
@@ -13,14 +14,23 @@ import logging
 import os
 
 import pytest
+from labctl.clients.cli.servers import format_servers as client_table
+from labctl.clients.site import ServerInfo
 from labctl.ioc.errors import LabctlError
 from labctl.server.app import Server
 from labctl.server.historian import directory as sql
 from labctl.server.historian.backend import open_backend
 from labctl.server.historian.schema import SCHEMA_VERSION
 from labctl.server.site import parse_site
-from labctl.server.sitedir import SiteDirectoryService
-from labctl.server.siteinfo import PVsOwnedElsewhere, ServerNameTaken, SiteMismatch
+from labctl.server.sitedir import SiteDirectoryService, format_servers
+from labctl.server.siteinfo import (
+    HEALTH_OK,
+    HEALTH_STOPPED,
+    PVsOwnedElsewhere,
+    ServerEntry,
+    ServerNameTaken,
+    SiteMismatch,
+)
 
 from tests.helpers import wait_for
 from tests.site.conftest import LAPSE_S, directory, query, read_owners, run_labctl, site_yaml
@@ -29,6 +39,10 @@ from tests.site.conftest import LAPSE_S, directory, query, read_owners, run_labc
 async def test_two_servers_register_with_their_endpoints_and_pvs(pg_database, start_server):
     url = pg_database.url
     a = await start_server("alpha", ["A:X", "A:Y"], url)
+    sitedir = a.service("sitedir")
+    assert sitedir.owners_loaded and dict(sitedir.owners) == {"A:X": "alpha", "A:Y": "alpha"}  # read at registration
+    told: list[tuple[set[str], dict[str, str]]] = []
+    sitedir.add_listener(lambda servers: told.append(({e.name for e in servers}, dict(sitedir.owners))))
     b = await start_server("beta", ["B:X"], url)
     servers = await directory(url)
     assert set(servers) == {"alpha", "beta"}
@@ -39,11 +53,14 @@ async def test_two_servers_register_with_their_endpoints_and_pvs(pg_database, st
         assert entry.ca_address == "" and entry.ca_port is None  # Channel Access is off
         assert entry.heartbeat_s == 0.2 and entry.lapse_s == LAPSE_S
     assert await asyncio.to_thread(read_owners, url) == {"A:X": "alpha", "A:Y": "alpha", "B:X": "beta"}
-    # each server sees the whole site at its heartbeats
-    sitedir = a.service("sitedir")
+    # each server sees the whole site at its heartbeats, with the owner map read as it changed; listeners told
     await wait_for(lambda: {e.name for e in sitedir.servers} == {"alpha", "beta"}, timeout=5, what="alpha sees beta")
+    assert dict(sitedir.owners) == await asyncio.to_thread(read_owners, url)
+    assert ({"alpha", "beta"}, {"A:X": "alpha", "A:Y": "alpha", "B:X": "beta"}) in told
     assert sitedir.me is not None and sitedir.me.name == "alpha"
     assert await sitedir.read_owners(["B:X", "NOPE"]) == {"B:X": "beta"}
+    with pytest.raises(TypeError):
+        sitedir.owners["B:X"] = "alpha"  # type: ignore[index]  # read-only for everyone but the service
     # heartbeats advance
     first = servers["alpha"].heartbeat
     await wait_for(lambda: _later(url, "alpha", first), timeout=5, what="a heartbeat")
@@ -96,6 +113,7 @@ async def test_a_server_whose_heartbeat_lapsed_is_down_and_its_pvs_are_taken_ove
     entry = (await directory(url))["alpha"]
     assert entry.up and entry.health == "conflict" and "A:X" in entry.detail
     assert await asyncio.to_thread(read_owners, url) == {"A:X": "beta"}
+    assert dict(sitedir.owners) == {"A:X": "beta"}  # read again as it registered again
 
 
 async def _down(url: str, name: str) -> bool:
@@ -129,13 +147,20 @@ async def test_the_directory_catches_up_after_a_database_outage(pg_cluster_facto
     await wait_for(lambda: not sitedir.database_up, timeout=10, what="the outage noticed")
     alpha.db.post("A:X", 2.5)  # still serving
     assert alpha.db.read("A:X").value == 2.5
-    # a server starting during the outage starts too, unregistered
+    assert dict(sitedir.owners) == {"A:X": "alpha"}  # the last reading stays
+    with pytest.raises(Exception, match="(?i)connect"):
+        await sitedir.lookup_owners(["B:X"])
+    # a server starting during the outage starts too, unregistered, its owner map not read
     beta = make_server("beta", ["B:X"], url)
     await beta.start()
     try:
         assert not beta.service("sitedir").registered
+        assert not beta.service("sitedir").owners_loaded and dict(beta.service("sitedir").owners) == {}
         await asyncio.to_thread(cluster.start)
         await wait_for(lambda: sitedir.database_up and beta.service("sitedir").registered, timeout=15, what="caught up")
+        both = {"A:X": "alpha", "B:X": "beta"}
+        await wait_for(lambda: dict(sitedir.owners) == both == dict(beta.service("sitedir").owners), timeout=15,
+                       what="both owner maps read again")  # fmt: skip
         found = await directory(url)
         assert found["alpha"].up and found["beta"].up and found["alpha"].age_s < LAPSE_S
         assert found["beta"].opcua_endpoint == beta.service("opcua").url
@@ -160,8 +185,10 @@ async def test_labctl_servers_lists_the_site(pg_database, start_server):
     rc, out, err = await run_labctl("servers", "--historian-url", url)
     assert rc == 0, err
     lines = out.splitlines()
-    assert lines[0].split()[:3] == ["NAME", "STATE", "HEALTH"]
+    assert lines[0].split() == ["NAME", "STATE", "HEALTH", "OPC", "UA", "CHANNEL", "ACCESS", "VERSION", "PVS", "STARTED",
+                                "(UTC)", "LAST", "HEARTBEAT"]  # fmt: skip
     assert lines[1].split()[:3] == ["alpha", "up", "ok"] and lines[2].split()[:3] == ["beta", "down", "stopped"]
+    assert lines[1].endswith(" s ago") and lines[1].split()[-6] == "2"  # PVS, then STARTED (UTC) and LAST HEARTBEAT
     # forget: refused while up, done when down (audited)
     rc, _, err = await run_labctl("servers", "--historian-url", url, "--forget", "alpha")
     assert rc == 1 and "is up" in err
@@ -170,6 +197,33 @@ async def test_labctl_servers_lists_the_site(pg_database, start_server):
     assert set(await directory(url)) == {"alpha"}
     rows = await asyncio.to_thread(query, url, "SELECT action, target FROM audit_event WHERE action = 'server.forget'")
     assert [tuple(r) for r in rows] == [("server.forget", "server:beta")]
+
+
+def _row(name: str, heartbeat: float, age_s: float, *, health: str = HEALTH_OK, detail: str = "") -> ServerEntry:
+    return ServerEntry(
+        name=name, site="lab", host=f"{name}.lab", pid=1, version="1.0", opcua_endpoint=f"opc.tcp://{name}:4840",
+        ca_address=name if name != "beta" else "", ca_port=5064, ca_tcp_port=5064, pv_count=3, started=0.0,
+        heartbeat=heartbeat, heartbeat_s=2.0, lapse_s=10.0, health=health, detail=detail, age_s=age_s,
+    )  # fmt: skip
+
+
+def test_the_directory_table_is_the_clients_with_ages_by_the_database_clock():
+    # read at 100.0 by the database's clock; gamma's heartbeat came in after the reading began (aged 0)
+    rows = [_row("alpha", 99.0, 1.0), _row("beta", 40.0, 60.0, health=HEALTH_STOPPED, detail="went away"), _row("gamma", 100.5, 0.0)]
+    text = format_servers(rows)
+    shown = [
+        ServerInfo(e.name, e.opcua_endpoint, e.state, e.health, e.detail, e.version, e.pv_count, e.host, e.ca_address,
+                   e.ca_port, e.ca_tcp_port, e.started, e.heartbeat)
+        for e in rows
+    ]  # fmt: skip
+    assert text == client_table(shown, now=100.0)  # one table, whichever way the rows came
+    lines = text.splitlines()
+    assert lines[1].split() == ["alpha", "up", "ok", "opc.tcp://alpha:4840", "alpha:5064", "1.0", "3", "1970-01-01",
+                                "00:00:00", "1.0", "s", "ago"]  # fmt: skip
+    assert lines[2].split()[:5] == ["beta", "down", "stopped", "opc.tcp://beta:4840", "-"] and lines[2].endswith("60.0 s ago")
+    assert lines[3] == "    went away"
+    assert lines[4].startswith("gamma") and lines[4].endswith(" 0.0 s ago")
+    assert format_servers([]) == client_table([], now=0.0)
 
 
 async def test_labctl_servers_says_what_is_wrong_with_its_database(pg_database, tmp_path):
