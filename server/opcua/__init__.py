@@ -16,6 +16,8 @@ Modules, outside in:
 * :mod:`labctl.server.opcua.history` -- HistoryRead (raw and processed) served from the historian.
 * :mod:`labctl.server.opcua.site` -- on a server of a site: ``Objects/<site>/Site`` (the site's
   servers and ``FindOwners``), and the history of the other servers' PVs from the shared archive.
+* :mod:`labctl.server.opcua.discovery` -- registration with OPC UA discovery servers (Part 12);
+  a labctl server itself refuses RegisterServer (:mod:`labctl.server.opcua.processor`).
 * :mod:`labctl.server.opcua.calls` -- the control layer's nodes, and its method calls routed,
   checked and answered for the calling session:
   :mod:`labctl.server.opcua.locking` (Part 100 locks of the resources, leases),
@@ -26,7 +28,8 @@ Modules, outside in:
   my write refused) and login checks asyncua has no hook for.
 * :mod:`labctl.server.opcua.users` -- accounts, passwords, certificates, anonymous access.
 * :mod:`labctl.server.opcua.units` -- unit symbols to UNECE codes.
-* :mod:`labctl.server.opcua.pki` -- the server certificate, made once and kept.
+* :mod:`labctl.server.opcua.pki` -- the server certificate, made for the server's ApplicationUri and kept;
+  an operator's own certificate is used as supplied, or refused if it names another application.
 """
 
 from labctl.server.opcua.service import OpcUaService

@@ -88,9 +88,14 @@ def namespace_uri(site: str) -> str:
     return f"urn:labctl:{site}"
 
 
-def application_uri(site: str) -> str:
-    """The server's ApplicationUri (also in its certificate); distinct from the namespace."""
-    return f"urn:labctl:{site}:server"
+def application_uri(site: str, server: str | None = None) -> str:
+    """The server's ApplicationUri (also in its certificate); distinct from the namespace.
+
+    ``urn:labctl:<site>:<server>`` for a server with a name (one of a site's servers, or
+    one whose site file names it), so a discovery server tells the servers of a site
+    apart; ``urn:labctl:<site>:server`` for a single server without one.
+    """
+    return f"urn:labctl:{site}:{server or 'server'}"
 
 
 @dataclass(eq=False, slots=True)

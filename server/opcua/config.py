@@ -2,10 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from labctl.ioc.config.base import Model
-from pydantic import Field
+from pydantic import AfterValidator, Field, field_validator, model_validator
+
+#: The port of a Local Discovery Server, when a discovery URL names none (OPC UA Part 12).
+LDS_PORT = 4840
+
+#: The security policies a site file names (``security``, ``discovery.security``).
+SecurityPolicyName = Literal["None", "Basic256Sha256_Sign", "Basic256Sha256_SignAndEncrypt"]
+
+
+def discovery_url(url: str) -> str:
+    """``url`` as an ``opc.tcp://host:port[/path]`` URL (the port defaults to :data:`LDS_PORT`), else a ValueError."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"{url!r} is not a URL: {e}") from None
+    if parts.scheme != "opc.tcp":
+        raise ValueError(f"expected an opc.tcp:// URL of a discovery server, got {url!r}")
+    if not parts.hostname:
+        raise ValueError(f"{url!r} names no host")
+    if parts.username is not None or parts.query or parts.fragment:
+        raise ValueError(f"{url!r}: a discovery URL has no user, query or fragment")
+    if port is None:
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        parts = parts._replace(netloc=f"{host}:{LDS_PORT}")
+    if port == 0:
+        raise ValueError(f"{url!r}: port 0 is no port to connect to")
+    return parts.geturl()
+
+
+DiscoveryUrl = Annotated[str, AfterValidator(discovery_url)]
 
 
 class OpcUaLimits(Model):
@@ -25,6 +56,37 @@ class OpcUaLimits(Model):
     """Largest request message (all its chunks); a larger one closes the connection."""
 
 
+class DiscoveryConfig(Model):
+    """Registration with OPC UA discovery servers (``server.opcua.discovery``; OPC UA Part 12)."""
+
+    urls: tuple[DiscoveryUrl, ...]
+    """Discovery servers (Local Discovery Servers) to register with: ``opc.tcp://host[:port]``, the
+    port 4840 when none is given. The server registers at start and every ``period_s``, and says it
+    is offline when it stops; one that cannot be reached is logged once and tried again next period."""
+    period_s: float = Field(60.0, gt=0, le=600)
+    """Seconds between two registrations. At most 600: a discovery server forgets a server that has
+    not registered again within 10 minutes (OPC UA Part 4, RegisterServer)."""
+    timeout_s: float = Field(5.0, gt=0, le=60)
+    """How long one registration (connecting, the secure channel, the request) may take."""
+    security: SecurityPolicyName = "Basic256Sha256_SignAndEncrypt"
+    """The secure channel to the discovery server, opened with this server's own application
+    certificate (``<state_dir>/pki/server_cert.der``), which the discovery server must trust; it
+    accepts a registration only over a signed channel whose certificate names the registered
+    ApplicationUri. ``None`` only for discovery servers that accept unsigned registrations. The
+    registration carries no user credentials."""
+
+    @field_validator("urls")
+    @classmethod
+    def _distinct(cls, urls: tuple[str, ...]) -> tuple[str, ...]:
+        if not urls:
+            raise ValueError("list at least one discovery server URL (or leave discovery out)")
+        seen = [u.lower() for u in urls]
+        for i, u in enumerate(seen):
+            if seen.index(u) != i:
+                raise ValueError(f"{urls[i]!r} is listed twice")
+        return urls
+
+
 class OpcUaConfig(Model):
     """The OPC UA endpoint."""
 
@@ -32,7 +94,7 @@ class OpcUaConfig(Model):
     host: str = "0.0.0.0"
     port: int = Field(4840, ge=0, le=65535)
     """TCP port; 0 picks a free one."""
-    security: tuple[Literal["None", "Basic256Sha256_Sign", "Basic256Sha256_SignAndEncrypt"], ...] = (
+    security: tuple[SecurityPolicyName, ...] = (
         "None",
         "Basic256Sha256_Sign",
         "Basic256Sha256_SignAndEncrypt",
@@ -62,3 +124,11 @@ class OpcUaConfig(Model):
     """Longest refusal after repeated failed logins."""
     limits: OpcUaLimits = OpcUaLimits()
     """Per-client resource limits."""
+    discovery: DiscoveryConfig | None = None
+    """Discovery servers to register with (none by default)."""
+
+    @model_validator(mode="after")
+    def _discovery_needs_endpoint(self) -> OpcUaConfig:
+        if self.discovery is not None and not self.enabled:
+            raise ValueError("discovery needs the OPC UA endpoint, which enabled: false switches off")
+        return self

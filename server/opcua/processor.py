@@ -68,6 +68,13 @@ log = logging.getLogger(__name__)
 _ANSWERED = (ua.WriteResponse, ua.CallResponse)
 _CREATE = ua.NodeId(ua.ObjectIds.CreateSessionRequest_Encoding_DefaultBinary)
 _ACTIVATE = ua.NodeId(ua.ObjectIds.ActivateSessionRequest_Encoding_DefaultBinary)
+#: Discovery-server services: asyncua answers them without a session and keeps every
+#: server registered in an unbounded table that FindServers then lists. A labctl server is
+#: not a discovery server (it registers with one, :mod:`labctl.server.opcua.discovery`).
+_REGISTER = (
+    ua.NodeId(ua.ObjectIds.RegisterServerRequest_Encoding_DefaultBinary),
+    ua.NodeId(ua.ObjectIds.RegisterServer2Request_Encoding_DefaultBinary),
+)
 
 
 def _decoding(error: BaseException) -> bool:
@@ -122,6 +129,9 @@ class LabctlProcessor(UaProcessor):
 
     async def _process_message(self, typeid: ua.NodeId, requesthdr: ua.RequestHeader, seqhdr: Any, body: Any) -> Any:
         self._return_diagnostics = requesthdr.ReturnDiagnostics if requesthdr is not None else 0
+        if typeid in _REGISTER:
+            self.report("register", "asked to register a server here (this is no discovery server): BadServiceUnsupported")
+            raise ua.uaerrors.BadServiceUnsupported
         if typeid in (_CREATE, _ACTIVATE) and isinstance(self.iserver, LabctlInternalServer):
             policy = self._connection.security_policy
             self.iserver.check_channel_certificate(policy.peer_certificate, str(self.name[0]) if self.name else "")

@@ -2,9 +2,13 @@
 
 Theory of operation. :class:`OpcUaService` is a :class:`labctl.server.app.Service`. ``start``
 creates an asyncua server around :class:`~labctl.server.opcua.sessions.LabctlInternalServer`,
-sets the ApplicationUri ``urn:labctl:<site>:server``, the security policies and identity
+sets the ApplicationUri (:func:`~labctl.server.opcua.address_space.application_uri`:
+``urn:labctl:<site>:<server name>`` for a server of a site, or one whose site file names
+it, so that every server of a site is its own application; ``urn:labctl:<site>:server``
+for a single server without a name), the security policies and identity
 tokens the site file asks for (:class:`labctl.server.opcua.config.OpcUaConfig`), loads or creates the
-server certificate (:mod:`labctl.server.opcua.pki`), registers the namespace
+server certificate, whose subject alternative names carry that ApplicationUri
+(:mod:`labctl.server.opcua.pki`), registers the namespace
 ``urn:labctl:<site>``, builds one node per PV (:mod:`labctl.server.opcua.address_space`),
 subscribes once to the database (:mod:`labctl.server.opcua.publisher`) and binds (port 0 picks
 a free port, read back into :attr:`port`). The garbage collector is paused during all
@@ -35,6 +39,11 @@ Site: on a server of a site (it has a site directory service, :mod:`labctl.serve
 (:mod:`labctl.server.opcua.site`), and HistoryRead also answers for the PVs of the other
 servers, which the shared archive holds.
 
+Discovery: with ``server.opcua.discovery`` in the site file, once every service serves
+(:meth:`OpcUaService.serving`) the server registers with those discovery servers and keeps
+its registration fresh; :meth:`OpcUaService.stop` tells them it is offline first
+(:mod:`labctl.server.opcua.discovery`).
+
 History: when the server also runs a historian, :func:`labctl.server.app.build_services` calls
 :meth:`OpcUaService.serve_history_from`; ``start`` then makes every PV Historizing with the
 HistoryRead access bit, and answers HistoryRead (raw and processed) from the historian
@@ -63,10 +72,11 @@ from labctl.server.opcua.address_space import (
     store_readings,
 )
 from labctl.server.opcua.calls import OpcUaControl
+from labctl.server.opcua.discovery import DiscoveryRegistrar, Registration
 from labctl.server.opcua.history import HistorianStorage
 from labctl.server.opcua.history import install as install_history
 from labctl.server.opcua.locking import DI_NAMESPACE
-from labctl.server.opcua.pki import ensure_certificate
+from labctl.server.opcua.pki import CertificateMismatch, ensure_certificate
 from labctl.server.opcua.processor import LabctlServer
 from labctl.server.opcua.publisher import Publisher, install_copy_fastpath
 from labctl.server.opcua.sessions import LabctlInternalServer
@@ -80,6 +90,12 @@ if TYPE_CHECKING:
     from labctl.server.app import Server
 
 log = logging.getLogger(__name__)
+
+#: Addresses that mean "every interface": the published endpoint names the host instead.
+_WILDCARDS = ("0.0.0.0", "::", "")
+
+#: The ProductUri of every labctl server.
+PRODUCT_URI = "urn:labctl"
 
 POLICIES: dict[str, ua.SecurityPolicyType] = {
     "None": ua.SecurityPolicyType.NoSecurity,
@@ -122,11 +138,28 @@ class OpcUaService:
         self._host = server
         self.site_folder: SiteFolder | None = None
         """``Objects/<site>/Site`` (None: a server that is not part of a site)."""
+        self.application_uri = application_uri(self.site.site, self.site.server.name)
+        """This server's ApplicationUri (in its endpoints, its certificate and its discovery registrations);
+        set again at start, when the site directory's name for this server is known."""
+        self.application_name = ""
+        """Its ApplicationName: ``labctl <site> <server name>`` (``labctl <site>`` without a name); set at start."""
+        self.discovery: DiscoveryRegistrar | None = None
+        """Registration with the discovery servers of ``server.opcua.discovery`` (None: none configured, or not serving)."""
+        self._certificate: tuple[Path, Path] | None = None
 
     @property
     def url(self) -> str:
         """The endpoint URL clients connect to."""
-        host = self.host if self.host not in ("0.0.0.0", "::", "") else socket.gethostname()
+        host = self.host if self.host not in _WILDCARDS else socket.gethostname()
+        return f"opc.tcp://{host}:{self.port if self.port is not None else self.config.port}"
+
+    @property
+    def published_url(self) -> str:
+        """The endpoint URL others are told (as the site directory publishes it): ``server.directory.address``
+        if set, else the bound address, or this host's name for a server on every interface."""
+        address = self.site.server.directory.address
+        host = address or (socket.gethostname() if self.host in _WILDCARDS else self.host)
+        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
         return f"opc.tcp://{host}:{self.port if self.port is not None else self.config.port}"
 
     async def start(self) -> None:
@@ -140,6 +173,9 @@ class OpcUaService:
         if library_log.level == logging.NOTSET:  # unless configured: it logs every request at INFO
             library_log.setLevel(logging.WARNING)
         site = self.site.site
+        name = self._server_name()
+        self.application_uri = application_uri(site, name)
+        self.application_name = f"labctl {site} {name}" if name else f"labctl {site}"
         iserver = LabctlInternalServer(UserManager(self.users))
         limits = iserver.limits = self.config.limits  # sessions, subscriptions and items per session: sessions.py
         iserver.max_connections = limits.connections
@@ -150,12 +186,17 @@ class OpcUaService:
         await ua_server.init()
         # no trailing "/": clients compare endpoint URLs with the one they dialled (node-opcua strictly)
         ua_server.set_endpoint(f"opc.tcp://{self.host}:{self.config.port}")
-        ua_server.set_server_name(f"labctl {site}")
-        ua_server.product_uri = "urn:labctl"
+        ua_server.set_server_name(self.application_name)
+        ua_server.product_uri = PRODUCT_URI
         ua_server.manufacturer_name = "labctl"
         ua_server.allow_remote_admin(False)
-        await ua_server.set_application_uri(application_uri(site))
-        cert, key = await asyncio.to_thread(ensure_certificate, self.state_dir / "pki", application_uri(site), f"labctl {site}")
+        await ua_server.set_application_uri(self.application_uri)
+        try:
+            cert, key = await asyncio.to_thread(ensure_certificate, self.state_dir / "pki", self.application_uri, self.application_name)
+        except CertificateMismatch:
+            await self._teardown()
+            raise
+        self._certificate = (cert, key)
         await asyncio.to_thread(self.trust.create)
         await asyncio.to_thread(dummy_hash)  # made once, off the loop: unknown users are checked against it
         iserver.trust = self.trust
@@ -208,6 +249,29 @@ class OpcUaService:
         self._warn_about_configuration()
         log.info("OPC UA: %d PVs in namespace %s (ns=%d) at %s", len(nodes.pvs), namespace_uri(site), idx, self.url)
 
+    async def serving(self) -> None:
+        """Every service serves: register with the discovery servers of the site file (in the background)."""
+        discovery = self.config.discovery
+        if discovery is None or self._certificate is None or self.ua_server is None:
+            return
+        capabilities = ["DA"]
+        if self._iserver is not None and self._iserver.history:
+            capabilities.append("HD")
+        if self.control is not None:
+            capabilities.append("AC")
+        registration = Registration(
+            self.application_uri, self.application_name, PRODUCT_URI, (self.published_url,), tuple(capabilities)
+        )
+        self.discovery = DiscoveryRegistrar(discovery, registration, *self._certificate)
+        self.discovery.start()
+
+    def _server_name(self) -> str | None:
+        """This server's name: its name in the site directory, else ``server.name`` (None: neither)."""
+        directory = self._site_directory()
+        if directory is not None:
+            return directory.server_name
+        return self.site.server.name
+
     def _site_directory(self) -> SiteDirectory | None:
         """The server's site directory service, when it is one of a site's servers."""
         find = getattr(self._host, "service", None)
@@ -245,6 +309,9 @@ class OpcUaService:
         await self._teardown()
 
     async def _teardown(self) -> None:
+        if self.discovery is not None:  # first: discovery servers stop listing a server that goes
+            await self.discovery.stop()
+            self.discovery = None
         if self._iserver is not None:
             self._iserver.stopping = True  # closing sessions now is not their clients' doing: leases lapse
         if self.control is not None:
