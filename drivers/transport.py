@@ -13,9 +13,11 @@ which owns the link and keeps three promises:
   it, so the individual calls inside do not deadlock.
 * **Never blocks the event loop.** :class:`VisaTransport` runs every pyvisa call in
   its own one-thread executor -- a VISA resource must not be used from two threads
-  (pyvisa #726, #842) -- as ``await asyncio.wait_for(loop.run_in_executor(...),
-  timeout_s)``. The VISA timeout is set a little shorter than ``timeout_s`` so the
-  worker thread itself gives up and is free for the next call.
+  (pyvisa #726, #842) -- awaited under ``asyncio.timeout(timeout_s)``. Not
+  ``asyncio.wait_for``: on Python 3.11 it waits through a future of its own, one more
+  turn of the event loop before the answer reaches the caller (under a fan-out load a turn
+  is milliseconds, and a write makes several). The VISA timeout is set a little shorter
+  than ``timeout_s`` so the worker thread itself gives up and is free for the next call.
 * **Typed failures.** pyvisa errors become :class:`~labctl.ioc.errors.DriverFault`, timeouts
   :class:`~labctl.ioc.errors.DriverTimeout`; both name the instrument and the command.
 
@@ -58,7 +60,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: The VISA timeout is this fraction of the transport's timeout, so the worker thread
-#: returns on its own shortly after ``asyncio.wait_for`` has given up.
+#: returns on its own shortly after the transport's timeout has given up.
 VISA_TIMEOUT_FRACTION = 0.8
 #: VISA timeout while draining stale replies: long enough for bytes already sent.
 DRAIN_TIMEOUT_MS = 20
@@ -277,7 +279,8 @@ class VisaTransport(Transport):
             loop = asyncio.get_running_loop()
             try:
                 # In the worker thread, after any call still running there.
-                await asyncio.wait_for(loop.run_in_executor(io, self._close_blocking, resource), self.timeout_s)
+                async with asyncio.timeout(self.timeout_s):
+                    await loop.run_in_executor(io, self._close_blocking, resource)
             except TimeoutError:
                 log.warning("%s: closing %s timed out; its worker thread is abandoned", self.instrument, self.resource_name)
         io.shutdown(wait=False, cancel_futures=True)
@@ -346,7 +349,8 @@ class VisaTransport(Transport):
             raise DriverFault(self.instrument, f"{what}: the link is not open")
         loop = asyncio.get_running_loop()
         try:
-            return await asyncio.wait_for(loop.run_in_executor(io, fn, *args), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                return await loop.run_in_executor(io, fn, *args)
         except TimeoutError:
             self._dirty = True
             raise DriverTimeout(self.instrument, f"no answer to {what} within {self.timeout_s:g} s") from None

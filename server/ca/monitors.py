@@ -21,7 +21,11 @@ The bytes are verified against caproto's own serialisation in the tests.
 Each client circuit has an :class:`Outbox`. Messages are appended to it as updates are
 published (never waiting: the database calls the service inline) and written to the
 socket in one call when the event loop next runs, so updates posted together leave
-together and nothing waits on a timer. A client that does not read fast enough fills
+together and nothing waits on a timer. The first message of an idle circuit (nothing
+pending, nothing in the socket's buffer) is written at once, as Linux's TCP autocorking
+sends the first segment of a burst: under a fan-out load a turn of the event loop takes
+milliseconds, and a client that watches one PV (a write's read-back) would otherwise wait
+for it; what follows in the same turn is batched as before. A client that does not read fast enough fills
 its socket's send buffer; past :data:`HIGH_WATER_BYTES` the outbox keeps only the latest
 message of each subscription (older values are dropped, the newest always gets through,
 as caproto and RSRV do for a slow consumer) and retries every :data:`RETRY_S` until the
@@ -165,6 +169,9 @@ class Outbox:
             latest[subscriptionid] = message
         if not self._scheduled:
             self._scheduled = True
+            if latest is None and len(self._pending) == 1 and not self._transport.is_closing():
+                if self._transport.get_write_buffer_size() == 0:
+                    self._write_pending()  # an idle circuit: this one leaves now, what follows is batched
             self._loop.call_soon(self._flush)
 
     def write_now(self, active: Callable[[], Collection[int]]) -> None:
