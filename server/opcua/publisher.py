@@ -9,7 +9,8 @@ changed, the node's ``AlarmState`` variable gets the new one the same way, queue
 before the value (both go out in the same publish, stamped with the reading's time,
 :mod:`labctl.server.opcua.values`). A task drains the queue in order and
 hands each DataValue to the node's monitored items, which asyncua then batches per
-subscription and publishing interval. The queue is bounded: under overload the oldest
+subscription and publishing interval; it lets the rest of the loop run every
+:data:`DRAIN_SLICE_S`, so a burst does not hold up writes. The queue is bounded: under overload the oldest
 notifications are dropped and counted (:attr:`Publisher.dropped`) rather than letting
 memory grow or slowing the scan.
 
@@ -38,6 +39,7 @@ import copy
 import dataclasses
 import functools
 import logging
+import time
 from collections import deque
 from typing import Any
 
@@ -57,6 +59,10 @@ log = logging.getLogger(__name__)
 
 #: Most notifications waiting for the drain task before the oldest are dropped.
 MAX_PENDING = 100_000
+#: The drain task yields to the rest of the event loop after this long (seconds): a burst
+#: of thousands of notifications (asyncua's monitored items do not suspend) would
+#: otherwise hold the loop for tens of milliseconds, and every write waiting on it.
+DRAIN_SLICE_S = 0.001
 
 
 class Publisher:
@@ -140,9 +146,12 @@ class Publisher:
 
     async def _drain(self) -> None:
         queue = self._queue
+        clock = time.perf_counter
         while True:
             await self._wake.wait()
             self._wake.clear()
+            slice_end = clock() + DRAIN_SLICE_S
+            n = 0
             while queue:
                 attr, dv = queue.popleft()
                 for handle, callback in list(attr.datachange_callbacks.items()):
@@ -150,6 +159,10 @@ class Publisher:
                         await callback(handle, dv)
                     except Exception:  # one monitored item's failure must not stop the others
                         log.exception("OPC UA data change notification failed")
+                n += 1
+                if n % 32 == 0 and clock() > slice_end:
+                    await asyncio.sleep(0)  # let the rest of the loop run (a write's answer among it)
+                    slice_end = clock() + DRAIN_SLICE_S
 
 
 _IMMUTABLE = (float, int, bool, str, bytes, type(None))
