@@ -353,9 +353,7 @@ class SiteDirectoryService:
         address = self.config.address
         for s in self.server.services:
             if s.name == "opcua" and getattr(s, "port", None) is not None:
-                bound = s.host  # type: ignore[attr-defined]
-                host = address or (socket.gethostname() if bound in _WILDCARDS else bound)
-                opcua = f"opc.tcp://{_bracket(host)}:{s.port}"  # type: ignore[attr-defined]
+                opcua = s.published_url  # type: ignore[attr-defined]  # the URL discovery servers get too
             elif s.name == "ca" and getattr(s, "context", None) is not None:
                 try:
                     ca_port, ca_tcp = s.port, s.tcp_port  # type: ignore[attr-defined]
@@ -466,10 +464,6 @@ def _read_site(conn: Any, known: Ownership | None, **found: Any) -> _Outcome:
 
 def _conflict_detail(conflicts: list[tuple[str, ServerEntry]]) -> str:
     return f"{len(conflicts)} PVs owned by other servers: {_some([pv for pv, _ in conflicts])}"
-
-
-def _bracket(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
 
 
 def _some(names: list[str], n: int = 5) -> str:
