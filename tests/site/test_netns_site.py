@@ -15,9 +15,11 @@ and time; waits are for conditions, with timeouts.
   library (from the test) and ``labctl get/put/monitor/history`` (from namespace ``d``)
   on the other servers' PVs; pyepics finding every server's PVs through that server's CA
   name service; a user disabled with ``labctl user disable`` refused on all three;
-* a database outage (``OUTAGE_S``, 20 s by default; ``LABCTL_SITE_OUTAGE_S=60`` for the
-  full minute -- the spool's behaviour is the same) while all three archive: every value
-  written to every server is in the archive exactly once.
+* a database outage of a minute (``OUTAGE_S``; ``LABCTL_SITE_OUTAGE_S`` sets another
+  length) while all three archive and are written to: each historian reports the outage
+  and spools, and once the database is back the writes go on until every server has
+  back-filled its spool and heartbeats ``ok`` again; every value written to every server
+  is then in the archive exactly once.
 """
 
 from __future__ import annotations
@@ -60,7 +62,10 @@ PG_PORT = 5432
 NAMESPACE = f"urn:labctl:{SITE}"
 WRITER, WRITER_PW = "writer", "writer-pw-1"
 PVS_PER_SERVER = 4
-OUTAGE_S = float(os.environ.get("LABCTL_SITE_OUTAGE_S", "20"))
+#: How long the database is down in the outage test (the fault's length: the test's parameter).
+OUTAGE_S = float(os.environ.get("LABCTL_SITE_OUTAGE_S", "60"))
+#: How long every server may take, once the database is back, to back-fill its spool and heartbeat ``ok``.
+RECOVERY_S = 60.0
 #: The servers: node (namespace) -> (server name, PV prefix).
 SERVERS = {"a": ("alpha", "A"), "b": ("beta", "B"), "c": ("gamma", "C")}
 
@@ -270,9 +275,21 @@ async def _is_down(url: str, name: str) -> bool:
     return not (await directory(url))[name].up
 
 
-async def _all_ok(url: str, names: list[str]) -> bool:
+async def _all_ok(url: str, names: list[str], since: float = 0.0) -> bool:
+    """Every server named is up with the health ``ok`` (no spooled samples), by a heartbeat from ``since`` (UNIX s) on."""
     found = await directory(url)
-    return all(n in found and found[n].up and found[n].health == "ok" for n in names)
+    return all(n in found and found[n].up and found[n].health == "ok" and found[n].heartbeat >= since for n in names)
+
+
+#: What a historian logs when its database goes away, and when its spool is written back (:mod:`labctl.server.historian.ingest`).
+SPOOLING, BACKFILLED = "; archiving to the spool", "historian: back-fill complete"
+
+
+async def _recovered(url: str, started: dict[str, NsServer], since: float) -> bool:
+    """Every server's historian back-filled its spool, and its heartbeat since ``since`` reports ``ok`` (spool empty)."""
+    if not all(s.saw(BACKFILLED) for s in started.values()):  # the log first: no database query until it can be true
+        return False
+    return await _all_ok(url, [s.name for s in started.values()], since)
 
 
 # ---- the tests ----------------------------------------------------------------------------------------------
@@ -388,27 +405,40 @@ async def test_a_database_outage_loses_and_duplicates_no_sample_of_any_server(si
     names = [s.name for s in started.values()]
     try:
         await asyncio.gather(*(w.write(20, 0.02) for w in writers))
-        back = asyncio.Event()
+        recovered = asyncio.Event()
         period_s = 0.05
-        budget = int((OUTAGE_S + 10) / period_s)  # bounded: the outage and a little after, at most
+        limit_s = OUTAGE_S + RECOVERY_S + 30
+        budget = int(limit_s / period_s)  # bounded in count and in time (limit_s), whatever happens to the events
+        timings: dict[str, float] = {}
 
         async def outage() -> None:
-            await asyncio.to_thread(cluster.stop, "fast")
-            await asyncio.sleep(OUTAGE_S)  # the fault's length is the test's parameter, not a wait for an event
-            await asyncio.to_thread(cluster.start)
-            await asyncio.sleep(2.0)  # and two seconds of writing with the database back
-            back.set()
+            try:
+                await asyncio.to_thread(cluster.stop, "fast")
+                down_at = time.monotonic()
+                # every historian noticed (a batch failed) and spools: the outage is under test, not just scheduled
+                await wait_for(lambda: all(s.saw(SPOOLING) for s in started.values()), timeout=OUTAGE_S, what="every historian spooling")
+                timings["noticed_s"] = time.monotonic() - down_at
+                await asyncio.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down_at)))  # the fault's length is the test's parameter
+                await asyncio.to_thread(cluster.start)
+                back_at, back_wall = time.monotonic(), time.time()
+                timings["outage_s"] = back_at - down_at
+                # writing on until every server has written its spool back and says so in a heartbeat
+                await wait_for(lambda: _recovered(url, started, back_wall), timeout=RECOVERY_S, what="every spool back-filled, every server ok")
+                timings["recovery_s"] = time.monotonic() - back_at
+            finally:
+                recovered.set()  # the writers stop however this ended
 
-        await asyncio.gather(outage(), *(w.write(budget, period_s, until=back, limit_s=OUTAGE_S + 30) for w in writers))
+        await asyncio.gather(outage(), *(w.write(budget, period_s, until=recovered, limit_s=limit_s) for w in writers))
+        assert timings["outage_s"] >= OUTAGE_S and "recovery_s" in timings, timings
         for w in writers:
             assert w.written > 20 + OUTAGE_S / period_s / 2, f"{w.server.name} took too few writes: {w.written}"
         for w in writers:
-            await wait_for(lambda w=w: all_archived(url, w.server, w.written), timeout=60, what=f"{w.server.name} back-filled")
+            await wait_for(lambda w=w: all_archived(url, w.server, w.written), timeout=60, what=f"{w.server.name} archived")
         await wait_for(lambda: _all_ok(url, names), timeout=30, what="every server ok, spools empty")
         for w in writers:
             assert_exactly_once(url, w.server, w.written)
         for s in started.values():
-            assert s.saw("unreachable") and not s.saw("Traceback"), "\n".join(s.lines[-30:])
+            assert s.saw(SPOOLING) and s.saw(BACKFILLED) and not s.saw("Traceback"), "\n".join(s.lines[-30:])
     finally:
         for w in writers:
             await w.close()
