@@ -63,6 +63,8 @@ class Plan:
     warmup_s: float = 1.5
     rt_writes: int = 200
     rt_pvs: int = 1000
+    rt_repeat: int = 3
+    """Rounds of the write round trip (every server, every load); the targets need each round met."""
     archive_duration_s: float = 10.0
     feed_sqlite: float = 60_000
     feed_timescaledb: float = 120_000
@@ -90,6 +92,7 @@ QUICK = dict(
     duration_s=2.0,
     warmup_s=1.0,
     rt_writes=50,
+    rt_repeat=1,
     archive_duration_s=3.0,
     scale_sizes=[10_000],
     history_days_many=1 / 24,
@@ -118,6 +121,9 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, Plan]:
     p.add_argument("--rate", type=float, help="total updates/s with one client (default 10000)")
     p.add_argument("--rate-many", type=float, help="total updates/s with many clients (default 1000)")
     p.add_argument("--duration", type=float, help="seconds of each measurement window")
+    p.add_argument(
+        "--repeat", type=int, help="rounds of the write round trip, for its run-to-run spread (default 3, 1 with --quick)"
+    )
     p.add_argument("--scale-sizes", type=_ints, help="PV counts of the start-up scenario, e.g. 10000,100000")
     p.add_argument("--backends", help="archive/history backends: sqlite,timescaledb")
     p.add_argument("--history-days-many", type=float, help="days of data for each of the 100 PVs (default 1)")
@@ -149,6 +155,7 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, Plan]:
         ("site_servers", "site_servers"),
         ("site_pvs", "site_pvs"),
         ("site_rate", "site_rate"),
+        ("repeat", "rt_repeat"),
     ):
         value = getattr(args, name)
         if value is not None:
@@ -304,29 +311,31 @@ class Run:
     async def roundtrip(self) -> None:
         p = self.plan
         out = self.results.setdefault("roundtrip", [])
-        for protocol in p.protocols:
-            for kind in roundtrip.SERVERS[protocol]:
-                label = f"roundtrip {protocol} {kind}"
-                await self.quiet()
-                try:
-                    cell = await roundtrip.run(
-                        kind,
-                        protocol,
-                        p.rt_pvs,
-                        [p.load_rate, p.rate],
-                        writes=p.rt_writes,
-                        duration_s=p.duration_s,
-                        warmup_s=p.warmup_s,
-                        password_hash=self.password_hash(),
-                    )
-                    loaded = ", ".join(
-                        f"at {lo['rate_offered']:.0f}/s p99 {lo['latency'].get('p99', 0) * 1e3:.1f} ms"
-                        for lo in cell["loaded"]
-                    )
-                    say(f"{label}: idle p99 {cell['idle']['latency'].get('p99', 0) * 1e3:.1f} ms, {loaded}")
-                except Exception as e:
-                    cell = {"scenario": "roundtrip", "server": kind, "protocol": protocol, **self.error(label, e)}
-                out.append(cell)
+        for round_ in range(1, p.rt_repeat + 1):
+            for protocol in p.protocols:
+                for kind in roundtrip.SERVERS[protocol]:
+                    label = f"roundtrip {protocol} {kind}" + (f" (round {round_})" if p.rt_repeat > 1 else "")
+                    await self.quiet()
+                    try:
+                        cell = await roundtrip.run(
+                            kind,
+                            protocol,
+                            p.rt_pvs,
+                            [p.load_rate, p.rate],
+                            writes=p.rt_writes,
+                            duration_s=p.duration_s,
+                            warmup_s=p.warmup_s,
+                            password_hash=self.password_hash(),
+                        )
+                        loaded = ", ".join(
+                            f"at {lo['rate_offered']:.0f}/s p99 {lo['latency'].get('p99', 0) * 1e3:.1f} ms"
+                            for lo in cell["loaded"]
+                        )
+                        say(f"{label}: idle p99 {cell['idle']['latency'].get('p99', 0) * 1e3:.1f} ms, {loaded}")
+                    except Exception as e:
+                        cell = {"scenario": "roundtrip", "server": kind, "protocol": protocol, **self.error(label, e)}
+                    cell["round"] = round_
+                    out.append(cell)
 
     async def archive(self) -> None:
         p = self.plan
@@ -431,13 +440,15 @@ class Run:
                 warmup_s=p.warmup_s,
                 workdir=self.workdir / "site",
                 database_pid=self.database_pid(),
-                settle=self.quiet,
+                settle=self.settle_site,
             )
             one, many = cell["one"], cell["site"]
             say(
                 f"{label}: start-up {one['startup_s']:.1f} s (one server) / {many['startup_s']:.1f} s (site), "
                 f"sustained {one['sustained_rate']:.0f} / {many['sustained_rate']:.0f} /s, "
-                f"dropped {one['counts']['dropped']} / {many['counts']['dropped']}"
+                f"dropped {one['counts']['dropped']} / {many['counts']['dropped']}, "
+                f"offered rate carried {'no' if report.site_carried(one) else 'yes'} / "
+                f"{'no' if report.site_carried(many) else 'yes'}"
             )
         except Exception as e:
             cell = {
@@ -448,6 +459,17 @@ class Run:
                 **self.error(label, e),
             }
         out.append(cell)
+
+    async def settle_site(self) -> dict[str, float] | None:
+        """Before each part of the site scenario: a checkpoint (no arrangement pays for the other's WAL), then quiet."""
+        if self.pg is not None:
+
+            def checkpoint() -> None:
+                with self.pg.connect("postgres") as conn:
+                    conn.execute("CHECKPOINT")
+
+            await asyncio.to_thread(checkpoint)
+        return await self.quiet()
 
     async def profiles(self) -> None:
         p = self.plan
