@@ -515,12 +515,17 @@ class Ingestor:
     def _prepare(self) -> None:
         stamp = now_us()
         backend = self.backend
+        # Two transactions: the schema's holds the advisory lock that serialises several
+        # servers' migrations; registering this server's PVs does not need it (names that
+        # exist are skipped, and a site's servers register disjoint sets), so the servers of
+        # a site starting at once no longer register their catalogues one after another.
         with backend.engine.begin() as conn:
             if backend.kind == "postgresql":
                 backend.timescale = timescale.detect(conn)
             found, version = ensure_schema(conn, backend.kind, stamp)
             if backend.kind == "postgresql":
                 timescale.configure(conn, backend.timescale, self.retention_days, announce=not self._prepared)
+        with backend.engine.begin() as conn:
             ids = register_catalogue(conn, backend.kind, self.infos, stamp)
         if found != version:
             log.info(
