@@ -43,8 +43,13 @@ def site_yaml(
     opcua: bool = True,
     ca: str = "{enabled: false}",
     extra: str = "",
+    lapse_s: float = LAPSE_S,
 ) -> str:
-    """A site file of one server: soft float PVs ``pvs``, its historian and directory in ``url``."""
+    """A site file of one server: soft float PVs ``pvs``, its historian and directory in ``url``.
+
+    ``lapse_s``: a test that counts the directory's readings gives its servers a lapse no slow
+    machine reaches, since a server whose heartbeat lapsed registers again (and that is read).
+    """
     pv_lines = "".join(f'  - {{name: "{pv}", type: float64, initial: 1.0, writable: true}}\n' for pv in pvs)
     opcua_cfg = (
         "{host: 127.0.0.1, port: 0, trust: auto, security: [None, Basic256Sha256_SignAndEncrypt]}" if opcua else "{enabled: false}"
@@ -55,7 +60,7 @@ server:
   state_dir: "{state_dir}"
   name: {name}
   accounts: {accounts}
-  directory: {{heartbeat_s: {HEARTBEAT_S}, lapse_s: {LAPSE_S}, accounts_refresh_s: {HEARTBEAT_S}}}
+  directory: {{heartbeat_s: {HEARTBEAT_S}, lapse_s: {lapse_s}, accounts_refresh_s: {HEARTBEAT_S}}}
   opcua: {opcua_cfg}
   ca: {ca}
 historian: {{url: "{url}", batch_age_s: 0.05}}

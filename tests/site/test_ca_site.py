@@ -369,6 +369,10 @@ def _claim_unseen(url: str, pv: str, server: str) -> None:
         backend.dispose()
 
 
+STEADY_LAPSE_S = 60.0
+"""A lapse no heartbeat reaches, however slow the machine: the servers of a test that counts readings stop cleanly."""
+
+
 def _published(directory: Any, name: str) -> bool:
     """Whether ``directory`` shows server ``name`` up with its Channel Access ports."""
     return any(e.name == name and e.up and e.ca_tcp_port for e in directory.servers)
@@ -378,7 +382,7 @@ async def test_one_reading_of_the_owners_serves_the_name_service_and_find_owners
     """The directory service reads the owner map once per change of ownership; both adapters answer from it."""
     cluster = pg_cluster_factory()
     url = cluster.url
-    a = await start_server("a", ["A:X"], url, ca=ca_section(free_tcp_udp_port()))  # OPC UA too
+    a = await start_server("a", ["A:X"], url, ca=ca_section(free_tcp_udp_port()), lapse_s=STEADY_LAPSE_S)  # OPC UA too
     sitedir = a.service("sitedir")
     names = ca_of(a).names
     folder = a.service("opcua").site_folder  # type: ignore[attr-defined]
@@ -386,7 +390,7 @@ async def test_one_reading_of_the_owners_serves_the_name_service_and_find_owners
     queries = OwnerQueries(a)
     try:
         # another server registers: a's next heartbeat reads the owners, once, and both adapters answer from that
-        b = await start_server("b", ["B:X"], url, ca=ca_section(free_tcp_udp_port()))
+        b = await start_server("b", ["B:X"], url, ca=ca_section(free_tcp_udp_port()), lapse_s=STEADY_LAPSE_S)
         b_url = b.service("opcua").url  # type: ignore[attr-defined]
         await wait_for(lambda: sitedir.owners.get("B:X") == "b" and _published(sitedir, "b"), timeout=LAPSE_S + 10,
                        what="b and its PV in a's directory")  # fmt: skip
@@ -407,7 +411,7 @@ async def test_one_reading_of_the_owners_serves_the_name_service_and_find_owners
         await b.stop()
         await wait_for(lambda: folder.owner_of("B:X") == ("b", b_url, "down"), timeout=LAPSE_S + 10, what="b down")
         assert names.resolve("B:X") is None  # a down owner is not answered for
-        c = await start_server("c", ["B:X", "C:X"], url, ca=ca_section(free_tcp_udp_port()))
+        c = await start_server("c", ["B:X", "C:X"], url, ca=ca_section(free_tcp_udp_port()), lapse_s=STEADY_LAPSE_S)
         c_url = c.service("opcua").url  # type: ignore[attr-defined]
         await wait_for(lambda: sitedir.owners.get("B:X") == "c" and _published(sitedir, "c"), timeout=LAPSE_S + 10,
                        what="c owning B:X in a's directory")  # fmt: skip
