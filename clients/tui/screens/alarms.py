@@ -13,10 +13,10 @@ from collections.abc import Mapping
 
 from labctl.clients.errors import ClientError
 from labctl.clients.tui.model import ALARM_SUMMARY, AlarmRow, AlarmSummary, alarm_row_of, alarm_rows, time_text
-from labctl.clients.tui.screens.base import LiveScreen, api
+from labctl.clients.tui.screens.base import LiveScreen, api, session_work
 from labctl.clients.tui.widgets.pv_table import severity_style
 from labctl.ioc.types import Reading, Severity
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -96,7 +96,7 @@ class AlarmsScreen(LiveScreen):
 
     # ---- data --------------------------------------------------------------------------------
 
-    @work(exclusive=True, group="alarms")
+    @session_work(exclusive=True, group="alarms")
     async def refresh_alarms(self) -> None:
         """Fetch the alarm list and show it."""
         session = self.session
@@ -184,7 +184,7 @@ class AlarmsScreen(LiveScreen):
         if sources:
             self.acknowledge(sources)
 
-    @work(exclusive=True, group="alarm-command")
+    @session_work(exclusive=True, group="alarm-command")
     async def acknowledge(self, sources: list[str]) -> None:
         """Acknowledge alarms on the server (audited there)."""
         ack = api(self.session, "acknowledge")
@@ -215,7 +215,7 @@ class AlarmsScreen(LiveScreen):
 
         self.app.push_screen(ShelveDialog(a.source), done)
 
-    @work(exclusive=True, group="alarm-command")
+    @session_work(exclusive=True, group="alarm-command")
     async def shelve(self, source: str, duration_s: float, reason: str) -> None:
         """Shelve an alarm on the server."""
         shelve = api(self.session, "shelve")

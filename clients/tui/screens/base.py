@@ -5,14 +5,17 @@ current mode through the methods of :class:`LiveScreen` (attributes down). A scr
 the app what it needs with messages (messages up): :class:`LiveScreen.Shown` when it
 comes to the front, :class:`LiveScreen.WantsChanged` when the set of PVs it shows
 changes, :class:`LiveScreen.LeaseChanged` when the user took or gave back a lock.
-Network calls of a screen run in ``@work(exclusive=True)`` workers on its own session
-attribute, set by the app while connected (None while not).
+Network calls of a screen run in workers (:func:`session_work`: Textual's ``@work``) on
+its own session attribute, set by the app while connected (None while not). A worker's
+answer may come back after its screen was taken down (the user quit meanwhile): its
+widgets are gone then, and there is nothing to show.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+import functools
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 from labctl.clients.errors import ClientError, ConnectionLost
 from labctl.clients.session import Session
@@ -21,10 +24,37 @@ from labctl.clients.tui.model import AlarmSummary
 from labctl.clients.tui.widgets import Banner, StatusLine
 from labctl.clients.values import Metadata
 from labctl.ioc.types import Reading
+from textual import work
 from textual.app import ComposeResult
+from textual.css.query import NoMatches
 from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer
+
+W = TypeVar("W", bound=Callable[..., Awaitable[Any]])
+
+
+def session_work(**work_options: Any) -> Callable[[W], W]:
+    """``@work(**work_options)`` for a screen's call to the server, quiet when the screen is taken down meanwhile.
+
+    A widget the worker looks for after its await is missing only when the screen is being
+    removed (its widgets are composed once): then the answer is dropped. A missing widget
+    on a screen that stays is a bug, and raised as Textual's workers do.
+    """
+
+    def decorate(method: W) -> W:
+        @functools.wraps(method)
+        async def run(screen: Screen, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await method(screen, *args, **kwargs)
+            except NoMatches:
+                if screen.is_attached and not getattr(screen, "_pruning", False):
+                    raise
+                return None
+
+        return work(**work_options)(run)  # type: ignore[return-value]
+
+    return decorate
 
 
 def api(session: Session | None, name: str) -> Callable[..., Any] | None:

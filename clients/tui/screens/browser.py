@@ -15,13 +15,13 @@ from collections.abc import Mapping
 
 from labctl.clients.errors import ClientError
 from labctl.clients.tui.model import carried_forward, numeric, select, time_text
-from labctl.clients.tui.screens.base import LiveScreen, api
+from labctl.clients.tui.screens.base import LiveScreen, api, session_work
 from labctl.clients.tui.screens.write import WriteDialog, WriteOutcome
 from labctl.clients.tui.widgets import DetailPane, PVTable, PVTree
 from labctl.clients.tui.widgets.detail import POINTS
 from labctl.clients.values import Metadata, format_value
 from labctl.ioc.types import Reading
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -152,7 +152,7 @@ class BrowserScreen(LiveScreen):
 
     # ---- history ----------------------------------------------------------------------------
 
-    @work(exclusive=True, group="history")
+    @session_work(exclusive=True, group="history")
     async def load_history(self, name: str) -> None:
         """Put the PV's recent history in front of the sparkline (servers with a historian)."""
         history = api(self.session, "history")

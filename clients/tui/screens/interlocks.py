@@ -14,9 +14,9 @@ from typing import Any
 
 from labctl.clients.errors import ClientError
 from labctl.clients.tui.model import time_text
-from labctl.clients.tui.screens.base import LiveScreen, api
+from labctl.clients.tui.screens.base import LiveScreen, api, session_work
 from labctl.ioc.types import Reading
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
@@ -82,7 +82,7 @@ class InterlocksScreen(LiveScreen):
 
     # ---- data --------------------------------------------------------------------------------
 
-    @work(exclusive=True, group="interlocks")
+    @session_work(exclusive=True, group="interlocks")
     async def fetch(self) -> None:
         """Ask the server for every interlock's state and reason."""
         call = api(self.session, "interlocks")
@@ -147,7 +147,7 @@ class InterlocksScreen(LiveScreen):
         if r is not None:
             self.reset(r.name)
 
-    @work(exclusive=True, group="interlock-reset")
+    @session_work(exclusive=True, group="interlock-reset")
     async def reset(self, name: str) -> None:
         """Ask the server to reset one interlock; show its refusal word for word."""
         call = api(self.session, "reset_interlock")

@@ -15,8 +15,8 @@ from typing import Any
 from labctl.clients.errors import ClientError
 from labctl.clients.session import Session
 from labctl.clients.tui.model import time_text
-from labctl.clients.tui.screens.base import LiveScreen, api
-from textual import on, work
+from labctl.clients.tui.screens.base import LiveScreen, api, session_work
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -113,7 +113,7 @@ class JobsScreen(LiveScreen):
 
     # ---- data --------------------------------------------------------------------------------
 
-    @work(exclusive=True, group="jobs")
+    @session_work(exclusive=True, group="jobs")
     async def refresh_jobs(self) -> None:
         """Fetch the job list."""
         note = self.query_one("#jobs-note", Static)
@@ -190,7 +190,7 @@ class JobsScreen(LiveScreen):
         if job is not None:
             self.cancel_job(job.id)
 
-    @work(exclusive=True, group="job-command")
+    @session_work(exclusive=True, group="job-command")
     async def cancel_job(self, job_id: int) -> None:
         """Ask the server to cancel a job; show its refusal."""
         cancel = api(self.session, "cancel")
@@ -219,7 +219,7 @@ class JobsScreen(LiveScreen):
         self.app.push_screen(SubmitDialog(self.session), done)
 
 
-    @work(group="submitted")
+    @session_work(group="submitted")
     async def tell_submitted(self, job_id: int) -> None:
         """Say the job was submitted, and what holds it if something does (an interlock, a lock)."""
         job = api(self.session, "job")
@@ -260,7 +260,7 @@ class SubmitDialog(ModalScreen[int]):
     def on_mount(self) -> None:
         self.load_procedures()
 
-    @work(exclusive=True, group="procedures")
+    @session_work(exclusive=True, group="procedures")
     async def load_procedures(self) -> None:
         """Fetch the server's procedures."""
         procedures = api(self.session, "procedures")
@@ -312,7 +312,7 @@ class SubmitDialog(ModalScreen[int]):
             return
         self.submit(proc.name, params, priority)
 
-    @work(exclusive=True, group="submit")
+    @session_work(exclusive=True, group="submit")
     async def submit(self, procedure: str, params: dict[str, Any], priority: int) -> None:
         """Send the job; show the server's refusal word for word."""
         submit = api(self.session, "submit")
@@ -363,7 +363,7 @@ class JobDetailScreen(ModalScreen[None]):
         """Back to the jobs panel."""
         self.dismiss(None)
 
-    @work(exclusive=True, group="job")
+    @session_work(exclusive=True, group="job")
     async def load(self) -> None:
         """Fetch the job's detail."""
         job = api(self.session, "job")

@@ -15,10 +15,10 @@ from typing import Any
 
 from labctl.clients.errors import ClientError
 from labctl.clients.tui.model import LockRow, lock_pvs, lock_row_of, lock_rows, time_text
-from labctl.clients.tui.screens.base import LiveScreen, api
+from labctl.clients.tui.screens.base import LiveScreen, api, session_work
 from labctl.clients.tui.screens.write import LOCK_DURATION_S
 from labctl.ioc.types import Reading
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -86,7 +86,7 @@ class LocksScreen(LiveScreen):
         elif self.is_mounted:
             self.show_rows(lock_rows(self.metas, self.readings))
 
-    @work(exclusive=True, group="locks")
+    @session_work(exclusive=True, group="locks")
     async def fetch_locks(self) -> None:
         """Ask the server for every lock with its queue."""
         locks = api(self.session, "locks")
@@ -194,7 +194,7 @@ class LocksScreen(LiveScreen):
 
         self.app.push_screen(BreakDialog(r.resource, r.owner), confirmed)
 
-    @work(exclusive=True, group="lock-command")
+    @session_work(exclusive=True, group="lock-command")
     async def lock_command(self, call: str, resource: str) -> None:
         """Run one lock call; show the server's refusal word for word."""
         fn = api(self.session, call)

@@ -28,10 +28,10 @@ from labctl.clients.tui.model import (
     time_text,
     value_text,
 )
-from labctl.clients.tui.screens.base import api
+from labctl.clients.tui.screens.base import api, session_work
 from labctl.clients.values import Metadata, format_value
 from labctl.ioc.types import PVType, Reading
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -174,7 +174,7 @@ class WriteDialog(ModalScreen[WriteOutcome]):
 
     # ---- network ----------------------------------------------------------------------------
 
-    @work(exclusive=True, group="write")
+    @session_work(exclusive=True, group="write")
     async def send(self, value: Any) -> None:
         """Write the value; on refusal show the server's reason (and offer its lock)."""
         self.say(f"sending {value!r} …")
@@ -201,7 +201,7 @@ class WriteDialog(ModalScreen[WriteOutcome]):
             return
         self.take_lock(self.lock_resource)
 
-    @work(exclusive=True, group="lock")
+    @session_work(exclusive=True, group="lock")
     async def take_lock(self, resource: str) -> None:
         """Ask the server for the resource's lock; show its refusal word for word."""
         lock = api(self.session, "lock")
