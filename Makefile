@@ -16,9 +16,12 @@ UV_VERSION  = 0.13.9
 serve: $(STAMP)
 	$(BIN)/labctl serve
 
+# Two pytest-xdist workers (TEST_WORKERS=0 runs in one process): the suite mostly waits on
+# servers, clients and databases, so two share two cores well.
+TEST_WORKERS ?= 2
 test: $(TEST_STAMP) system-deps
 	$(BIN)/python scripts/lint_imports.py
-	$(BIN)/python -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 check: $(STAMP)
 	$(BIN)/labctl check

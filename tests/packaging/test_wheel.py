@@ -20,7 +20,7 @@ import pytest
 from tests.served import Served
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.xdist_group("wheel")]  # one worker builds the wheel and its venvs
 
 
 def run(cmd: list[str], cwd: Path, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:

@@ -37,6 +37,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from tests.pg.availability import skip_or_fail
 
 PREFIX = "lbsite"
@@ -47,6 +49,11 @@ PREFIX_LEN = 24
 LOCK_FILE = Path("/run/lock") / "labctl-site-netns.lock"
 LOCK_TIMEOUT_S = 120.0
 _IP_TIMEOUT_S = 10.0
+
+ONE_WORKER = pytest.mark.xdist_group("site-netns")
+"""Every module that builds the network marks its tests with this: under ``pytest -n N --dist
+loadgroup`` they then run in one worker, one network after the other, rather than waiting for
+the lock in two."""
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

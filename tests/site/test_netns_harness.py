@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import signal
 
-from tests.site.netns import BRIDGE, GATEWAY, SiteNetwork, _ip, require_netns
+from tests.site.netns import BRIDGE, GATEWAY, ONE_WORKER, SiteNetwork, _ip, require_netns
+
+pytestmark = ONE_WORKER
 
 
 def _namespaces() -> set[str]:

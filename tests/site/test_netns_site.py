@@ -51,7 +51,9 @@ from tests.pg.availability import require_timescaledb
 from tests.pg.cluster import PgCluster, PgDatabase
 from tests.protocol.ca.support import pyepics
 from tests.site.conftest import directory, login, query, read_owners, run_labctl
-from tests.site.netns import SiteNetwork, require_netns
+from tests.site.netns import ONE_WORKER, SiteNetwork, require_netns
+
+pytestmark = ONE_WORKER
 
 SITE = "lab"
 HEARTBEAT_S = 0.5
