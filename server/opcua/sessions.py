@@ -71,6 +71,7 @@ from labctl.ioc.access import AuditRecord
 from labctl.ioc.types import Identity
 from labctl.server.opcua.arguments import client_id
 from labctl.server.opcua.config import OpcUaLimits
+from labctl.server.opcua.subscriptions import LabctlSubscriptionService
 from labctl.server.opcua.trust import CertificateRefused, TrustList
 from labctl.server.opcua.users import (
     ANONYMOUS,
@@ -99,6 +100,10 @@ class LabctlInternalServer(InternalServer):
     def __init__(self, user_manager: UserManager) -> None:
         super().__init__(user_manager=user_manager)
         self.attribute_service: PVAttributeService = PVAttributeService(self.aspace)
+        self.subscription_service = LabctlSubscriptionService(
+            self.aspace, self, lambda: self.limits.notifications_per_publish
+        )  # before any session holds asyncua's
+        self.isession.subscription_service = self.subscription_service
         self.db: Database | None = None
         self.nodes: SiteNodes | None = None
         self.history = False
