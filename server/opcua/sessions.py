@@ -100,9 +100,7 @@ class LabctlInternalServer(InternalServer):
     def __init__(self, user_manager: UserManager) -> None:
         super().__init__(user_manager=user_manager)
         self.attribute_service: PVAttributeService = PVAttributeService(self.aspace)
-        self.subscription_service = LabctlSubscriptionService(
-            self.aspace, self, lambda: self.limits.notifications_per_publish
-        )  # before any session holds asyncua's
+        self.subscription_service = LabctlSubscriptionService(self.aspace, iserver=self)  # before any session holds asyncua's
         self.isession.subscription_service = self.subscription_service
         self.db: Database | None = None
         self.nodes: SiteNodes | None = None

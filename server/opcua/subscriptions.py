@@ -29,6 +29,7 @@ everything as created, which the specification allows for the rest).
 
 from __future__ import annotations
 
+import heapq
 from bisect import bisect_right
 from collections.abc import Callable
 from operator import itemgetter
@@ -85,12 +86,19 @@ class LabctlSubscription(InternalSubscription):
         self._cycle_due = False
         """Whether a publishing interval came round while a cycle was still being sent: the next starts when it ends."""
 
-    def _owed(self) -> list[int]:
-        """The numbers of the queued notifications the current cycle still has to send (while publishing is enabled)."""
-        if not self._publishing_enabled:
-            return []
-        return [n for queue in (self._triggered_datachanges, self._triggered_events)
-                for entries in queue.values() for n, _ in entries if n <= self._cycle_last]  # fmt: skip
+    def _owes(self) -> bool:
+        """Whether the current cycle still has notifications to send (each item's oldest is its first)."""
+        return self._publishing_enabled and any(
+            entries[0][0] <= self._cycle_last
+            for queue in (self._triggered_datachanges, self._triggered_events)
+            for entries in queue.values()
+        )
+
+    def _more_now(self) -> bool:
+        """Whether there is more to send at once: the rest of the cycle, or the cycle that came round meanwhile."""
+        if self._cycle_due and not self._owes():
+            self._cycle_due, self._cycle_last = False, self._numbered
+        return self._owes()
 
     async def publish_results(self, requestdata: Any = None) -> bool:
         """asyncua's, then at once again while the cycle's notifications are left (each with a Publish request of its own).
@@ -100,19 +108,13 @@ class LabctlSubscription(InternalSubscription):
         the interval comes round before a cycle is sent (a client slow to send Publish
         requests), the next cycle starts as soon as that one ends, not an interval later.
         """
-        if not self._owed():
+        if not self._owes():
             self._cycle_last = self._numbered
         elif requestdata is None:  # the publishing interval came round while the last cycle is still being sent
             self._cycle_due = True
         sent = await super().publish_results(requestdata)
         more = sent
-        while more and not self._closing:
-            if not self._owed():
-                if not self._cycle_due:
-                    break
-                self._cycle_due, self._cycle_last = False, self._numbered  # the cycle that came round starts now
-                if not self._owed():
-                    break
+        while more and not self._closing and self._more_now():
             # with the next queued Publish request, or asyncua's processor calls back when one comes
             more = await super().publish_results()
         return sent  # whether ``requestdata`` (or a queued request) was used: the processor must not use it again
@@ -122,14 +124,14 @@ class LabctlSubscription(InternalSubscription):
         await super()._enqueue_event(mid, (self._numbered, eventdata), size, queue)
 
     def _pop_publish_result(self) -> ua.PublishResult:
-        owed = self._owed()
-        if len(owed) > self.max_notifications:
-            owed.sort()
-            self._last = owed[self.max_notifications - 1]
-        else:
-            self._last = self._cycle_last
+        self._last = self._cycle_last
+        if self._publishing_enabled:
+            owed = [n for queue in (self._triggered_datachanges, self._triggered_events)
+                    for entries in queue.values() for n, _ in entries if n <= self._cycle_last]  # fmt: skip
+            if len(owed) > self.max_notifications:
+                self._last = heapq.nsmallest(self.max_notifications, owed)[-1]
         result = super()._pop_publish_result()
-        result.MoreNotifications = bool(self._owed())
+        result.MoreNotifications = self._owes()
         return result
 
     def _pop_triggered_datachanges(self, result: ua.PublishResult) -> None:
@@ -146,11 +148,13 @@ class LabctlSubscription(InternalSubscription):
 
 
 class LabctlSubscriptionService(SubscriptionService):
-    """asyncua's subscription service, with :class:`LabctlSubscription` and a server-wide notification limit."""
+    """asyncua's subscription service, with :class:`LabctlSubscription` and the server's notification limit.
 
-    def __init__(self, aspace: Any, iserver: Any, server_limit: Callable[[], int]) -> None:
-        super().__init__(aspace, iserver=iserver)
-        self._server_limit = server_limit
+    ``iserver`` is labctl's internal server: its ``limits`` (``server.opcua.limits``) bound every client.
+    """
+
+    def _server_limit(self) -> int:
+        return self.iserver.limits.notifications_per_publish  # type: ignore[union-attr]
 
     async def create_subscription(
         self,

@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 from labctl.clients.tui.screens.base import session_work
 from textual.app import App, ComposeResult
 from textual.screen import Screen
 from textual.widgets import Static
+from textual.worker import WorkerState
+
+from tests.helpers import wait_for
+
+
+class Shown(Static):
+    """A Static that calls ``when_gone`` as it is taken off its screen."""
+
+    when_gone: Callable[[], None] = staticmethod(lambda: None)
+
+    def on_unmount(self) -> None:
+        self.when_gone()
 
 
 class Waiting(Screen):
@@ -20,7 +33,7 @@ class Waiting(Screen):
         self.asked = asyncio.Event()
 
     def compose(self) -> ComposeResult:
-        yield Static("", id="shown")
+        yield Shown("", id="shown")
 
     @session_work(exclusive=True, group="fetch")
     async def fetch(self) -> None:
@@ -40,31 +53,31 @@ class Host(App):
 
 async def test_an_answer_while_the_screen_is_taken_down_is_dropped():
     app = Host()
-    async with app.run_test() as pilot:
+    async with app.run_test():
         screen = app.screen
         assert isinstance(screen, Waiting)
-        screen.fetch()
+        worker = screen.fetch()
         await asyncio.wait_for(screen.asked.wait(), 10)
-        shown = screen.query_one("#shown", Static)
-        app.pop_screen()  # the screen's widgets are removed first ...
-        for _ in range(100):
-            if not shown.is_attached:
-                break
-            await asyncio.sleep(0)
-        assert not shown.is_attached and screen.is_attached, "the moment this test is about"
-        screen.answer.set()  # ... and the answer comes before the screen itself is gone
-        for _ in range(5):
-            await pilot.pause()
-        assert not screen.is_attached
+        shown = screen.query_one("#shown", Shown)
+        seen: list[bool] = []
+
+        def answer_now() -> None:  # the answer comes as the screen's widgets are removed, before the screen is gone
+            seen.append(screen.is_attached)
+            screen.answer.set()
+
+        shown.when_gone = answer_now
+        app.pop_screen()
+        await asyncio.wait_for(worker.wait(), 10)  # raises WorkerFailed if the answer was not dropped
+        assert worker.state is WorkerState.SUCCESS
+        assert seen == [True], "the moment this test is about"
+        await wait_for(lambda: not screen.is_attached, what="the screen gone")
     assert app.return_code in (None, 0)
 
 
 async def test_a_missing_widget_on_a_screen_that_stays_is_still_an_error():
     app = Host()
     with pytest.raises(Exception, match="#never"):  # noqa: PT011 -- Textual re-raises the worker's error as its own
-        async with app.run_test() as pilot:
+        async with app.run_test():
             screen = app.screen
             assert isinstance(screen, Waiting)
-            screen.look_for_what_never_was()
-            await pilot.pause()
-            await pilot.pause()
+            await asyncio.wait_for(screen.look_for_what_never_was().wait(), 10)
