@@ -167,6 +167,8 @@ class NameTable:
         """Server name -> the IPv4 address its CA clients connect to."""
         self.pending: dict[str, None] = {}
         """PV names waiting to be looked up, in the order they were searched."""
+        self.asking: set[str] = set()
+        """PV names being looked up now (taken from :attr:`pending`, not yet learned): not queued again meanwhile."""
         self._negative: OrderedDict[str, float] = OrderedDict()
         self.redirected = 0
         """Searches answered with another server's address."""
@@ -207,6 +209,7 @@ class NameTable:
             batch.append(name)
         for name in batch:
             del self.pending[name]
+        self.asking.update(batch)
         return batch
 
     def learned(self, asked: Iterable[str], found: Mapping[str, str], now: float) -> None:
@@ -214,6 +217,7 @@ class NameTable:
 
         The directory added what was found to the owner map; here the others go to the negative cache.
         """
+        self.asking.difference_update(asked)
         for pv in asked:
             if pv in found:
                 self._negative.pop(pv, None)
@@ -254,7 +258,7 @@ class NameTable:
         return Redirect(owner, address, entry.ca_tcp_port)
 
     def _miss(self, pv: str, now: float) -> None:
-        if not self.loaded or pv in self.pending or len(pv) > MAX_LOOKUP_CHARS:
+        if not self.loaded or pv in self.pending or pv in self.asking or len(pv) > MAX_LOOKUP_CHARS:
             return  # the first reading will tell; already asked; no PV of a site
         until = self._negative.get(pv)
         if until is not None:

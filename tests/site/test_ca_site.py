@@ -323,8 +323,11 @@ def test_unknown_names_are_looked_up_once_per_ttl_and_bounded():
     assert list(table.pending) == ["N:1", "N:2"] and table.dropped == 1  # one entry per PV, at most two
     batch = table.take_pending()
     assert batch == ["N:1", "N:2"] and table.pending == {}
+    table.resolve("N:1", 0.5)
+    assert table.pending == {}  # searched again while its lookup is under way: not asked twice
     owners["N:2"] = "b"
     table.learned(batch, {"N:2": "b"}, now=1.0)  # N:2 found; N:1 owned by no server
+    assert table.asking == set()
     assert table.resolve("N:2", 1.0) == Redirect("b", "10.0.0.2", 5064)
     table.resolve("N:1", 5.9)
     assert table.pending == {}  # within its negative TTL: not asked again
